@@ -1,0 +1,121 @@
+"""Saving and loading models: safetensors weights plus a JSON sidecar.
+
+The sidecar holds everything needed to rebuild and trust the model: its config, the panels
+and attribute phrases it was trained with, the class prototypes' order, val metrics,
+calibration, the data it saw, the command that trained it and the sha256 of the weights
+file, checked at every load. Nothing is ever unpickled.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from core.config import ModelConfig
+from core.model import DualEncoder
+from core.panels import Panel, panels_from_dict
+
+FORMAT_VERSION = 1
+
+
+class ModelLoadError(RuntimeError):
+    """The model files are missing, tampered with or unreadable (message says which)."""
+
+
+@dataclass
+class ModelBundle:
+    model: DualEncoder  # in eval mode
+    sidecar: dict  # the JSON sidecar as saved
+    panels: dict[str, Panel]  # panels the model knows, from the sidecar
+    prototypes: dict[str, torch.Tensor]  # panel -> (K, D) unit-norm class embeddings
+    attribute_prototypes: dict[str, torch.Tensor] = field(default_factory=dict)  # attribute -> (V, D)
+    centroids: dict[str, torch.Tensor] = field(default_factory=dict)  # class -> (D,) mean train image embedding
+    path: Path | None = None  # weights file it came from
+
+    @property
+    def model_id(self) -> str:
+        return self.sidecar.get("model_id", "unknown")
+
+    @property
+    def weights_sha256(self) -> str:
+        return self.sidecar.get("weights_sha256", "")
+
+
+def sidecar_path(weights_path: Path | str) -> Path:
+    """``model.safetensors`` -> ``model.json``."""
+    return Path(weights_path).with_suffix(".json")
+
+
+def file_sha256(path: Path | str) -> str:
+    """sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def save_bundle(bundle: ModelBundle, path: Path | str) -> Path:
+    """Write weights and sidecar atomically (temp files then rename), return the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {f"model.{k}": v.detach().contiguous() for k, v in bundle.model.state_dict().items()}
+    tensors.update({f"bank.{k}": v.contiguous() for k, v in bundle.prototypes.items()})
+    tensors.update({f"attr.{k}": v.contiguous() for k, v in bundle.attribute_prototypes.items()})
+    tensors.update({f"centroid.{k}": v.contiguous() for k, v in bundle.centroids.items()})
+    tmp_weights = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp_weights), metadata={"format": "hemascribe", "version": str(FORMAT_VERSION)})
+    sidecar = dict(bundle.sidecar, format_version=FORMAT_VERSION,
+                   config=bundle.model.config.to_dict(), weights_sha256=file_sha256(tmp_weights))
+    tmp_sidecar = sidecar_path(path).with_name(sidecar_path(path).name + ".tmp")
+    tmp_sidecar.write_text(json.dumps(sidecar, indent=2))
+    os.replace(tmp_weights, path)
+    os.replace(tmp_sidecar, sidecar_path(path))
+    bundle.sidecar = sidecar
+    return path
+
+
+def _read_sidecar(path: Path) -> dict:
+    side = sidecar_path(path)
+    if not path.is_file():
+        raise ModelLoadError(f"Model weights not found: {path}")
+    if not side.is_file():
+        raise ModelLoadError(f"Model sidecar not found: {side} (it must lie beside the weights)")
+    try:
+        return json.loads(side.read_text())
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(f"Model sidecar {side} is not valid JSON: {error}") from error
+
+
+def load_bundle(path: Path | str, text_model_override: str | None = None) -> ModelBundle:
+    """Load and verify a model: refuses (ModelLoadError) when the weights' sha256 differs
+    from the sidecar's, or when the files are missing or malformed."""
+    path = Path(path)
+    sidecar = _read_sidecar(path)
+    actual = file_sha256(path)
+    if actual != sidecar.get("weights_sha256"):
+        raise ModelLoadError(f"Refusing to load {path.name}: its sha256 {actual[:12]}... does not match "
+                             f"the sidecar's {str(sidecar.get('weights_sha256'))[:12]}... "
+                             "(the file was changed or corrupted).")
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as error:
+        raise ModelLoadError(f"{path.name} is not a readable safetensors file: {error}") from error
+    model = DualEncoder(ModelConfig.from_dict(sidecar["config"]), text_model_override)
+    state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        raise ModelLoadError(f"{path.name} does not match its config: {error}") from error
+    model.eval()
+    prototypes = {k[len("bank."):]: v for k, v in tensors.items() if k.startswith("bank.")}
+    attributes = {k[len("attr."):]: v for k, v in tensors.items() if k.startswith("attr.")}
+    centroids = {k[len("centroid."):]: v for k, v in tensors.items() if k.startswith("centroid.")}
+    return ModelBundle(model, sidecar, panels_from_dict(sidecar["panels"]), prototypes, attributes,
+                       centroids, path)

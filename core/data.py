@@ -1,0 +1,82 @@
+"""Reading labelled image folders: a folder per class (the PBC layout), CSV label files and
+the Munich AML-Cytomorphology ``annotations.dat`` layout.
+
+Every reader returns a list of `LabelledImage` so training and evaluation never care where
+the labels came from.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".gif", ".webp"}
+
+
+@dataclass(frozen=True)
+class LabelledImage:
+    path: Path  # absolute path of the image file
+    label: str  # class key (folder name, CSV label or annotation label)
+
+
+def is_image_file(path: Path) -> bool:
+    """True for a regular file with one of the image suffixes we read."""
+    return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
+
+
+def scan_class_folders(root: Path | str) -> list[LabelledImage]:
+    """All images under ``root/<class>/`` (recursively inside each class folder), sorted."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"Data folder not found: {root}")
+    items = []
+    for class_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        for path in sorted(class_dir.rglob("*")):
+            if is_image_file(path):
+                items.append(LabelledImage(path.resolve(), class_dir.name))
+    return items
+
+
+def read_label_csv(csv_path: Path | str, root: Path | str | None = None,
+                   path_column: str = "path", label_column: str = "label") -> list[LabelledImage]:
+    """Images listed in a CSV file with a path column (relative to ``root``, default the
+    CSV's folder) and a label column."""
+    csv_path = Path(csv_path)
+    base = Path(root) if root else csv_path.parent
+    with open(csv_path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    missing = {path_column, label_column} - set(rows[0].keys() if rows else [])
+    if missing:
+        raise ValueError(f"{csv_path}: missing column(s) {sorted(missing)}")
+    return [LabelledImage((base / r[path_column]).resolve(), r[label_column].strip()) for r in rows]
+
+
+def read_munich_annotations(root: Path | str) -> list[LabelledImage]:
+    """The Munich AML-Cytomorphology layout: ``annotations.dat`` lines
+    ``<relative path> <label> [<second label>]`` (whitespace-separated), images under root."""
+    root = Path(root)
+    items = []
+    for line in (root / "annotations.dat").read_text().splitlines():
+        parts = line.split()
+        if len(parts) >= 2:
+            items.append(LabelledImage((root / parts[0]).resolve(), parts[1]))
+    return items
+
+
+def class_counts(items: list[LabelledImage]) -> dict[str, int]:
+    """Number of images per label, sorted by label."""
+    counts: dict[str, int] = {}
+    for item in items:
+        counts[item.label] = counts.get(item.label, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def data_fingerprint(items: list[LabelledImage], root: Path | str | None = None) -> str:
+    """sha256 over (relative path, label, size) of every item: identifies the data a model
+    saw without hashing gigabytes of pixels."""
+    digest = hashlib.sha256()
+    for item in items:
+        name = str(item.path.relative_to(root)) if root else item.path.name
+        digest.update(f"{name}\t{item.label}\t{item.path.stat().st_size}\n".encode())
+    return digest.hexdigest()

@@ -1,0 +1,151 @@
+"""Describe a cell image: the sentence, calibrated confidence, every sentence's score and an
+honest abstention. The one call everything else uses.
+
+    python -m core.describe IMAGE... [--panel NAME] [--json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from PIL import Image
+
+from core.checkpoint import ModelBundle
+from core.preprocess import to_model_input
+from core.reliability import abstention_decision, panel_probabilities
+
+
+@dataclass(frozen=True)
+class Description:
+    panel: str  # panel the image was described against
+    class_key: str | None  # the described class; None when the model abstained
+    sentence: str | None  # canonical sentence of class_key; None when abstained
+    confidence: float  # calibrated probability of the top class of the panel
+    abstained: bool  # True: "I don't know", see abstain_reason
+    abstain_reason: str | None  # why the model abstained, in words
+    best_class: str  # top class of the panel even when abstaining (for the chart)
+    scores: dict[str, float]  # calibrated probability of every class of the panel
+    similarities: dict[str, float]  # cosine similarity to every class prototype
+    out_of_scope_score: float  # higher = further from every cell type seen in training
+    panel_validated: bool  # False: no images of this panel's classes were ever available
+    model_id: str  # model identity from the sidecar
+    weights_sha256: str  # sha256 of the weights that produced this
+    timings_ms: dict[str, float] = field(default_factory=dict)  # per stage
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def default_panel(bundle: ModelBundle) -> str:
+    """The first validated panel of the model (``blood_cells`` for the default model)."""
+    for name, panel in bundle.panels.items():
+        if panel.validated:
+            return name
+    return next(iter(bundle.panels))
+
+
+@torch.no_grad()
+def embed_images(bundle: ModelBundle, images: list[Image.Image]) -> tuple[torch.Tensor, float]:
+    """Unit-norm embeddings (B, D) and the preprocessing time in ms."""
+    started = time.perf_counter()
+    batch = to_model_input(images, bundle.model.config.image_size)
+    prep_ms = (time.perf_counter() - started) * 1000
+    return bundle.model.encode_image(batch), prep_ms
+
+
+def describe_batch(bundle: ModelBundle, images: list[Image.Image], panel: str | None = None) -> list[Description]:
+    """Describe several PIL images against one panel (one forward pass)."""
+    panel = panel or default_panel(bundle)
+    if panel not in bundle.panels:
+        raise ValueError(f"Unknown panel {panel!r}; this model knows {sorted(bundle.panels)}")
+    if not images:
+        return []
+    started = time.perf_counter()
+    embeddings, prep_ms = embed_images(bundle, images)
+    embed_ms = (time.perf_counter() - started) * 1000 - prep_ms
+    results = []
+    for embedding in embeddings:
+        t0 = time.perf_counter()
+        results.append(_describe_embedding(bundle, embedding, panel))
+        score_ms = (time.perf_counter() - t0) * 1000
+        results[-1].timings_ms.update(preprocess=prep_ms / len(images), embed=embed_ms / len(images), score=score_ms)
+    return results
+
+
+def describe(bundle: ModelBundle, image: Image.Image, panel: str | None = None) -> Description:
+    """Describe one PIL image against `panel` (default: the model's first validated panel)."""
+    return describe_batch(bundle, [image], panel)[0]
+
+
+def _describe_embedding(bundle: ModelBundle, embedding: torch.Tensor, panel: str) -> Description:
+    spec = bundle.panels[panel]
+    similarities = (bundle.prototypes[panel] @ embedding).tolist()
+    probabilities = panel_probabilities(bundle, embedding, panel)
+    best = int(torch.tensor(probabilities).argmax())
+    decision = abstention_decision(bundle, embedding, panel, probabilities)
+    chosen = None if decision.abstained else spec.classes[best]
+    return Description(
+        panel=panel, class_key=chosen.key if chosen else None, sentence=chosen.sentence if chosen else None,
+        confidence=float(probabilities[best]), abstained=decision.abstained, abstain_reason=decision.reason,
+        best_class=spec.classes[best].key, scores=dict(zip(spec.keys, map(float, probabilities))),
+        similarities=dict(zip(spec.keys, map(float, similarities))), out_of_scope_score=decision.out_of_scope_score,
+        panel_validated=spec.validated, model_id=bundle.model_id, weights_sha256=bundle.weights_sha256,
+        timings_ms={})
+
+
+def _describe_file(bundle: ModelBundle, path: str, panel: str | None) -> dict:
+    from core.imageio import ImageRejected, load_image_path
+
+    try:
+        loaded = load_image_path(path)
+    except ImageRejected as error:
+        return {"file": path, "ok": False, "error": str(error)}
+    result = describe(bundle, loaded.image, panel)
+    return {"file": path, "ok": True, "panel": result.panel, "class": result.class_key,
+            "sentence": result.sentence, "confidence": round(result.confidence, 4),
+            "abstained": result.abstained, "abstain_reason": result.abstain_reason,
+            "best_class": result.best_class, "notes": list(loaded.notes),
+            "scores": {k: round(v, 4) for k, v in result.scores.items()}}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="Describe blood-cell images in sentences.")
+    parser.add_argument("images", nargs="+", help="image files")
+    parser.add_argument("--panel", default=None, help="panel name (default: the model's first validated panel)")
+    parser.add_argument("--model", default=None, help="weights file (default: the HEMASCRIBE_MODEL setting)")
+    parser.add_argument("--json", action="store_true", help="one JSON object per line (default: readable text)")
+    args = parser.parse_args(argv)
+    from core.checkpoint import ModelLoadError, load_bundle
+    from core.settings import load_settings
+
+    settings = load_settings()
+    try:
+        bundle = load_bundle(args.model or settings.model_path, settings.text_model)
+    except ModelLoadError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if args.panel and args.panel not in bundle.panels:
+        print(f"error: unknown panel {args.panel!r}; choose from {sorted(bundle.panels)}", file=sys.stderr)
+        return 2
+    failures = 0
+    for path in args.images:
+        record = _describe_file(bundle, path, args.panel)
+        failures += not record["ok"]
+        print(json.dumps(record) if args.json else _readable(record), flush=True)
+    return 1 if failures else 0
+
+
+def _readable(record: dict) -> str:
+    if not record["ok"]:
+        return f"{record['file']}: REFUSED - {record['error']}"
+    if record["abstained"]:
+        return f"{record['file']}: UNCERTAIN - {record['abstain_reason']}"
+    return f"{record['file']}: {record['sentence']} (confidence {record['confidence']:.2f})"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

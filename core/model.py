@@ -1,0 +1,80 @@
+"""The dual encoder: an image tower and a text tower projected into one embedding space.
+
+Image tower: open_clip's ``TimmModel`` around a timm trunk trained from scratch (no
+download), batch norm swapped for group norm (see `core.norm`), and per-image
+standardisation in front so a stain's overall hue and brightness are removed before the
+trunk sees the pixels. Text tower: see `core.text_tower`; loaded lazily, because describing
+an image only needs the sentence embeddings that the checkpoint already stores.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from core.config import ModelConfig
+from core.norm import batchnorm_to_groupnorm
+from core.text_tower import FrozenSentenceEncoder, make_text_projection
+
+
+def standardize_per_image(images: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
+    """Each image's channels to zero mean, unit variance (its own statistics only)."""
+    mean = images.mean(dim=(2, 3), keepdim=True)
+    std = images.std(dim=(2, 3), keepdim=True)
+    return (images - mean) / (std + eps)
+
+
+def build_image_tower(config: ModelConfig) -> nn.Module:
+    """open_clip TimmModel with a randomly initialised trunk and a linear projection."""
+    from open_clip.timm_model import TimmModel
+
+    tower = TimmModel(config.vision_timm_model, embed_dim=config.embed_dim,
+                      image_size=config.image_size, pool="avg", proj="linear", pretrained=False)
+    if config.vision_norm == "groupnorm":
+        batchnorm_to_groupnorm(tower)
+    return tower
+
+
+class DualEncoder(nn.Module):
+    """CLIP-style dual encoder. Public face: `encode_image`, `encode_text`,
+    `project_sentence_features` and `logit_scale` (clamped like CLIP)."""
+
+    def __init__(self, config: ModelConfig, text_model_override: str | None = None):
+        super().__init__()
+        self.config = config
+        self.visual = build_image_tower(config)
+        self.text_projection = make_text_projection(config.text_width, config.embed_dim, config.text_proj)
+        self.logit_scale = nn.Parameter(torch.tensor(float(config.init_logit_scale)))
+        self._text_model_name = text_model_override or config.text_model
+        self._sentence_encoder: FrozenSentenceEncoder | None = None  # loaded on first use
+
+    def scale(self) -> torch.Tensor:
+        """exp(logit_scale), clamped at exp(max_logit_scale) so it cannot run away."""
+        return self.logit_scale.clamp(max=self.config.max_logit_scale).exp()
+
+    def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """(B, 3, S, S) float images in [0, 1] -> (B, embed_dim) embeddings."""
+        if self.config.per_image_standardize:
+            images = standardize_per_image(images)
+        features = self.visual(images)
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def sentence_encoder(self) -> FrozenSentenceEncoder:
+        """The frozen pretrained text encoder, loaded from disk on first call."""
+        if self._sentence_encoder is None:
+            encoder = FrozenSentenceEncoder(self._text_model_name, self.config.text_pooler)
+            if encoder.width != self.config.text_width:
+                raise ValueError(f"Text model {self._text_model_name!r} gives {encoder.width}-d "
+                                 f"features; this model was trained on {self.config.text_width}-d.")
+            # kept outside the module tree so state_dict() holds only trained weights
+            object.__setattr__(self, "_sentence_encoder", encoder)
+        return self._sentence_encoder
+
+    def project_sentence_features(self, features: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """Frozen sentence features (N, text_width) -> (N, embed_dim) embeddings."""
+        projected = self.text_projection(features)
+        return F.normalize(projected, dim=-1) if normalize else projected
+
+    def encode_text(self, texts: list[str], normalize: bool = True) -> torch.Tensor:
+        """Sentences -> (N, embed_dim) embeddings (loads the text model on first use)."""
+        return self.project_sentence_features(self.sentence_encoder()(texts), normalize)

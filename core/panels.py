@@ -1,0 +1,78 @@
+"""Descriptions as data: panels of classes with a canonical sentence and paraphrases
+(``assets/panels.json``) and WBCAtt morphology phrases (``assets/attributes.json``)."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from core.settings import ASSETS_DIR
+
+PANELS_FILE = ASSETS_DIR / "panels.json"
+ATTRIBUTES_FILE = ASSETS_DIR / "attributes.json"
+
+
+@dataclass(frozen=True)
+class CellClass:
+    key: str  # class key, exactly the data folder name
+    name: str  # short display name
+    sentence: str  # canonical sentence shown to the user
+    paraphrases: tuple[str, ...]  # other wordings, used in training and in the class prototype
+
+    @property
+    def all_sentences(self) -> tuple[str, ...]:
+        return (self.sentence, *self.paraphrases)
+
+
+@dataclass(frozen=True)
+class Panel:
+    name: str  # panel key, e.g. "blood_cells"
+    title: str  # human title
+    validated: bool  # False: no images of these classes were available to train or test
+    warning: str  # shown wherever the panel is shown when not validated
+    source: str  # where the classes/images come from
+    classes: tuple[CellClass, ...]
+
+    @property
+    def keys(self) -> list[str]:
+        return [c.key for c in self.classes]
+
+    def cell_class(self, key: str) -> CellClass:
+        for cell_class in self.classes:
+            if cell_class.key == key:
+                return cell_class
+        raise KeyError(f"Class {key!r} is not in panel {self.name!r}")
+
+
+def panels_from_dict(data: dict) -> dict[str, Panel]:
+    """Parse the panels JSON structure (also stored in every model sidecar)."""
+    panels = {}
+    for name, spec in data.items():
+        classes = tuple(
+            CellClass(key, c.get("name", key), c["sentence"], tuple(c.get("paraphrases", ())))
+            for key, c in spec["classes"].items())
+        panels[name] = Panel(name, spec.get("title", name), bool(spec.get("validated", False)),
+                             spec.get("warning", ""), spec.get("source", ""), classes)
+    return panels
+
+
+def load_panels(path: Path | str = PANELS_FILE) -> dict[str, Panel]:
+    """Panels from a JSON file (default: the shipped ``assets/panels.json``)."""
+    return panels_from_dict(json.loads(Path(path).read_text()))
+
+
+def load_attribute_phrases(path: Path | str = ATTRIBUTES_FILE) -> dict[str, dict[str, list[str]]]:
+    """{attribute: {value: [phrases...]}}; the first phrase of a value is the display one."""
+    data = json.loads(Path(path).read_text())
+    return {k: v for k, v in data.items() if not k.startswith("_")}
+
+
+def panel_for_classes(panels: dict[str, Panel], class_keys: set[str]) -> str | None:
+    """The panel whose classes best cover `class_keys` (most overlap, ties: smaller panel)."""
+    best, best_key = None, (0, 0)
+    for name, panel in panels.items():
+        overlap = len(class_keys & set(panel.keys))
+        key = (overlap, -len(panel.keys))
+        if overlap and key > best_key:
+            best, best_key = name, key
+    return best

@@ -1,0 +1,46 @@
+"""Settings read from environment variables, all prefixed ``HEMASCRIBE_``.
+
+One frozen dataclass so every module sees the same values; `load_settings()` reads the
+environment each time it is called (tests set variables and call it again).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+ASSETS_DIR = PROJECT_ROOT / "assets"
+DEFAULT_MODEL_PATH = ASSETS_DIR / "model" / "hemascribe_default.safetensors"
+
+
+@dataclass(frozen=True)
+class Settings:
+    model_path: Path  # safetensors weights; the JSON sidecar lies beside it
+    db_url: str  # any SQLAlchemy URL; SQLite file by default
+    upload_dir: Path  # stored copies of uploads, named by content hash
+    samples_dir: Path  # redistributable sample images shown in the app
+    gallery_dir: Path | None  # atlas gallery folder (optional)
+    max_upload_mb: float  # refuse larger uploads before decoding
+    max_pixels: int  # decompression-bomb guard: refuse headers declaring more pixels
+    text_model: str | None  # override of the text tower (HF name or local path)
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    return os.environ.get(f"HEMASCRIBE_{name}", default)
+
+
+def load_settings() -> Settings:
+    """Read the current settings from the environment (defaults in brackets in README)."""
+    data_dir = Path(_env("DATA_DIR", str(PROJECT_ROOT / "var")))
+    gallery = _env("GALLERY_DIR")
+    return Settings(
+        model_path=Path(_env("MODEL", str(DEFAULT_MODEL_PATH))),
+        db_url=_env("DB_URL", f"sqlite:///{data_dir / 'hemascribe.sqlite'}"),
+        upload_dir=Path(_env("UPLOAD_DIR", str(data_dir / "uploads"))),
+        samples_dir=Path(_env("SAMPLES_DIR", str(ASSETS_DIR / "samples"))),
+        gallery_dir=Path(gallery) if gallery else None,
+        max_upload_mb=float(_env("MAX_UPLOAD_MB", "50")),
+        max_pixels=int(_env("MAX_PIXELS", str(60_000_000))),
+        text_model=_env("TEXT_MODEL"),
+    )

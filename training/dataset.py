@@ -1,0 +1,90 @@
+"""Training data held in memory as uint8 tensors, decoded once and cached on disk.
+
+With 2 CPU cores, decoding and augmenting JPEGs per step in worker processes would steal
+the cores the model trains on; decoding once (about 30 s for PBC + B-ALL) and augmenting
+whole batches as tensors (`training.augment`) is several times faster.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from core.data import LabelledImage
+from core.preprocess import to_uint8_array
+
+
+@dataclass
+class TensorDataset:
+    images: torch.Tensor  # (N, 3, S, S) uint8
+    labels: torch.Tensor  # (N,) class index into `classes`
+    attributes: torch.Tensor  # (N, A) attribute value index, -1 when not annotated
+    classes: list[str]  # class keys, index = label
+    items: list[LabelledImage]  # source files, same order
+
+
+def _cache_key(items: list[LabelledImage], size: int) -> str:
+    digest = hashlib.sha256(str(size).encode())
+    for item in items:
+        digest.update(f"{item.path}\t{item.path.stat().st_size}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def decode_images(items: list[LabelledImage], size: int, cache_dir: Path | None) -> torch.Tensor:
+    """(N, 3, size, size) uint8; reuses ``cache_dir/<hash>.npy`` when the same files were
+    decoded before."""
+    cache = cache_dir / f"images_{_cache_key(items, size)}.npy" if cache_dir else None
+    if cache and cache.is_file():
+        return torch.from_numpy(np.load(cache))
+    array = np.empty((len(items), 3, size, size), dtype=np.uint8)
+    for i, item in enumerate(tqdm(items, desc=f"decode {size}px", unit="img", mininterval=5)):
+        with Image.open(item.path) as image:
+            array[i] = to_uint8_array(image, size)
+    if cache:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(".tmp.npy")
+        np.save(tmp, array)
+        tmp.replace(cache)
+    return torch.from_numpy(array)
+
+
+def read_attribute_table(csv_paths: list[tuple[Path, Path]]) -> dict[Path, dict[str, str]]:
+    """{absolute image path: {attribute: value}} from WBCAtt CSVs given as (csv, root)."""
+    table = {}
+    for csv_path, root in csv_paths:
+        with open(csv_path, newline="") as handle:
+            for row in csv.DictReader(handle):
+                table[(Path(root) / row["path"]).resolve()] = row
+    return table
+
+
+def attribute_targets(items: list[LabelledImage], table: dict[Path, dict[str, str]],
+                      vocabulary: dict[str, list[str]]) -> torch.Tensor:
+    """(N, A) value indices in `vocabulary` order; -1 for images without annotations or
+    values outside the vocabulary."""
+    names = list(vocabulary)
+    targets = torch.full((len(items), len(names)), -1, dtype=torch.long)
+    for i, item in enumerate(items):
+        row = table.get(item.path)
+        if row is None:
+            continue
+        for a, name in enumerate(names):
+            value = row.get(name, "").strip()
+            if value in vocabulary[name]:
+                targets[i, a] = vocabulary[name].index(value)
+    return targets
+
+
+def build_dataset(items: list[LabelledImage], classes: list[str], size: int,
+                  attribute_table: dict, vocabulary: dict[str, list[str]],
+                  cache_dir: Path | None) -> TensorDataset:
+    """Decode `items` and attach labels (indices into `classes`) and attribute targets."""
+    labels = torch.tensor([classes.index(item.label) for item in items], dtype=torch.long)
+    return TensorDataset(decode_images(items, size, cache_dir), labels,
+                         attribute_targets(items, attribute_table, vocabulary), classes, items)

@@ -1,0 +1,27 @@
+"""Small helpers shared by training-time validation and the evaluation CLI."""
+from __future__ import annotations
+
+import torch
+
+from core.model import DualEncoder
+
+
+@torch.no_grad()
+def embed_uint8(model: DualEncoder, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """Unit-norm embeddings of uint8 (N, 3, S, S) images, in eval mode."""
+    model.eval()
+    chunks = [model.encode_image(images[i:i + batch_size].float() / 255)
+              for i in range(0, len(images), batch_size)]
+    return torch.cat(chunks) if chunks else torch.empty(0, model.config.embed_dim)
+
+
+def panel_accuracy(model: DualEncoder, data, prototypes: torch.Tensor) -> float:
+    """Accuracy of nearest-prototype classification restricted to the classes present in
+    `data` (the val folder's panel), as the app would classify within a panel."""
+    present = sorted(set(data.labels.tolist()))
+    if not present:
+        return float("nan")
+    embeddings = embed_uint8(model, data.images)
+    sims = embeddings @ prototypes[present].t()
+    predicted = torch.tensor(present)[sims.argmax(dim=1)]
+    return float((predicted == data.labels).float().mean())

@@ -1,0 +1,47 @@
+"""Which images make up an epoch: the balancing modes of ``--balance``.
+
+* ``none``: every image once, shuffled;
+* ``oversample``: classes drawn with equal probability (minority images repeat);
+* ``reweight``: every image once, but the loss of each image weighted by the inverse of its
+  class frequency (returned by `class_weights`);
+* ``gan``: real images once plus synthetic ones for minority classes (the synthetic images
+  are appended to the dataset by the caller; the cap on their share per batch is enforced
+  here).
+Under DDP every rank takes a disjoint, equally long slice of the same permutation.
+"""
+from __future__ import annotations
+
+import torch
+
+BALANCE_MODES = ("none", "reweight", "oversample", "gan")
+
+
+def class_weights(labels: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """Inverse-frequency weights per class, normalised to mean 1 over the images."""
+    counts = torch.bincount(labels, minlength=n_classes).float().clamp(min=1)
+    weights = counts.sum() / (n_classes * counts)
+    return weights / weights[labels].mean()
+
+
+def epoch_indices(labels: torch.Tensor, mode: str, generator: torch.Generator,
+                  synthetic: torch.Tensor | None = None, max_synthetic_share: float = 0.5) -> torch.Tensor:
+    """Image indices for one epoch (before sharding)."""
+    n = labels.shape[0]
+    if mode == "oversample":
+        n_classes = int(labels.max()) + 1
+        per_image = (1.0 / torch.bincount(labels, minlength=n_classes).float())[labels]
+        return torch.multinomial(per_image, n, replacement=True, generator=generator)
+    if mode == "gan" and synthetic is not None and synthetic.any():
+        real = torch.nonzero(~synthetic).squeeze(1)
+        fake = torch.nonzero(synthetic).squeeze(1)
+        cap = int(len(real) * max_synthetic_share / (1 - max_synthetic_share))
+        fake = fake[torch.randperm(len(fake), generator=generator)[:cap]]
+        chosen = torch.cat([real, fake])
+        return chosen[torch.randperm(len(chosen), generator=generator)]
+    return torch.randperm(n, generator=generator)
+
+
+def shard(indices: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
+    """Rank's slice; every rank gets the same count so DDP steps stay in lockstep."""
+    per_rank = len(indices) // world_size
+    return indices[rank * per_rank:(rank + 1) * per_rank]

@@ -1,0 +1,49 @@
+"""Frozen sentence features of every training sentence, computed once per run.
+
+The text transformer is frozen (see `core.text_tower`), so a sentence's features never
+change: each step only samples a paraphrase per class (and a phrase per attribute value)
+and runs the small trainable projection on the cached features.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from core.model import DualEncoder
+from core.panels import Panel
+
+
+class SentenceFeatureCache:
+    def __init__(self, model: DualEncoder, panels: dict[str, Panel], classes: list[str],
+                 phrases: dict[str, dict[str, list[str]]]):
+        by_key = {c.key: c for panel in panels.values() for c in panel.classes}
+        missing = [key for key in classes if key not in by_key]
+        if missing:
+            raise ValueError(f"Classes without sentences in assets/panels.json: {missing}")
+        encoder = model.sentence_encoder()
+        self.class_features = [encoder(list(by_key[key].all_sentences)) for key in classes]
+        self.class_ids = torch.arange(len(classes))
+        self.value_features = [encoder(texts) for values in phrases.values() for texts in values.values()]
+        self.slices, start = [], 0
+        for values in phrases.values():
+            self.slices.append(slice(start, start + len(values)))
+            start += len(values)
+
+    @staticmethod
+    def _sample(groups: list[torch.Tensor], generator: torch.Generator) -> torch.Tensor:
+        picks = [g[int(torch.randint(len(g), (1,), generator=generator))] for g in groups]
+        return torch.stack(picks)
+
+    def sample_class_embeddings(self, model: DualEncoder, generator: torch.Generator):
+        """One random paraphrase per class, projected: ((C, D), class ids (C,))."""
+        return model.project_sentence_features(self._sample(self.class_features, generator)), self.class_ids
+
+    def sample_attribute_embeddings(self, model: DualEncoder, generator: torch.Generator):
+        """One random phrase per attribute value, projected, and each attribute's rows."""
+        return model.project_sentence_features(self._sample(self.value_features, generator)), self.slices
+
+    @torch.no_grad()
+    def class_prototypes(self, model: DualEncoder) -> torch.Tensor:
+        """(C, D) mean embedding over all sentences of each class, normalised."""
+        means = [model.project_sentence_features(f).mean(dim=0) for f in self.class_features]
+        return F.normalize(torch.stack(means), dim=-1)

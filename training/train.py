@@ -1,0 +1,245 @@
+"""Train the HemaScribe dual encoder; reads top to bottom.
+
+    python -m training.train --data PBC/train B_ALL/train --val PBC/val B_ALL/val \
+        --attributes PBC/attributes_train.csv --epochs 12 --out runs/default \
+        --export assets/model/hemascribe_default.safetensors
+
+Runs unchanged under ``torchrun --nproc_per_node 2`` (DDP, gloo on CPU). A run folder
+holds config.json, metrics.jsonl and last.pt (weights, optimizer, epoch, config: resume
+with --resume); --export writes the safetensors model and its sidecar.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from core.bank import attribute_prototypes, panel_prototypes
+from core.checkpoint import ModelBundle, save_bundle
+from core.config import load_model_config
+from core.data import class_counts, data_fingerprint, scan_class_folders
+from core.loss import attribute_matching_loss, bidirectional_contrastive_loss
+from core.model import DualEncoder
+from core.panels import load_attribute_phrases, load_panels
+from core.text_tower import text_weights_sha256
+from training.augment import augment_batch
+from training.dataset import build_dataset, read_attribute_table
+from training.evaluation_utils import panel_accuracy
+from training.sampling import BALANCE_MODES, class_weights, epoch_indices, shard
+from training.text_features import SentenceFeatureCache
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", nargs="+", required=True, help="training folders (a subfolder per class)")
+    p.add_argument("--val", nargs="*", default=[], help="validation folders, same layout")
+    p.add_argument("--attributes", nargs="*", default=[], help="WBCAtt CSVs (path column relative to the CSV's folder)")
+    p.add_argument("--config", default="hemascribe-regnetx004-128", help="model config name or JSON path")
+    p.add_argument("--epochs", type=int, default=12)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--attribute-weight", type=float, default=0.5, help="weight of the morphology phrase loss")
+    p.add_argument("--balance", choices=BALANCE_MODES, default="none")
+    p.add_argument("--synthetic", nargs="*", default=[], help="folders of GAN images (for --balance gan)")
+    p.add_argument("--max-per-class", type=int, default=0, help="cap images per class (0: all); for quick runs")
+    p.add_argument("--cut", nargs="*", default=[], help="CLASS=N: keep only N training images of CLASS (stress tests)")
+    p.add_argument("--out", default="runs/default", help="run folder")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    p.add_argument("--export", default="", help="write the final model (safetensors + JSON sidecar) here")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    p.add_argument("--cache-dir", default="runs/cache", help="where decoded images are cached")
+    return p.parse_args(argv)
+
+
+def setup_distributed() -> tuple[int, int]:
+    """(rank, world size); initialises gloo when launched by torchrun."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        dist.init_process_group("gloo")
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def load_items(folders: list[str], max_per_class: int, cuts: list[str], seed: int):
+    """Labelled images of all folders, optionally capped/cut per class (seeded)."""
+    items = [item for folder in folders for item in scan_class_folders(folder)]
+    limits = {c.split("=")[0]: int(c.split("=")[1]) for c in cuts}
+    rng = random.Random(seed)
+    by_class: dict[str, list] = {}
+    for item in items:
+        by_class.setdefault(item.label, []).append(item)
+    kept = []
+    for label, group in sorted(by_class.items()):
+        limit = limits.get(label, max_per_class or len(group))
+        kept.extend(sorted(rng.sample(group, min(limit, len(group))), key=lambda i: str(i.path)))
+    return kept
+
+
+def lr_at(step: int, total: int, base: float, warmup: int) -> float:
+    """Linear warm-up then cosine decay to zero."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    return base * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def train_one_epoch(model, ddp_model, data, indices, features, optimizer, args, state, generator, weights):
+    """One pass over `indices`; returns the mean losses."""
+    model.train()
+    size = model.config.image_size
+    sums, steps = {"loss": 0.0, "contrastive": 0.0, "attributes": 0.0}, 0
+    n_batches = len(indices) // args.batch_size
+    bar = tqdm(range(n_batches), desc=f"epoch {state['epoch'] + 1}/{args.epochs}", disable=state["rank"] != 0, mininterval=10)
+    for b in bar:
+        batch = indices[b * args.batch_size:(b + 1) * args.batch_size]
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(state["step"], state["total_steps"], args.lr, state["warmup"])
+        images = augment_batch(data.images[batch], size, generator).to(args.device)
+        labels = data.labels[batch].to(args.device)
+        image_emb = ddp_model(images)
+        class_text, class_ids = features.sample_class_embeddings(model, generator)
+        scale = model.scale()
+        contrastive = bidirectional_contrastive_loss(image_emb, class_text, labels, class_ids, scale, weights[labels] if weights is not None else None)["loss"]
+        phrase_emb, slices = features.sample_attribute_embeddings(model, generator)
+        attr_loss = attribute_matching_loss(image_emb, phrase_emb, slices, data.attributes[batch].to(args.device), scale)
+        loss = contrastive + args.attribute_weight * attr_loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+        optimizer.step()
+        state["step"] += 1
+        for key, value in (("loss", loss), ("contrastive", contrastive), ("attributes", attr_loss)):
+            sums[key] += float(value.detach())
+        steps += 1
+        bar.set_postfix(loss=f"{sums['loss'] / steps:.3f}", scale=f"{float(scale):.1f}")
+    return {k: v / max(1, steps) for k, v in sums.items()}
+
+
+class ImageEncoderForDDP(torch.nn.Module):
+    """DDP wraps a module's forward; ours is encode_image."""
+
+    def __init__(self, model: DualEncoder):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images):
+        return self.model.encode_image(images)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    rank, world = setup_distributed()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    generator = seed_everything(args.seed + rank)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    config = load_model_config(args.config)
+    panels = load_panels()
+    phrases = load_attribute_phrases()
+    vocabulary = {name: list(values) for name, values in phrases.items()}
+
+    # ---- data: decoded once into memory (see training/dataset.py) ----
+    train_items = load_items(args.data + args.synthetic, args.max_per_class, args.cut, args.seed)
+    classes = sorted({item.label for item in train_items})
+    attribute_table = read_attribute_table([(Path(c), Path(c).parent) for c in args.attributes])
+    cache_size = int(config.image_size * 1.125)
+    train = build_dataset(train_items, classes, cache_size, attribute_table, vocabulary, Path(args.cache_dir))
+    synthetic = torch.tensor([any(str(i.path).startswith(str(Path(s).resolve())) for s in args.synthetic) for i in train_items])
+    val_sets = []
+    for folder in args.val:
+        items = [i for i in scan_class_folders(folder) if i.label in classes]
+        val_sets.append((folder, build_dataset(items, classes, config.image_size, {}, vocabulary, Path(args.cache_dir))))
+    if rank == 0:
+        print(f"train: {len(train_items)} images, classes {class_counts(train_items)}", flush=True)
+
+    # ---- model, sentence features (frozen text tower, computed once), optimiser ----
+    model = DualEncoder(config).to(args.device)
+    features = SentenceFeatureCache(model, panels, classes, phrases)
+    ddp_model = ImageEncoderForDDP(model)
+    if world > 1:
+        ddp_model = torch.nn.parallel.DistributedDataParallel(ddp_model, find_unused_parameters=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    steps_per_epoch = (len(train_items) // world) // args.batch_size
+    state = {"epoch": 0, "step": 0, "rank": rank, "total_steps": steps_per_epoch * args.epochs,
+             "warmup": min(300, steps_per_epoch)}
+    if args.resume and (out / "last.pt").is_file():
+        checkpoint = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        state.update(epoch=checkpoint["epoch"], step=checkpoint["step"])
+        generator.manual_seed(args.seed + rank + 1000 * state["epoch"])
+        print(f"resumed from epoch {state['epoch']}", flush=True)
+    weights = class_weights(train.labels, len(classes)) if args.balance == "reweight" else None
+    if rank == 0:
+        (out / "config.json").write_text(json.dumps({"args": vars(args), "model": config.to_dict(), "classes": classes,
+                                                     "command": " ".join(sys.argv)}, indent=2))
+
+    # ---- training loop: checkpoint and validate every epoch ----
+    while state["epoch"] < args.epochs:
+        started = time.time()
+        indices = shard(epoch_indices(train.labels, args.balance, generator, synthetic), rank, world)
+        losses = train_one_epoch(model, ddp_model, train, indices, features, optimizer, args, state, generator, weights)
+        state["epoch"] += 1
+        if rank != 0:
+            continue
+        metrics = {"epoch": state["epoch"], "seconds": round(time.time() - started, 1), **losses,
+                   "logit_scale": float(model.scale())}
+        prototypes = features.class_prototypes(model)
+        for folder, val in val_sets:
+            metrics[f"val_acc/{Path(folder).parent.name}"] = panel_accuracy(model, val, prototypes)
+        print(json.dumps(metrics), flush=True)
+        with open(out / "metrics.jsonl", "a") as handle:
+            handle.write(json.dumps(metrics) + "\n")
+        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": state["epoch"],
+                    "step": state["step"], "config": config.to_dict(), "classes": classes}, out / "last.tmp")
+        (out / "last.tmp").replace(out / "last.pt")
+
+    if rank == 0 and args.export:
+        export(model, panels, phrases, train_items, args, out)
+    if world > 1:
+        dist.destroy_process_group()
+    return 0
+
+
+def export(model: DualEncoder, panels, phrases, train_items, args, out: Path) -> None:
+    """Write the safetensors model + sidecar with class prototypes and provenance."""
+    model.eval()
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    raw_panels = json.loads((Path(__file__).resolve().parent.parent / "assets" / "panels.json").read_text())
+    sidecar = {
+        "model_id": f"{model.config.name}-{time.strftime('%Y%m%d-%H%M%S')}",
+        "panels": raw_panels,
+        "attribute_phrases": phrases,
+        "trained_classes": sorted({i.label for i in train_items}),
+        "training": {"command": "python -m training.train " + " ".join(sys.argv[1:]),
+                     "data_counts": class_counts(train_items), "data_sha256": data_fingerprint(train_items),
+                     "epochs": args.epochs, "seed": args.seed, "balance": args.balance,
+                     "final_epoch_metrics": metrics[-1] if metrics else {}},
+        "text_model_sha256": text_weights_sha256(model.sentence_encoder().folder),
+    }
+    bundle = ModelBundle(model, sidecar, {}, panel_prototypes(model, panels), attribute_prototypes(model, phrases))
+    path = save_bundle(bundle, args.export)
+    print(f"exported {path} ({path.stat().st_size / 1e6:.1f} MB)", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
