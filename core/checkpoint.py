@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,6 +38,9 @@ class ModelBundle:
     attribute_prototypes: dict[str, torch.Tensor] = field(default_factory=dict)  # attribute -> (V, D)
     centroids: dict[str, torch.Tensor] = field(default_factory=dict)  # class -> (D,) mean train image embedding
     path: Path | None = None  # weights file it came from
+    # Grad-CAM registers hooks on the shared model; this lock keeps one session's hooks from
+    # seeing another session's forward pass. Forward passes are CPU-bound, so little is lost.
+    lock: threading.RLock = field(default_factory=threading.RLock, repr=False, compare=False)
 
     @property
     def model_id(self) -> str:

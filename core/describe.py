@@ -54,7 +54,8 @@ def embed_images(bundle: ModelBundle, images: list[Image.Image]) -> tuple[torch.
     started = time.perf_counter()
     batch = to_model_input(images, bundle.model.config.image_size)
     prep_ms = (time.perf_counter() - started) * 1000
-    return bundle.model.encode_image(batch), prep_ms
+    with bundle.lock:
+        return bundle.model.encode_image(batch), prep_ms
 
 
 def describe_batch(bundle: ModelBundle, images: list[Image.Image], panel: str | None = None) -> list[Description]:

@@ -1,14 +1,16 @@
 """Calibrated confidence and honest abstention.
 
-Three questions, answered in this order for every image:
-1. Is it out of scope: far from every cell type the model was trained on (blank, noise,
-   text, a photo of a cat)? Score: cosine distance to the nearest class centroid of the
-   training images in embedding space. Threshold set on val at a stated coverage.
-2. Is it a cell type outside the chosen panel? If the nearest centroid belongs to a class the
-   panel does not hold (a B-ALL smear field under ``blood_cells``), say so.
+Questions answered in this order for every image:
+1. Is the panel validated at all? A panel whose classes the model never saw an image of
+   (the originating study's leukaemia sentences) always abstains, and says why.
+2. Is the image out of scope for the panel? Score: cosine distance in embedding space to the
+   nearest centroid of the training images of the panel's classes. A photo, a blank, or a
+   cell of another panel (a B-ALL smear under ``blood_cells``) lies far from all of them.
+   When the nearest centroid overall belongs to another panel's class, the reason says so.
 3. Is the best match weak? Calibrated probability (temperature fitted on val) below a
    threshold chosen on val for a target accuracy of the answered cases.
-All thresholds live in the model sidecar ("calibration"); `training.calibrate` writes them.
+All thresholds live in the model sidecar ("calibration", per panel); `training.calibrate`
+writes them on val at a stated coverage.
 """
 from __future__ import annotations
 
@@ -42,37 +44,48 @@ def panel_probabilities(bundle: ModelBundle, embedding: torch.Tensor, panel: str
     return torch.softmax(panel_logits(bundle, embedding, panel) / temperature, dim=-1).tolist()
 
 
-def nearest_centroid(bundle: ModelBundle, embedding: torch.Tensor) -> tuple[str | None, float]:
-    """(class key, cosine distance) of the closest training-class centroid."""
+def centroid_similarities(bundle: ModelBundle, embedding: torch.Tensor) -> dict[str, float]:
+    """Cosine similarity to every training-class centroid."""
     if not bundle.centroids:
-        return None, 0.0
+        return {}
     keys = list(bundle.centroids)
     sims = torch.stack([bundle.centroids[k] for k in keys]) @ embedding
-    best = int(sims.argmax())
-    return keys[best], float(1 - sims[best])
+    return dict(zip(keys, sims.tolist()))
+
+
+def out_of_scope_score(similarities: dict[str, float], panel_keys: list[str]) -> float:
+    """Cosine distance to the nearest centroid of the panel's classes: high for images
+    unlike any cell of the panel (other panels' cells, photos, blanks). Infinite when the
+    model saw no image of any class of the panel."""
+    inside = [similarities[k] for k in panel_keys if k in similarities]
+    return 1 - max(inside) if inside else math.inf
 
 
 def abstention_decision(bundle: ModelBundle, embedding: torch.Tensor, panel: str,
                         probabilities: list[float]) -> Decision:
     """Whether to abstain, and why (see the module docstring for the order of checks)."""
-    calibration = _calibration(bundle)
+    calibration = _calibration(bundle).get("panels", {}).get(panel, {})
     spec = bundle.panels[panel]
-    nearest, distance = nearest_centroid(bundle, embedding)
-    ood_threshold = calibration.get("out_of_scope", {}).get("threshold", math.inf)
-    if distance > ood_threshold:
-        return Decision(True, "This image does not look like any blood-cell image the model was trained on "
-                              f"(out-of-scope score {distance:.2f} > {ood_threshold:.2f}).", distance)
-    if nearest is not None and nearest not in spec.keys:
-        owner = next((p.title for p in bundle.panels.values() if nearest in p.keys), "another panel")
-        return Decision(True, f"The cell looks most like '{nearest}' ({owner}), which is outside the "
-                              f"chosen panel '{spec.title}'.", distance)
-    min_confidence = calibration.get("panels", {}).get(panel, {}).get("min_confidence", 0.0)
-    top = max(probabilities)
-    if top < min_confidence:
+    similarities = centroid_similarities(bundle, embedding)
+    score = out_of_scope_score(similarities, spec.keys) if similarities else 0.0
+    if not spec.validated:
+        return Decision(True, f"The panel '{spec.title}' is not validated: no images of its classes were "
+                              "available, so the model cannot vouch for any of its sentences.", score)
+    if score > calibration.get("out_of_scope_threshold", math.inf):
+        nearest = max(similarities, key=similarities.get)
+        if nearest not in spec.keys:
+            owner = next((p.title for p in bundle.panels.values() if nearest in p.keys), "another panel")
+            return Decision(True, f"The image looks most like '{nearest}' ({owner}), which is outside the "
+                                  f"chosen panel '{spec.title}'.", score)
+        return Decision(True, "This image does not look like the blood-cell images the model was trained on "
+                              f"(out-of-scope score {score:.2f} above {calibration['out_of_scope_threshold']:.2f}).",
+                        score)
+    min_confidence = calibration.get("min_confidence", 0.0)
+    if max(probabilities) < min_confidence:
         ranked = sorted(zip(probabilities, spec.keys), reverse=True)[:2]
         return Decision(True, f"The best match is too weak or ambiguous: {ranked[0][1]} {ranked[0][0]:.0%} "
-                              f"vs {ranked[1][1]} {ranked[1][0]:.0%} (needs {min_confidence:.0%}).", distance)
-    return Decision(False, None, distance)
+                              f"vs {ranked[1][1]} {ranked[1][0]:.0%} (needs {min_confidence:.0%}).", score)
+    return Decision(False, None, score)
 
 
 def expected_calibration_error(confidences: torch.Tensor, correct: torch.Tensor, bins: int = 15) -> float:

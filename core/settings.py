@@ -24,6 +24,7 @@ class Settings:
     max_upload_mb: float  # refuse larger uploads before decoding
     max_pixels: int  # decompression-bomb guard: refuse headers declaring more pixels
     text_model: str | None  # override of the text tower (HF name or local path)
+    torch_threads: int  # CPU threads for inference; 1 keeps sessions from fighting over 2 cores
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -43,4 +44,5 @@ def load_settings() -> Settings:
         max_upload_mb=float(_env("MAX_UPLOAD_MB", "50")),
         max_pixels=int(_env("MAX_PIXELS", str(60_000_000))),
         text_model=_env("TEXT_MODEL"),
+        torch_threads=int(_env("TORCH_THREADS", "1")),
     )

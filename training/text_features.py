@@ -34,13 +34,13 @@ class SentenceFeatureCache:
         picks = [g[int(torch.randint(len(g), (1,), generator=generator))] for g in groups]
         return torch.stack(picks)
 
-    def sample_class_embeddings(self, model: DualEncoder, generator: torch.Generator):
-        """One random paraphrase per class, projected: ((C, D), class ids (C,))."""
-        return model.project_sentence_features(self._sample(self.class_features, generator)), self.class_ids
+    def sample_class_features(self, generator: torch.Generator) -> torch.Tensor:
+        """Features of one random paraphrase per class: (C, text_width), row = class id."""
+        return self._sample(self.class_features, generator)
 
-    def sample_attribute_embeddings(self, model: DualEncoder, generator: torch.Generator):
-        """One random phrase per attribute value, projected, and each attribute's rows."""
-        return model.project_sentence_features(self._sample(self.value_features, generator)), self.slices
+    def sample_attribute_features(self, generator: torch.Generator) -> torch.Tensor:
+        """Features of one random phrase per attribute value; `self.slices` maps attributes to rows."""
+        return self._sample(self.value_features, generator)
 
     @torch.no_grad()
     def class_prototypes(self, model: DualEncoder) -> torch.Tensor:

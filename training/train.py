@@ -101,47 +101,55 @@ def lr_at(step: int, total: int, base: float, warmup: int) -> float:
     return base * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
-def train_one_epoch(model, ddp_model, data, indices, features, optimizer, args, state, generator, weights):
+class TrainingObjective(torch.nn.Module):
+    """Everything that touches trainable weights in one forward, so DDP sees every
+    parameter used exactly once per step (text projection and logit scale included)."""
+
+    def __init__(self, model: DualEncoder, attribute_slices: list[slice], attribute_weight: float):
+        super().__init__()
+        self.model = model
+        self.attribute_slices = attribute_slices
+        self.attribute_weight = attribute_weight
+
+    def forward(self, images, labels, attribute_targets, class_features, value_features, image_weights=None):
+        image_emb = self.model.encode_image(images)
+        scale = self.model.scale()
+        class_text = self.model.project_sentence_features(class_features)
+        class_ids = torch.arange(class_text.shape[0], device=labels.device)
+        contrastive = bidirectional_contrastive_loss(image_emb, class_text, labels, class_ids, scale, image_weights)["loss"]
+        phrases = self.model.project_sentence_features(value_features)
+        attributes = attribute_matching_loss(image_emb, phrases, self.attribute_slices, attribute_targets, scale)
+        return contrastive + self.attribute_weight * attributes, contrastive, attributes
+
+
+def train_one_epoch(model, objective, data, indices, features, optimizer, args, state, generator, weights):
     """One pass over `indices`; returns the mean losses."""
     model.train()
     size = model.config.image_size
     sums, steps = {"loss": 0.0, "contrastive": 0.0, "attributes": 0.0}, 0
     n_batches = len(indices) // args.batch_size
-    bar = tqdm(range(n_batches), desc=f"epoch {state['epoch'] + 1}/{args.epochs}", disable=state["rank"] != 0, mininterval=10)
+    bar = tqdm(range(n_batches), desc=f"epoch {state['epoch'] + 1}/{args.epochs}", disable=state["rank"] != 0,
+               mininterval=10)
     for b in bar:
         batch = indices[b * args.batch_size:(b + 1) * args.batch_size]
         for group in optimizer.param_groups:
             group["lr"] = lr_at(state["step"], state["total_steps"], args.lr, state["warmup"])
-        images = augment_batch(data.images[batch], size, generator).to(args.device)
         labels = data.labels[batch].to(args.device)
-        image_emb = ddp_model(images)
-        class_text, class_ids = features.sample_class_embeddings(model, generator)
-        scale = model.scale()
-        contrastive = bidirectional_contrastive_loss(image_emb, class_text, labels, class_ids, scale, weights[labels] if weights is not None else None)["loss"]
-        phrase_emb, slices = features.sample_attribute_embeddings(model, generator)
-        attr_loss = attribute_matching_loss(image_emb, phrase_emb, slices, data.attributes[batch].to(args.device), scale)
-        loss = contrastive + args.attribute_weight * attr_loss
+        loss, contrastive, attributes = objective(
+            augment_batch(data.images[batch], size, generator).to(args.device), labels,
+            data.attributes[batch].to(args.device), features.sample_class_features(generator).to(args.device),
+            features.sample_attribute_features(generator).to(args.device),
+            weights[labels] if weights is not None else None)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
         optimizer.step()
         state["step"] += 1
-        for key, value in (("loss", loss), ("contrastive", contrastive), ("attributes", attr_loss)):
+        for key, value in (("loss", loss), ("contrastive", contrastive), ("attributes", attributes)):
             sums[key] += float(value.detach())
         steps += 1
-        bar.set_postfix(loss=f"{sums['loss'] / steps:.3f}", scale=f"{float(scale):.1f}")
+        bar.set_postfix(loss=f"{sums['loss'] / steps:.3f}", scale=f"{float(model.scale().detach()):.1f}", refresh=False)
     return {k: v / max(1, steps) for k, v in sums.items()}
-
-
-class ImageEncoderForDDP(torch.nn.Module):
-    """DDP wraps a module's forward; ours is encode_image."""
-
-    def __init__(self, model: DualEncoder):
-        super().__init__()
-        self.model = model
-
-    def forward(self, images):
-        return self.model.encode_image(images)
 
 
 def main(argv=None) -> int:
@@ -174,9 +182,9 @@ def main(argv=None) -> int:
     # ---- model, sentence features (frozen text tower, computed once), optimiser ----
     model = DualEncoder(config).to(args.device)
     features = SentenceFeatureCache(model, panels, classes, phrases)
-    ddp_model = ImageEncoderForDDP(model)
+    objective = TrainingObjective(model, features.slices, args.attribute_weight)
     if world > 1:
-        ddp_model = torch.nn.parallel.DistributedDataParallel(ddp_model, find_unused_parameters=True)
+        objective = torch.nn.parallel.DistributedDataParallel(objective)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     steps_per_epoch = (len(train_items) // world) // args.batch_size
     state = {"epoch": 0, "step": 0, "rank": rank, "total_steps": steps_per_epoch * args.epochs,
@@ -197,7 +205,7 @@ def main(argv=None) -> int:
     while state["epoch"] < args.epochs:
         started = time.time()
         indices = shard(epoch_indices(train.labels, args.balance, generator, synthetic), rank, world)
-        losses = train_one_epoch(model, ddp_model, train, indices, features, optimizer, args, state, generator, weights)
+        losses = train_one_epoch(model, objective, train, indices, features, optimizer, args, state, generator, weights)
         state["epoch"] += 1
         if rank != 0:
             continue

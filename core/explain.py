@@ -1,0 +1,74 @@
+"""Grad-CAM: where the image supports a chosen sentence.
+
+Follows pytorch-grad-cam's design: the model is wrapped as image -> embedding, and the
+*target* is a tiny callable turning the embedding into the scalar to explain (here: cosine
+similarity with the sentence's prototype). Hooks are registered per call inside a ``with``
+block and released on exit, because the cached model is shared by every app session.
+Grad-CAM needs gradients, so it must never run under ``torch.no_grad``.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn as nn
+from PIL import Image
+
+from core.checkpoint import ModelBundle
+from core.preprocess import square_resize, to_model_input
+
+
+class ImageToEmbedding(nn.Module):
+    """The image tower as pytorch-grad-cam expects a model: images -> (B, D) embeddings."""
+
+    def __init__(self, bundle: ModelBundle):
+        super().__init__()
+        self.model = bundle.model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_image(images)
+
+
+class SentenceSimilarityTarget:
+    """Target callable: cosine similarity of an embedding with one sentence prototype."""
+
+    def __init__(self, prototype: torch.Tensor):
+        self.prototype = prototype.detach()
+
+    def __call__(self, embedding: torch.Tensor) -> torch.Tensor:
+        return (embedding * self.prototype.to(embedding)).sum()
+
+
+def target_layer(bundle: ModelBundle) -> nn.Module:
+    """Last feature stage of the timm trunk (the deepest layer that still has a grid)."""
+    trunk = bundle.model.visual.trunk
+    return trunk.get_submodule(trunk.feature_info[-1]["module"])
+
+
+def gradcam_heatmap(bundle: ModelBundle, image: Image.Image, prototype: torch.Tensor) -> np.ndarray:
+    """(S, S) heatmap in [0, 1] at the model's input size for `prototype` (a (D,) tensor:
+    a class prototype or an attribute phrase embedding)."""
+    from pytorch_grad_cam import GradCAM
+
+    size = bundle.model.config.image_size
+    batch = to_model_input([image], size)
+    with bundle.lock, torch.enable_grad(), GradCAM(model=ImageToEmbedding(bundle), target_layers=[target_layer(bundle)]) as cam:
+        heatmap = cam(input_tensor=batch, targets=[SentenceSimilarityTarget(prototype)])
+    return np.nan_to_num(heatmap[0]).clip(0, 1)
+
+
+def class_heatmap(bundle: ModelBundle, image: Image.Image, panel: str, class_key: str) -> np.ndarray:
+    """Grad-CAM heatmap for one class sentence of a panel."""
+    index = bundle.panels[panel].keys.index(class_key)
+    return gradcam_heatmap(bundle, image, bundle.prototypes[panel][index])
+
+
+def overlay(image: Image.Image, heatmap: np.ndarray, opacity: float = 0.5, size: int = 256) -> Image.Image:
+    """The heatmap (jet colours) blended over the square-resized image; `opacity` in [0, 1]
+    is the heatmap's weight. Cheap, so an opacity slider never recomputes Grad-CAM."""
+    from pytorch_grad_cam.utils.image import show_cam_on_image
+
+    base = np.asarray(square_resize(image, size), dtype=np.float32) / 255
+    cam = np.asarray(Image.fromarray((heatmap * 255).astype(np.uint8)).resize((size, size), Image.Resampling.BILINEAR),
+                     dtype=np.float32) / 255
+    opacity = float(np.clip(opacity, 0.0, 1.0))
+    return Image.fromarray(show_cam_on_image(base, cam, use_rgb=True, image_weight=1 - opacity))

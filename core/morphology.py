@@ -1,0 +1,67 @@
+"""Morphology from the image: each WBCAtt attribute predicted by matching its candidate
+phrases, then composed into one sentence a hematologist can check phrase by phrase."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from core.checkpoint import ModelBundle
+
+# attributes whose phrase only makes sense for white cells with cytoplasm and granules
+_ORDER = ["cell_size", "cell_shape", "nucleus_shape", "chromatin_density", "nuclear_cytoplasmic_ratio",
+          "cytoplasm_texture", "cytoplasm_colour", "cytoplasm_vacuole", "granule_type", "granule_colour", "granularity"]
+
+
+@dataclass(frozen=True)
+class AttributePrediction:
+    attribute: str  # WBCAtt column name
+    value: str  # predicted value (WBCAtt vocabulary)
+    phrase: str  # display phrase of the value
+    confidence: float  # softmax probability over the attribute's values
+    certain: bool  # confidence at or above the attribute's threshold
+
+
+def predict_attributes(bundle: ModelBundle, embedding: torch.Tensor, min_confidence: float | None = None) -> list[AttributePrediction]:
+    """Every attribute the model was trained on, in display order."""
+    phrases = bundle.sidecar.get("attribute_phrases", {})
+    thresholds = bundle.sidecar.get("calibration", {}).get("attributes", {})
+    scale = float(bundle.model.scale().detach())
+    out = []
+    for name in [a for a in _ORDER if a in bundle.attribute_prototypes] + \
+                [a for a in bundle.attribute_prototypes if a not in _ORDER]:
+        values = list(phrases[name])
+        probs = torch.softmax(bundle.attribute_prototypes[name] @ embedding * scale, dim=-1)
+        best = int(probs.argmax())
+        threshold = min_confidence if min_confidence is not None else thresholds.get(name, 0.6)
+        out.append(AttributePrediction(name, values[best], phrases[name][values[best]][0], float(probs[best]),
+                                       float(probs[best]) >= threshold))
+    return out
+
+
+def compose_sentence(predictions: list[AttributePrediction]) -> str:
+    """E.g. "Large round cell with a bilobed nucleus, dense chromatin and a low N:C ratio;
+    clear light-blue cytoplasm with round red granules." Uncertain phrases carry "(?)"."""
+    p = {a.attribute: a for a in predictions}
+
+    def word(name: str, strip: str = "") -> str:
+        if name not in p:
+            return ""
+        return p[name].phrase.replace(strip, "") + ("" if p[name].certain else " (?)")
+
+    cell = " ".join(w for w in (word("cell_size", " cell"), word("cell_shape"), "cell") if w)
+    nucleus = [w for w in (word("nucleus_shape"), word("chromatin_density"), word("nuclear_cytoplasmic_ratio")) if w]
+    sentence = cell[0].upper() + cell[1:] + (" with " + _join(nucleus) if nucleus else "")
+    cytoplasm = " ".join(w for w in (word("cytoplasm_texture"), word("cytoplasm_colour"), "cytoplasm") if w)
+    if "granule_type" in p and p["granule_type"].value != "nil":
+        colour = word("granule_colour") if p.get("granule_colour") and p["granule_colour"].value != "nil" else ""
+        cytoplasm += " with " + " ".join(w for w in (word("granule_type"), colour, "granules") if w)
+    elif "granule_type" in p:
+        cytoplasm += " without granules" + ("" if p["granule_type"].certain else " (?)")
+    if "cytoplasm_vacuole" in p and p["cytoplasm_vacuole"].value == "yes":
+        cytoplasm += " and " + word("cytoplasm_vacuole")
+    return f"{sentence}; {cytoplasm}."
+
+
+def _join(parts: list[str]) -> str:
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]

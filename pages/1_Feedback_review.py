@@ -1,0 +1,58 @@
+"""Feedback review: every expert opinion, agreement with the model, confusion, CSV export."""
+import streamlit as st
+
+from core.store import agreement_summary, expert_confusion, rows_to_csv
+from ui import resources, review, widgets
+
+st.set_page_config(page_title="HemaScribe - Feedback review", page_icon="🔬", layout="wide")
+
+bundle = resources.get_bundle()  # optional here: reviewing needs only the database
+resources.reviewer_sidebar()
+if bundle is not None:
+    widgets.model_sidebar(bundle)
+
+st.title("Feedback review")
+st.caption("Expert opinions are append-only: a second opinion is a new row, nothing is overwritten.")
+store = resources.store_or_warn()
+if not store.available:
+    st.stop()
+
+rows = review.load_rows(store)
+if rows is None:
+    st.stop()
+
+summary = agreement_summary(rows)
+rate = summary["agreement_rate"]
+c1, c2, c3, c4 = st.columns(4)
+c1.metric("Feedback rows", summary["n_feedback"])
+c2.metric("Agreement (agree / decided)", "n/a" if rate is None else f"{rate:.0%}")
+c3.metric("Disagree", summary["n_disagree"])
+c4.metric("Unsure (not counted)", summary["n_unsure"])
+
+st.subheader("Feedback")
+st.dataframe(review.rows_frame(rows), hide_index=True, key="review_table")
+st.download_button("Download CSV", rows_to_csv(rows), file_name="hemascribe_feedback.csv", mime="text/csv",
+                   key="review_csv", disabled=not rows)
+
+left, right = st.columns(2)
+with left:
+    st.subheader("Agreement per model class")
+    per_class = [{"model class": k, **v} for k, v in summary["per_class"].items()]
+    if per_class:
+        st.dataframe(per_class, hide_index=True, key="review_per_class", column_config={
+            "agreement_rate": st.column_config.NumberColumn("agreement rate", format="percent")})
+    else:
+        st.caption("No feedback matches the filters.")
+with right:
+    st.subheader("Expert versus model")
+    labels, matrix = expert_confusion(rows)
+    if labels:
+        st.plotly_chart(widgets.confusion_figure(labels, matrix), key="review_confusion")
+    else:
+        st.caption("No case has both an expert class and a model class yet.")
+
+st.subheader("Re-open a case")
+if rows:
+    review.reopen_case(store, resources.settings().upload_dir, rows)
+else:
+    st.caption("Nothing to re-open.")

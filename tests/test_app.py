@@ -1,0 +1,245 @@
+"""AppTest for every page, with the tiny random model, a temporary SQLite store and sample
+images drawn by the tests. Nothing downloads; each test takes a few seconds on CPU."""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import streamlit as st
+from streamlit.testing.v1 import AppTest
+
+from core.store import ImageRecord, PredictionRecord, feedback_table, make_engine, make_sessionmaker
+from tests.conftest import draw_cell
+
+ROOT = Path(__file__).resolve().parent.parent
+APP = str(ROOT / "app.py")
+REVIEW_PAGE = "pages/1_Feedback_review.py"
+CARD_PAGE = "pages/2_Model_card.py"
+
+
+def png_bytes(kind: int = 0, seed: int = 0) -> bytes:
+    buffer = io.BytesIO()
+    draw_cell(96, kind=kind, seed=seed).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def app_env(tiny_model_path, tmp_path, monkeypatch):
+    """Environment of one app: tiny model, fresh SQLite file, upload and sample folders."""
+    samples = tmp_path / "samples"
+    samples.mkdir()
+    for i in range(2):
+        (samples / f"cell_{i}.png").write_bytes(png_bytes(kind=i, seed=i))
+    db_url = f"sqlite:///{tmp_path / 'feedback.sqlite'}"
+    monkeypatch.setenv("HEMASCRIBE_MODEL", str(tiny_model_path))
+    monkeypatch.setenv("HEMASCRIBE_DB_URL", db_url)
+    monkeypatch.setenv("HEMASCRIBE_UPLOAD_DIR", str(tmp_path / "uploads"))
+    monkeypatch.setenv("HEMASCRIBE_SAMPLES_DIR", str(samples))
+    st.cache_resource.clear()
+    engine = make_engine(db_url)
+    yield SimpleNamespace(db_url=db_url, samples=samples, uploads=tmp_path / "uploads",
+                          sessionmaker=make_sessionmaker(engine))
+    engine.dispose()
+    st.cache_resource.clear()
+
+
+def run_app() -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.run()
+    assert not at.exception, at.exception
+    return at
+
+
+def choose_sample(at: AppTest, name: str = "cell_0.png") -> AppTest:
+    at.radio(key="describe_source").set_value("samples").run()
+    at.selectbox(key="describe_sample").select(name).run()
+    assert not at.exception, at.exception
+    return at
+
+
+def described_text(at: AppTest) -> str:
+    """The sentence (success box) or the Uncertain state (warning box) of the open case."""
+    shown = [e.value for e in at.success] + [e.value for e in at.warning]
+    hits = [v for v in shown if "Uncertain" in v or ":" in v and "Verified" not in v]
+    assert hits, f"no sentence or Uncertain state shown: {shown}"
+    return hits[0]
+
+
+def frame_with(at: AppTest, column: str):
+    """The first dataframe that has `column` (keys of plain dataframes are not exposed)."""
+    for element in at.dataframe:
+        if column in element.value.columns:
+            return element.value
+    raise AssertionError(f"no dataframe with column {column!r}")
+
+
+def count(sessionmaker, model) -> int:
+    with sessionmaker() as s:
+        return s.query(model).count()
+
+
+def set_reviewer(at: AppTest, name: str) -> AppTest:
+    at.sidebar.text_input(key="sidebar_reviewer").input(name).run()
+    assert not at.exception, at.exception
+    return at
+
+
+def test_describe_page_runs_without_images(app_env):
+    at = run_app()
+    assert at.title[0].value == "Describe blood-cell images"
+    assert any("Upload images or choose a sample" in i.value for i in at.info)
+    assert not at.warning  # the store is available and the default panel is validated
+
+
+def test_unvalidated_panel_shows_warning(app_env):
+    at = run_app()
+    at.selectbox(key="describe_panel").select("leukemia").run()
+    assert any("Not validated" in w.value for w in at.warning)
+
+
+def test_sample_is_described_and_recorded_once(app_env):
+    at = choose_sample(run_app())
+    text = described_text(at)
+    assert "Uncertain" in text or any(s in text for s in ("Basophil", "Eosinophil", "Lymphocyte", "Monocyte",
+                                                          "Neutrophil", "Platelet", "Erythroblast", "granulocyte"))
+    assert len(at.session_state["describe_heatmaps"]) == 1
+    assert count(app_env.sessionmaker, PredictionRecord) == 1
+    # Moving the opacity slider re-blends: no new prediction, no new Grad-CAM.
+    at.slider(key="describe_opacity").set_value(0.8).run()
+    assert not at.exception
+    assert count(app_env.sessionmaker, PredictionRecord) == 1
+    assert len(at.session_state["describe_heatmaps"]) == 1
+    assert list(app_env.uploads.rglob("*.png")), "the image copy was stored"
+
+
+def test_upload_several_with_one_refused(app_env):
+    at = run_app()
+    files = [("a.png", png_bytes(0, 1), "image/png"), ("b.png", png_bytes(1, 2), "image/png"),
+             ("broken.png", b"this is not an image", "image/png")]
+    at.file_uploader(key="describe_upload").set_value(files).run()
+    assert not at.exception, at.exception
+    errors = [e.value for e in at.error]
+    assert len(errors) == 1 and "broken" in errors[0]
+    assert len(at.dataframe) >= 1  # the results table
+    frame = at.dataframe[0].value
+    assert sorted(frame["file"]) == ["a.png", "b.png"]
+    confidence = list(frame["confidence"])
+    abstained = list(frame["abstained"])
+    assert [(not a, c) for a, c in zip(abstained, confidence)] == sorted(zip([not a for a in abstained], confidence))
+    assert count(app_env.sessionmaker, ImageRecord) == 2  # nothing stored for the refused file
+    assert count(app_env.sessionmaker, PredictionRecord) == 2
+    at.selectbox(key="describe_open_case").select(1).run()
+    assert not at.exception, at.exception
+
+
+def test_agree_writes_exactly_one_feedback_row(app_env):
+    at = choose_sample(run_app())
+    assert at.button(key="describe_fb_agree").disabled  # no reviewer yet
+    set_reviewer(at, "Dr Test")
+    at.button(key="describe_fb_agree").click().run()
+    assert not at.exception, at.exception
+    with app_env.sessionmaker() as s:
+        rows = feedback_table(s)
+    assert len(rows) == 1
+    assert rows[0]["verdict"] == "agree" and rows[0]["reviewer"] == "Dr Test"
+    assert any("Verified by Dr Test" in s.value for s in at.success)
+    at.run()  # a plain rerun writes nothing more
+    with app_env.sessionmaker() as s:
+        assert len(feedback_table(s)) == 1
+
+
+def test_disagree_with_correction_and_markdown_name(app_env):
+    at = choose_sample(run_app())
+    set_reviewer(at, "[Dr](http://x) *B*")
+    at.selectbox(key="describe_fb_class").select("monocyte")
+    at.text_area(key="describe_fb_comment").input("nucleus looks folded")
+    at.button(key="describe_fb_disagree").click().run()
+    assert not at.exception, at.exception
+    with app_env.sessionmaker() as s:
+        rows = feedback_table(s)
+    assert [(r["verdict"], r["corrected_class"], r["comment"]) for r in rows] == [
+        ("disagree", "monocyte", "nucleus looks folded")]
+    verified = [s.value for s in at.success if "Verified by" in s.value]
+    assert verified and "\\[Dr\\]\\(http" in verified[0]  # escaped: shown literally, never a link
+
+
+def test_store_unavailable_still_describes(app_env, tmp_path, monkeypatch):
+    monkeypatch.setenv("HEMASCRIBE_DB_URL", f"sqlite:///{tmp_path}")  # a folder: cannot be opened
+    st.cache_resource.clear()
+    at = choose_sample(run_app())
+    assert any("feedback cannot be saved" in w.value for w in at.warning)
+    described_text(at)
+    assert not at.button  # no feedback buttons without a store
+
+
+def test_missing_model_is_reported(app_env, tmp_path, monkeypatch):
+    monkeypatch.setenv("HEMASCRIBE_MODEL", str(tmp_path / "nothing.safetensors"))
+    at = run_app()
+    assert any("cannot be loaded" in e.value for e in at.error)
+
+
+def test_feedback_review_page(app_env):
+    at = choose_sample(run_app())
+    set_reviewer(at, "Dr Review")
+    at.button(key="describe_fb_agree").click().run()
+    at.switch_page(REVIEW_PAGE).run()
+    assert not at.exception, at.exception
+    assert at.title[0].value == "Feedback review"
+    assert at.sidebar.text_input(key="sidebar_reviewer").value == "Dr Review"  # survived the switch
+    table = frame_with(at, "feedback_id")
+    assert list(table["reviewer"]) == ["Dr Review"]
+    assert any(m.label.startswith("Agreement") and m.value == "100%" for m in at.metric)
+    at.selectbox(key="review_verdict").select("disagree").run()
+    assert not at.exception
+    assert len(frame_with(at, "feedback_id")) == 0
+    at.selectbox(key="review_verdict").set_value(None).run()
+    at.selectbox(key="review_open").select(0).run()
+    assert not at.exception, at.exception
+    assert not any("missing" in w.value for w in at.warning)
+
+
+def test_feedback_review_page_empty(app_env):
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.switch_page(REVIEW_PAGE).run()
+    assert not at.exception, at.exception
+    assert any(m.value == "n/a" for m in at.metric)
+
+
+def test_model_card_page(app_env):
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.switch_page(CARD_PAGE).run()
+    assert not at.exception, at.exception
+    assert at.title[0].value == "Model card"
+    assert any("not measured" in i.value for i in at.info)
+    assert any("tiny-test-random" in t.value for t in at.text)
+    licences = frame_with(at, "licence")
+    assert {"CC BY 4.0", "MIT", "research use"} <= set(licences["licence"])
+    panels = frame_with(at, "validated")
+    assert dict(zip(panels["panel"], panels["validated"]))["leukemia"] == "no"
+
+
+def test_new_model_file_is_picked_up_without_restart(app_env, tmp_path, monkeypatch):
+    from core.checkpoint import save_bundle
+    from tests.conftest import make_tiny_bundle
+
+    path = tmp_path / "model" / "live.safetensors"
+    save_bundle(make_tiny_bundle(seed=0), path)
+    monkeypatch.setenv("HEMASCRIBE_MODEL", str(path))
+    at = run_app()
+    before = [c.value for c in at.sidebar.caption if "Weights sha256" in c.value]
+    save_bundle(make_tiny_bundle(seed=1), path)  # training publishes a new model in place
+    at.run()
+    after = [c.value for c in at.sidebar.caption if "Weights sha256" in c.value]
+    assert before and after and before != after
+
+
+def test_open_case_survives_fewer_uploads(app_env):
+    at = run_app()
+    files = [(f"c{i}.png", png_bytes(i % 2, 10 + i), "image/png") for i in range(3)]
+    at.file_uploader(key="describe_upload").set_value(files).run()
+    at.selectbox(key="describe_open_case").select(2).run()
+    at.file_uploader(key="describe_upload").set_value(files[:2]).run()
+    assert not at.exception, at.exception
+    assert at.selectbox(key="describe_open_case").value in (0, 1)

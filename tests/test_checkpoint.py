@@ -1,0 +1,49 @@
+import json
+
+import pytest
+import torch
+
+from core.checkpoint import ModelLoadError, file_sha256, load_bundle, save_bundle, sidecar_path
+from tests.conftest import make_tiny_bundle
+
+
+def test_round_trip_keeps_weights_prototypes_and_sidecar(tmp_path):
+    bundle = make_tiny_bundle(seed=3)
+    path = save_bundle(bundle, tmp_path / "m.safetensors")
+    loaded = load_bundle(path)
+    for key, value in bundle.model.state_dict().items():
+        assert torch.equal(value, loaded.model.state_dict()[key])
+    assert torch.equal(bundle.prototypes["blood_cells"], loaded.prototypes["blood_cells"])
+    assert set(loaded.centroids) == set(bundle.centroids)
+    side = json.loads(sidecar_path(path).read_text())
+    assert side["weights_sha256"] == file_sha256(path) and side["config"]["name"] == "tiny-test"
+    images = torch.rand(2, 3, 32, 32)
+    assert torch.allclose(bundle.model.eval().encode_image(images), loaded.model.encode_image(images), atol=1e-6)
+
+
+def test_tampered_weights_are_refused(tmp_path):
+    path = save_bundle(make_tiny_bundle(), tmp_path / "m.safetensors")
+    data = bytearray(path.read_bytes())
+    data[-10] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(ModelLoadError, match="does not match"):
+        load_bundle(path)
+
+
+def test_missing_sidecar_and_missing_file_are_clear(tmp_path):
+    path = save_bundle(make_tiny_bundle(), tmp_path / "m.safetensors")
+    sidecar_path(path).unlink()
+    with pytest.raises(ModelLoadError, match="sidecar not found"):
+        load_bundle(path)
+    with pytest.raises(ModelLoadError, match="not found"):
+        load_bundle(tmp_path / "nothing.safetensors")
+
+
+def test_pickle_is_never_loaded(tmp_path):
+    """A pickled file renamed .safetensors with a matching sidecar is still refused."""
+    path = tmp_path / "evil.safetensors"
+    torch.save({"x": torch.zeros(1)}, path)
+    sidecar_path(path).write_text(json.dumps({"weights_sha256": file_sha256(path), "config": {"name": "tiny-test"},
+                                              "panels": {}}))
+    with pytest.raises(ModelLoadError, match="not a readable safetensors"):
+        load_bundle(path)

@@ -1,0 +1,41 @@
+import numpy as np
+import torch
+
+from core.explain import class_heatmap, overlay, target_layer
+
+
+def _hook_count(module):
+    return sum(len(m._forward_hooks) + len(m._backward_hooks) + len(getattr(m, "_forward_pre_hooks", {}))
+               for m in module.modules())
+
+
+def test_gradcam_heatmap_shape_and_hooks_released(tiny_bundle, cell_image):
+    before = _hook_count(tiny_bundle.model)
+    heatmap = class_heatmap(tiny_bundle, cell_image, "blood_cells", "neutrophil")
+    size = tiny_bundle.model.config.image_size
+    assert heatmap.shape == (size, size)
+    assert np.isfinite(heatmap).all() and heatmap.min() >= 0 and heatmap.max() <= 1
+    assert _hook_count(tiny_bundle.model) == before  # the shared model keeps no hooks
+
+
+def test_gradcam_works_inside_no_grad(tiny_bundle, cell_image):
+    with torch.no_grad():
+        heatmap = class_heatmap(tiny_bundle, cell_image, "b_all", "pro_b")
+    assert heatmap.shape[0] == tiny_bundle.model.config.image_size
+
+
+def test_target_layer_has_a_grid(tiny_bundle):
+    layer = target_layer(tiny_bundle)
+    out = []
+    handle = layer.register_forward_hook(lambda m, i, o: out.append(o))
+    tiny_bundle.model.encode_image(torch.rand(1, 3, 32, 32))
+    handle.remove()
+    assert out[0].ndim == 4
+
+
+def test_overlay_opacity_changes_pixels(cell_image):
+    heatmap = np.zeros((32, 32), dtype=np.float32)
+    heatmap[8:24, 8:24] = 1
+    faint, strong = overlay(cell_image, heatmap, 0.1, 64), overlay(cell_image, heatmap, 0.9, 64)
+    assert faint.size == strong.size == (64, 64)
+    assert np.abs(np.asarray(faint, float) - np.asarray(strong, float)).mean() > 5

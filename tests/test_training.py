@@ -1,0 +1,112 @@
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from core.config import load_model_config
+from core.loss import bidirectional_contrastive_loss
+from core.model import DualEncoder
+from core.settings import PROJECT_ROOT
+from tests.conftest import draw_cell, write_class_tree
+from training.augment import augment_batch
+from training.sampling import class_weights, epoch_indices, shard
+
+ENV = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "PYTHONPATH": str(PROJECT_ROOT)}
+
+
+def test_a_few_steps_lower_the_loss():
+    torch.manual_seed(0)
+    model = DualEncoder(load_model_config("tiny-test"))
+    images = torch.stack([torch.from_numpy(__import__("numpy").asarray(draw_cell(40, kind=i % 2, seed=i))).permute(2, 0, 1)
+                          for i in range(16)])
+    labels = torch.tensor([i % 2 for i in range(16)])
+    text_features = torch.randn(2, 384)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    generator = torch.Generator().manual_seed(0)
+    losses = []
+    for _ in range(25):
+        emb = model.encode_image(augment_batch(images, 32, generator))
+        text = model.project_sentence_features(text_features)
+        loss = bidirectional_contrastive_loss(emb, text, labels, torch.arange(2), model.scale())["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss))
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.05
+
+
+def test_augmentation_shapes_and_range():
+    generator = torch.Generator().manual_seed(1)
+    out = augment_batch(torch.randint(0, 256, (5, 3, 48, 48), dtype=torch.uint8), 32, generator)
+    assert out.shape == (5, 3, 32, 32) and out.min() >= 0 and out.max() <= 1 and torch.isfinite(out).all()
+
+
+def test_balancing_sampler_counts():
+    labels = torch.tensor([0] * 90 + [1] * 10)
+    generator = torch.Generator().manual_seed(0)
+    over = epoch_indices(labels, "oversample", generator)
+    share = float((labels[over] == 1).float().mean())
+    assert len(over) == 100 and 0.35 < share < 0.65
+    plain = epoch_indices(labels, "none", generator)
+    assert sorted(plain.tolist()) == list(range(100))
+    weights = class_weights(labels, 2)
+    assert weights[1] / weights[0] == pytest.approx(9.0)
+    synthetic = torch.tensor([False] * 80 + [True] * 20)
+    mixed = epoch_indices(labels, "gan", generator, synthetic, max_synthetic_share=0.1)
+    assert int(synthetic[mixed].sum()) == int(80 * 0.1 / 0.9)
+    parts = [shard(plain, r, 3) for r in range(3)]
+    assert len({len(p) for p in parts}) == 1 and not set(parts[0].tolist()) & set(parts[1].tolist())
+
+
+def _train(tree, out, *extra, launcher=(sys.executable, "-m")):
+    cmd = [*launcher, "training.train", "--data", str(tree), "--val", str(tree), "--config", "tiny-test",
+           "--epochs", "2", "--batch-size", "8", "--out", str(out), "--cache-dir", str(out / "cache"), *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=PROJECT_ROOT, env=ENV, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def tiny_tree(tmp_path_factory):
+    return write_class_tree(tmp_path_factory.mktemp("data"), {"neutrophil": 12, "lymphocyte": 12})
+
+
+def test_train_cli_checkpoints_resumes_exports_and_evaluates(tiny_tree, tmp_path):
+    out = tmp_path / "run"
+    proc = _train(tiny_tree, out, "--export", str(tmp_path / "m.safetensors"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+    assert json.loads((out / "config.json").read_text())["classes"] == ["lymphocyte", "neutrophil"]
+    sidecar = json.loads((tmp_path / "m.json").read_text())
+    assert sidecar["training"]["data_counts"] == {"lymphocyte": 12, "neutrophil": 12} and sidecar["weights_sha256"]
+    resumed = _train(tiny_tree, out, "--resume", "--epochs", "3")
+    assert resumed.returncode == 0 and "resumed from epoch 2" in resumed.stdout
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
+
+    eval_tree = tmp_path / "eval"
+    shutil.copytree(tiny_tree, eval_tree)
+    write_class_tree(eval_tree, {"mystery_cell": 4})
+    (eval_tree / "lymphocyte" / "broken.jpg").write_bytes(b"not an image")
+    report = tmp_path / "report.json"
+    proc = subprocess.run([sys.executable, "-m", "training.evaluate", "--checkpoint", str(tmp_path / "m.safetensors"),
+                           "--data", str(eval_tree), "--json", str(report)], capture_output=True, text=True,
+                          cwd=PROJECT_ROOT, env=ENV, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    metrics = json.loads(report.read_text())
+    for key in ("n", "accuracy", "macro_f1", "per_class", "confusion", "ece", "abstain_rate", "accuracy_answered",
+                "unknown", "seconds"):
+        assert key in metrics
+    assert metrics["panel"] == "blood_cells" and metrics["n"] == 24
+    assert metrics["unknown"]["n"] == 4 and 0 <= metrics["unknown"]["flagged_rate"] <= 1
+    assert set(metrics["per_class"]["neutrophil"]) == {"precision", "recall", "f1", "support"}
+    assert len(metrics["refused"]) == 1 and "accuracy" in proc.stdout
+
+
+@pytest.mark.slow
+def test_train_cli_runs_under_torchrun_ddp(tiny_tree, tmp_path):
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533", "-m"]
+    proc = _train(tiny_tree, tmp_path / "ddp", "--epochs", "1", launcher=torchrun)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len((tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()) == 1

@@ -1,0 +1,74 @@
+"""Benchmark the describing process on this machine (prints numbers, asserts nothing).
+
+    python -m training.benchmark [--model PATH] [--images DIR] [--runs 50]
+
+Measures: import time, model load (sha256 check + build + weights), describe latency for one
+image (median and p95, model loaded), batch throughput (images/s) and the peak resident
+memory of this process. Images: files from --images (first 64) or drawn test images.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import time
+
+T0 = time.perf_counter()
+import torch  # noqa: E402
+
+from core.checkpoint import load_bundle  # noqa: E402
+from core.describe import describe, describe_batch  # noqa: E402
+from core.settings import load_settings  # noqa: E402
+
+IMPORT_SECONDS = time.perf_counter() - T0
+
+
+def _images(folder: str | None, n: int):
+    from PIL import Image
+
+    if folder:
+        from core.data import scan_class_folders
+
+        return [Image.open(item.path).convert("RGB") for item in scan_class_folders(folder)[:n]]
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    return [Image.fromarray(rng.integers(0, 255, (224, 224, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--images", default=None, help="folder of class folders (optional)")
+    parser.add_argument("--runs", type=int, default=50)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    bundle = load_bundle(args.model or load_settings().model_path)
+    load_seconds = time.perf_counter() - started
+    images = _images(args.images, 64)
+    describe(bundle, images[0])  # warm-up
+    latencies = []
+    for i in range(args.runs):
+        t = time.perf_counter()
+        describe(bundle, images[i % len(images)])
+        latencies.append((time.perf_counter() - t) * 1000)
+    t = time.perf_counter()
+    batches = 4
+    for _ in range(batches):
+        describe_batch(bundle, images)
+    throughput = batches * len(images) / (time.perf_counter() - t)
+    report = {"model_id": bundle.model_id, "threads": args.threads, "import_seconds": round(IMPORT_SECONDS, 2),
+              "model_load_seconds": round(load_seconds, 3),
+              "describe_ms_median": round(statistics.median(latencies), 1),
+              "describe_ms_p95": round(sorted(latencies)[int(0.95 * len(latencies)) - 1], 1),
+              "batch_images_per_second": round(throughput, 1),
+              "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

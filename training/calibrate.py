@@ -1,0 +1,127 @@
+"""Fit calibration and abstention thresholds on val and store them in the model sidecar.
+
+    python -m training.calibrate --checkpoint PATH --train DIR... --val DIR...
+
+* class centroids of the training images in embedding space (out-of-scope score);
+* per panel: a temperature (NLL on val) and the lowest confidence whose answered cases
+  reach --target-accuracy while answering at least --min-coverage;
+* per panel, an out-of-scope threshold: the distance to the panel's nearest class centroid
+  below which --ood-coverage of the panel's val images fall.
+Honesty: val is split in two seeded halves; everything is fitted on one half and the
+numbers stored under "calibration.report" are measured on the other half.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from core.checkpoint import load_bundle, save_bundle
+from core.data import scan_class_folders
+from core.panels import panel_for_classes
+from core.reliability import (confidence_threshold_for_accuracy, expected_calibration_error,
+                              fit_temperature)
+from training.dataset import decode_images
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--train", nargs="+", required=True, help="training folders (for class centroids)")
+    p.add_argument("--val", nargs="+", required=True, help="validation folders (one panel each)")
+    p.add_argument("--target-accuracy", type=float, default=0.99)
+    p.add_argument("--min-coverage", type=float, default=0.90)
+    p.add_argument("--ood-coverage", type=float, default=0.99, help="share of val images accepted as in scope")
+    p.add_argument("--per-class", type=int, default=400, help="training images per class for centroids")
+    p.add_argument("--cache-dir", default="runs/cache")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+@torch.no_grad()
+def embed_items(bundle, items, cache_dir) -> torch.Tensor:
+    images = decode_images(items, bundle.model.config.image_size, Path(cache_dir))
+    chunks = [bundle.model.encode_image(images[i:i + 256].float() / 255) for i in range(0, len(images), 256)]
+    return torch.cat(chunks)
+
+
+def class_centroids(bundle, folders, per_class, cache_dir, seed) -> dict[str, torch.Tensor]:
+    """Mean training-image embedding per class (a seeded sample of `per_class` images)."""
+    items = [i for f in folders for i in scan_class_folders(f)]
+    generator = torch.Generator().manual_seed(seed)
+    sample = []
+    for label in sorted({i.label for i in items}):
+        group = [i for i in items if i.label == label]
+        picks = torch.randperm(len(group), generator=generator)[:per_class]
+        sample.extend(group[int(k)] for k in picks)
+    embeddings = embed_items(bundle, sample, cache_dir)
+    labels = [i.label for i in sample]
+    return {label: F.normalize(embeddings[[j for j, x in enumerate(labels) if x == label]].mean(0), dim=-1)
+            for label in sorted(set(labels))}
+
+
+def panel_scores(bundle, embeddings, panel) -> torch.Tensor:
+    """Out-of-scope score of each embedding for `panel` (see core.reliability)."""
+    keys = [k for k in bundle.panels[panel].keys if k in bundle.centroids]
+    centroids = torch.stack([bundle.centroids[k] for k in keys])
+    return 1 - (embeddings @ centroids.t()).max(dim=-1).values
+
+
+def calibrate_panel(bundle, embeddings, labels, panel, fit, held_out, args) -> dict:
+    """Temperature, out-of-scope and confidence thresholds fitted on the `fit` rows and
+    measured on the `held_out` rows."""
+    keys = bundle.panels[panel].keys
+    target = torch.tensor([keys.index(label) for label in labels])
+    logits = embeddings @ bundle.prototypes[panel].t() * float(bundle.model.scale().detach())
+    temperature = fit_temperature(logits[fit], target[fit])
+    probs = torch.softmax(logits / temperature, dim=-1)
+    confidence, predicted = probs.max(dim=-1)
+    correct = predicted == target
+    scores = panel_scores(bundle, embeddings, panel)
+    ood_threshold = float(torch.quantile(scores[fit], args.ood_coverage))
+    in_scope = scores <= ood_threshold
+    fit_in = fit[in_scope[fit]]
+    # the confidence threshold must keep min_coverage of *all* images, after the out-of-scope cut
+    needed = min(1.0, args.min_coverage * len(fit) / max(1, len(fit_in)))
+    threshold = confidence_threshold_for_accuracy(confidence[fit_in], correct[fit_in], args.target_accuracy, needed)
+    raw_conf = torch.softmax(logits, dim=-1).max(dim=-1).values
+    answered = in_scope[held_out] & (confidence[held_out] >= threshold)
+    return {"temperature": round(temperature, 4), "min_confidence": round(threshold, 4),
+            "out_of_scope_threshold": round(ood_threshold, 4),
+            "report": {"n_held_out": int(len(held_out)),
+                       "ece_before": round(expected_calibration_error(raw_conf[held_out], correct[held_out]), 4),
+                       "ece_after": round(expected_calibration_error(confidence[held_out], correct[held_out]), 4),
+                       "accuracy": round(float(correct[held_out].float().mean()), 4),
+                       "coverage": round(float(answered.float().mean()), 4),
+                       "accuracy_answered": round(float(correct[held_out][answered].float().mean()), 4)}}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.set_grad_enabled(False)
+    bundle = load_bundle(args.checkpoint)
+    bundle.centroids = class_centroids(bundle, args.train, args.per_class, args.cache_dir, args.seed)
+    calibration = {"panels": {}, "method": __doc__.split("\n\n")[1].strip(),
+                   "target_accuracy": args.target_accuracy, "min_coverage": args.min_coverage}
+    for folder in args.val:
+        items = scan_class_folders(folder)
+        panel = panel_for_classes(bundle.panels, {i.label for i in items})
+        embeddings = embed_items(bundle, items, args.cache_dir)
+        order = torch.randperm(len(items), generator=torch.Generator().manual_seed(args.seed))
+        fit, held_out = order[: len(order) // 2], order[len(order) // 2:]
+        result = calibrate_panel(bundle, embeddings, [i.label for i in items], panel, fit, held_out, args)
+        calibration["panels"][panel] = result
+        print(panel, json.dumps(result), flush=True)
+    calibration["out_of_scope"] = {"score": "cosine distance to the nearest training centroid of the panel's classes",
+                                   "coverage_on_val": args.ood_coverage}
+    bundle.sidecar["calibration"] = calibration
+    save_bundle(bundle, args.checkpoint)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""Evaluate a model on a folder of class folders (a contract other tools rely on).
+
+    python -m training.evaluate --checkpoint PATH --data DIR [--panel NAME] [--json OUT]
+                                [--attributes CSV]
+
+DIR holds one subfolder per class, named by class key. Without --panel, the panel whose
+class keys contain the folder names is used. Folders that are not classes of the panel are
+*unknown* cells: `unknown.flagged_rate` is the share of them the model did not describe as
+a known class (it abstained), by the same rule the app uses.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from core.checkpoint import ModelLoadError, load_bundle
+from core.data import scan_class_folders
+from core.describe import describe_batch
+from core.imageio import ImageRejected, load_image_path
+from core.panels import panel_for_classes
+from training.attribute_eval import evaluate_attributes
+from training.metrics import classification_summary
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="model weights (.safetensors, sidecar beside it)")
+    p.add_argument("--data", required=True, help="folder with one subfolder per class")
+    p.add_argument("--panel", default=None, help="panel name (default: inferred from the folder names)")
+    p.add_argument("--json", default=None, help="write the metrics as JSON here")
+    p.add_argument("--attributes", default=None, help="WBCAtt CSV (path column relative to --data)")
+    p.add_argument("--batch-size", type=int, default=64)
+    return p.parse_args(argv)
+
+
+def describe_folder(bundle, items, panel: str, batch_size: int):
+    """(described items, descriptions, refused (file, message) pairs), batch by batch."""
+    described, results, refused = [], [], []
+    for start in range(0, len(items), batch_size):
+        batch, images = [], []
+        for item in items[start:start + batch_size]:
+            try:
+                images.append(load_image_path(item.path).image)
+                batch.append(item)
+            except ImageRejected as error:
+                refused.append((str(item.path), str(error)))
+        results.extend(describe_batch(bundle, images, panel))
+        described.extend(batch)
+    return described, results, refused
+
+
+def evaluate(bundle, data_dir: str, panel: str | None, batch_size: int = 64) -> dict:
+    """All metrics of the evaluation contract for one folder tree."""
+    started = time.time()
+    items = scan_class_folders(data_dir)
+    folders = {item.label for item in items}
+    panel = panel or panel_for_classes(bundle.panels, folders)
+    if panel is None:
+        raise ValueError(f"No panel of this model holds any of the classes {sorted(folders)}; pass --panel")
+    classes = bundle.panels[panel].keys
+    described, results, refused = describe_folder(bundle, items, panel, batch_size)
+    known = [(i, r) for i, r in zip(described, results) if i.label in classes]
+    unknown = [r for i, r in zip(described, results) if i.label not in classes]
+    metrics = {"panel": panel, "data": str(data_dir),
+               **classification_summary([i.label for i, _ in known], [r.best_class for _, r in known],
+                                        [r.confidence for _, r in known], [r.abstained for _, r in known], classes),
+               "unknown": {"n": len(unknown), "folders": sorted(folders - set(classes)),
+                           "flagged_rate": round(sum(r.abstained for r in unknown) / len(unknown), 4) if unknown else None},
+               "refused": [{"file": f, "error": e} for f, e in refused],
+               "model_id": bundle.model_id}
+    metrics["seconds"] = round(time.time() - started, 2)
+    return metrics
+
+
+def print_table(metrics: dict) -> None:
+    """Readable summary on stdout."""
+    print(f"panel {metrics['panel']}  n={metrics['n']}  accuracy={metrics['accuracy']}  macro-F1={metrics['macro_f1']}  "
+          f"ECE={metrics['ece']}  abstain={metrics['abstain_rate']}  accuracy(answered)={metrics['accuracy_answered']}")
+    print(f"{'class':<14}{'precision':>10}{'recall':>8}{'f1':>8}{'support':>9}")
+    for key, row in metrics["per_class"].items():
+        print(f"{key:<14}{row['precision']:>10.3f}{row['recall']:>8.3f}{row['f1']:>8.3f}{row['support']:>9d}")
+    unknown = metrics["unknown"]
+    if unknown["n"]:
+        print(f"unknown cells: n={unknown['n']} ({', '.join(unknown['folders'])}) flagged_rate={unknown['flagged_rate']}")
+    if metrics["refused"]:
+        print(f"refused files: {len(metrics['refused'])} (see JSON)")
+    if "attributes" in metrics:
+        a = metrics["attributes"]
+        print(f"attributes: n={a['n']} mean accuracy={a['mean_accuracy']} mean macro-F1={a['mean_macro_f1']}")
+    print(f"seconds {metrics['seconds']}")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.set_grad_enabled(False)
+    try:
+        bundle = load_bundle(args.checkpoint)
+        if args.panel and args.panel not in bundle.panels:
+            raise ValueError(f"Unknown panel {args.panel!r}; this model knows {sorted(bundle.panels)}")
+        metrics = evaluate(bundle, args.data, args.panel, args.batch_size)
+        if args.attributes:
+            metrics["attributes"] = evaluate_attributes(bundle, args.attributes, args.data, args.batch_size)
+    except (ModelLoadError, ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print_table(metrics)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(metrics, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""The Describe page's result views: the batch table, the case picker and one open case
+(sentence or Uncertain state, scores chart, Grad-CAM overlay with an opacity slider)."""
+from __future__ import annotations
+
+import pandas as pd
+import streamlit as st
+
+from core.checkpoint import ModelBundle
+from core.explain import overlay
+from core.panels import Panel
+from core.preprocess import square_resize
+from ui.cases import Case, cached_heatmap
+from ui.widgets import md_escape, score_chart
+
+
+def doubtful_first(cases: list[Case]) -> list[Case]:
+    """Described cases, abstentions first, then by confidence ascending."""
+    described = [c for c in cases if c.description is not None]
+    return sorted(described, key=lambda c: (not c.description.abstained, c.description.confidence))
+
+
+def results_table(cases: list[Case]) -> None:
+    """One row per described image: file, class, sentence, confidence, abstained."""
+    frame = pd.DataFrame([{
+        "file": c.file_name, "class": c.description.class_key or "(uncertain)", "sentence": c.label,
+        "confidence": round(c.description.confidence, 4), "abstained": c.description.abstained,
+    } for c in cases])
+    st.dataframe(frame, hide_index=True, key="describe_results", column_config={
+        "confidence": st.column_config.ProgressColumn("confidence", format="%.2f", min_value=0.0, max_value=1.0),
+        "sentence": st.column_config.TextColumn("sentence", width="large")})
+
+
+def pick_case(cases: list[Case]) -> Case:
+    """Select box to open one case (the most doubtful first)."""
+    def label(i: int) -> str:
+        c = cases[i]
+        d = c.description
+        return f"{i + 1}. {c.file_name} - {d.class_key or 'Uncertain'} ({d.confidence:.0%})"
+
+    index = st.selectbox("Open a case", list(range(len(cases))), format_func=label, key="describe_open_case")
+    return cases[index if index is not None else 0]
+
+
+def _confidence_label(bundle: ModelBundle) -> str:
+    return "Calibrated confidence" if bundle.sidecar.get("calibration") else "Confidence (model not calibrated)"
+
+
+def render_summary(bundle: ModelBundle, panel: Panel, case: Case) -> None:
+    """Image, sentence (or the Uncertain state and its reason), confidence and notes."""
+    d = case.description
+    st.subheader("Case")
+    st.text(case.file_name)
+    left, right = st.columns([1, 2])
+    left.image(case.loaded.image, width=260)
+    with right:
+        if d.abstained:
+            st.warning("**Uncertain**: the model gives no sentence for this image.  \nReason: "
+                       + md_escape(d.abstain_reason or "not stated"))
+            st.caption("Closest sentence, not asserted: " + md_escape(panel.cell_class(d.best_class).name))
+        else:
+            st.success(md_escape(d.sentence))
+        st.metric(_confidence_label(bundle), f"{d.confidence:.0%}")
+        if not d.panel_validated:
+            st.caption("This panel is not validated: the sentence and the scores are not evidence of anything.")
+        for note in case.loaded.notes:
+            st.caption("Note: " + md_escape(note))
+        if case.store_error:
+            st.warning(case.store_error)
+        timings = ", ".join(f"{k} {v:.0f} ms" for k, v in case.timings_ms.items())
+        st.caption(f"Model {md_escape(d.model_id)}; {timings}")
+    st.plotly_chart(score_chart(d, panel, bool(bundle.sidecar.get("calibration"))), key="describe_scores")
+
+
+def render_explanation(bundle: ModelBundle, panel: Panel, case: Case, heatmaps: dict) -> None:
+    """Grad-CAM overlay for a chosen sentence of the panel; the opacity slider only
+    re-blends the cached heatmap."""
+    d = case.description
+    st.subheader("Where the image supports a sentence (Grad-CAM)")
+    keys = panel.keys
+    default = keys.index(d.class_key or d.best_class)
+    # One radio per (panel, image): its choice must not carry over to another case.
+    class_key = st.radio("Sentence to explain", keys, index=default,
+                         key=f"describe_explain_{panel.name}_{case.sha256[:16]}",
+                         format_func=lambda k: panel.cell_class(k).sentence)
+    opacity = st.slider("Heatmap opacity", 0.0, 1.0, 0.5, 0.05, key="describe_opacity")
+    with st.spinner("Computing Grad-CAM..."):
+        heatmap = cached_heatmap(bundle, case, panel.name, class_key, heatmaps)
+    left, right = st.columns(2)
+    left.image(square_resize(case.loaded.image, 256), caption="Model input (centre crop)")
+    right.image(overlay(case.loaded.image, heatmap, opacity), caption="Grad-CAM overlay")
+    st.caption("Warm colours mark regions that raise the similarity with this sentence. Grad-CAM is an aid "
+               "to inspection, not proof of what the model reasoned.")

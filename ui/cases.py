@@ -1,0 +1,153 @@
+"""From uploaded bytes to described, recorded cases.
+
+A *case* is one distinct image (by content hash) described against one panel by one model.
+Cases live in a per-session dict so that Streamlit reruns (a slider move, a feedback click)
+never describe or record the same image twice; the dict only keeps the current inputs.
+"""
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import streamlit as st
+from sqlalchemy.exc import SQLAlchemyError
+
+from core.checkpoint import ModelBundle
+from core.describe import Description, describe_batch
+from core.explain import class_heatmap
+from core.imageio import ImageRejected, LoadedImage, load_image_bytes
+from core.settings import Settings
+from core.store import store_error_message
+from ui.recording import record_prediction
+from ui.resources import Store
+from ui.widgets import md_escape
+
+UPLOAD_TYPES = ["jpg", "jpeg", "png", "tif", "tiff", "bmp", "gif", "webp"]
+SAMPLE_EXCLUDE = frozenset({"gan_grid.png"})  # synthetic montage for the model card, not a case
+BATCH = 16  # images per forward pass: bounded memory, and the progress bar moves
+HEATMAP_CACHE_MAX = 64  # (128 px float maps: small; bounded so a long session cannot grow)
+
+
+@dataclass(frozen=True)
+class Input:
+    name: str  # file name as given by the browser or the sample folder (display only)
+    data: bytes  # raw bytes, exactly as uploaded
+
+
+@dataclass
+class Case:
+    sha256: str  # of the raw bytes
+    file_name: str  # sanitised name (display only)
+    loaded: LoadedImage | None = None  # None when refused
+    error: str | None = None  # why the file was refused
+    description: Description | None = None
+    image_id: int | None = None  # store ids; None when not recorded
+    prediction_id: int | None = None
+    store_error: str | None = None  # why recording failed, if it did
+    timings_ms: dict[str, float] = field(default_factory=dict)  # load / describe / store
+
+    @property
+    def label(self) -> str:
+        """Sentence or 'Uncertain' for tables."""
+        d = self.description
+        return "Uncertain" if d is None or d.abstained else (d.sentence or "")
+
+
+def list_samples(folder: Path) -> list[Path]:
+    """Image files of the sample folder, sorted by name ([] when missing or empty)."""
+    try:
+        files = [p for p in Path(folder).iterdir()
+                 if p.is_file() and p.suffix.lower().lstrip(".") in UPLOAD_TYPES and p.name not in SAMPLE_EXCLUDE]
+    except OSError:
+        return []
+    return sorted(files, key=lambda p: p.name.lower())
+
+
+def pick_inputs(current: Settings) -> list[Input]:
+    """Source radio, then the uploader or the sample picker; returns the chosen images."""
+    source = st.radio("Images", ["upload", "samples"], horizontal=True, key="describe_source",
+                      format_func={"upload": "Upload images", "samples": "Sample images"}.get)
+    if source == "upload":
+        files = st.file_uploader("Upload one or several cell images", type=UPLOAD_TYPES,
+                                 accept_multiple_files=True, key="describe_upload")
+        return [Input(f.name, f.getvalue()) for f in files or []]
+    samples = {p.name: p for p in list_samples(current.samples_dir)}
+    if not samples:
+        st.info(f"No sample images were found in {md_escape(current.samples_dir)}. Upload images instead.")
+        return []
+    name = st.selectbox("Sample image", list(samples), index=None, placeholder="Choose a sample",
+                        key="describe_sample")
+    if name is None:
+        return []
+    try:
+        return [Input(name, samples[name].read_bytes())]
+    except OSError as error:
+        st.error(f"The sample {md_escape(name)} cannot be read ({md_escape(error.strerror or error)}).")
+        return []
+
+
+def describe_inputs(bundle: ModelBundle, inputs: list[Input], panel: str, store: Store,
+                    upload_dir: Path, cache: dict,
+                    progress: Callable[[float], None] | None = None) -> list[Case]:
+    """One Case per distinct input (input order); new ones are loaded, described in
+    batches and recorded (image copy + prediction, one transaction each). `cache` is the
+    session's dict of cases; entries not among `inputs` are dropped."""
+    keyed: dict[tuple, Input] = {}
+    for item in inputs:
+        keyed.setdefault((hashlib.sha256(item.data).hexdigest(), panel, bundle.weights_sha256), item)
+    new = [key for key in keyed if key not in cache]
+    fresh = [_load(key[0], keyed[key]) for key in new]
+    cache.update(zip(new, fresh))
+    todo = [case for case in fresh if case.loaded is not None]
+    for start in range(0, len(todo), BATCH):
+        chunk = todo[start:start + BATCH]
+        t0 = time.perf_counter()
+        results = describe_batch(bundle, [case.loaded.image for case in chunk], panel)
+        per_image = (time.perf_counter() - t0) * 1000 / len(chunk)
+        for case, result in zip(chunk, results):
+            case.description = result
+            case.timings_ms["describe"] = per_image
+            if store.available:
+                _record(store, upload_dir, keyed[(case.sha256, panel, bundle.weights_sha256)].data, case)
+        if progress is not None:
+            progress(min(1.0, (start + len(chunk)) / len(todo)))
+    for stale in [key for key in cache if key not in keyed]:
+        del cache[stale]
+    return [cache[key] for key in keyed]
+
+
+def _load(sha256: str, item: Input) -> Case:
+    t0 = time.perf_counter()
+    try:
+        loaded = load_image_bytes(item.data, item.name)
+    except ImageRejected as error:
+        return Case(sha256, item.name, error=str(error))
+    return Case(sha256, loaded.file_name, loaded, timings_ms={"load": (time.perf_counter() - t0) * 1000})
+
+
+def _record(store: Store, upload_dir: Path, data: bytes, case: Case) -> None:
+    t0 = time.perf_counter()
+    try:
+        case.image_id, case.prediction_id = record_prediction(store.sessionmaker, upload_dir, data, case.loaded,
+                                                               case.description)
+    except SQLAlchemyError as error:
+        case.store_error = store_error_message(error, "the configured database")
+    except OSError as error:
+        case.store_error = (f"The image copy could not be saved in the upload folder ({error.strerror or error}); "
+                            "this case is described but not recorded, so feedback cannot be attached.")
+    case.timings_ms["store"] = (time.perf_counter() - t0) * 1000
+
+
+def cached_heatmap(bundle: ModelBundle, case: Case, panel: str, class_key: str, cache: dict) -> np.ndarray:
+    """Grad-CAM map for (image, panel, class), computed once per session and model: moving
+    the opacity slider or switching back to a sentence never recomputes it."""
+    key = (case.sha256, panel, class_key, bundle.weights_sha256)
+    if key not in cache:
+        cache[key] = class_heatmap(bundle, case.loaded.image, panel, class_key)
+        while len(cache) > HEATMAP_CACHE_MAX:
+            cache.pop(next(iter(cache)))
+    return cache[key]

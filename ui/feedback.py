@@ -1,0 +1,85 @@
+"""Expert feedback on one described case: Agree / Disagree / Unsure, each click one
+transaction appending one feedback row; then who verified it and the image's history."""
+from __future__ import annotations
+
+import streamlit as st
+from sqlalchemy.exc import SQLAlchemyError
+
+from core.panels import Panel
+from core.store import PredictionRecord, add_feedback, image_history, latest_verification, store_error_message
+from ui.cases import Case
+from ui.resources import Store
+from ui.widgets import history_frame, md_escape, verification_text
+
+VERDICT_BUTTONS = (("agree", "Agree"), ("disagree", "Disagree"), ("unsure", "Unsure"))
+
+
+def save_feedback(store: Store, prediction_id: int, verdict: str, reviewer: str, *,
+                  corrected_class: str | None = None, corrected_sentence: str | None = None,
+                  comment: str | None = None) -> int:
+    """Append one feedback row in its own transaction; returns its id.
+    Raises ValueError (invalid input, message readable) or SQLAlchemyError."""
+    with store.sessionmaker.begin() as s:
+        prediction = s.get(PredictionRecord, prediction_id)
+        if prediction is None:
+            raise ValueError("this prediction is no longer in the database")
+        return add_feedback(s, prediction, verdict=verdict, reviewer=reviewer, corrected_class=corrected_class,
+                            corrected_sentence=corrected_sentence, comment=comment).id
+
+
+def _form(panel: Panel, case: Case, reviewer: str) -> tuple[str | None, dict]:
+    """The feedback form; returns (clicked verdict or None, its fields)."""
+    with st.form(f"describe_feedback_{case.prediction_id}", clear_on_submit=True, border=True):
+        st.caption("If you disagree, say what the cell is (a class of the panel, or your own sentence).")
+        corrected = st.selectbox("Correct class (for Disagree)", panel.keys, index=None, placeholder="-",
+                                 format_func=lambda k: panel.cell_class(k).name, key="describe_fb_class")
+        sentence = st.text_input("Or a corrected sentence (for Disagree)", key="describe_fb_sentence", max_chars=1000)
+        comment = st.text_area("Comment (optional)", key="describe_fb_comment", max_chars=5000, height=80)
+        clicked = None
+        for column, (verdict, label) in zip(st.columns(len(VERDICT_BUTTONS)), VERDICT_BUTTONS):
+            if column.form_submit_button(label, key=f"describe_fb_{verdict}", disabled=not reviewer,
+                                         type="primary" if verdict == "agree" else "secondary"):
+                clicked = verdict
+    return clicked, {"corrected_class": corrected, "corrected_sentence": sentence, "comment": comment}
+
+
+def render_feedback(store: Store, panel: Panel, case: Case, reviewer: str) -> None:
+    """Feedback buttons (when the case is recorded and a reviewer is named), then the
+    verification line and the image's history."""
+    st.subheader("Expert feedback")
+    if not store.available:
+        st.info("Feedback cannot be saved: the feedback database is unavailable.")
+        return
+    if case.prediction_id is None:
+        st.info("This case was not recorded, so feedback cannot be attached to it.")
+        return
+    if not reviewer:
+        st.info("Enter your name in the sidebar (Reviewer name) to record feedback.")
+    verdict, fields = _form(panel, case, reviewer)
+    if verdict is not None:
+        try:
+            save_feedback(store, case.prediction_id, verdict, reviewer, **fields)
+            st.success(f"Saved: {verdict} by {md_escape(reviewer)}.")
+        except ValueError as error:
+            st.error(f"Not saved: {md_escape(error)}.")
+        except SQLAlchemyError as error:
+            st.error(store_error_message(error, "the configured database"))
+    render_history(store, case.sha256, case.image_id)
+
+
+def render_history(store: Store, sha256: str, image_id: int | None) -> None:
+    """'Verified by X at T' (latest agree/disagree) and the history table in an expander."""
+    try:
+        with store.sessionmaker() as s:
+            verification = latest_verification(s, image_id) if image_id is not None else None
+            events = image_history(s, sha256)
+    except SQLAlchemyError as error:
+        st.warning(store_error_message(error, "the configured database"))
+        return
+    text = verification_text(verification)
+    if text:
+        st.success(text)
+    else:
+        st.caption("Not verified by an expert yet.")
+    with st.expander(f"History of this image ({len(events)} events)"):
+        st.dataframe(history_frame(events), hide_index=True)

@@ -1,0 +1,83 @@
+"""Model card content: what the sidecar says, the data sets and their licences, the
+intended use. Static facts live here as data so the page only lays them out."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from core.checkpoint import ModelBundle
+from core.settings import PROJECT_ROOT
+
+DATASETS = [
+    {"data set": "PBC (normal peripheral blood cells, 8 types)", "licence": "CC BY 4.0",
+     "role": "training, validation, test",
+     "source": "Acevedo et al. 2020, Data in Brief; Hospital Clinic of Barcelona"},
+    {"data set": "WBCAtt (white-cell morphology attributes)", "licence": "MIT",
+     "role": "morphology attribute phrases", "source": "Tsutsui et al. 2023, NeurIPS Datasets and Benchmarks"},
+    {"data set": "B-ALL (acute lymphoblastic leukaemia subtypes)", "licence": "research use",
+     "role": "training, validation, test", "source": "Ghaderzadeh, Aria et al. 2022; Taleqani Hospital, Tehran"},
+    {"data set": "BCCD (blood cell count and detection)", "licence": "MIT",
+     "role": "checking only (another site); never trained on", "source": "BCCD dataset (Shenggan)"},
+]
+
+INTENDED_USE = (
+    "HemaScribe is a **teaching and review aid** for peripheral blood-cell morphology. It suggests a "
+    "sentence from a fixed, expert-written bank for an image of a single cell, shows how sure it is, says "
+    "*Uncertain* when it should not answer, and records expert feedback.")
+LIMITS = [
+    "It is **not a diagnostic device** and has no regulatory clearance; never use it to decide on a patient's care.",
+    "It describes one cell per image, chosen from the sentences of a panel; it cannot say anything outside them.",
+    "It was trained on images from few hospitals: other stains, scanners and zooms lower its accuracy "
+    "(measured on BCCD, an image set from another site).",
+    "Panels marked *not validated* were never trained or tested on images of their classes.",
+    "Grad-CAM overlays show where the image raised a sentence's score; they are not proof of reasoning.",
+]
+
+RELIABILITY_DIAGRAMS = [PROJECT_ROOT / "docs" / "reliability_diagram.png",
+                        PROJECT_ROOT / "assets" / "model" / "reliability_diagram.png"]
+
+
+def first_existing(paths: list[Path]) -> Path | None:
+    """The first path that is a file, or None."""
+    return next((p for p in paths if p.is_file()), None)
+
+
+def gan_grid_paths(samples_dir: Path) -> list[Path]:
+    """Where a synthetic (GAN) sample grid may lie: the configured and the shipped sample folder."""
+    return [Path(samples_dir) / "gan_grid.png", PROJECT_ROOT / "assets" / "samples" / "gan_grid.png"]
+
+
+def panels_frame(bundle: ModelBundle) -> pd.DataFrame:
+    """One row per panel: title, validated yes/no, classes, warning, source."""
+    return pd.DataFrame([{
+        "panel": p.name, "validated": "yes" if p.validated else "no", "warning": p.warning, "title": p.title,
+        "classes": ", ".join(c.name for c in p.classes), "source": p.source,
+    } for p in bundle.panels.values()])
+
+
+def training_info(bundle: ModelBundle) -> dict:
+    """The sidecar's training block ({} when absent)."""
+    training = bundle.sidecar.get("training")
+    return training if isinstance(training, dict) else {}
+
+
+def data_counts_frame(bundle: ModelBundle) -> pd.DataFrame | None:
+    """Training images per class, or None when the sidecar does not say."""
+    counts = training_info(bundle).get("data_counts") or bundle.sidecar.get("data_counts")
+    if not counts:
+        return None
+    frame = pd.DataFrame(sorted(counts.items()), columns=["class", "training images"])
+    return pd.concat([frame, pd.DataFrame([{"class": "total", "training images": frame["training images"].sum()}])])
+
+
+def flat_metrics(metrics: dict, prefix: str = "") -> pd.DataFrame:
+    """Nested metrics dict -> two columns (metric, value), nested keys joined by '.'."""
+    rows = []
+    for key, value in metrics.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            rows.extend(flat_metrics(value, name + ".").to_dict("records"))
+        else:
+            rows.append({"metric": name, "value": str(round(value, 4) if isinstance(value, float) else value)})
+    return pd.DataFrame(rows, columns=["metric", "value"])

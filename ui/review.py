@@ -1,0 +1,93 @@
+"""Feedback review helpers: filters over the feedback table and re-opening a stored case."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import streamlit as st
+from sqlalchemy import select
+from sqlalchemy.exc import SQLAlchemyError
+
+from core.imageio import ImageRejected, LoadedImage, load_image_bytes
+from core.store import VERDICTS, ImageRecord, feedback_table, store_error_message
+from ui.feedback import render_history
+from ui.resources import Store
+from ui.widgets import md_escape, when
+
+TABLE_COLUMNS = ["feedback_id", "created_at", "reviewer", "verdict", "model_class", "expert_class",
+                 "confidence", "panel", "abstained", "sentence", "corrected_sentence", "comment",
+                 "original_name", "model_id", "prediction_id", "image_id"]
+
+
+def load_rows(store: Store) -> list[dict] | None:
+    """Filter widgets (reviewer, verdict, panel, class) and the matching feedback rows;
+    None (after a warning) when the database cannot be read."""
+    try:
+        with store.sessionmaker() as s:
+            everything = feedback_table(s)
+            columns = st.columns(4)
+            chosen = {
+                "reviewer": _filter(columns[0], "Reviewer", {r["reviewer"] for r in everything}, "review_reviewer"),
+                "verdict": _filter(columns[1], "Verdict", set(VERDICTS), "review_verdict"),
+                "panel": _filter(columns[2], "Panel", {r["panel"] for r in everything}, "review_panel"),
+                "class_key": _filter(columns[3], "Model class",
+                                     {r["model_class"] for r in everything if r["model_class"]}, "review_class"),
+            }
+            return feedback_table(s, **chosen)
+    except SQLAlchemyError as error:
+        st.warning(store_error_message(error, "the configured database"))
+        return None
+
+
+def _filter(column, label: str, values: set[str], key: str) -> str | None:
+    return column.selectbox(label, sorted(values), index=None, placeholder="All", key=key)
+
+
+def rows_frame(rows: list[dict]) -> pd.DataFrame:
+    """feedback_table rows as a display table (times as text, fixed column order)."""
+    frame = pd.DataFrame(rows, columns=TABLE_COLUMNS)
+    frame["created_at"] = [when(v) for v in frame["created_at"]]
+    return frame
+
+
+def stored_image(store: Store, upload_dir: Path, sha256: str) -> LoadedImage | str:
+    """The stored copy of an image, decoded safely; or a sentence saying why not."""
+    with store.sessionmaker() as s:
+        record = s.scalar(select(ImageRecord).where(ImageRecord.sha256 == sha256))
+    if record is None:
+        return "This image is not in the database."
+    root = Path(upload_dir).resolve()
+    path = (root / record.stored_path).resolve()
+    if not path.is_relative_to(root):  # stored paths come from hashes; never follow anything else
+        return "The stored path of this image is outside the upload folder; not shown."
+    try:
+        return load_image_bytes(path.read_bytes(), path.name)
+    except OSError:
+        return f"The stored copy {md_escape(record.stored_path)} is missing from the upload folder."
+    except ImageRejected as error:
+        return f"The stored copy cannot be shown: {md_escape(error)}"
+
+
+def reopen_case(store: Store, upload_dir: Path, rows: list[dict]) -> None:
+    """Pick a feedback row; show its stored image, what the model said and the history."""
+    def label(i: int) -> str:
+        r = rows[i]
+        return f"#{r['feedback_id']} {r['original_name']} - {r['verdict']} by {r['reviewer']} ({when(r['created_at'])})"
+
+    index = st.selectbox("Re-open a case", list(range(len(rows))), index=None, format_func=label,
+                         placeholder="Choose a feedback row", key="review_open")
+    if index is None:
+        return
+    row = rows[index]
+    image = stored_image(store, upload_dir, row["sha256"])
+    left, right = st.columns([1, 2])
+    if isinstance(image, str):
+        left.warning(image)
+    else:
+        left.image(image.image, width=260)
+    with right:
+        st.text(row["original_name"])
+        st.markdown("Model said: " + md_escape(row["sentence"]))
+        st.caption(f"Model {md_escape(row['model_id'])}, panel {md_escape(row['panel'])}, "
+                   f"confidence {row['confidence']:.0%}")
+    render_history(store, row["sha256"], row["image_id"])

@@ -1,0 +1,114 @@
+"""Reusable display pieces: plain-text safety, charts, history tables, panel choice.
+
+User-supplied strings (file names, reviewer names, comments) are never rendered as HTML and
+never as live Markdown: they go through `md_escape` or into `st.text` / `st.dataframe`.
+"""
+from __future__ import annotations
+
+import string
+from datetime import datetime
+
+import pandas as pd
+import plotly.graph_objects as go
+import streamlit as st
+
+from core.checkpoint import ModelBundle
+from core.describe import Description, default_panel
+from core.panels import Panel
+
+_MD_SPECIAL = frozenset(string.punctuation)
+DISCLAIMER = ("A teaching and review aid for blood-cell morphology, not a diagnostic device. "
+              "Every sentence must be checked by a qualified person.")
+
+
+def md_escape(text: object) -> str:
+    """`text` with every ASCII punctuation character backslash-escaped, so Markdown
+    elements (st.success, st.caption ...) show it literally: no links, images, emphasis,
+    colour directives or HTML. Newlines become spaces."""
+    out = []
+    for char in " ".join(str(text).split()):
+        out.append("\\" + char if char in _MD_SPECIAL else char)
+    return "".join(out)
+
+
+def when(value: datetime | None) -> str:
+    """A UTC timestamp as 'YYYY-MM-DD HH:MM UTC' ('' for None)."""
+    return value.strftime("%Y-%m-%d %H:%M UTC") if value else ""
+
+
+def model_sidebar(bundle: ModelBundle) -> None:
+    """Model identity in the sidebar, so every screenshot says which model spoke."""
+    st.sidebar.caption(f"Model: {md_escape(bundle.model_id)}")
+    st.sidebar.caption(f"Weights sha256: {bundle.weights_sha256[:12]}")
+    st.sidebar.caption(DISCLAIMER)
+
+
+def panel_select(bundle: ModelBundle, key: str) -> Panel:
+    """Select box of the model's panels (default: first validated); warns when the chosen
+    panel is not validated."""
+    names = list(bundle.panels)
+    default = names.index(default_panel(bundle))
+    name = st.selectbox("Panel of sentences", names, index=default, key=key,
+                        format_func=lambda n: bundle.panels[n].title,
+                        help="The set of sentences the image is compared with.")
+    panel = bundle.panels[name]
+    if not panel.validated:
+        st.warning(panel.warning or "This panel is not validated: its scores are not evidence of anything.")
+    return panel
+
+
+def score_chart(description: Description, panel: Panel, calibrated: bool = True) -> go.Figure:
+    """Horizontal bars: probability of every sentence of the panel (the sentence itself in
+    the hover), the described class highlighted; the axis says whether it is calibrated."""
+    keys = sorted(panel.keys, key=lambda k: description.scores.get(k, 0.0))
+    chosen = description.class_key or description.best_class
+    names = [panel.cell_class(k).name for k in keys]
+    colours = ["#c0392b" if k == chosen else "#7f8c8d" for k in keys]
+    figure = go.Figure(go.Bar(
+        x=[description.scores.get(k, 0.0) for k in keys], y=names, orientation="h",
+        marker_color=colours, customdata=[panel.cell_class(k).sentence for k in keys],
+        hovertemplate="%{customdata}<br>probability %{x:.1%}<extra></extra>",
+        texttemplate="%{x:.0%}", textposition="outside"))
+    axis_title = "calibrated probability" if calibrated else "probability (model not calibrated)"
+    figure.update_layout(xaxis={"range": [0, 1.1], "tickformat": ".0%", "title": axis_title},
+                         height=max(220, 34 * len(keys) + 80), margin={"l": 10, "r": 10, "t": 30, "b": 10},
+                         title="Score of every sentence of the panel")
+    return figure
+
+
+def confusion_figure(labels: list[str], matrix: list[list[int]]) -> go.Figure:
+    """Expert (rows) versus model (columns) counts as an annotated heatmap."""
+    figure = go.Figure(go.Heatmap(z=matrix, x=labels, y=labels, colorscale="Blues", zmin=0, text=matrix,
+                                  texttemplate="%{text}", hovertemplate="expert %{y}<br>model %{x}<br>%{z} cases"
+                                  "<extra></extra>"))
+    figure.update_layout(xaxis_title="model class", yaxis_title="expert class", yaxis_autorange="reversed",
+                         height=max(300, 45 * len(labels) + 120), margin={"t": 30})
+    return figure
+
+
+def history_frame(events: list[dict]) -> pd.DataFrame:
+    """image_history events as a plain table (oldest first)."""
+    rows = []
+    for e in events:
+        if e["kind"] == "prediction":
+            rows.append({"when": when(e["created_at"]), "event": "model", "who": e["model_id"],
+                         "verdict": "", "class": e["class_key"] or "(uncertain)",
+                         "text": e["sentence"], "confidence": round(e["confidence"], 3),
+                         "panel": e["panel"]})
+        else:
+            rows.append({"when": when(e["created_at"]), "event": "expert", "who": e["reviewer"],
+                         "verdict": e["verdict"], "class": e["expert_class"] or "",
+                         "text": " / ".join(t for t in (e["corrected_sentence"], e["comment"]) if t),
+                         "confidence": None, "panel": ""})
+    return pd.DataFrame(rows, columns=["when", "event", "who", "verdict", "class", "text", "confidence", "panel"])
+
+
+def verification_text(verification: dict | None) -> str | None:
+    """'Verified by X at T: ...' for a latest_verification() result (Markdown-escaped)."""
+    if not verification:
+        return None
+    head = f"Verified by {md_escape(verification['reviewer'])} at {when(verification['created_at'])}"
+    if verification["verdict"] == "agree":
+        return f"{head}: agrees with the model."
+    expert = verification.get("expert_class")
+    return f"{head}: disagrees with the model" + (f"; expert class {md_escape(expert)}." if expert else ".")
