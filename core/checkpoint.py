@@ -123,3 +123,15 @@ def load_bundle(path: Path | str, text_model_override: str | None = None) -> Mod
     centroids = {k[len("centroid."):]: v for k, v in tensors.items() if k.startswith("centroid.")}
     return ModelBundle(model, sidecar, panels_from_dict(sidecar["panels"]), prototypes, attributes,
                        centroids, path)
+
+
+def update_sidecar(weights_path: Path | str, updates: dict) -> dict:
+    """Merge `updates` into the sidecar (atomically). The weights, and so their sha256,
+    are untouched: reports and metrics can be added after training."""
+    side = sidecar_path(weights_path)
+    data = _read_sidecar(Path(weights_path))
+    data.update(updates)
+    tmp = side.with_name(side.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, side)
+    return data

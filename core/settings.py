@@ -21,6 +21,7 @@ class Settings:
     upload_dir: Path  # stored copies of uploads, named by content hash
     samples_dir: Path  # redistributable sample images shown in the app
     gallery_dir: Path | None  # atlas gallery folder (optional)
+    gallery_cache_dir: Path  # gallery embeddings, one sub-folder per model and gallery
     max_upload_mb: float  # refuse larger uploads before decoding
     max_pixels: int  # decompression-bomb guard: refuse headers declaring more pixels
     text_model: str | None  # override of the text tower (HF name or local path)
@@ -41,6 +42,7 @@ def load_settings() -> Settings:
         upload_dir=Path(_env("UPLOAD_DIR", str(data_dir / "uploads"))),
         samples_dir=Path(_env("SAMPLES_DIR", str(ASSETS_DIR / "samples"))),
         gallery_dir=Path(gallery) if gallery else None,
+        gallery_cache_dir=Path(_env("GALLERY_CACHE_DIR", str(data_dir / "gallery_cache"))),
         max_upload_mb=float(_env("MAX_UPLOAD_MB", "50")),
         max_pixels=int(_env("MAX_PIXELS", str(60_000_000))),
         text_model=_env("TEXT_MODEL"),

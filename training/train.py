@@ -166,12 +166,15 @@ def main(argv=None) -> int:
     vocabulary = {name: list(values) for name, values in phrases.items()}
 
     # ---- data: decoded once into memory (see training/dataset.py) ----
-    train_items = load_items(args.data + args.synthetic, args.max_per_class, args.cut, args.seed)
+    # caps and cuts apply to real images only; synthetic images are added on top
+    train_items = load_items(args.data, args.max_per_class, args.cut, args.seed)
+    train_items += [item for folder in args.synthetic for item in scan_class_folders(folder)]
     classes = sorted({item.label for item in train_items})
     attribute_table = read_attribute_table([(Path(c), Path(c).parent) for c in args.attributes])
     cache_size = int(config.image_size * 1.125)
     train = build_dataset(train_items, classes, cache_size, attribute_table, vocabulary, Path(args.cache_dir))
-    synthetic = torch.tensor([any(str(i.path).startswith(str(Path(s).resolve())) for s in args.synthetic) for i in train_items])
+    synthetic_roots = [Path(s).resolve() for s in args.synthetic]
+    synthetic = torch.tensor([any(root in i.path.parents for root in synthetic_roots) for i in train_items])
     val_sets = []
     for folder in args.val:
         items = [i for i in scan_class_folders(folder) if i.label in classes]

@@ -1,8 +1,10 @@
-"""The only place the app caches shared resources: the model bundle and the feedback store.
+"""The only place the app caches shared resources: the model bundle, the feedback store and
+the atlas gallery index.
 
-Both are `st.cache_resource`: one object per server process, shared by every session and
+All are `st.cache_resource`: one object per server process, shared by every session and
 page (the bundle carries its own lock for Grad-CAM hooks; SQLAlchemy engines are
-thread-safe). Per-user things (reviewer name, current cases) live in `st.session_state`.
+thread-safe; a gallery index is never mutated, an update makes a new one).
+Per-user things (reviewer name, current cases) live in `st.session_state`.
 """
 from __future__ import annotations
 
@@ -16,6 +18,8 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.checkpoint import ModelBundle, ModelLoadError, load_bundle, sidecar_path
+from core.gallery import GalleryIndex, cache_folder, load_index, manifest_stamp
+from core.gallery_sources import Source, list_sources
 from core.settings import Settings, load_settings
 from core.store import REVIEWER_MAX, StoreUnavailable, make_engine, make_sessionmaker
 
@@ -131,3 +135,35 @@ def reviewer_sidebar() -> str:
 def reviewer_name() -> str:
     """The reviewer name entered in the sidebar ('' when none)."""
     return str(st.session_state.get(REVIEWER_KEY, "")).strip()
+
+
+def gallery_folder(bundle: ModelBundle) -> Path:
+    """Cache folder of the gallery index for this model and the configured sources."""
+    current = settings()
+    return cache_folder(current.gallery_cache_dir, bundle.weights_sha256, current.gallery_dir, current.upload_dir)
+
+
+@st.cache_resource(max_entries=4, show_spinner=False)
+def _cached_gallery(weights_sha256: str, gallery_dir: str, folder: str, stamp: str) -> GalleryIndex:
+    del gallery_dir, stamp  # part of the cache key only
+    return load_index(folder, weights_sha256)
+
+
+def get_gallery(bundle: ModelBundle) -> GalleryIndex:
+    """The gallery index on disk for this model and gallery folder (empty when never
+    indexed). Keyed on the manifest file's identity: after any session re-indexes, every session
+    gets the new index on its next rerun."""
+    folder = gallery_folder(bundle)
+    return _cached_gallery(bundle.weights_sha256, str(settings().gallery_dir or ""), str(folder),
+                           manifest_stamp(folder))
+
+
+def gallery_sources() -> list[Source]:
+    """Images of the gallery folder plus the reviewed cases of the feedback store (when
+    it is available). Not cached: listing is stat-only and the sources change."""
+    current = settings()
+    store = get_store()
+    if not store.available:
+        return list_sources(current.gallery_dir, current.upload_dir)
+    with store.sessionmaker() as s:
+        return list_sources(current.gallery_dir, current.upload_dir, s)

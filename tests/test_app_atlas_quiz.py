@@ -1,0 +1,154 @@
+"""AppTests of the Atlas search and Teaching quiz pages: tiny random model, a gallery of
+drawn cells, a temporary SQLite store and gallery cache. Nothing downloads."""
+from __future__ import annotations
+
+import hashlib
+import io
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import streamlit as st
+from streamlit.testing.v1 import AppTest
+
+from core.store import (add_feedback, add_prediction, get_or_create_image, make_engine, make_sessionmaker,
+                        store_image_copy)
+from tests.conftest import draw_cell, write_class_tree
+
+ROOT = Path(__file__).resolve().parent.parent
+APP = str(ROOT / "app.py")
+ATLAS_PAGE = "pages/3_Atlas_search.py"
+QUIZ_PAGE = "pages/4_Teaching_quiz.py"
+QUERY = "cell with a bilobed nucleus and orange granules"
+
+
+def png_bytes(kind: int = 0, seed: int = 0) -> bytes:
+    buffer = io.BytesIO()
+    draw_cell(64, kind=kind, seed=seed).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def env(tiny_model_path, tmp_path, monkeypatch):
+    """Tiny model, fresh SQLite store, a gallery of 2 x 3 drawn cells, a gallery cache."""
+    db_url = f"sqlite:///{tmp_path / 'feedback.sqlite'}"
+    gallery = write_class_tree(tmp_path / "gallery", {"neutrophil": 3, "lymphocyte": 3})
+    for name, value in {"MODEL": str(tiny_model_path), "DB_URL": db_url, "UPLOAD_DIR": str(tmp_path / "uploads"),
+                        "SAMPLES_DIR": str(tmp_path / "samples"), "GALLERY_DIR": str(gallery),
+                        "GALLERY_CACHE_DIR": str(tmp_path / "gallery_cache")}.items():
+        monkeypatch.setenv(f"HEMASCRIBE_{name}", value)
+    st.cache_resource.clear()
+    st.cache_data.clear()
+    engine = make_engine(db_url)
+    yield SimpleNamespace(gallery=gallery, uploads=tmp_path / "uploads", sessionmaker=make_sessionmaker(engine),
+                          cache=tmp_path / "gallery_cache")
+    engine.dispose()
+    st.cache_resource.clear()
+
+
+def open_page(page: str) -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.switch_page(page).run()
+    assert not at.exception, at.exception
+    return at
+
+
+def captions(at: AppTest) -> list[str]:
+    return [c.value for c in at.caption]
+
+
+def add_reviewed_case(env, verdict: str = "agree") -> None:
+    """A stored upload with a prediction 'neutrophil' and one expert verdict."""
+    data = png_bytes(1, 42)
+    sha = hashlib.sha256(data).hexdigest()
+    stored = store_image_copy(env.uploads, sha, data, ".png")
+    with env.sessionmaker.begin() as s:
+        image = get_or_create_image(s, sha256=sha, original_name="case.png", n_bytes=len(data), width=64,
+                                    height=64, stored_path=stored)
+        prediction = add_prediction(s, image, model_id="tiny", weights_sha256="w", panel="blood_cells",
+                                    class_key="neutrophil", sentence="s", confidence=0.7, abstained=False,
+                                    abstain_reason=None, scores={"neutrophil": 0.7})
+        add_feedback(s, prediction, verdict=verdict, reviewer="Dr T")
+
+
+def test_atlas_without_gallery_or_reviews_says_what_to_do(env, monkeypatch):
+    monkeypatch.delenv("HEMASCRIBE_GALLERY_DIR")
+    at = open_page(ATLAS_PAGE)
+    assert at.title[0].value == "Atlas search"
+    assert any("No gallery yet" in i.value and "`HEMASCRIBE_GALLERY_DIR`" in i.value for i in at.info)
+    assert not list(env.cache.glob("*/manifest.json"))  # nothing indexed, no empty cache written
+
+
+def test_atlas_text_query_and_more_like_this(env):
+    add_reviewed_case(env)
+    at = open_page(ATLAS_PAGE)  # first visit indexes automatically
+    assert any("7 images indexed" in c and "1 with an expert-verified label" in c for c in captions(at))
+    at.text_input(key="atlas_query").input(QUERY).run()
+    assert not at.exception, at.exception
+    results = [c for c in captions(at) if "similarity -" in c]
+    assert len(results) == 7
+    scores = [float(c.split("**")[1]) for c in results]
+    assert scores == sorted(scores, reverse=True)
+    assert sum("(folder label)" in c for c in results) == 6
+    assert sum("neutrophil (expert-verified)" in c for c in results) == 1
+
+    at.button(key="atlas_more_text_0").click().run()
+    assert not at.exception, at.exception
+    assert at.radio(key="atlas_image_source").value == "gallery"
+    assert at.selectbox(key="atlas_pick").value is not None
+    assert len([c for c in captions(at) if "similarity -" in c]) == 7 + 6  # the query image is left out
+
+
+def test_atlas_upload_and_reindex(env):
+    at = open_page(ATLAS_PAGE)
+    exact = (env.gallery / "lymphocyte" / "lymphocyte_1.png").read_bytes()
+    at.file_uploader(key="atlas_upload").set_value(("query.png", exact, "image/png")).run()
+    assert not at.exception, at.exception
+    results = [c for c in captions(at) if "similarity -" in c]
+    assert len(results) == 6
+    names = [c for c in captions(at) if c.endswith(".png") and "/" in c.replace("\\", "")]
+    assert names[0].replace("\\", "") == "lymphocyte/lymphocyte_1.png"  # its exact copy comes first
+
+    (env.gallery / "lymphocyte" / "extra.png").write_bytes(png_bytes(1, 7))
+    (env.gallery / "lymphocyte" / "broken.png").write_bytes(b"not an image")
+    at.button(key="atlas_reindex").click().run()
+    assert not at.exception, at.exception
+    status = [c for c in captions(at) if "images indexed" in c]
+    assert "7 images indexed" in status[0] and "Unreadable files skipped: 1." in status[0]
+
+
+def test_quiz_choose_then_write(env):
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.session_state["quiz_seed"] = 1234
+    at.switch_page(QUIZ_PAGE).run()
+    assert not at.exception, at.exception
+    assert at.title[0].value == "Teaching quiz"
+    assert len(at.get("image")) == 1  # the cell is shown
+    assert at.metric[0].value == "0 / 0"
+    shown = at.session_state["quiz_cell"].source.path
+    at.run()  # a rerun keeps the same cell
+    assert at.session_state["quiz_cell"].source.path == shown
+
+    at.selectbox(key="quiz_choice_blood_cells_0").select("neutrophil").run()
+    at.button(key="quiz_check").click().run()
+    assert not at.exception, at.exception
+    assert at.metric[0].value in ("0 / 1", "1 / 1")
+    assert any("Expert label:" in m.value and "gallery folder label" in m.value for m in at.markdown)
+    assert any(m.value.startswith("**Model") for m in at.markdown) or at.warning
+    assert any("Morphology (model):" in m.value for m in at.markdown)
+    at.button(key="quiz_check").click().run()  # locked: no second score
+    assert at.metric[0].value in ("0 / 1", "1 / 1")
+
+    at.button(key="quiz_next").click().run()
+    at.radio(key="quiz_mode").set_value("write").run()
+    at.text_area(key="quiz_text_1").input("round cell with a large dense nucleus").run()
+    at.button(key="quiz_check").click().run()
+    assert not at.exception, at.exception
+    assert at.metric[0].value.endswith("/ 2")
+    assert any("Nearest panel sentence:" in m.value for m in at.markdown)
+
+
+def test_quiz_without_gallery(env, monkeypatch):
+    monkeypatch.delenv("HEMASCRIBE_GALLERY_DIR")
+    at = open_page(QUIZ_PAGE)
+    assert any("No gallery images to quiz on" in i.value for i in at.info)

@@ -1,0 +1,152 @@
+"""Gallery index: incremental updates, the on-disk cache, queries, reviewed cases."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+import core.gallery as gallery
+from core.gallery import cache_folder, load_index, search_image, search_text, update_index
+from core.gallery_sources import REVIEWED, list_sources, reviewed_sources, scan_folder
+from core.imageio import load_image_path
+from core.store import add_feedback, add_prediction, get_or_create_image, make_engine, make_sessionmaker
+from tests.conftest import draw_cell, write_class_tree
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    """Counts images passed to embed_images by the gallery."""
+    calls = []
+    real = gallery.embed_images
+
+    def counting(bundle, images):
+        calls.append(len(images))
+        return real(bundle, images)
+
+    monkeypatch.setattr(gallery, "embed_images", counting)
+    return calls
+
+
+@pytest.fixture
+def tree(tmp_path):
+    return write_class_tree(tmp_path / "gallery", {"neutrophil": 3, "lymphocyte": 2})
+
+
+def test_index_reload_and_incremental_update(tiny_bundle, tree, tmp_path, counted):
+    folder = tmp_path / "cache"
+    index = update_index(tiny_bundle, folder, scan_folder(tree), batch_size=4)
+    assert len(index) == 5 and sum(counted) == 5 and index.embeddings.shape == (5, 32)
+    assert {i.label for i in index.items} == {"neutrophil", "lymphocyte"}
+    assert all(len(i.sha256) == 64 and i.source == "folder" for i in index.items)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["weights_sha256"] == tiny_bundle.weights_sha256
+    assert len(list(folder.glob("embeddings-*.npy"))) == 1
+
+    reloaded = load_index(folder, tiny_bundle.weights_sha256)  # a restart: nothing embedded
+    assert [i.path for i in reloaded.items] == [i.path for i in index.items]
+    assert torch.allclose(reloaded.embeddings, index.embeddings, atol=1e-3)
+    again = update_index(tiny_bundle, folder, scan_folder(tree))
+    assert sum(counted) == 5 and again.stats == {"embedded": 0, "reused": 5, "removed": 0, "refused": 0, "pending": 0}
+
+    draw_cell(64, kind=1, seed=9).save(tree / "lymphocyte" / "new.png")
+    (tree / "neutrophil" / "neutrophil_0.png").unlink()
+    updated = update_index(tiny_bundle, folder, scan_folder(tree))
+    assert sum(counted) == 6  # only the new file was embedded
+    assert updated.stats == {"embedded": 1, "reused": 4, "removed": 1, "refused": 0, "pending": 0}
+    names = {i.name for i in load_index(folder, tiny_bundle.weights_sha256).items}
+    assert "lymphocyte/new.png" in names and "neutrophil/neutrophil_0.png" not in names
+    assert len(list(folder.glob("embeddings-*.npy"))) == 1  # the stale matrix was removed
+
+    # a changed file (new size / mtime) is embedded again
+    target = tree / "lymphocyte" / "new.png"
+    draw_cell(80, kind=0, seed=3).save(target)
+    os.utime(target, ns=(1, 1))
+    update_index(tiny_bundle, folder, scan_folder(tree))
+    assert sum(counted) == 7
+
+
+def test_interrupted_indexing_resumes(tiny_bundle, tree, tmp_path, counted):
+    folder = tmp_path / "cache"
+
+    def leave_page(done, total):
+        if done >= 3:
+            raise KeyboardInterrupt  # as Streamlit stops a script whose user navigated away
+
+    with pytest.raises(KeyboardInterrupt):
+        update_index(tiny_bundle, folder, scan_folder(tree), leave_page, batch_size=1, commit_every=2)
+    partial = load_index(folder, tiny_bundle.weights_sha256)
+    assert len(partial) == 2 and partial.stats["pending"] == 3  # the first commit survived, and says so
+    done = update_index(tiny_bundle, folder, scan_folder(tree))
+    assert len(done) == 5 and done.stats["embedded"] == 3 and done.stats["reused"] == 2
+    assert load_index(folder, tiny_bundle.weights_sha256).stats["pending"] == 0
+
+
+def test_new_model_gets_new_cache_and_other_model_index_is_not_used(tiny_bundle, tree, tmp_path):
+    first = cache_folder(tmp_path, "a" * 64, tree)
+    assert first != cache_folder(tmp_path, "b" * 64, tree) != cache_folder(tmp_path, "a" * 64, tmp_path)
+    folder = tmp_path / "cache"
+    update_index(tiny_bundle, folder, scan_folder(tree))
+    assert len(load_index(folder, "0" * 64)) == 0  # made by another model: ignored
+
+
+def test_broken_files_are_skipped_counted_and_not_retried(tiny_bundle, tree, tmp_path, counted):
+    (tree / "neutrophil" / "broken.png").write_bytes(b"not an image at all")
+    (tree / "neutrophil" / "empty.jpg").write_bytes(b"")
+    (tree / "notes.txt").write_text("ignored: not an image suffix")
+    folder = tmp_path / "cache"
+    index = update_index(tiny_bundle, folder, scan_folder(tree))
+    assert len(index) == 5 and index.stats["refused"] == 2 and len(index.skipped) == 2
+    assert all(entry["reason"] for entry in index.skipped.values())
+    again = update_index(tiny_bundle, folder, scan_folder(tree))
+    assert again.stats["embedded"] == 0 and len(again.skipped) == 2 and sum(counted) == 5
+
+
+def test_exact_duplicate_is_its_own_top1(tiny_bundle, tree, tmp_path):
+    index = update_index(tiny_bundle, tmp_path / "cache", scan_folder(tree))
+    for row, item in enumerate(index.items):
+        hits = search_image(tiny_bundle, index, load_image_path(item.path).image, k=3)
+        assert hits[0].item.path == item.path and hits[0].row == row
+        assert hits[0].similarity > 0.99 and hits[0].similarity >= hits[1].similarity >= hits[2].similarity
+    excluded = search_image(tiny_bundle, index, load_image_path(index.items[0].path).image, k=10, exclude=0)
+    assert len(excluded) == 4 and all(h.row != 0 for h in excluded)
+
+
+def test_search_text_orders_by_cosine(tiny_bundle, tree, tmp_path):
+    index = update_index(tiny_bundle, tmp_path / "cache", scan_folder(tree))
+    query = "cell with a bilobed nucleus and orange granules"
+    hits = search_text(tiny_bundle, index, query, k=3)
+    assert len(hits) == 3
+    expected = index.embeddings @ tiny_bundle.model.encode_text([query])[0].detach()
+    assert [h.row for h in hits] == expected.argsort(descending=True)[:3].tolist()
+    assert search_text(tiny_bundle, index, "   ", k=3) == []
+
+
+def test_reviewed_cases_join_with_expert_labels(tiny_bundle, tree, tmp_path):
+    engine = make_engine(f"sqlite:///{tmp_path / 'fb.sqlite'}")
+    make_session = make_sessionmaker(engine)
+    uploads = tmp_path / "uploads"
+    verdicts = {"a": ("agree", None), "b": ("disagree", "monocyte"), "c": ("unsure", None), "d": None}
+    with make_session.begin() as s:
+        for seed, (name, verdict) in enumerate(verdicts.items()):
+            path = uploads / f"{name}.png"
+            path.parent.mkdir(exist_ok=True)
+            draw_cell(64, seed=seed).save(path)
+            image = get_or_create_image(s, sha256=f"{seed:064x}", original_name=f"{name}.png", n_bytes=1,
+                                        width=64, height=64, stored_path=f"{name}.png")
+            prediction = add_prediction(s, image, model_id="m", weights_sha256="w", panel="blood_cells",
+                                        class_key="neutrophil", sentence="s", confidence=0.9, abstained=False,
+                                        abstain_reason=None, scores={"neutrophil": 0.9})
+            if verdict:
+                add_feedback(s, prediction, verdict=verdict[0], reviewer="Dr T", corrected_class=verdict[1])
+    with make_session() as s:
+        reviewed = reviewed_sources(s, uploads)
+        combined = list_sources(tree, uploads, s)
+    engine.dispose()
+    assert [(r.name, r.label, r.verified) for r in reviewed] == [
+        ("a.png", "neutrophil", True), ("b.png", "monocyte", True), ("c.png", None, False)]  # d: never reviewed
+    assert all(r.source == REVIEWED and r.key.startswith("sha256:") for r in reviewed)
+    assert len(combined) == 8
+    index = update_index(tiny_bundle, tmp_path / "cache", combined)
+    assert sum(i.verified for i in index.items) == 2

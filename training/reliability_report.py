@@ -1,0 +1,134 @@
+"""Reliability report: calibration, risk-coverage and out-of-scope detection, measured.
+
+    python -m training.reliability_report --checkpoint MODEL --pbc-val PBC/val --ball-val B_ALL/val \
+        [--md docs/reliability.md] [--plots assets/model]
+
+Writes a Markdown report, a reliability diagram and risk-coverage plot (shown on the model
+card), and a summary into the model sidecar ("reliability"). The out-of-scope score is the one
+the app and the evaluation CLI use (core.reliability.out_of_scope_score); none of the
+out-of-scope sets below was used to fit anything.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.metrics import roc_auc_score
+
+from core.checkpoint import load_bundle, update_sidecar
+from core.data import scan_class_folders
+from core.describe import describe_batch, embed_images
+from core.reliability import centroid_similarities, out_of_scope_score
+from training.ood_sets import blank_images, natural_photos, noise_images, text_images
+from training.reliability_plots import reliability_diagram, risk_coverage_plot
+
+
+def load_folder(folder: str, limit: int = 0):
+    from PIL import Image
+
+    items = scan_class_folders(folder)
+    if limit:
+        items = items[:: max(1, len(items) // limit)]
+    return [Image.open(i.path).convert("RGB") for i in items], [i.label for i in items]
+
+
+def scores_for(bundle, images, panel, batch=128) -> tuple[np.ndarray, np.ndarray]:
+    """(out-of-scope scores, abstained flags) of the images under `panel`."""
+    keys = bundle.panels[panel].keys
+    scores, abstained = [], []
+    for start in range(0, len(images), batch):
+        chunk = images[start:start + batch]
+        embeddings, _ = embed_images(bundle, chunk)
+        scores += [out_of_scope_score(centroid_similarities(bundle, e), keys) for e in embeddings]
+        abstained += [d.abstained for d in describe_batch(bundle, chunk, panel)]
+    return np.array(scores), np.array(abstained)
+
+
+def auroc(in_scores: np.ndarray, out_scores: np.ndarray) -> float:
+    """AUROC of telling out-of-scope (positive, higher score) from in-scope images."""
+    labels = np.r_[np.zeros(len(in_scores)), np.ones(len(out_scores))]
+    return float(roc_auc_score(labels, np.r_[in_scores, out_scores]))
+
+
+def panel_section(bundle, panel, val, other, synthetic) -> dict:
+    """OOD AUROC and flagged rates for one panel; risk-coverage on its val images."""
+    images, labels = val
+    in_scores, in_abstained = scores_for(bundle, images, panel)
+    result = {"n_val": len(images), "val_abstain_rate": round(float(in_abstained.mean()), 4), "kinds": {}}
+    for kind, ood_images in [("natural photos", synthetic["natural"]), (other[0], other[1]),
+                             ("blank, noise and text", synthetic["blank"] + synthetic["noise"] + synthetic["text"])]:
+        scores, abstained = scores_for(bundle, ood_images, panel)
+        result["kinds"][kind] = {"n": len(ood_images), "auroc": round(auroc(in_scores, scores), 4),
+                                 "flagged_rate": round(float(abstained.mean()), 4)}
+    descriptions = describe_batch(bundle, images, panel)
+    result["curve"] = risk_coverage(descriptions, labels)
+    return result
+
+
+def risk_coverage(descriptions, labels) -> dict:
+    """Error rate of the most confident answers at each coverage (abstention by confidence)."""
+    confidence = np.array([d.confidence for d in descriptions])
+    correct = np.array([d.best_class == y for d, y in zip(descriptions, labels)])
+    order = np.argsort(-confidence)
+    cumulative = np.cumsum(correct[order]) / np.arange(1, len(order) + 1)
+    coverages = np.arange(1, len(order) + 1) / len(order)
+    points = {f"{c:.2f}": round(float(1 - cumulative[max(0, int(np.ceil(c * len(order))) - 1)]), 4)
+              for c in (1.0, 0.95, 0.9, 0.8, 0.7, 0.5)}
+    return {"risk_at_coverage": points, "coverage": coverages.tolist()[::10], "risk": (1 - cumulative).tolist()[::10],
+            "confidence": confidence.tolist(), "correct": correct.astype(int).tolist()}
+
+
+def write_markdown(path: Path, report: dict, args) -> None:
+    lines = ["# Reliability report", "", f"Model `{report['model_id']}`. Command:", "",
+             f"    python -m training.reliability_report --checkpoint {args.checkpoint} --pbc-val {args.pbc_val} "
+             f"--ball-val {args.ball_val}", "",
+             "Out-of-scope score: cosine distance to the nearest training-class centroid of the chosen panel.",
+             "AUROC: in-scope = the panel's val images; out-of-scope = each set below (never used for fitting).",
+             "flagged = share the app would not describe as a known class (same rule as the evaluation CLI).", ""]
+    for panel, section in report["panels"].items():
+        lines += [f"## Panel `{panel}` (val n={section['n_val']}, abstain rate on val {section['val_abstain_rate']})", "",
+                  "| out-of-scope set | n | AUROC | flagged |", "|---|---|---|---|"]
+        lines += [f"| {kind} | {v['n']} | {v['auroc']:.3f} | {v['flagged_rate']:.3f} |" for kind, v in section["kinds"].items()]
+        lines += ["", "Risk (error rate) of the most confident answers at each coverage, on val:", "",
+                  "| coverage | " + " | ".join(section["curve"]["risk_at_coverage"]) + " |",
+                  "|---" * (1 + len(section["curve"]["risk_at_coverage"])) + "|",
+                  "| risk | " + " | ".join(f"{v:.4f}" for v in section["curve"]["risk_at_coverage"].values()) + " |", ""]
+    lines += ["Calibration (fitted on one half of val, measured on the other half):", "", "```json",
+              json.dumps({p: v.get("report") for p, v in report["calibration"].get("panels", {}).items()}, indent=2),
+              "```", "", "![reliability diagram](../assets/model/reliability_diagram.png)",
+              "![risk-coverage](../assets/model/risk_coverage.png)", ""]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--pbc-val", required=True)
+    p.add_argument("--ball-val", required=True)
+    p.add_argument("--md", default="docs/reliability.md")
+    p.add_argument("--plots", default="assets/model")
+    args = p.parse_args(argv)
+    torch.set_grad_enabled(False)
+    bundle = load_bundle(args.checkpoint)
+    pbc, ball = load_folder(args.pbc_val), load_folder(args.ball_val)
+    synthetic = {"natural": natural_photos(), "blank": blank_images(), "noise": noise_images(), "text": text_images()}
+    report = {"model_id": bundle.model_id, "calibration": bundle.sidecar.get("calibration", {}), "panels": {
+        "blood_cells": panel_section(bundle, "blood_cells", pbc, ("B-ALL smear fields (other data set)", ball[0]), synthetic),
+        "b_all": panel_section(bundle, "b_all", ball, ("PBC single cells (other data set)", pbc[0]), synthetic)}}
+    reliability_diagram(report["panels"]["blood_cells"]["curve"], bundle, Path(args.plots) / "reliability_diagram.png")
+    risk_coverage_plot(report["panels"], Path(args.plots) / "risk_coverage.png")
+    write_markdown(Path(args.md), report, args)
+    summary = {panel: {"val_abstain_rate": s["val_abstain_rate"], "risk_at_coverage": s["curve"]["risk_at_coverage"],
+                       "out_of_scope": s["kinds"]} for panel, s in report["panels"].items()}
+    update_sidecar(args.checkpoint, {"reliability": summary})
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

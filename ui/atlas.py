@@ -1,0 +1,192 @@
+"""Atlas search page pieces: the gallery index status and (re)index button, the free-text
+search, the image search, and the grid of results shown by both.
+
+Every shown string that comes from a file or a user (names, labels, queries) goes through
+`md_escape` or `st.text`: never rendered as HTML or live Markdown.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import streamlit as st
+from PIL import Image
+
+from core.checkpoint import ModelBundle
+from core.gallery import GalleryIndex, Hit, GalleryItem, search_image, search_text, update_index
+from core.gallery_sources import REVIEWED
+from core.imageio import ImageRejected, load_image_bytes, load_image_path
+from ui import resources
+from ui.cases import UPLOAD_TYPES
+from ui.widgets import md_escape
+
+COLUMNS = 4  # result grid width
+PICK_MAX = 2000  # gallery images offered in the picker; "More like this" reaches the others
+QUERY_ROW = "atlas_query_path"  # plain session key: the gallery image whose neighbours are shown
+EXAMPLE = "cell with a bilobed nucleus and orange granules"
+
+
+@st.cache_data(max_entries=512, show_spinner=False)
+def thumbnail(path: str, key: str, size: int = 224) -> Image.Image | None:
+    """A small copy of a gallery image (None when it cannot be read); `key` (size:mtime or
+    sha256) makes a changed file a new cache entry."""
+    del key  # part of the cache key only
+    try:
+        image = load_image_path(path, max_side=size * 2).image
+    except ImageRejected:
+        return None
+    image.thumbnail((size, size))
+    return image
+
+
+def label_text(item: GalleryItem) -> str:
+    """'monocyte (expert-verified)', 'neutrophil (folder label)' or 'no label' (escaped)."""
+    if item.label is None:
+        return "no expert label" if item.source == REVIEWED else "no label"
+    return md_escape(item.label) + (" (expert-verified)" if item.verified else " (folder label)")
+
+
+def _no_gallery_message(gallery_dir: Path | None) -> str:
+    if gallery_dir is None:
+        return ("No gallery yet: no gallery folder is set and no case has been reviewed. Set "
+                "`HEMASCRIBE_GALLERY_DIR` to a folder of cell images (sub-folders named after a class give "
+                "labels), or review cases on the Describe page: reviewed cases join the gallery.")
+    return (f"The gallery folder {md_escape(gallery_dir)} holds no images and no case has been reviewed yet. "
+            "Add images (sub-folders named after a class give labels), then press Re-index.")
+
+
+def reindex(bundle: ModelBundle) -> GalleryIndex:
+    """List the sources and update the index on disk, with a progress bar."""
+    sources = resources.gallery_sources()
+    bar = st.progress(0.0, text=f"Indexing {len(sources)} gallery images...")
+
+    def progress(done: int, total: int) -> None:
+        bar.progress(done / max(total, 1), text=f"Embedding new or changed images: {done} / {total}")
+
+    index = update_index(bundle, resources.gallery_folder(bundle), sources, progress)
+    bar.empty()
+    return index
+
+
+def gallery_section(bundle: ModelBundle) -> GalleryIndex | None:
+    """Index status and the Re-index button; indexes automatically the first time. None
+    (after saying why) when the gallery is empty."""
+    current = resources.settings()
+    if current.gallery_dir is not None and not current.gallery_dir.is_dir():
+        st.warning(f"The gallery folder {md_escape(current.gallery_dir)} does not exist or is not a folder.")
+    index = resources.get_gallery(bundle)
+    clicked = st.button("Re-index gallery", key="atlas_reindex",
+                        help="Embeds new or changed images only; removed images leave the index.")
+    # First visit, or an indexing that was interrupted (its user left the page): carry on.
+    if clicked or index.updated_at is None or index.stats.get("pending"):
+        if index.updated_at is None and not resources.gallery_sources():
+            st.info(_no_gallery_message(current.gallery_dir))
+            return None
+        index = reindex(bundle)
+    if not resources.get_store().available:
+        st.caption("The feedback database is unavailable: reviewed cases are not in the gallery.")
+    if not len(index):
+        st.info(_no_gallery_message(current.gallery_dir))
+        return None
+    _status_caption(index)
+    return index
+
+
+def _status_caption(index: GalleryIndex) -> None:
+    reviewed = sum(i.source == REVIEWED for i in index.items)
+    verified = sum(i.verified for i in index.items)
+    text = (f"{len(index)} images indexed: {len(index) - reviewed} from the gallery folder, {reviewed} reviewed "
+            f"cases ({verified} with an expert-verified label).")
+    if index.skipped:
+        text += f" Unreadable files skipped: {len(index.skipped)}."
+    if index.stats.get("embedded"):
+        text += f" Last update embedded {index.stats['embedded']} new or changed images."
+    st.caption(text)
+    if index.skipped:
+        with st.expander("Skipped files"):
+            st.text("\n".join(entry["reason"] for entry in list(index.skipped.values())[:200]))
+
+
+def _more_like(path: str) -> None:
+    st.session_state[QUERY_ROW] = path
+    st.session_state["atlas_image_source"] = "gallery"
+    st.session_state["atlas_pick"] = path
+
+
+def result_grid(hits: list[Hit], prefix: str) -> None:
+    """Thumbnails with similarity, label and name; a 'More like this' button each."""
+    for start in range(0, len(hits), COLUMNS):
+        for offset, (column, hit) in enumerate(zip(st.columns(COLUMNS), hits[start:start + COLUMNS])):
+            with column:
+                image = thumbnail(hit.item.path, hit.item.key)
+                if image is None:
+                    st.caption("(image no longer readable)")
+                else:
+                    st.image(image, width="stretch")
+                st.caption(f"**{hit.similarity:.3f}** similarity - {label_text(hit.item)}")
+                st.caption(md_escape(hit.item.name))
+                st.button("More like this", key=f"atlas_more_{prefix}_{start + offset}",
+                          on_click=_more_like, args=(hit.item.path,))
+
+
+def text_search(bundle: ModelBundle, index: GalleryIndex) -> None:
+    """Free-text query box and its results."""
+    st.subheader("Search by description")
+    query = st.text_input("Describe the cell you are looking for", key="atlas_query", max_chars=300,
+                          placeholder=EXAMPLE)
+    k = st.slider("Number of results", 4, 48, 12, 4, key="atlas_k")
+    if not query.strip():
+        st.caption(f'Try e.g. "{EXAMPLE}".')
+        return
+    with st.spinner("Searching..."):
+        hits = search_text(bundle, index, query, k)
+    st.caption("Similarity is the cosine between the query and each image in the model's shared space; "
+               "it ranks images, it is not a probability.")
+    result_grid(hits, "text")
+
+
+def _query_image(index: GalleryIndex) -> tuple[Image.Image | None, int | None]:
+    """The query image from an upload or the gallery, and its gallery row (None: upload)."""
+    source = st.radio("Query image", ["upload", "gallery"], horizontal=True, key="atlas_image_source",
+                      format_func={"upload": "Upload an image", "gallery": "Pick a gallery image"}.get)
+    if source == "upload":
+        upload = st.file_uploader("Cell image", type=UPLOAD_TYPES, key="atlas_upload")
+        if upload is None:
+            return None, None
+        try:
+            return load_image_bytes(upload.getvalue(), upload.name).image, None
+        except ImageRejected as error:
+            st.error(md_escape(error))
+            return None, None
+    rows = {item.path: row for row, item in enumerate(index.items)}
+    options = [item.path for item in index.items[:PICK_MAX]]
+    chosen = st.session_state.get(QUERY_ROW)
+    if chosen in rows and chosen not in options:
+        options.append(chosen)
+    if len(index) > PICK_MAX:
+        st.caption(f"The first {PICK_MAX} gallery images are listed; 'More like this' reaches any image.")
+    path = st.selectbox("Gallery image", options, index=None, key="atlas_pick", placeholder="Choose an image",
+                        format_func=lambda p: index.items[rows[p]].name if p in rows else p)
+    if path is None or path not in rows:
+        return None, None
+    st.session_state[QUERY_ROW] = path
+    try:
+        return load_image_path(path).image, rows[path]
+    except ImageRejected as error:
+        st.error(md_escape(error))
+        return None, None
+
+
+def image_search(bundle: ModelBundle, index: GalleryIndex) -> None:
+    """Upload or pick an image; show its nearest gallery neighbours (itself excluded)."""
+    st.subheader("Search by image")
+    image, row = _query_image(index)
+    if image is None:
+        return
+    left, right = st.columns([1, 3])
+    left.image(image, caption="Query image", width=200)
+    with right:
+        with st.spinner("Searching..."):
+            hits = search_image(bundle, index, image, st.session_state.get("atlas_k", 12), exclude=row)
+        if not hits:
+            st.caption("No other image in the gallery.")
+    result_grid(hits, "image")

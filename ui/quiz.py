@@ -1,0 +1,229 @@
+"""Teaching quiz: a random gallery cell, the learner's description, then the reveal (expert
+label, the model's sentences and scores, Grad-CAM, morphology) and a running session score.
+
+All state is per session, in plain `st.session_state` keys prefixed ``quiz_``. The draw is
+seeded per session and round, so a rerun (any widget change) never swaps the cell. Only
+cells whose label names a class of the chosen panel are scored; without labelled cells the
+quiz still runs, for practice, and says the answers are not scored.
+"""
+from __future__ import annotations
+
+import random
+import secrets
+from dataclasses import dataclass
+
+import streamlit as st
+from PIL import Image
+
+from core.checkpoint import ModelBundle
+from core.describe import describe, embed_images
+from core.explain import class_heatmap, overlay
+from core.gallery import encode_query
+from core.gallery_sources import Source
+from core.imageio import ImageRejected, load_image_path
+from core.morphology import compose_sentence, predict_attributes
+from core.panels import Panel
+from ui import resources
+from ui.widgets import md_escape, score_chart
+
+SEED, ROUND, SCORE = "quiz_seed", "quiz_round", "quiz_score"
+CELL, ANSWER, REVEAL = "quiz_cell", "quiz_answer", "quiz_reveal"
+TRIES = 5  # unreadable files drawn in a row before giving up on this round
+
+
+@dataclass(frozen=True)
+class QuizCell:
+    source: Source  # the gallery file
+    image: Image.Image  # decoded RGB image
+    expert_class: str | None  # panel class the label names; None: not scored
+    panel: str  # panel the cell was drawn for
+    round: int  # session round it belongs to
+
+
+def init_state() -> dict:
+    """Session seed, round and score (created on first visit); returns the score."""
+    state = st.session_state
+    state.setdefault(SEED, secrets.randbelow(2**31))
+    state.setdefault(ROUND, 0)
+    state.setdefault(SCORE, {"correct": 0, "attempted": 0})
+    return state[SCORE]
+
+
+def class_for_label(panel: Panel, label: str | None) -> str | None:
+    """The panel class a folder or expert label names ('Neutrophils', 'early-pre-B' ...)."""
+    if not label:
+        return None
+    wanted = label.strip().lower().replace("-", "_").replace(" ", "_")
+    for cell_class in panel.classes:
+        names = {cell_class.key.lower(), cell_class.name.lower().replace(" ", "_")}
+        if wanted in names or wanted.removesuffix("s") in names:
+            return cell_class.key
+    return None
+
+
+def pick_cell(panel: Panel, sources: list[Source], rng: random.Random, round_: int) -> QuizCell | None:
+    """A random readable cell, from the labelled ones when there are any."""
+    labelled = [s for s in sources if class_for_label(panel, s.label)]
+    pool = labelled or sources
+    for source in rng.sample(pool, min(len(pool), TRIES)):
+        try:
+            image = load_image_path(source.path).image
+        except ImageRejected:
+            continue
+        return QuizCell(source, image, class_for_label(panel, source.label), panel.name, round_)
+    return None
+
+
+def current_cell(panel: Panel) -> QuizCell | None:
+    """This round's cell, drawn on first use (seeded by session and round)."""
+    state = st.session_state
+    cell = state.get(CELL)
+    if cell is not None and cell.round == state[ROUND] and cell.panel == panel.name:
+        return cell
+    state[ANSWER] = state[REVEAL] = None
+    rng = random.Random(f"{state[SEED]}:{state[ROUND]}")
+    state[CELL] = pick_cell(panel, resources.gallery_sources(), rng, state[ROUND])
+    return state[CELL]
+
+
+def next_cell() -> None:
+    """Button callback: a new round."""
+    st.session_state[ROUND] = st.session_state.get(ROUND, 0) + 1
+    st.session_state[CELL] = st.session_state[ANSWER] = st.session_state[REVEAL] = None
+
+
+def answer_form(panel: Panel, answered: bool) -> tuple[str, str | None]:
+    """Choose a sentence of the panel or write one; returns (mode, class key or text)."""
+    mode = st.radio("Your answer", ["choose", "write"], horizontal=True, key="quiz_mode", disabled=answered,
+                    format_func={"choose": "Choose a sentence", "write": "Write your own description"}.get)
+    round_ = st.session_state[ROUND]
+    if mode == "choose":
+        key = st.selectbox("Which sentence describes this cell?", panel.keys, index=None, disabled=answered,
+                           format_func=lambda k: panel.cell_class(k).sentence, key=f"quiz_choice_{panel.name}_{round_}",
+                           placeholder="Choose a sentence")
+        return mode, key
+    text = st.text_area("Describe the cell in your own words", key=f"quiz_text_{round_}", max_chars=500,
+                        disabled=answered, placeholder="e.g. a large cell with a kidney-shaped nucleus")
+    return mode, (text or "").strip() or None
+
+
+def check_answer(bundle: ModelBundle, panel: Panel, cell: QuizCell, mode: str, value: str) -> dict:
+    """Score one answer and add it to the session score. Free text is matched to the
+    nearest class of the panel: its prototype is the mean text embedding of the class's
+    sentences (core.bank), so this is the nearest panel sentence in the model's space."""
+    similarity = None
+    if mode == "write":
+        similarities = bundle.prototypes[panel.name] @ encode_query(bundle, value)
+        best = int(similarities.argmax())
+        chosen, similarity = panel.keys[best], float(similarities[best])
+    else:
+        chosen = value
+    scored = cell.expert_class is not None
+    correct = scored and chosen == cell.expert_class
+    if scored:
+        score = dict(st.session_state[SCORE])
+        score["attempted"] += 1
+        score["correct"] += int(correct)
+        st.session_state[SCORE] = score
+    return {"round": cell.round, "mode": mode, "text": value if mode == "write" else None, "chosen": chosen,
+            "similarity": similarity, "scored": scored, "correct": correct}
+
+
+def reveal_data(bundle: ModelBundle, panel: Panel, cell: QuizCell) -> dict:
+    """Model description, Grad-CAM of its top sentence and the morphology sentence,
+    computed once per round (reruns reuse them)."""
+    cached = st.session_state.get(REVEAL)
+    if cached is not None and cached["round"] == cell.round:
+        return cached
+    description = describe(bundle, cell.image, panel.name)
+    top = description.class_key or description.best_class
+    heatmap = class_heatmap(bundle, cell.image, panel.name, top)
+    morphology = None
+    if bundle.attribute_prototypes:
+        embedding, _ = embed_images(bundle, [cell.image])
+        morphology = compose_sentence(predict_attributes(bundle, embedding[0]))
+    data = {"round": cell.round, "description": description, "top": top, "heatmap": heatmap,
+            "morphology": morphology}
+    st.session_state[REVEAL] = data
+    return data
+
+
+def _label_line(panel: Panel, cell: QuizCell) -> str:
+    label = cell.source.label
+    if label is None:
+        return "**Expert label:** none for this cell."
+    where = "expert-verified in the feedback store" if cell.source.verified else "gallery folder label"
+    if cell.expert_class is None:
+        return f"**Label:** {md_escape(label)} ({where}; not a class of this panel, so not scored)."
+    cell_class = panel.cell_class(cell.expert_class)
+    return f"**Expert label:** {md_escape(cell_class.name)} ({where}).  \n{md_escape(cell_class.sentence)}"
+
+
+def _verdict(panel: Panel, answer: dict) -> None:
+    sentence = md_escape(panel.cell_class(answer["chosen"]).sentence)
+    if not answer["scored"]:
+        st.info("This cell has no expert label in this panel: your answer is not scored.")
+    elif answer["correct"]:
+        st.success("Correct.")
+    else:
+        st.error("Not this time.")
+    if answer["text"] is not None:
+        st.markdown(f"**You wrote:** {md_escape(answer['text'])}  \n**Nearest panel sentence:** {sentence} "
+                    f"(similarity {answer['similarity']:.2f})")
+    else:
+        st.markdown(f"**Your answer:** {sentence}")
+
+
+def render_reveal(bundle: ModelBundle, panel: Panel, cell: QuizCell, answer: dict) -> None:
+    """Verdict, expert label, the model's sentences and scores, Grad-CAM and morphology."""
+    _verdict(panel, answer)
+    st.markdown(_label_line(panel, cell))
+    with st.spinner("The model is looking at the cell..."):
+        data = reveal_data(bundle, panel, cell)
+    d = data["description"]
+    ranked = sorted(d.scores.items(), key=lambda kv: -kv[1])[:3]
+    if d.abstained:
+        st.warning("**Model: Uncertain.** Reason: " + md_escape(d.abstain_reason or "not stated"))
+    else:
+        st.markdown(f"**Model:** {md_escape(d.sentence)} ({d.confidence:.0%} confidence)")
+    st.caption("Model's top sentences: " + "; ".join(
+        f"{md_escape(panel.cell_class(k).name)} {p:.0%}" for k, p in ranked))
+    if data["morphology"]:
+        st.markdown("**Morphology (model):** " + md_escape(data["morphology"]))
+        st.caption("Phrases marked (?) are below the model's confidence threshold for that attribute.")
+    left, right = st.columns(2)
+    left.image(overlay(cell.image, data["heatmap"]),
+               caption=f"Grad-CAM for: {panel.cell_class(data['top']).name}")
+    right.plotly_chart(score_chart(d, panel, bool(bundle.sidecar.get("calibration"))), key="quiz_scores")
+    st.caption("File: " + md_escape(cell.source.name) + ". Grad-CAM is an aid to inspection, not proof of "
+               "what the model reasoned.")
+
+
+def play_round(bundle: ModelBundle, panel: Panel, cell: QuizCell) -> None:
+    """The cell, the answer form and its check button, the reveal once answered, and the
+    Next cell button. An answer is scored once: the form locks after checking."""
+    show_cell(cell)
+    answer = st.session_state.get(ANSWER)
+    mode, value = answer_form(panel, answered=answer is not None)
+    # Not disabled while empty: typed text only reaches the server with the click itself.
+    if st.button("Check my answer", key="quiz_check", type="primary", disabled=answer is not None):
+        if value is None:
+            st.warning("Choose a sentence or write a description first.")
+        else:
+            with st.spinner("Checking..."):
+                answer = st.session_state[ANSWER] = check_answer(bundle, panel, cell, mode, value)
+    if answer is not None:
+        render_reveal(bundle, panel, cell, answer)
+    st.button("Next cell", key="quiz_next", on_click=next_cell)
+
+
+def score_text() -> str:
+    """'correct / attempted' of this session."""
+    score = st.session_state.get(SCORE, {"correct": 0, "attempted": 0})
+    return f"{score['correct']} / {score['attempted']}"
+
+
+def show_cell(cell: QuizCell) -> None:
+    """The whole image; its file name stays hidden until the reveal, since file and folder
+    names often give the answer away."""
+    st.image(cell.image, caption="Which description fits this cell?", width=320)
