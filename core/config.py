@@ -26,6 +26,7 @@ class ModelConfig:
     text_width: int = 384  # width of the sentence features (all-MiniLM-L6-v2: 384)
     text_pooler: str = "mean_pooler"  # open_clip pooler over token states
     text_proj: str = "mlp"  # "mlp" or "linear" head from sentence features to embed_dim
+    center_text_features: bool = False  # subtract the training sentences' mean feature first
     init_logit_scale: float = 2.659  # log(1/0.07), CLIP's initial temperature
     max_logit_scale: float = 4.6052  # log(100): CLIP's clamp, stops the scale running away
 

@@ -45,6 +45,11 @@ class DualEncoder(nn.Module):
         self.visual = build_image_tower(config)
         self.text_projection = make_text_projection(config.text_width, config.embed_dim, config.text_proj)
         self.logit_scale = nn.Parameter(torch.tensor(float(config.init_logit_scale)))
+        if config.center_text_features:
+            # All cell descriptions share a large "blood cell sentence" component (mean cosine
+            # 0.57 between class sentences in all-MiniLM-L6-v2); removing it lets the classes
+            # start nearly orthogonal. Set by training from its sentence bank, saved with the model.
+            self.register_buffer("text_feature_mean", torch.zeros(config.text_width))
         self._text_model_name = text_model_override or config.text_model
         self._sentence_encoder: FrozenSentenceEncoder | None = None  # loaded on first use
 
@@ -72,6 +77,8 @@ class DualEncoder(nn.Module):
 
     def project_sentence_features(self, features: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """Frozen sentence features (N, text_width) -> (N, embed_dim) embeddings."""
+        if self.config.center_text_features:
+            features = features - self.text_feature_mean
         projected = self.text_projection(features)
         return F.normalize(projected, dim=-1) if normalize else projected
 

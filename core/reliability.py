@@ -111,7 +111,7 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
         return loss
 
     optimizer.step(closure)
-    return float(log_t.exp())
+    return float(log_t.detach().exp())
 
 
 def confidence_threshold_for_accuracy(confidences: torch.Tensor, correct: torch.Tensor,

@@ -72,7 +72,11 @@ class FrozenSentenceEncoder(nn.Module):
 def make_text_projection(width: int, embed_dim: int, kind: str) -> nn.Module:
     """Trainable head from sentence features to the shared embedding space."""
     if kind == "linear":
-        return nn.Linear(width, embed_dim, bias=False)
+        layer = nn.Linear(width, embed_dim, bias=False)
+        # orthogonal rows keep the angles between sentences at initialisation, so classes
+        # start apart instead of being learned apart from a near-collapsed start
+        nn.init.orthogonal_(layer.weight)
+        return layer
     if kind == "mlp":
         hidden = (width + embed_dim) // 2
         return nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, embed_dim))

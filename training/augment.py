@@ -13,9 +13,27 @@ randomise exactly those on whole batches (vectorised, cheap on 2 CPU cores):
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    zoom: tuple[float, float] = (0.65, 1.5)  # field-of-view factor range (log-uniform)
+    hue: float = 0.35  # largest hue rotation, radians
+    gain: float = 0.2  # per-channel stain gain in 1 +- gain
+    saturation: tuple[float, float] = (0.5, 1.5)
+    optics_share: float = 2 / 3  # share of images blurred or resampled at low resolution
+    grey_p: float = 0.05  # probability of dropping colour entirely
+
+
+AUGMENT_PRESETS = {
+    "strong": AugmentConfig(),
+    "medium": AugmentConfig(zoom=(0.75, 1.35), hue=0.2, gain=0.12, saturation=(0.7, 1.3), optics_share=0.4, grey_p=0.02),
+    "mild": AugmentConfig(zoom=(0.85, 1.2), hue=0.08, gain=0.06, saturation=(0.85, 1.15), optics_share=0.15, grey_p=0.0),
+}
 
 
 def random_affine(images: torch.Tensor, out_size: int, generator: torch.Generator,
@@ -53,19 +71,19 @@ def hue_rotate(images: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
     return torch.einsum("bij,bjhw->bihw", matrix, images)
 
 
-def colour_jitter(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def colour_jitter(images: torch.Tensor, generator: torch.Generator, cfg: AugmentConfig = AugmentConfig()) -> torch.Tensor:
     """Stain and exposure changes for images in [0, 1]."""
     b = images.shape[0]
-    gains = torch.rand(b, 3, 1, 1, generator=generator) * 0.4 + 0.8
+    gains = 1 + (torch.rand(b, 3, 1, 1, generator=generator) * 2 - 1) * cfg.gain
     images = images * gains  # per-channel stain balance
-    images = hue_rotate(images.clamp(0, 1), (torch.rand(b, generator=generator) - 0.5) * 0.7)
+    images = hue_rotate(images.clamp(0, 1), (torch.rand(b, generator=generator) * 2 - 1) * cfg.hue)
     grey = images.mean(dim=1, keepdim=True)
-    images = grey + (images - grey) * _rand(b, 0.5, 1.5, generator)  # saturation
+    images = grey + (images - grey) * _rand(b, *cfg.saturation, generator)  # saturation
     mean = images.mean(dim=(1, 2, 3), keepdim=True)
     images = mean + (images - mean) * _rand(b, 0.7, 1.3, generator)  # contrast
     images = images + _rand(b, -0.12, 0.12, generator)  # brightness
     images = images.clamp(1e-4, 1) ** _rand(b, 0.75, 1.33, generator)  # gamma
-    to_grey = torch.rand(b, 1, 1, 1, generator=generator) < 0.05
+    to_grey = torch.rand(b, 1, 1, 1, generator=generator) < cfg.grey_p
     return torch.where(to_grey, images.mean(dim=1, keepdim=True).expand_as(images), images)
 
 
@@ -82,10 +100,11 @@ def gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
     return F.conv2d(F.pad(out, (0, 0, radius, radius), mode="reflect"), vertical, groups=c)
 
 
-def optics(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Blur a random third of the batch, resample another third at low resolution, add noise."""
+def optics(images: torch.Tensor, generator: torch.Generator, share: float = 2 / 3) -> torch.Tensor:
+    """Blur half of a `share` of the batch, resample the other half at low resolution, add noise."""
     b, _, h, w = images.shape
-    choice = torch.randint(0, 3, (b,), generator=generator)
+    u = torch.rand(b, generator=generator)
+    choice = torch.where(u < share / 2, 1, torch.where(u < share, 2, 0))
     out = images.clone()
     blurred = choice == 1
     if blurred.any():
@@ -100,9 +119,10 @@ def optics(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return (out + noise).clamp(0, 1)
 
 
-def augment_batch(images_uint8: torch.Tensor, out_size: int, generator: torch.Generator) -> torch.Tensor:
+def augment_batch(images_uint8: torch.Tensor, out_size: int, generator: torch.Generator,
+                  cfg: AugmentConfig = AugmentConfig()) -> torch.Tensor:
     """Full training augmentation: uint8 (B, 3, H, W) -> float (B, 3, out, out) in [0, 1]."""
     images = images_uint8.float().div_(255)
-    images = random_affine(images, out_size, generator)
-    images = colour_jitter(images, generator)
-    return optics(images, generator)
+    images = random_affine(images, out_size, generator, cfg.zoom)
+    images = colour_jitter(images, generator, cfg)
+    return optics(images, generator, cfg.optics_share)

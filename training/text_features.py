@@ -24,6 +24,9 @@ class SentenceFeatureCache:
         self.class_features = [encoder(list(by_key[key].all_sentences)) for key in classes]
         self.class_ids = torch.arange(len(classes))
         self.value_features = [encoder(texts) for values in phrases.values() for texts in values.values()]
+        if model.config.center_text_features:
+            every = torch.cat(self.class_features + self.value_features)
+            model.text_feature_mean.copy_(every.mean(dim=0))
         self.slices, start = [], 0
         for values in phrases.values():
             self.slices.append(slice(start, start + len(values)))

@@ -32,7 +32,7 @@ from core.loss import attribute_matching_loss, bidirectional_contrastive_loss
 from core.model import DualEncoder
 from core.panels import load_attribute_phrases, load_panels
 from core.text_tower import text_weights_sha256
-from training.augment import augment_batch
+from training.augment import AUGMENT_PRESETS, augment_batch
 from training.dataset import build_dataset, read_attribute_table
 from training.evaluation_utils import panel_accuracy
 from training.sampling import BALANCE_MODES, class_weights, epoch_indices, shard
@@ -51,6 +51,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--attribute-weight", type=float, default=0.5, help="weight of the morphology phrase loss")
     p.add_argument("--balance", choices=BALANCE_MODES, default="none")
+    p.add_argument("--augment", choices=sorted(AUGMENT_PRESETS), default="strong", help="augmentation preset")
     p.add_argument("--synthetic", nargs="*", default=[], help="folders of GAN images (for --balance gan)")
     p.add_argument("--max-per-class", type=int, default=0, help="cap images per class (0: all); for quick runs")
     p.add_argument("--cut", nargs="*", default=[], help="CLASS=N: keep only N training images of CLASS (stress tests)")
@@ -136,7 +137,7 @@ def train_one_epoch(model, objective, data, indices, features, optimizer, args, 
             group["lr"] = lr_at(state["step"], state["total_steps"], args.lr, state["warmup"])
         labels = data.labels[batch].to(args.device)
         loss, contrastive, attributes = objective(
-            augment_batch(data.images[batch], size, generator).to(args.device), labels,
+            augment_batch(data.images[batch], size, generator, AUGMENT_PRESETS[args.augment]).to(args.device), labels,
             data.attributes[batch].to(args.device), features.sample_class_features(generator).to(args.device),
             features.sample_attribute_features(generator).to(args.device),
             weights[labels] if weights is not None else None)
