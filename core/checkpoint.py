@@ -125,6 +125,11 @@ def load_bundle(path: Path | str, text_model_override: str | None = None) -> Mod
                        centroids, path)
 
 
+def load_sidecar(weights_path: Path | str) -> dict:
+    """The sidecar of a weights file (ModelLoadError when missing or malformed)."""
+    return _read_sidecar(Path(weights_path))
+
+
 def update_sidecar(weights_path: Path | str, updates: dict) -> dict:
     """Merge `updates` into the sidecar (atomically). The weights, and so their sha256,
     are untouched: reports and metrics can be added after training."""

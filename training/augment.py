@@ -32,6 +32,9 @@ class AugmentConfig:
 AUGMENT_PRESETS = {
     "strong": AugmentConfig(),
     "medium": AugmentConfig(zoom=(0.75, 1.35), hue=0.2, gain=0.12, saturation=(0.7, 1.3), optics_share=0.4, grey_p=0.02),
+    # zoom-in to 0.5x field of view: other labs' crops show the cell about twice as large
+    # (BCCD), so that magnification must be inside the training distribution
+    "wide_zoom": AugmentConfig(zoom=(0.5, 1.5), hue=0.2, gain=0.12, saturation=(0.7, 1.3), optics_share=0.5, grey_p=0.02),
     "mild": AugmentConfig(zoom=(0.85, 1.2), hue=0.08, gain=0.06, saturation=(0.85, 1.15), optics_share=0.15, grey_p=0.0),
 }
 

@@ -35,7 +35,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--json", default=None, help="write the metrics as JSON here")
     p.add_argument("--attributes", default=None, help="WBCAtt CSV (path column relative to --data)")
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--record", default=None, metavar="NAME",
+                   help="also store the summary in the model sidecar under metrics.NAME (model card)")
     return p.parse_args(argv)
+
+
+def record_in_sidecar(checkpoint: str, name: str, metrics: dict, command: str) -> None:
+    """Keep a summary (no confusion matrix) under sidecar["metrics"][name]."""
+    from core.checkpoint import load_sidecar, update_sidecar
+
+    keep = ("panel", "n", "accuracy", "macro_f1", "ece", "abstain_rate", "accuracy_answered", "unknown",
+            "per_class", "attributes", "seconds")
+    summary = {k: metrics[k] for k in keep if k in metrics}
+    summary["command"] = command
+    recorded = load_sidecar(checkpoint).get("metrics", {})
+    recorded[name] = summary
+    update_sidecar(checkpoint, {"metrics": recorded})
 
 
 def describe_folder(bundle, items, panel: str, batch_size: int):
@@ -109,6 +124,8 @@ def main(argv=None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print_table(metrics)
+    if args.record:
+        record_in_sidecar(args.checkpoint, args.record, metrics, "python -m training.evaluate " + " ".join(sys.argv[1:]))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(metrics, indent=2))
