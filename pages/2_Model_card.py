@@ -49,6 +49,18 @@ diagram = model_card.first_existing(model_card.RELIABILITY_DIAGRAMS)
 if diagram is not None:
     st.image(str(diagram), caption="Reliability diagram (validation)")
 
+st.subheader("Out-of-scope detection")
+ood = model_card.out_of_scope_frame(bundle)
+if ood is None:
+    st.info("The reliability report (python -m training.reliability_report) has not been run for this model.")
+else:
+    st.caption("AUROC of the out-of-scope score: the panel's val images against each set; 'flagged' is the share the "
+               "model refused to describe. None of these sets was used to fit anything.")
+    st.dataframe(ood, hide_index=True, key="card_ood")
+curve = model_card.first_existing(model_card.RISK_COVERAGE_PLOTS)
+if curve is not None:
+    st.image(str(curve), caption="Risk-coverage on val: error rate of the answered cases as the model answers fewer")
+
 st.subheader("Panels")
 st.dataframe(model_card.panels_frame(bundle), hide_index=True, key="card_panels")
 

@@ -46,7 +46,7 @@ def app_env(tiny_model_path, tmp_path, monkeypatch):
 
 
 def run_app() -> AppTest:
-    at = AppTest.from_file(APP, default_timeout=60)
+    at = AppTest.from_file(APP, default_timeout=180)
     at.run()
     assert not at.exception, at.exception
     return at
@@ -201,14 +201,14 @@ def test_feedback_review_page(app_env):
 
 
 def test_feedback_review_page_empty(app_env):
-    at = AppTest.from_file(APP, default_timeout=60)
+    at = AppTest.from_file(APP, default_timeout=180)
     at.switch_page(REVIEW_PAGE).run()
     assert not at.exception, at.exception
     assert any(m.value == "n/a" for m in at.metric)
 
 
 def test_model_card_page(app_env):
-    at = AppTest.from_file(APP, default_timeout=60)
+    at = AppTest.from_file(APP, default_timeout=180)
     at.switch_page(CARD_PAGE).run()
     assert not at.exception, at.exception
     assert at.title[0].value == "Model card"

@@ -47,7 +47,7 @@ def env(tiny_model_path, tmp_path, monkeypatch):
 
 
 def open_page(page: str) -> AppTest:
-    at = AppTest.from_file(APP, default_timeout=60)
+    at = AppTest.from_file(APP, default_timeout=180)
     at.switch_page(page).run()
     assert not at.exception, at.exception
     return at
@@ -118,7 +118,7 @@ def test_atlas_upload_and_reindex(env):
 
 
 def test_quiz_choose_then_write(env):
-    at = AppTest.from_file(APP, default_timeout=60)
+    at = AppTest.from_file(APP, default_timeout=180)
     at.session_state["quiz_seed"] = 1234
     at.switch_page(QUIZ_PAGE).run()
     assert not at.exception, at.exception

@@ -14,16 +14,21 @@ from training.metrics import per_class_report
 
 def evaluate_attributes(bundle, csv_path: str, data_root: str, batch_size: int = 64) -> dict:
     """{"n", "per_attribute": {name: {accuracy, macro_f1}}, "mean_accuracy", "mean_macro_f1"};
-    `path` in the CSV is relative to `data_root`."""
+    `path` in the CSV is relative to `data_root` or, as in the WBCAtt files shipped with PBC
+    (``val/basophil/x.jpg`` beside ``pbc/attributes_val.csv``), to the CSV's own folder."""
     with open(csv_path, newline="") as handle:
-        rows = [r for r in csv.DictReader(handle) if (Path(data_root) / r["path"]).is_file()]
+        rows = list(csv.DictReader(handle))
+    bases = [Path(data_root), Path(csv_path).parent]
+    for row in rows:
+        row["path"] = next((str(b / row["path"]) for b in bases if (b / row["path"]).is_file()), "")
+    rows = [r for r in rows if r["path"]]
     truth: dict[str, list[str]] = {name: [] for name in bundle.attribute_prototypes}
     guess: dict[str, list[str]] = {name: [] for name in bundle.attribute_prototypes}
     for start in range(0, len(rows), batch_size):
         images, kept = [], []
         for row in rows[start:start + batch_size]:
             try:
-                images.append(load_image_path(Path(data_root) / row["path"]).image)
+                images.append(load_image_path(row["path"]).image)
                 kept.append(row)
             except ImageRejected:
                 continue

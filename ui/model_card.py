@@ -38,6 +38,20 @@ RELIABILITY_DIAGRAMS = [PROJECT_ROOT / "docs" / "reliability_diagram.png",
                         PROJECT_ROOT / "assets" / "model" / "reliability_diagram.png"]
 
 
+RISK_COVERAGE_PLOTS = [PROJECT_ROOT / "assets" / "model" / "risk_coverage.png"]
+
+
+def out_of_scope_frame(bundle) -> pd.DataFrame | None:
+    """One row per (panel, out-of-scope set): AUROC and flagged rate, from the sidecar's
+    reliability report; None when the report was not run for this model."""
+    report = bundle.sidecar.get("reliability")
+    if not report:
+        return None
+    rows = [{"panel": panel, "out-of-scope set": kind, "n": v["n"], "AUROC": v["auroc"], "flagged": v["flagged_rate"]}
+            for panel, section in report.items() for kind, v in section.get("out_of_scope", {}).items()]
+    return pd.DataFrame(rows)
+
+
 def first_existing(paths: list[Path]) -> Path | None:
     """The first path that is a file, or None."""
     return next((p for p in paths if p.is_file()), None)
