@@ -65,3 +65,15 @@ def compose_sentence(predictions: list[AttributePrediction]) -> str:
 
 def _join(parts: list[str]) -> str:
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+def describe_morphology(bundle: ModelBundle, image) -> tuple[str, list[AttributePrediction]]:
+    """Morphology sentence and the per-attribute predictions for one PIL image
+    ("", []) when the model was not trained on attributes."""
+    from core.describe import embed_images
+
+    if not bundle.attribute_prototypes:
+        return "", []
+    embedding = embed_images(bundle, [image])[0][0]
+    predictions = predict_attributes(bundle, embedding)
+    return compose_sentence(predictions), predictions

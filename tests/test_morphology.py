@@ -66,3 +66,10 @@ def test_attribute_parsing_and_evaluation_on_a_tiny_csv(tmp_path):
     report = evaluate_attributes(make_tiny_bundle(), str(csv_path), str(tmp_path))
     assert report["n"] == 4 and set(report["per_attribute"]) == set(vocabulary)
     assert 0 <= report["mean_accuracy"] <= 1 and 0 <= report["mean_macro_f1"] <= 1
+
+
+def test_describe_morphology_gives_a_sentence_for_an_image():
+    from core.morphology import describe_morphology
+
+    sentence, predictions = describe_morphology(make_tiny_bundle(), draw_cell())
+    assert sentence.endswith(".") and "cell" in sentence and len(predictions) == len(load_attribute_phrases())

@@ -6,6 +6,7 @@ import pandas as pd
 import streamlit as st
 
 from core.checkpoint import ModelBundle
+from core.morphology import describe_morphology
 from core.explain import overlay
 from core.panels import Panel
 from core.preprocess import square_resize
@@ -45,6 +46,17 @@ def _confidence_label(bundle: ModelBundle) -> str:
     return "Calibrated confidence" if bundle.sidecar.get("calibration") else "Confidence (model not calibrated)"
 
 
+def _render_morphology(bundle: ModelBundle, case: Case) -> None:
+    """The WBCAtt morphology sentence; "(?)" marks phrases below their confidence threshold."""
+    sentence, predictions = describe_morphology(bundle, case.loaded.image)
+    if not sentence:
+        return
+    st.write("Morphology: " + md_escape(sentence))
+    with st.expander("Morphology phrases and their confidence"):
+        st.dataframe([{"attribute": p.attribute, "phrase": p.phrase, "confidence": round(p.confidence, 3),
+                       "shown as certain": p.certain} for p in predictions], hide_index=True)
+
+
 def render_summary(bundle: ModelBundle, panel: Panel, case: Case) -> None:
     """Image, sentence (or the Uncertain state and its reason), confidence and notes."""
     d = case.description
@@ -59,6 +71,8 @@ def render_summary(bundle: ModelBundle, panel: Panel, case: Case) -> None:
             st.caption("Closest sentence, not asserted: " + md_escape(panel.cell_class(d.best_class).name))
         else:
             st.success(md_escape(d.sentence))
+        if panel.name == "blood_cells" and not d.abstained:
+            _render_morphology(bundle, case)
         st.metric(_confidence_label(bundle), f"{d.confidence:.0%}")
         if not d.panel_validated:
             st.caption("This panel is not validated: the sentence and the scores are not evidence of anything.")
