@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,7 +49,8 @@ def decode_images(items: list[LabelledImage], size: int, cache_dir: Path | None)
             array[i] = to_uint8_array(image, size)
     if cache:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(".tmp.npy")
+        # one temp file per process: DDP ranks decode the same files and may finish together
+        tmp = cache.with_name(f"{cache.stem}.{os.getpid()}.tmp.npy")
         np.save(tmp, array)
         tmp.replace(cache)
     return torch.from_numpy(array)
