@@ -72,3 +72,9 @@ def overlay(image: Image.Image, heatmap: np.ndarray, opacity: float = 0.5, size:
                      dtype=np.float32) / 255
     opacity = float(np.clip(opacity, 0.0, 1.0))
     return Image.fromarray(show_cam_on_image(base, cam, use_rgb=True, image_weight=1 - opacity))
+
+
+def attribute_heatmap(bundle: ModelBundle, image: Image.Image, attribute: str, value: str) -> np.ndarray:
+    """Grad-CAM heatmap for one morphology phrase (a WBCAtt attribute value)."""
+    values = list(bundle.sidecar["attribute_phrases"][attribute])
+    return gradcam_heatmap(bundle, image, bundle.attribute_prototypes[attribute][values.index(value)])

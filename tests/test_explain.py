@@ -39,3 +39,10 @@ def test_overlay_opacity_changes_pixels(cell_image):
     faint, strong = overlay(cell_image, heatmap, 0.1, 64), overlay(cell_image, heatmap, 0.9, 64)
     assert faint.size == strong.size == (64, 64)
     assert np.abs(np.asarray(faint, float) - np.asarray(strong, float)).mean() > 5
+
+
+def test_attribute_phrase_heatmap(tiny_bundle, cell_image):
+    from core.explain import attribute_heatmap
+
+    heatmap = attribute_heatmap(tiny_bundle, cell_image, "nucleus_shape", "segmented-bilobed")
+    assert heatmap.shape == (tiny_bundle.model.config.image_size,) * 2 and np.isfinite(heatmap).all()

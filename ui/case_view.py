@@ -10,7 +10,7 @@ from core.morphology import describe_morphology
 from core.explain import overlay
 from core.panels import Panel
 from core.preprocess import square_resize
-from ui.cases import Case, cached_heatmap
+from ui.cases import ATTRIBUTE_TARGET, Case, cached_heatmap
 from ui.widgets import md_escape, score_chart
 
 
@@ -90,12 +90,17 @@ def render_explanation(bundle: ModelBundle, panel: Panel, case: Case, heatmaps: 
     re-blends the cached heatmap."""
     d = case.description
     st.subheader("Where the image supports a sentence (Grad-CAM)")
-    keys = panel.keys
+    keys = list(panel.keys)
     default = keys.index(d.class_key or d.best_class)
+    labels = {k: panel.cell_class(k).sentence for k in keys}
+    if panel.name == "blood_cells" and not d.abstained:  # morphology phrases can be explained too
+        for p in describe_morphology(bundle, case.loaded.image)[1]:
+            target = f"{ATTRIBUTE_TARGET}{p.attribute}={p.value}"
+            keys.append(target)
+            labels[target] = f"Morphology: {p.phrase} ({p.confidence:.0%})"
     # One radio per (panel, image): its choice must not carry over to another case.
-    class_key = st.radio("Sentence to explain", keys, index=default,
-                         key=f"describe_explain_{panel.name}_{case.sha256[:16]}",
-                         format_func=lambda k: panel.cell_class(k).sentence)
+    class_key = st.radio("Sentence or phrase to explain", keys, index=default,
+                         key=f"describe_explain_{panel.name}_{case.sha256[:16]}", format_func=labels.get)
     opacity = st.slider("Heatmap opacity", 0.0, 1.0, 0.5, 0.05, key="describe_opacity")
     with st.spinner("Computing Grad-CAM..."):
         heatmap = cached_heatmap(bundle, case, panel.name, class_key, heatmaps)

@@ -18,7 +18,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from core.checkpoint import ModelBundle
 from core.describe import Description, describe_batch
-from core.explain import class_heatmap
+from core.explain import attribute_heatmap, class_heatmap
 from core.imageio import ImageRejected, LoadedImage, load_image_bytes
 from core.settings import Settings
 from core.store import store_error_message
@@ -142,12 +142,19 @@ def _record(store: Store, upload_dir: Path, data: bytes, case: Case) -> None:
     case.timings_ms["store"] = (time.perf_counter() - t0) * 1000
 
 
+ATTRIBUTE_TARGET = "attr:"
+
+
 def cached_heatmap(bundle: ModelBundle, case: Case, panel: str, class_key: str, cache: dict) -> np.ndarray:
     """Grad-CAM map for (image, panel, class), computed once per session and model: moving
     the opacity slider or switching back to a sentence never recomputes it."""
     key = (case.sha256, panel, class_key, bundle.weights_sha256)
     if key not in cache:
-        cache[key] = class_heatmap(bundle, case.loaded.image, panel, class_key)
+        if class_key.startswith(ATTRIBUTE_TARGET):  # "attr:<attribute>=<value>": a morphology phrase
+            attribute, value = class_key[len(ATTRIBUTE_TARGET):].split("=", 1)
+            cache[key] = attribute_heatmap(bundle, case.loaded.image, attribute, value)
+        else:
+            cache[key] = class_heatmap(bundle, case.loaded.image, panel, class_key)
         while len(cache) > HEATMAP_CACHE_MAX:
             cache.pop(next(iter(cache)))
     return cache[key]
