@@ -80,3 +80,12 @@ def write_class_tree(root: Path, classes: dict[str, int], size: int = 64) -> Pat
         for i in range(n):
             draw_cell(size, kind=k, seed=i).save(folder / f"{name}_{i}.png")
     return root
+
+
+def cell_png_bytes(size: int = 96, kind: int = 0, seed: int = 0) -> bytes:
+    """A drawn cell encoded as PNG bytes, as an upload would arrive."""
+    import io
+
+    buffer = io.BytesIO()
+    draw_cell(size, kind=kind, seed=seed).save(buffer, format="PNG")
+    return buffer.getvalue()

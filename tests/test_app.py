@@ -2,7 +2,6 @@
 images drawn by the tests. Nothing downloads; each test takes a few seconds on CPU."""
 from __future__ import annotations
 
-import io
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -11,7 +10,7 @@ import streamlit as st
 from streamlit.testing.v1 import AppTest
 
 from core.store import ImageRecord, PredictionRecord, feedback_table, make_engine, make_sessionmaker
-from tests.conftest import draw_cell
+from tests.conftest import cell_png_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 APP = str(ROOT / "app.py")
@@ -20,9 +19,7 @@ CARD_PAGE = "pages/2_Model_card.py"
 
 
 def png_bytes(kind: int = 0, seed: int = 0) -> bytes:
-    buffer = io.BytesIO()
-    draw_cell(96, kind=kind, seed=seed).save(buffer, format="PNG")
-    return buffer.getvalue()
+    return cell_png_bytes(96, kind=kind, seed=seed)
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@ drawn cells, a temporary SQLite store and gallery cache. Nothing downloads."""
 from __future__ import annotations
 
 import hashlib
-import io
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -13,7 +12,7 @@ from streamlit.testing.v1 import AppTest
 
 from core.store import (add_feedback, add_prediction, get_or_create_image, make_engine, make_sessionmaker,
                         store_image_copy)
-from tests.conftest import draw_cell, write_class_tree
+from tests.conftest import cell_png_bytes, write_class_tree
 
 ROOT = Path(__file__).resolve().parent.parent
 APP = str(ROOT / "app.py")
@@ -23,9 +22,7 @@ QUERY = "cell with a bilobed nucleus and orange granules"
 
 
 def png_bytes(kind: int = 0, seed: int = 0) -> bytes:
-    buffer = io.BytesIO()
-    draw_cell(64, kind=kind, seed=seed).save(buffer, format="PNG")
-    return buffer.getvalue()
+    return cell_png_bytes(64, kind=kind, seed=seed)
 
 
 @pytest.fixture
