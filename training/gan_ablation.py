@@ -1,6 +1,6 @@
 """Does GAN balancing help rare classes? Train and evaluate every (mode, seed), then report.
 
-    python -m training.gan_ablation --data /work/shared/data/pbc/train --val /work/shared/data/pbc/val \
+    python -m training.gan_ablation --data PBC/train --val PBC/val \
         --gan runs/gan64_cut/gan.safetensors --cut basophil=50 lymphocyte=100 \
         --modes none reweight oversample gan --seeds 0 1 2 --epochs 3 --max-per-class 400 \
         --out runs/ablation --report docs/gan_ablation.md

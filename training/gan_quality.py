@@ -2,7 +2,7 @@
 
     python -m training.gan_quality --checkpoint runs/gan64/gan.safetensors \
         --classifier assets/model/hemascribe_default.safetensors \
-        --real /work/shared/data/pbc/val [--n 200] [--json runs/gan64/quality.json]
+        --real PBC/val [--n 200] [--json runs/gan64/quality.json]
 
 * Fidelity: n images per class are generated (upsampled to 224 px like gan_sample) and
   described by our classifier against the panel holding the GAN's classes; fidelity is the

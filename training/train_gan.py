@@ -1,6 +1,6 @@
 """Train the class-conditional GAN that makes synthetic images of rare cell types (issue 4).
 
-    python -m training.train_gan --data /work/shared/data/pbc/train --out runs/gan64 \
+    python -m training.train_gan --data PBC/train --out runs/gan64 \
         --size 64 --minutes 60 [--steps N] [--classes basophil lymphocyte ...] \
         [--cut basophil=50 lymphocyte=100 --max-per-class 300] [--resume]
 
