@@ -21,8 +21,7 @@ from sklearn.metrics import roc_auc_score
 
 from core.checkpoint import load_bundle, update_sidecar
 from core.data import scan_class_folders
-from core.describe import describe_batch, embed_images
-from core.reliability import centroid_similarities, out_of_scope_score
+from core.describe import describe_batch
 from training.ood_sets import blank_images, natural_photos, noise_images, text_images
 from training.reliability_plots import reliability_diagram, risk_coverage_plot
 
@@ -36,16 +35,16 @@ def load_folder(folder: str, limit: int = 0):
     return [Image.open(i.path).convert("RGB") for i in items], [i.label for i in items]
 
 
-def scores_for(bundle, images, panel, batch=128) -> tuple[np.ndarray, np.ndarray]:
-    """(out-of-scope scores, abstained flags) of the images under `panel`."""
-    keys = bundle.panels[panel].keys
-    scores, abstained = [], []
-    for start in range(0, len(images), batch):
-        chunk = images[start:start + batch]
-        embeddings, _ = embed_images(bundle, chunk)
-        scores += [out_of_scope_score(centroid_similarities(bundle, e), keys) for e in embeddings]
-        abstained += [d.abstained for d in describe_batch(bundle, chunk, panel)]
-    return np.array(scores), np.array(abstained)
+def describe_all(bundle, images, panel, batch=128) -> list:
+    """Descriptions of all images under `panel`, batch by batch (one forward pass each)."""
+    return [d for start in range(0, len(images), batch) for d in describe_batch(bundle, images[start:start + batch], panel)]
+
+
+def scores_for(descriptions) -> tuple[np.ndarray, np.ndarray]:
+    """(out-of-scope scores, abstained flags): the score is the one describe computed with
+    core.reliability.out_of_scope_score, the same rule the app and evaluation CLI use."""
+    return (np.array([d.out_of_scope_score for d in descriptions]),
+            np.array([d.abstained for d in descriptions]))
 
 
 def auroc(in_scores: np.ndarray, out_scores: np.ndarray) -> float:
@@ -57,14 +56,14 @@ def auroc(in_scores: np.ndarray, out_scores: np.ndarray) -> float:
 def panel_section(bundle, panel, val, other, synthetic) -> dict:
     """OOD AUROC and flagged rates for one panel; risk-coverage on its val images."""
     images, labels = val
-    in_scores, in_abstained = scores_for(bundle, images, panel)
+    descriptions = describe_all(bundle, images, panel)
+    in_scores, in_abstained = scores_for(descriptions)
     result = {"n_val": len(images), "val_abstain_rate": round(float(in_abstained.mean()), 4), "kinds": {}}
     for kind, ood_images in [("natural photos", synthetic["natural"]), (other[0], other[1]),
                              ("blank, noise and text", synthetic["blank"] + synthetic["noise"] + synthetic["text"])]:
-        scores, abstained = scores_for(bundle, ood_images, panel)
+        scores, abstained = scores_for(describe_all(bundle, ood_images, panel))
         result["kinds"][kind] = {"n": len(ood_images), "auroc": round(auroc(in_scores, scores), 4),
                                  "flagged_rate": round(float(abstained.mean()), 4)}
-    descriptions = describe_batch(bundle, images, panel)
     result["curve"] = risk_coverage(descriptions, labels)
     return result
 
