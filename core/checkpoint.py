@@ -37,6 +37,7 @@ class ModelBundle:
     prototypes: dict[str, torch.Tensor]  # panel -> (K, D) unit-norm class embeddings
     attribute_prototypes: dict[str, torch.Tensor] = field(default_factory=dict)  # attribute -> (V, D)
     centroids: dict[str, torch.Tensor] = field(default_factory=dict)  # class -> (D,) mean train image embedding
+    ood_precision: torch.Tensor | None = None  # (D, D) inverse within-class covariance (Mahalanobis score)
     path: Path | None = None  # weights file it came from
     # Grad-CAM registers hooks on the shared model; this lock keeps one session's hooks from
     # seeing another session's forward pass. Forward passes are CPU-bound, so little is lost.
@@ -73,6 +74,8 @@ def save_bundle(bundle: ModelBundle, path: Path | str) -> Path:
     tensors.update({f"bank.{k}": v.contiguous() for k, v in bundle.prototypes.items()})
     tensors.update({f"attr.{k}": v.contiguous() for k, v in bundle.attribute_prototypes.items()})
     tensors.update({f"centroid.{k}": v.contiguous() for k, v in bundle.centroids.items()})
+    if bundle.ood_precision is not None:
+        tensors["ood.precision"] = bundle.ood_precision.contiguous()
     tmp_weights = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp_weights), metadata={"format": "hemascribe", "version": str(FORMAT_VERSION)})
     sidecar = dict(bundle.sidecar, format_version=FORMAT_VERSION,
@@ -122,7 +125,7 @@ def load_bundle(path: Path | str, text_model_override: str | None = None) -> Mod
     attributes = {k[len("attr."):]: v for k, v in tensors.items() if k.startswith("attr.")}
     centroids = {k[len("centroid."):]: v for k, v in tensors.items() if k.startswith("centroid.")}
     return ModelBundle(model, sidecar, panels_from_dict(sidecar["panels"]), prototypes, attributes,
-                       centroids, path)
+                       centroids, ood_precision=tensors.get("ood.precision"), path=path)
 
 
 def load_sidecar(weights_path: Path | str) -> dict:

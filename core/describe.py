@@ -16,7 +16,7 @@ from PIL import Image
 
 from core.checkpoint import ModelBundle
 from core.preprocess import to_model_input
-from core.reliability import abstention_decision, panel_probabilities
+from core.reliability import abstention_decision, content_problems, panel_probabilities
 
 
 @dataclass(frozen=True)
@@ -51,11 +51,17 @@ def default_panel(bundle: ModelBundle) -> str:
 @torch.no_grad()
 def embed_images(bundle: ModelBundle, images: list[Image.Image]) -> tuple[torch.Tensor, float]:
     """Unit-norm embeddings (B, D) and the preprocessing time in ms."""
+    embeddings, prep_ms, _ = _embed_with_inputs(bundle, images)
+    return embeddings, prep_ms
+
+
+@torch.no_grad()
+def _embed_with_inputs(bundle: ModelBundle, images: list[Image.Image]) -> tuple[torch.Tensor, float, torch.Tensor]:
     started = time.perf_counter()
     batch = to_model_input(images, bundle.model.config.image_size)
     prep_ms = (time.perf_counter() - started) * 1000
     with bundle.lock:
-        return bundle.model.encode_image(batch), prep_ms
+        return bundle.model.encode_image(batch), prep_ms, batch
 
 
 def describe_batch(bundle: ModelBundle, images: list[Image.Image], panel: str | None = None) -> list[Description]:
@@ -66,12 +72,12 @@ def describe_batch(bundle: ModelBundle, images: list[Image.Image], panel: str | 
     if not images:
         return []
     started = time.perf_counter()
-    embeddings, prep_ms = embed_images(bundle, images)
+    embeddings, prep_ms, inputs = _embed_with_inputs(bundle, images)
     embed_ms = (time.perf_counter() - started) * 1000 - prep_ms
     results = []
-    for embedding in embeddings:
+    for embedding, problem in zip(embeddings, content_problems(inputs)):
         t0 = time.perf_counter()
-        results.append(_describe_embedding(bundle, embedding, panel))
+        results.append(_describe_embedding(bundle, embedding, panel, problem))
         score_ms = (time.perf_counter() - t0) * 1000
         results[-1].timings_ms.update(preprocess=prep_ms / len(images), embed=embed_ms / len(images), score=score_ms)
     return results
@@ -82,12 +88,13 @@ def describe(bundle: ModelBundle, image: Image.Image, panel: str | None = None) 
     return describe_batch(bundle, [image], panel)[0]
 
 
-def _describe_embedding(bundle: ModelBundle, embedding: torch.Tensor, panel: str) -> Description:
+def _describe_embedding(bundle: ModelBundle, embedding: torch.Tensor, panel: str,
+                        content_problem: str | None = None) -> Description:
     spec = bundle.panels[panel]
     similarities = (bundle.prototypes[panel] @ embedding).tolist()
     probabilities = panel_probabilities(bundle, embedding, panel)
     best = int(torch.tensor(probabilities).argmax())
-    decision = abstention_decision(bundle, embedding, panel, probabilities)
+    decision = abstention_decision(bundle, embedding, panel, probabilities, content_problem)
     chosen = None if decision.abstained else spec.classes[best]
     return Description(
         panel=panel, class_key=chosen.key if chosen else None, sentence=chosen.sentence if chosen else None,

@@ -1,11 +1,18 @@
 """Calibrated confidence and honest abstention.
 
 Questions answered in this order for every image:
+0. Is there an optical image at all? A blank frame (no contrast) or pixel noise (neighbouring
+   pixels uncorrelated, which no microscope image at this sampling is) is refused before
+   the model is asked; see `content_problems`.
 1. Is the panel validated at all? A panel whose classes the model never saw an image of
    (the originating study's leukaemia sentences) always abstains, and says why.
-2. Is the image out of scope for the panel? Score: cosine distance in embedding space to the
-   nearest centroid of the training images of the panel's classes. A photo, a blank, or a
-   cell of another panel (a B-ALL smear under ``blood_cells``) lies far from all of them.
+2. Is the image out of scope for the panel? Score: Mahalanobis distance in embedding space to
+   the nearest centroid of the training images of the panel's classes, with the shared
+   within-class covariance of those images (Lee et al. 2018; falls back to cosine distance
+   for a model calibrated without it). A photo, a blank, or a cell of another panel (a
+   B-ALL smear under ``blood_cells``) lies far from all of them. Mahalanobis rather than
+   cosine because the classes spread unevenly: directions in which training cells never
+   vary are the ones where odd images stand out.
    When the nearest centroid overall belongs to another panel's class, the reason says so.
 3. Is the best match weak? Calibrated probability (temperature fitted on val) below a
    threshold chosen on val for a target accuracy of the answered cases.
@@ -26,7 +33,7 @@ from core.checkpoint import ModelBundle
 class Decision:
     abstained: bool  # True when the model should not give a sentence
     reason: str | None  # the reason, in words a hematologist reads
-    out_of_scope_score: float  # distance to the nearest training-class centroid
+    out_of_scope_score: float  # distance to the nearest training-class centroid of the panel
 
 
 def _calibration(bundle: ModelBundle) -> dict:
@@ -53,21 +60,65 @@ def centroid_similarities(bundle: ModelBundle, embedding: torch.Tensor) -> dict[
     return dict(zip(keys, sims.tolist()))
 
 
-def out_of_scope_score(similarities: dict[str, float], panel_keys: list[str]) -> float:
-    """Cosine distance to the nearest centroid of the panel's classes: high for images
-    unlike any cell of the panel (other panels' cells, photos, blanks). Infinite when the
-    model saw no image of any class of the panel."""
-    inside = [similarities[k] for k in panel_keys if k in similarities]
-    return 1 - max(inside) if inside else math.inf
+# Fixed from what an optical image is, not fitted to any out-of-scope set: every real val image
+# here (PBC, B-ALL, BCCD) has a luminance std >= 0.055 and a neighbour correlation >= 0.86.
+MIN_CONTRAST = 0.01  # luminance std, images in [0, 1]
+MIN_NEIGHBOUR_CORRELATION = 0.5
+
+
+def _neighbour_correlation(luminance: torch.Tensor) -> torch.Tensor:
+    """(B,) mean Pearson correlation of horizontally and vertically adjacent pixels."""
+    def correlation(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        a, b = a.flatten(1), b.flatten(1)
+        a, b = a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True)
+        return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1) + 1e-8)
+    return 0.5 * (correlation(luminance[:, :, 1:], luminance[:, :, :-1]) +
+                  correlation(luminance[:, 1:, :], luminance[:, :-1, :]))
+
+
+def content_problems(images: torch.Tensor) -> list[str | None]:
+    """For each model input of (B, 3, S, S) in [0, 1]: why it cannot be a microscope image
+    (blank, or pixel noise), or None."""
+    luminance = 0.299 * images[:, 0] + 0.587 * images[:, 1] + 0.114 * images[:, 2]
+    contrast = luminance.flatten(1).std(dim=1)
+    neighbours = _neighbour_correlation(luminance)
+    problems = []
+    for c, n in zip(contrast.tolist(), neighbours.tolist()):
+        if c < MIN_CONTRAST:
+            problems.append("The image is blank (no contrast): there is no cell to describe.")
+        elif n < MIN_NEIGHBOUR_CORRELATION:
+            problems.append("The image looks like random pixel noise, not a microscope image "
+                            f"(neighbouring pixels correlate {n:.2f}; microscope images > {MIN_NEIGHBOUR_CORRELATION}).")
+        else:
+            problems.append(None)
+    return problems
+
+
+def out_of_scope_scores(bundle: ModelBundle, embeddings: torch.Tensor, panel_keys: list[str]) -> torch.Tensor:
+    """(N,) out-of-scope scores of (N, D) embeddings for a panel: Mahalanobis distance to the
+    nearest of the panel's class centroids when the bundle has a precision matrix, cosine
+    distance otherwise; infinite when the model saw no image of any class of the panel."""
+    keys = [k for k in panel_keys if k in bundle.centroids]
+    if not keys:
+        return torch.full((embeddings.shape[0],), math.inf)
+    centroids = torch.stack([bundle.centroids[k] for k in keys]).to(embeddings.dtype)
+    if bundle.ood_precision is None:
+        return 1 - (embeddings @ centroids.t()).max(dim=-1).values
+    diff = embeddings[:, None, :] - centroids[None]
+    squared = torch.einsum("nkd,de,nke->nk", diff, bundle.ood_precision.to(embeddings.dtype), diff)
+    return squared.clamp_min(0).min(dim=-1).values.sqrt()
 
 
 def abstention_decision(bundle: ModelBundle, embedding: torch.Tensor, panel: str,
-                        probabilities: list[float]) -> Decision:
-    """Whether to abstain, and why (see the module docstring for the order of checks)."""
+                        probabilities: list[float], content_problem: str | None = None) -> Decision:
+    """Whether to abstain, and why (see the module docstring for the order of checks);
+    `content_problem` comes from `content_problems` on the model input."""
+    if content_problem:
+        return Decision(True, content_problem, math.inf)
     calibration = _calibration(bundle).get("panels", {}).get(panel, {})
     spec = bundle.panels[panel]
     similarities = centroid_similarities(bundle, embedding)
-    score = out_of_scope_score(similarities, spec.keys) if similarities else 0.0
+    score = float(out_of_scope_scores(bundle, embedding[None], spec.keys)[0]) if similarities else 0.0
     if not spec.validated:
         return Decision(True, f"The panel '{spec.title}' is not validated: no images of its classes were "
                               "available, so the model cannot vouch for any of its sentences.", score)

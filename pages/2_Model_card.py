@@ -67,6 +67,18 @@ st.dataframe(model_card.panels_frame(bundle), hide_index=True, key="card_panels"
 st.subheader("Data sets and licences")
 st.dataframe(model_card.DATASETS, hide_index=True, key="card_datasets")
 
+st.subheader("Rare classes: balancing and GAN images")
+st.markdown(f"This model was trained with class balancing **{training.get('balance', 'not recorded')}**.")
+ablation = model_card.ablation_summary()
+if ablation is None:
+    st.info("The balancing ablation (python -m training.gan_ablation) has not been run.")
+else:
+    table, verdict = ablation
+    st.caption("Rare-class stress test: basophils and lymphocytes cut in the training split, each balancing mode "
+               "trained with the same short schedule, measured on the full val split (mean ± std over seeds).")
+    st.markdown(table)
+    st.markdown(verdict)
+
 grid = model_card.first_existing(model_card.gan_grid_paths(resources.settings().samples_dir))
 if grid is not None:
     st.subheader("Synthetic samples")

@@ -215,6 +215,7 @@ def test_model_card_page(app_env):
     assert {"CC BY 4.0", "MIT", "research use"} <= set(licences["licence"])
     panels = frame_with(at, "validated")
     assert dict(zip(panels["panel"], panels["validated"]))["leukemia"] == "no"
+    assert any(s.value.startswith("Rare classes") for s in at.subheader)
 
 
 def test_new_model_file_is_picked_up_without_restart(app_env, tmp_path, monkeypatch):

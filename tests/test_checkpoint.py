@@ -9,8 +9,10 @@ from tests.conftest import make_tiny_bundle
 
 def test_round_trip_keeps_weights_prototypes_and_sidecar(tmp_path):
     bundle = make_tiny_bundle(seed=3)
+    bundle.ood_precision = torch.eye(bundle.model.config.embed_dim) * 2.0
     path = save_bundle(bundle, tmp_path / "m.safetensors")
     loaded = load_bundle(path)
+    assert torch.equal(loaded.ood_precision, bundle.ood_precision)
     for key, value in bundle.model.state_dict().items():
         assert torch.equal(value, loaded.model.state_dict()[key])
     assert torch.equal(bundle.prototypes["blood_cells"], loaded.prototypes["blood_cells"])

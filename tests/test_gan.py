@@ -156,3 +156,9 @@ def test_ablation_report_from_made_up_results(tmp_path):
     assert "| gan | 0,1 | 0.9150 ± 0.0071" in text and "recall basophil" in text
     assert "Verdict: gan beats reweight" in text and report.with_suffix(".png").is_file()
     assert "does not beat" in verdict({**table, "gan": {**table["gan"], "macro_f1": (0.7, 0.0)}})
+    # the model card shows the table and the verdict of this very report
+    from ui.model_card import ablation_summary
+    shown_table, shown_verdict = ablation_summary(report)
+    assert shown_table.startswith("| mode |") and "| gan | 0,1 |" in shown_table
+    assert shown_verdict.startswith("Verdict: gan beats reweight") and "gan is also the best mode" in shown_verdict
+    assert ablation_summary(tmp_path / "missing.md") is None

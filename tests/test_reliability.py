@@ -4,7 +4,7 @@ import torch
 
 from core.describe import describe
 from core.reliability import (confidence_threshold_for_accuracy, expected_calibration_error, fit_temperature,
-                              out_of_scope_score)
+                              out_of_scope_scores)
 from tests.conftest import draw_cell, make_tiny_bundle
 
 
@@ -39,10 +39,29 @@ def test_confidence_threshold_reaches_target_or_keeps_coverage():
     assert (conf >= threshold).float().mean() >= 0.8
 
 
+def _centroid_bundle(precision=None):
+    from types import SimpleNamespace
+    centroids = {"neutrophil": torch.tensor([1.0, 0.0]), "pro_b": torch.tensor([0.0, 1.0])}
+    return SimpleNamespace(centroids=centroids, ood_precision=precision)
+
+
 def test_out_of_scope_score_uses_panel_centroids_only():
-    sims = {"neutrophil": 0.9, "pro_b": 0.99}
-    assert math.isclose(out_of_scope_score(sims, ["neutrophil", "lymphocyte"]), 0.1, abs_tol=1e-9)
-    assert out_of_scope_score(sims, ["aml"]) == math.inf
+    point = torch.tensor([[0.6, 0.8]])
+    cosine = out_of_scope_scores(_centroid_bundle(), point, ["neutrophil", "lymphocyte"])
+    assert math.isclose(float(cosine[0]), 0.4, abs_tol=1e-6)  # pro_b is nearer but in another panel
+    assert float(out_of_scope_scores(_centroid_bundle(), point, ["aml"])[0]) == math.inf
+
+
+def test_mahalanobis_score_weighs_directions_by_training_spread():
+    # training cells vary a lot along x, hardly along y: a step in y is far more unusual
+    precision = torch.diag(torch.tensor([1.0, 100.0]))
+    bundle = _centroid_bundle(precision)
+    along_x = torch.tensor([[1.5, 0.0]])
+    along_y = torch.tensor([[1.0, 0.5]])
+    x_score, y_score = (float(out_of_scope_scores(bundle, p, ["neutrophil"])[0]) for p in (along_x, along_y))
+    assert math.isclose(x_score, 0.5, abs_tol=1e-6) and math.isclose(y_score, 5.0, abs_tol=1e-5)
+    identity = out_of_scope_scores(_centroid_bundle(torch.eye(2)), along_y, ["neutrophil"])
+    assert math.isclose(float(identity[0]), 0.5, abs_tol=1e-6)  # identity precision: Euclidean
 
 
 def test_abstains_with_reasons():
@@ -58,3 +77,21 @@ def test_abstains_with_reasons():
     assert result.abstained and "too weak" in result.abstain_reason
     bundle.sidecar["calibration"] = {"panels": {"blood_cells": {"min_confidence": 0.0, "temperature": 1.0}}}
     assert not describe(bundle, image, "blood_cells").abstained
+
+
+def test_blank_and_noise_images_are_refused_before_the_model_answers(tiny_bundle):
+    import numpy as np
+    from PIL import Image
+
+    from core.preprocess import to_model_input
+    from core.reliability import content_problems
+
+    rng = np.random.default_rng(0)
+    blank = Image.new("RGB", (128, 128), (235, 205, 210))
+    noise = Image.fromarray(rng.integers(0, 256, (128, 128, 3), dtype=np.uint8))
+    problems = content_problems(to_model_input([blank, noise, draw_cell(size=128)], 64))
+    assert "blank" in problems[0] and "noise" in problems[1] and problems[2] is None
+    tiny_bundle.sidecar["calibration"] = {"panels": {"blood_cells": {"min_confidence": 0.0}}}
+    results = [describe(tiny_bundle, image, "blood_cells") for image in (blank, noise)]
+    assert all(r.abstained and r.class_key is None and r.out_of_scope_score == math.inf for r in results)
+    assert "blank" in results[0].abstain_reason and "noise" in results[1].abstain_reason

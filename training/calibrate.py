@@ -2,7 +2,8 @@
 
     python -m training.calibrate --checkpoint PATH --train DIR... --val DIR...
 
-* class centroids of the training images in embedding space (out-of-scope score);
+* class centroids of the training images in embedding space and the inverse of their shared
+  within-class covariance, Ledoit-Wolf shrunk (out-of-scope score, see core.reliability);
 * per panel: a temperature (NLL on val) and the lowest confidence whose answered cases
   reach --target-accuracy while answering at least --min-coverage;
 * per panel, an out-of-scope threshold: the distance to the panel's nearest class centroid
@@ -19,12 +20,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from sklearn.covariance import LedoitWolf
 
 from core.checkpoint import load_bundle, save_bundle
 from core.data import scan_class_folders
 from core.panels import panel_for_classes
 from core.reliability import (confidence_threshold_for_accuracy, expected_calibration_error,
-                              fit_temperature)
+                              fit_temperature, out_of_scope_scores)
 from training.dataset import decode_images
 
 
@@ -49,8 +51,9 @@ def embed_items(bundle, items, cache_dir) -> torch.Tensor:
     return torch.cat(chunks)
 
 
-def class_centroids(bundle, folders, per_class, cache_dir, seed) -> dict[str, torch.Tensor]:
-    """Mean training-image embedding per class (a seeded sample of `per_class` images)."""
+def class_centroids(bundle, folders, per_class, cache_dir, seed) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Mean training-image embedding per class (a seeded sample of `per_class` images) and the
+    precision matrix of the residuals around them (shrinkage chosen by Ledoit-Wolf, not tuned)."""
     items = [i for f in folders for i in scan_class_folders(f)]
     generator = torch.Generator().manual_seed(seed)
     sample = []
@@ -60,15 +63,11 @@ def class_centroids(bundle, folders, per_class, cache_dir, seed) -> dict[str, to
         sample.extend(group[int(k)] for k in picks)
     embeddings = embed_items(bundle, sample, cache_dir)
     labels = [i.label for i in sample]
-    return {label: F.normalize(embeddings[[j for j, x in enumerate(labels) if x == label]].mean(0), dim=-1)
-            for label in sorted(set(labels))}
-
-
-def panel_scores(bundle, embeddings, panel) -> torch.Tensor:
-    """Out-of-scope score of each embedding for `panel` (see core.reliability)."""
-    keys = [k for k in bundle.panels[panel].keys if k in bundle.centroids]
-    centroids = torch.stack([bundle.centroids[k] for k in keys])
-    return 1 - (embeddings @ centroids.t()).max(dim=-1).values
+    centroids = {label: F.normalize(embeddings[[j for j, x in enumerate(labels) if x == label]].mean(0), dim=-1)
+                 for label in sorted(set(labels))}
+    residuals = embeddings - torch.stack([centroids[label] for label in labels])
+    covariance = LedoitWolf(assume_centered=True).fit(residuals.double().numpy()).covariance_
+    return centroids, torch.linalg.inv(torch.from_numpy(covariance)).float()
 
 
 def calibrate_panel(bundle, embeddings, labels, panel, fit, held_out, args) -> dict:
@@ -81,7 +80,7 @@ def calibrate_panel(bundle, embeddings, labels, panel, fit, held_out, args) -> d
     probs = torch.softmax(logits / temperature, dim=-1)
     confidence, predicted = probs.max(dim=-1)
     correct = predicted == target
-    scores = panel_scores(bundle, embeddings, panel)
+    scores = out_of_scope_scores(bundle, embeddings, keys)
     ood_threshold = float(torch.quantile(scores[fit], args.ood_coverage))
     in_scope = scores <= ood_threshold
     fit_in = fit[in_scope[fit]]
@@ -104,7 +103,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_grad_enabled(False)
     bundle = load_bundle(args.checkpoint)
-    bundle.centroids = class_centroids(bundle, args.train, args.per_class, args.cache_dir, args.seed)
+    bundle.centroids, bundle.ood_precision = class_centroids(bundle, args.train, args.per_class, args.cache_dir,
+                                                             args.seed)
     calibration = {"panels": {}, "method": __doc__.split("\n\n")[1].strip(),
                    "target_accuracy": args.target_accuracy, "min_coverage": args.min_coverage}
     for folder in args.val:
@@ -116,7 +116,8 @@ def main(argv=None) -> int:
         result = calibrate_panel(bundle, embeddings, [i.label for i in items], panel, fit, held_out, args)
         calibration["panels"][panel] = result
         print(panel, json.dumps(result), flush=True)
-    calibration["out_of_scope"] = {"score": "cosine distance to the nearest training centroid of the panel's classes",
+    calibration["out_of_scope"] = {"score": "Mahalanobis distance (shared within-class covariance, Ledoit-Wolf) "
+                                            "to the nearest training centroid of the panel's classes",
                                    "coverage_on_val": args.ood_coverage}
     bundle.sidecar["calibration"] = calibration
     save_bundle(bundle, args.checkpoint)

@@ -16,10 +16,13 @@ OUT/synthetic_s<seed> until real + synthetic reach --target-ratio times the medi
 the other classes. ``training.train`` applies --cut and --max-per-class to the synthetic
 folders too (they are pooled by label), which would replace real images of a cut class by
 synthetic ones. So gan runs get the *same real images* another way: OUT/real_s<seed> holds
-symbolic links to exactly the images ``training.train.load_items`` keeps for that seed
+symbolic links to exactly the images ``training.train.load_items`` keeps for --data-seed
 (checked before training), passed as --data without --cut.
 
---gan may contain ``{seed}`` (one GAN per seed). A GAN trained on more real images of a cut
+The cut is drawn once (--data-seed, fixed): every mode and seed trains on the same real
+images, so the spread over seeds is the training noise, and one GAN trained on that cut
+(``train_gan --cut ... --max-per-class ... --data-seed``) serves every seed without seeing
+a real image the classifier runs lack. --gan may still contain ``{seed}`` (one GAN per seed). A GAN trained on more real images of a cut
 class than the classifier run saw leaks data into gan mode; the sidecar's per-class data
 fingerprint is compared with the run's, and the report warns on any mismatch.
 """
@@ -50,8 +53,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cut", nargs="+", required=True, help="CLASS=N: training images kept of the rare classes")
     p.add_argument("--modes", nargs="+", choices=BALANCE_MODES, default=list(BALANCE_MODES))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--data-seed", type=int, default=0,
+                   help="seed of the cut: every mode and seed trains on the same real images (the GAN's too)")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--config", default="hemascribe-regnetx004-128", help="model config of training.train")
+    p.add_argument("--augment", default="strong", help="augmentation preset of training.train, the same for every run")
     p.add_argument("--max-per-class", type=int, default=0, help="cap per class for every run (0: all)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--target-ratio", type=float, default=1.0,
@@ -114,7 +120,7 @@ def gan_warnings(gan_path: str, items, cut: dict[str, int], seed: int) -> list[s
 
 def gan_plan(args, seed: int) -> tuple[list, dict[str, int], list[str]]:
     """(real images the run keeps, synthetic images per cut class, leak warnings) of a gan run."""
-    items = load_items([args.data], args.max_per_class, args.cut, seed)
+    items = load_items([args.data], args.max_per_class, args.cut, args.data_seed)
     cut = cut_limits(args.cut)
     counts = synthetic_counts(class_counts(items), cut, args.target_ratio, args.max_per_class)
     return items, counts, gan_warnings(args.gan.format(seed=seed), items, cut, seed)
@@ -138,12 +144,14 @@ def run_commands(args, mode: str, seed: int, python: str) -> Path:
     if result.is_file():
         print(f"skip {run_dir}: {result.name} exists", flush=True)
         return result
-    commands, data_args = [], ["--data", args.data, "--max-per-class", str(args.max_per_class), "--cut", *args.cut]
+    commands, data_args = [], ["--data", args.data, "--max-per-class", str(args.max_per_class), "--cut", *args.cut,
+                               "--data-seed", str(args.data_seed)]
     if mode == "gan":
         commands, data_args = prepare_gan_run(args, seed, python)
     model = run_dir / "model.safetensors"
     commands.append([python, "-m", "training.train", *data_args, "--balance", mode, "--seed", str(seed),
-                     "--epochs", str(args.epochs), "--config", args.config, "--batch-size", str(args.batch_size),
+                     "--epochs", str(args.epochs), "--config", args.config, "--augment", args.augment,
+                     "--batch-size", str(args.batch_size),
                      "--out", str(run_dir), "--export", str(model), "--cache-dir", args.cache_dir, "--resume",
                      *(["--threads", str(args.threads)] if args.threads else [])])
     commands.append([python, "-m", "training.evaluate", "--checkpoint", str(model), "--data", args.val,
@@ -197,7 +205,8 @@ def main(argv=None) -> int:
     Path(args.out).mkdir(parents=True, exist_ok=True)
     context = {"val": args.val, "warnings": [], "settings": {
         "training data": args.data, "cut": " ".join(args.cut), "config": args.config, "epochs": args.epochs,
-        "max per class": args.max_per_class or "all", "batch size": args.batch_size, "gan": args.gan or "-",
+        "augmentation": args.augment,
+        "max per class": args.max_per_class or "all", "cut seed": args.data_seed, "batch size": args.batch_size, "gan": args.gan or "-",
         "target ratio (gan)": args.target_ratio,
         "driver": "python -m training.gan_ablation " + shlex.join(sys.argv[1:])}}
     for seed in args.seeds if "gan" in args.modes else []:

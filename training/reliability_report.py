@@ -5,7 +5,7 @@
 
 Writes a Markdown report, a reliability diagram and risk-coverage plot (shown on the model
 card), and a summary into the model sidecar ("reliability"). The out-of-scope score is the one
-the app and the evaluation CLI use (core.reliability.out_of_scope_score); none of the
+the app and the evaluation CLI use (core.reliability.out_of_scope_scores); none of the
 out-of-scope sets below was used to fit anything.
 """
 from __future__ import annotations
@@ -42,7 +42,7 @@ def describe_all(bundle, images, panel, batch=128) -> list:
 
 def scores_for(descriptions) -> tuple[np.ndarray, np.ndarray]:
     """(out-of-scope scores, abstained flags): the score is the one describe computed with
-    core.reliability.out_of_scope_score, the same rule the app and evaluation CLI use."""
+    core.reliability.out_of_scope_scores, the same rule the app and evaluation CLI use."""
     return (np.array([d.out_of_scope_score for d in descriptions]),
             np.array([d.abstained for d in descriptions]))
 
@@ -50,7 +50,11 @@ def scores_for(descriptions) -> tuple[np.ndarray, np.ndarray]:
 def auroc(in_scores: np.ndarray, out_scores: np.ndarray) -> float:
     """AUROC of telling out-of-scope (positive, higher score) from in-scope images."""
     labels = np.r_[np.zeros(len(in_scores)), np.ones(len(out_scores))]
-    return float(roc_auc_score(labels, np.r_[in_scores, out_scores]))
+    scores = np.r_[in_scores, out_scores]
+    finite = scores[np.isfinite(scores)]
+    # refused images (blank, noise) score +inf: rank them above every finite score
+    top = (finite.max() + 1.0) if finite.size else 1.0
+    return float(roc_auc_score(labels, np.nan_to_num(scores, posinf=top)))
 
 
 def panel_section(bundle, panel, val, other, synthetic) -> dict:
@@ -85,7 +89,9 @@ def write_markdown(path: Path, report: dict, args) -> None:
     lines = ["# Reliability report", "", f"Model `{report['model_id']}`. Command:", "",
              f"    python -m training.reliability_report --checkpoint {args.checkpoint} --pbc-val {args.pbc_val} "
              f"--ball-val {args.ball_val}", "",
-             "Out-of-scope score: cosine distance to the nearest training-class centroid of the chosen panel.",
+             "Out-of-scope score: " + report["calibration"].get("out_of_scope", {}).get(
+                 "score", "cosine distance to the nearest training-class centroid of the chosen panel") + "; blank "
+             "and pixel-noise images are refused before scoring (score +inf, see core.reliability).",
              "AUROC: in-scope = the panel's val images; out-of-scope = each set below (never used for fitting).",
              "flagged = share the app would not describe as a known class (same rule as the evaluation CLI).", ""]
     for panel, section in report["panels"].items():

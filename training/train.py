@@ -34,6 +34,7 @@ from core.panels import load_attribute_phrases, load_panels
 from core.text_tower import text_weights_sha256
 from training.augment import AUGMENT_PRESETS, augment_batch
 from training.dataset import build_dataset, read_attribute_table
+from training.ema import WeightAverage
 from training.evaluation_utils import panel_accuracy
 from training.sampling import BALANCE_MODES, class_weights, epoch_indices, shard
 from training.text_features import SentenceFeatureCache
@@ -58,7 +59,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default="runs/default", help="run folder")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     p.add_argument("--export", default="", help="write the final model (safetensors + JSON sidecar) here")
+    p.add_argument("--ema", type=float, default=0.999, help="weight-average decay per step (0: off)")
+    p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
+                   help="bf16 autocast roughly halves CPU step time on CPUs with bf16 support")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-seed", type=int, default=None,
+                   help="seed of the --cut/--max-per-class selection (default --seed); fix it to vary only training")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     p.add_argument("--cache-dir", default="runs/cache", help="where decoded images are cached")
@@ -113,7 +119,11 @@ class TrainingObjective(torch.nn.Module):
         self.attribute_weight = attribute_weight
 
     def forward(self, images, labels, attribute_targets, class_features, value_features, image_weights=None):
-        image_emb = self.model.encode_image(images)
+        image_emb = self.model.encode_image(images).float()
+        with torch.autocast(images.device.type, enabled=False):  # losses in fp32 even under bf16 autocast
+            return self._losses(image_emb, labels, attribute_targets, class_features, value_features, image_weights)
+
+    def _losses(self, image_emb, labels, attribute_targets, class_features, value_features, image_weights):
         scale = self.model.scale()
         class_text = self.model.project_sentence_features(class_features)
         class_ids = torch.arange(class_text.shape[0], device=labels.device)
@@ -123,8 +133,8 @@ class TrainingObjective(torch.nn.Module):
         return contrastive + self.attribute_weight * attributes, contrastive, attributes
 
 
-def train_one_epoch(model, objective, data, indices, features, optimizer, args, state, generator, weights):
-    """One pass over `indices`; returns the mean losses."""
+def train_one_epoch(model, objective, data, indices, features, optimizer, args, state, generator, weights, average):
+    """One pass over `indices`; updates the weight average `average` (or None); returns the mean losses."""
     model.train()
     size = model.config.image_size
     sums, steps = {"loss": 0.0, "contrastive": 0.0, "attributes": 0.0}, 0
@@ -136,15 +146,19 @@ def train_one_epoch(model, objective, data, indices, features, optimizer, args, 
         for group in optimizer.param_groups:
             group["lr"] = lr_at(state["step"], state["total_steps"], args.lr, state["warmup"])
         labels = data.labels[batch].to(args.device)
-        loss, contrastive, attributes = objective(
-            augment_batch(data.images[batch], size, generator, AUGMENT_PRESETS[args.augment]).to(args.device), labels,
-            data.attributes[batch].to(args.device), features.sample_class_features(generator).to(args.device),
-            features.sample_attribute_features(generator).to(args.device),
-            weights[labels] if weights is not None else None)
+        images = augment_batch(data.images[batch], size, generator, AUGMENT_PRESETS[args.augment]).to(args.device)
+        with torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
+            loss, contrastive, attributes = objective(
+                images, labels, data.attributes[batch].to(args.device),
+                features.sample_class_features(generator).to(args.device),
+                features.sample_attribute_features(generator).to(args.device),
+                weights[labels] if weights is not None else None)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
         optimizer.step()
+        if average is not None:
+            average.update(model)
         state["step"] += 1
         for key, value in (("loss", loss), ("contrastive", contrastive), ("attributes", attributes)):
             sums[key] += float(value.detach())
@@ -168,7 +182,8 @@ def main(argv=None) -> int:
 
     # ---- data: decoded once into memory (see training/dataset.py) ----
     # caps and cuts apply to real images only; synthetic images are added on top
-    train_items = load_items(args.data, args.max_per_class, args.cut, args.seed)
+    data_seed = args.seed if args.data_seed is None else args.data_seed
+    train_items = load_items(args.data, args.max_per_class, args.cut, data_seed)
     train_items += [item for folder in args.synthetic for item in scan_class_folders(folder)]
     classes = sorted({item.label for item in train_items})
     attribute_table = read_attribute_table([(Path(c), Path(c).parent) for c in args.attributes])
@@ -185,6 +200,7 @@ def main(argv=None) -> int:
 
     # ---- model, sentence features (frozen text tower, computed once), optimiser ----
     model = DualEncoder(config).to(args.device)
+    average = WeightAverage(model, args.ema) if args.ema > 0 else None  # before the text encoder loads: not copied
     features = SentenceFeatureCache(model, panels, classes, phrases)
     objective = TrainingObjective(model, features.slices, args.attribute_weight)
     if world > 1:
@@ -197,6 +213,8 @@ def main(argv=None) -> int:
         checkpoint = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
+        if average is not None and "average" in checkpoint:
+            average.load_state_dict(checkpoint["average"])
         state.update(epoch=checkpoint["epoch"], step=checkpoint["step"])
         generator.manual_seed(args.seed + rank + 1000 * state["epoch"])
         print(f"resumed from epoch {state['epoch']}", flush=True)
@@ -209,23 +227,28 @@ def main(argv=None) -> int:
     while state["epoch"] < args.epochs:
         started = time.time()
         indices = shard(epoch_indices(train.labels, args.balance, generator, synthetic), rank, world)
-        losses = train_one_epoch(model, objective, train, indices, features, optimizer, args, state, generator, weights)
+        losses = train_one_epoch(model, objective, train, indices, features, optimizer, args, state, generator,
+                                 weights, average)
         state["epoch"] += 1
         if rank != 0:
             continue
         metrics = {"epoch": state["epoch"], "seconds": round(time.time() - started, 1), **losses,
                    "logit_scale": float(model.scale())}
-        prototypes = features.class_prototypes(model)
+        evaluated = average.shadow if average is not None else model  # validate what will be exported
+        prototypes = features.class_prototypes(evaluated)
         for folder, val in val_sets:
-            metrics[f"val_acc/{Path(folder).parent.name}"] = panel_accuracy(model, val, prototypes)
+            metrics[f"val_acc/{Path(folder).parent.name}"] = panel_accuracy(evaluated, val, prototypes)
         print(json.dumps(metrics), flush=True)
         with open(out / "metrics.jsonl", "a") as handle:
             handle.write(json.dumps(metrics) + "\n")
         torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": state["epoch"],
-                    "step": state["step"], "config": config.to_dict(), "classes": classes}, out / "last.tmp")
+                    "step": state["step"], "config": config.to_dict(), "classes": classes,
+                    **({"average": average.state_dict()} if average is not None else {})}, out / "last.tmp")
         (out / "last.tmp").replace(out / "last.pt")
 
     if rank == 0 and args.export:
+        if average is not None:
+            model.load_state_dict(average.shadow.state_dict())  # ship the averaged weights
         export(model, panels, phrases, train_items, args, out)
     if world > 1:
         dist.destroy_process_group()

@@ -52,6 +52,27 @@ def out_of_scope_frame(bundle) -> pd.DataFrame | None:
     return pd.DataFrame(rows)
 
 
+GAN_ABLATION_REPORT = PROJECT_ROOT / "docs" / "gan_ablation.md"
+
+
+def ablation_summary(report: Path = GAN_ABLATION_REPORT) -> tuple[str, str] | None:
+    """(results table, verdict line) of the GAN balancing ablation report that
+    ``training.gan_ablation`` wrote, or None when it has not been run."""
+    if not report.is_file():
+        return None
+    lines = report.read_text().splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith("| mode |")), None)
+    verdict = next((line for line in lines if line.startswith("Verdict:")), "")
+    if start is None:
+        return None
+    table = []
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break
+        table.append(line)
+    return "\n".join(table), verdict
+
+
 def first_existing(paths: list[Path]) -> Path | None:
     """The first path that is a file, or None."""
     return next((p for p in paths if p.is_file()), None)
