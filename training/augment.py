@@ -35,6 +35,8 @@ AUGMENT_PRESETS = {
     # zoom-in to 0.5x field of view: other labs' crops show the cell about twice as large
     # (BCCD), so that magnification must be inside the training distribution
     "wide_zoom": AugmentConfig(zoom=(0.5, 1.5), hue=0.2, gain=0.12, saturation=(0.7, 1.3), optics_share=0.5, grey_p=0.02),
+    # strong, with the zoom-in of wide_zoom only: separates the zoom question from wide_zoom's milder colour
+    "strong_zoom": AugmentConfig(zoom=(0.5, 1.5)),
     "mild": AugmentConfig(zoom=(0.85, 1.2), hue=0.08, gain=0.06, saturation=(0.85, 1.15), optics_share=0.15, grey_p=0.0),
 }
 
