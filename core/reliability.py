@@ -117,12 +117,12 @@ def abstention_decision(bundle: ModelBundle, embedding: torch.Tensor, panel: str
         return Decision(True, content_problem, math.inf)
     calibration = _calibration(bundle).get("panels", {}).get(panel, {})
     spec = bundle.panels[panel]
-    similarities = centroid_similarities(bundle, embedding)
-    score = float(out_of_scope_scores(bundle, embedding[None], spec.keys)[0]) if similarities else 0.0
+    score = float(out_of_scope_scores(bundle, embedding[None], spec.keys)[0]) if bundle.centroids else 0.0
     if not spec.validated:
         return Decision(True, f"The panel '{spec.title}' is not validated: no images of its classes were "
                               "available, so the model cannot vouch for any of its sentences.", score)
     if score > calibration.get("out_of_scope_threshold", math.inf):
+        similarities = centroid_similarities(bundle, embedding)  # only to name the nearest class
         nearest = max(similarities, key=similarities.get)
         if nearest not in spec.keys:
             owner = next((p.title for p in bundle.panels.values() if nearest in p.keys), "another panel")

@@ -15,7 +15,7 @@ gan mode: for every cut class, ``training.gan_sample`` writes synthetic images i
 OUT/synthetic_s<seed> until real + synthetic reach --target-ratio times the median count of
 the other classes. ``training.train`` applies --cut and --max-per-class to the synthetic
 folders too (they are pooled by label), which would replace real images of a cut class by
-synthetic ones. So gan runs get the *same real images* another way: OUT/real_s<seed> holds
+synthetic ones. So gan runs get the *same real images* another way: OUT/real_d<data-seed> holds
 symbolic links to exactly the images ``training.train.load_items`` keeps for --data-seed
 (checked before training), passed as --data without --cut.
 
@@ -129,7 +129,8 @@ def gan_plan(args, seed: int) -> tuple[list, dict[str, int], list[str]]:
 def prepare_gan_run(args, seed: int, python: str) -> tuple[list[list[str]], list[str]]:
     """(gan_sample commands, train data arguments) of a gan run; builds its view of the data."""
     items, counts, _ = gan_plan(args, seed)
-    view, synthetic = Path(args.out) / f"real_s{seed}", Path(args.out) / f"synthetic_s{seed}"
+    # the cut depends on --data-seed only, so every seed's gan run shares one view of the real images
+    view, synthetic = Path(args.out) / f"real_d{args.data_seed}", Path(args.out) / f"synthetic_s{seed}"
     if not args.dry_run:
         build_view(items, view)
     commands = [[python, "-m", "training.gan_sample", "--checkpoint", args.gan.format(seed=seed), "--class", name,
