@@ -39,6 +39,15 @@ if training.get("final_epoch_metrics"):
     with st.expander("Last training epoch (not a held-out measurement)"):
         st.dataframe(model_card.flat_metrics(training["final_epoch_metrics"]), hide_index=True)
 
+st.subheader("Morphology attributes beside the WBCAtt baseline")
+comparison = model_card.attribute_comparison_frame(bundle)
+if comparison is None:
+    st.info("Morphology attributes: not measured for this model (python -m training.evaluate --attributes CSV).")
+else:
+    st.caption("Mean over the 11 WBCAtt attributes of each attribute's accuracy and macro-F1. The baseline "
+               "number is the one the WBCAtt authors publish for their released model, on their test split.")
+    st.dataframe(comparison, hide_index=True, key="card_attributes")
+
 st.subheader("Calibration and abstention")
 calibration = sidecar.get("calibration")
 if calibration:

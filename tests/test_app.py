@@ -216,6 +216,20 @@ def test_model_card_page(app_env):
     panels = frame_with(at, "validated")
     assert dict(zip(panels["panel"], panels["validated"]))["leukemia"] == "no"
     assert any(s.value.startswith("Rare classes") for s in at.subheader)
+    assert any(i.value.startswith("Morphology attributes: not measured") for i in at.info)
+
+
+def test_attribute_comparison_puts_wbcatt_baseline_beside_ours():
+    from tests.conftest import make_tiny_bundle
+    from ui.model_card import WBCATT_BASELINE, attribute_comparison_frame
+
+    bundle = make_tiny_bundle(seed=0)
+    assert attribute_comparison_frame(bundle) is None  # nothing measured: nothing claimed
+    bundle.sidecar["metrics"] = {"pbc_val": {"accuracy": 0.9, "attributes": {
+        "n": 12, "mean_accuracy": 0.876, "mean_macro_f1": 0.8, "per_attribute": {}}}}
+    frame = attribute_comparison_frame(bundle)
+    assert list(frame["mean accuracy"]) == [0.876, WBCATT_BASELINE["mean accuracy"]]
+    assert "12 cells" in frame["split"][0] and "ResNet-50" in frame["model"][1]
 
 
 def test_new_model_file_is_picked_up_without_restart(app_env, tmp_path, monkeypatch):

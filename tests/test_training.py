@@ -68,6 +68,16 @@ def _train(tree, out, *extra, launcher=(sys.executable, "-m")):
     return subprocess.run(cmd, capture_output=True, text=True, cwd=PROJECT_ROOT, env=ENV, timeout=600)
 
 
+def test_progressive_resizing_trains_small_first_then_at_full_size():
+    from types import SimpleNamespace
+
+    from training.train import input_size
+
+    progressive = SimpleNamespace(low_res=96, low_res_epochs=2)
+    assert [input_size(128, epoch, progressive) for epoch in range(4)] == [96, 96, 128, 128]
+    assert input_size(128, 0, SimpleNamespace(low_res=0, low_res_epochs=5)) == 128
+
+
 @pytest.fixture(scope="module")
 def tiny_tree(tmp_path_factory):
     return write_class_tree(tmp_path_factory.mktemp("data"), {"neutrophil": 12, "lymphocyte": 12})
@@ -75,7 +85,7 @@ def tiny_tree(tmp_path_factory):
 
 def test_train_cli_checkpoints_resumes_exports_and_evaluates(tiny_tree, tmp_path):
     out = tmp_path / "run"
-    proc = _train(tiny_tree, out, "--export", str(tmp_path / "m.safetensors"))
+    proc = _train(tiny_tree, out, "--export", str(tmp_path / "m.safetensors"), "--low-res", "24", "--low-res-epochs", "1")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
     assert json.loads((out / "config.json").read_text())["classes"] == ["lymphocyte", "neutrophil"]

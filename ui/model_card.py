@@ -34,6 +34,12 @@ LIMITS = [
     "Grad-CAM overlays show where the image raised a sentence's score; they are not proof of reasoning.",
 ]
 
+# The WBCAtt authors' own attribute-prediction baseline, as their repository states it
+# (apple2373/wbcatt, submission/README.md: the released ResNet-50 checkpoint "should give acc: 94.09,
+# f1_macro: 91.27"); both are means over the 11 attributes, the same definition as ours.
+WBCATT_BASELINE = {"model": "WBCAtt baseline: ResNet-50, ImageNet-pretrained, 224 px (Tsutsui et al. 2023)",
+                   "split": "WBCAtt test", "mean accuracy": 0.9409, "mean macro-F1": 0.9127}
+
 RELIABILITY_DIAGRAMS = [PROJECT_ROOT / "docs" / "reliability_diagram.png",
                         PROJECT_ROOT / "assets" / "model" / "reliability_diagram.png"]
 
@@ -71,6 +77,19 @@ def ablation_summary(report: Path = GAN_ABLATION_REPORT) -> tuple[str, str] | No
             break
         table.append(line)
     return "\n".join(table), verdict
+
+
+def attribute_comparison_frame(bundle: ModelBundle) -> pd.DataFrame | None:
+    """Our mean attribute accuracy and macro-F1 beside the WBCAtt paper's baseline; None when
+    the sidecar holds no attribute evaluation."""
+    attributes = next((m["attributes"] for m in bundle.sidecar.get("metrics", {}).values()
+                       if isinstance(m, dict) and m.get("attributes")), None)
+    if not attributes or "mean_accuracy" not in attributes:
+        return None
+    ours = {"model": f"HemaScribe {bundle.model_id} (from scratch, {bundle.model.config.image_size} px)",
+            "split": f"WBCAtt val ({attributes.get('n', '?')} cells)",
+            "mean accuracy": attributes["mean_accuracy"], "mean macro-F1": attributes.get("mean_macro_f1")}
+    return pd.DataFrame([ours, WBCATT_BASELINE])
 
 
 def first_existing(paths: list[Path]) -> Path | None:
