@@ -40,13 +40,11 @@ if training.get("final_epoch_metrics"):
         st.dataframe(model_card.flat_metrics(training["final_epoch_metrics"]), hide_index=True)
 
 st.subheader("Morphology attributes beside the WBCAtt baseline")
-comparison = model_card.attribute_comparison_frame(bundle)
-if comparison is None:
-    st.info("Morphology attributes: not measured for this model (python -m training.evaluate --attributes CSV).")
-else:
-    st.caption("Mean over the 11 WBCAtt attributes of each attribute's accuracy and macro-F1. The baseline "
-               "number is the one the WBCAtt authors publish for their released model, on their test split.")
-    st.dataframe(comparison, hide_index=True, key="card_attributes")
+widgets.table_or_info(
+    model_card.attribute_comparison_frame(bundle), key="card_attributes",
+    missing="Morphology attributes: not measured for this model (python -m training.evaluate --attributes CSV).",
+    caption="Mean over the 11 WBCAtt attributes of each attribute's accuracy and macro-F1. The baseline number is "
+            "the one the WBCAtt authors publish for their released model, on their test split.")
 
 st.subheader("Calibration and abstention")
 calibration = sidecar.get("calibration")
@@ -59,13 +57,11 @@ if diagram is not None:
     st.image(str(diagram), caption="Reliability diagram (validation)")
 
 st.subheader("Out-of-scope detection")
-ood = model_card.out_of_scope_frame(bundle)
-if ood is None:
-    st.info("The reliability report (python -m training.reliability_report) has not been run for this model.")
-else:
-    st.caption("AUROC of the out-of-scope score: the panel's val images against each set; 'flagged' is the share the "
-               "model refused to describe. None of these sets was used to fit anything.")
-    st.dataframe(ood, hide_index=True, key="card_ood")
+widgets.table_or_info(
+    model_card.out_of_scope_frame(bundle), key="card_ood",
+    missing="The reliability report (python -m training.reliability_report) has not been run for this model.",
+    caption="AUROC of the out-of-scope score: the panel's val images against each set; 'flagged' is the share the "
+            "model refused to describe. None of these sets was used to fit anything.")
 curve = model_card.first_existing(model_card.RISK_COVERAGE_PLOTS)
 if curve is not None:
     st.image(str(curve), caption="Risk-coverage on val: error rate of the answered cases as the model answers fewer")

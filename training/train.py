@@ -45,7 +45,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data", nargs="+", required=True, help="training folders (a subfolder per class)")
     p.add_argument("--val", nargs="*", default=[], help="validation folders, same layout")
     p.add_argument("--attributes", nargs="*", default=[], help="WBCAtt CSVs (path column relative to the CSV's folder)")
-    p.add_argument("--config", default="hemascribe-regnetx004-128", help="model config name or JSON path")
+    p.add_argument("--config", default="hemascribe-regnetx004-96", help="model config name or JSON path")
     p.add_argument("--epochs", type=int, default=12)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=2e-3)

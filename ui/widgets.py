@@ -112,3 +112,12 @@ def verification_text(verification: dict | None) -> str | None:
         return f"{head}: agrees with the model."
     expert = verification.get("expert_class")
     return f"{head}: disagrees with the model" + (f"; expert class {md_escape(expert)}." if expert else ".")
+
+
+def table_or_info(frame: pd.DataFrame | None, key: str, missing: str, caption: str) -> None:
+    """A measured table with its caption, or an info box saying it was not measured."""
+    if frame is None:
+        st.info(missing)
+        return
+    st.caption(caption)
+    st.dataframe(frame, hide_index=True, key=key)
