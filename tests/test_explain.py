@@ -1,7 +1,7 @@
 import numpy as np
 import torch
 
-from core.explain import class_heatmap, overlay, target_layer
+from core.explain import class_heatmap, overlay, target_layers
 
 
 def _hook_count(module):
@@ -24,13 +24,16 @@ def test_gradcam_works_inside_no_grad(tiny_bundle, cell_image):
     assert heatmap.shape[0] == tiny_bundle.model.config.image_size
 
 
-def test_target_layer_has_a_grid(tiny_bundle):
-    layer = target_layer(tiny_bundle)
+def test_target_layer_is_a_grid_finer_than_the_last_stage(tiny_bundle):
+    trunk = tiny_bundle.model.visual.trunk
+    last = trunk.get_submodule(trunk.feature_info[-1]["module"])
     out = []
-    handle = layer.register_forward_hook(lambda m, i, o: out.append(o))
+    handles = [layer.register_forward_hook(lambda m, i, o: out.append(o)) for layer in (*target_layers(tiny_bundle), last)]
     tiny_bundle.model.encode_image(torch.rand(1, 3, 32, 32))
-    handle.remove()
-    assert out[0].ndim == 4
+    for handle in handles:
+        handle.remove()
+    assert len(out) == 2 and all(o.ndim == 4 for o in out)
+    assert out[0].shape[-1] > out[1].shape[-1]
 
 
 def test_overlay_opacity_changes_pixels(cell_image):
