@@ -46,21 +46,22 @@ class SentenceSimilarityTarget:
 CAM_STAGE = -3
 
 
-def target_layers(bundle: ModelBundle) -> list[nn.Module]:
-    """The trunk stage Grad-CAM hooks (see CAM_STAGE), as pytorch-grad-cam's target list."""
+def target_layers(bundle: ModelBundle, stage: int = CAM_STAGE) -> list[nn.Module]:
+    """The trunk stage Grad-CAM hooks (default CAM_STAGE), as pytorch-grad-cam's target list."""
     trunk = bundle.model.visual.trunk
-    stage = max(CAM_STAGE, -len(trunk.feature_info))  # a shallower trunk: its first stage
+    stage = max(stage, -len(trunk.feature_info))  # a shallower trunk: its first stage
     return [trunk.get_submodule(trunk.feature_info[stage]["module"])]
 
 
-def gradcam_heatmap(bundle: ModelBundle, image: Image.Image, prototype: torch.Tensor) -> np.ndarray:
+def gradcam_heatmap(bundle: ModelBundle, image: Image.Image, prototype: torch.Tensor,
+                    stage: int = CAM_STAGE) -> np.ndarray:
     """(S, S) heatmap in [0, 1] at the model's input size for `prototype` (a (D,) tensor:
-    a class prototype or an attribute phrase embedding)."""
+    a class prototype or an attribute phrase embedding), read at trunk `stage`."""
     from pytorch_grad_cam import GradCAM
 
     size = bundle.model.config.image_size
     batch = to_model_input([image], size)
-    with bundle.lock, torch.enable_grad(), GradCAM(model=ImageToEmbedding(bundle), target_layers=target_layers(bundle)) as cam:
+    with bundle.lock, torch.enable_grad(), GradCAM(model=ImageToEmbedding(bundle), target_layers=target_layers(bundle, stage)) as cam:
         heatmap = cam(input_tensor=batch, targets=[SentenceSimilarityTarget(prototype)])
     return np.nan_to_num(heatmap[0]).clip(0, 1)
 

@@ -49,3 +49,15 @@ def test_attribute_phrase_heatmap(tiny_bundle, cell_image):
 
     heatmap = attribute_heatmap(tiny_bundle, cell_image, "nucleus_shape", "segmented-bilobed")
     assert heatmap.shape == (tiny_bundle.model.config.image_size,) * 2 and np.isfinite(heatmap).all()
+
+
+def test_gradcam_check_scores_each_stage_with_the_apps_gradcam(tiny_bundle, tmp_path):
+    from core.data import scan_class_folders
+    from tests.conftest import write_class_tree
+    from training.gradcam_check import centre_disc, stage_scores
+
+    assert abs(centre_disc(96).mean() - np.pi * 0.09) < 0.01  # disc of radius 0.3: ~0.28 of the area
+    keys = [c.key for c in tiny_bundle.panels["blood_cells"].classes]
+    items = scan_class_folders(write_class_tree(tmp_path, {"neutrophil": 2, "lymphocyte": 2}))
+    share, correlation = stage_scores(tiny_bundle, -1, items, tiny_bundle.prototypes["blood_cells"], keys)
+    assert 0.0 <= share <= 1.0 and (np.isnan(correlation) or -1.0 <= correlation <= 1.0)

@@ -13,14 +13,12 @@ import argparse
 import random
 
 import numpy as np
-import torch
 from PIL import Image
-from pytorch_grad_cam import GradCAM
 
 from core.checkpoint import load_bundle
 from core.data import scan_class_folders
-from core.explain import ImageToEmbedding, SentenceSimilarityTarget
-from core.preprocess import to_model_input
+from core.describe import embed_images
+from core.explain import gradcam_heatmap
 
 
 def centre_disc(size: int, radius_share: float = 0.3) -> np.ndarray:
@@ -31,24 +29,19 @@ def centre_disc(size: int, radius_share: float = 0.3) -> np.ndarray:
 
 
 def stage_scores(bundle, stage: int, items, prototypes, keys) -> tuple[float, float]:
-    """(mean centre share, mean true-vs-runner-up map correlation) of one trunk stage."""
-    trunk = bundle.model.visual.trunk
-    layer = trunk.get_submodule(trunk.feature_info[stage]["module"])
-    size = bundle.model.config.image_size
-    disc, shares, correlations = centre_disc(size), [], []
-    with torch.enable_grad(), GradCAM(model=ImageToEmbedding(bundle), target_layers=[layer]) as cam:
-        for item in items:
-            with Image.open(item.path) as image:
-                batch = to_model_input([image.convert("RGB")], size)
-            true = keys.index(item.label)
-            with torch.no_grad():
-                similarity = bundle.model.encode_image(batch)[0] @ prototypes.T
-            similarity[true] = -float("inf")
-            maps = [np.nan_to_num(cam(input_tensor=batch, targets=[SentenceSimilarityTarget(prototypes[k])])[0])
-                    for k in (true, int(similarity.argmax()))]
-            shares.append(maps[0][disc].sum() / max(maps[0].sum(), 1e-8))
-            if maps[0].std() > 0 and maps[1].std() > 0:
-                correlations.append(np.corrcoef(maps[0].ravel(), maps[1].ravel())[0, 1])
+    """(mean centre share, mean true-vs-runner-up map correlation) of one trunk stage, with the
+    app's own Grad-CAM (`core.explain.gradcam_heatmap`)."""
+    disc, shares, correlations = centre_disc(bundle.model.config.image_size), [], []
+    for item in items:
+        with Image.open(item.path) as opened:
+            image = opened.convert("RGB")
+        true = keys.index(item.label)
+        similarity = embed_images(bundle, [image])[0][0] @ prototypes.T
+        similarity[true] = -float("inf")
+        maps = [gradcam_heatmap(bundle, image, prototypes[k], stage) for k in (true, int(similarity.argmax()))]
+        shares.append(maps[0][disc].sum() / max(maps[0].sum(), 1e-8))
+        if maps[0].std() > 0 and maps[1].std() > 0:
+            correlations.append(np.corrcoef(maps[0].ravel(), maps[1].ravel())[0, 1])
     return float(np.mean(shares)), float(np.mean(correlations)) if correlations else float("nan")
 
 
