@@ -78,6 +78,17 @@ def test_progressive_resizing_trains_small_first_then_at_full_size():
     assert input_size(128, 0, SimpleNamespace(low_res=0, low_res_epochs=5)) == 128
 
 
+def test_augmentation_annealing_switches_preset_for_the_last_epochs():
+    from types import SimpleNamespace
+
+    from training.train import augment_preset
+
+    annealed = SimpleNamespace(augment="strong", final_augment="mild", final_augment_epochs=2, epochs=5)
+    assert [augment_preset(epoch, annealed) for epoch in range(5)] == ["strong"] * 3 + ["mild"] * 2
+    constant = SimpleNamespace(augment="strong", final_augment=None, final_augment_epochs=3, epochs=5)
+    assert {augment_preset(epoch, constant) for epoch in range(5)} == {"strong"}
+
+
 @pytest.fixture(scope="module")
 def tiny_tree(tmp_path_factory):
     return write_class_tree(tmp_path_factory.mktemp("data"), {"neutrophil": 12, "lymphocyte": 12})
@@ -85,7 +96,8 @@ def tiny_tree(tmp_path_factory):
 
 def test_train_cli_checkpoints_resumes_exports_and_evaluates(tiny_tree, tmp_path):
     out = tmp_path / "run"
-    proc = _train(tiny_tree, out, "--export", str(tmp_path / "m.safetensors"), "--low-res", "24", "--low-res-epochs", "1")
+    proc = _train(tiny_tree, out, "--export", str(tmp_path / "m.safetensors"), "--low-res", "24", "--low-res-epochs", "1",
+                  "--mixstyle", "0.5")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
     assert json.loads((out / "config.json").read_text())["classes"] == ["lymphocyte", "neutrophil"]
@@ -120,3 +132,51 @@ def test_train_cli_runs_under_torchrun_ddp(tiny_tree, tmp_path):
     proc = _train(tiny_tree, tmp_path / "ddp", "--epochs", "1", launcher=torchrun)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len((tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+def test_mixstyle_mixes_channel_statistics_between_images_and_keeps_content():
+    from training.mixstyle import mix_style
+
+    torch.manual_seed(0)
+    content = torch.randn(2, 4, 8, 8)
+    features = content * torch.tensor([1.0, 5.0]).view(2, 1, 1, 1) + torch.tensor([-3.0, 3.0]).view(2, 1, 1, 1)
+    mixed = mix_style(features, torch.Generator().manual_seed(1), alpha=0.1)
+    means = mixed.mean(dim=(2, 3))
+    # each image's new channel means lie between the two images' means (a convex mix)
+    assert bool((means >= features.mean(dim=(2, 3)).min(0).values - 1e-4).all())
+    assert bool((means <= features.mean(dim=(2, 3)).max(0).values + 1e-4).all())
+    # the spatial pattern (normalised content) of every channel is unchanged
+    for image in range(2):
+        for channel in range(4):
+            pair = torch.stack([features[image, channel].flatten(), mixed[image, channel].flatten()])
+            assert torch.corrcoef(pair)[0, 1] > 0.999
+
+
+def test_mixstyle_hooks_act_in_training_mode_only_and_detach():
+    from training.mixstyle import MixStyleHooks
+
+    torch.manual_seed(0)
+    trunk = torch.nn.Sequential()
+    trunk.add_module("s1", torch.nn.Conv2d(3, 4, 3, padding=1))
+    trunk.add_module("s2", torch.nn.Conv2d(4, 4, 3, padding=1))
+    # two very different images so their styles differ
+    x = torch.cat([torch.rand(1, 3, 8, 8), 5 * torch.rand(1, 3, 8, 8) - 2])
+    plain = trunk(x)
+    hooks = MixStyleHooks(trunk, ["s1"], p=1.0, alpha=0.1, generator=torch.Generator().manual_seed(0))
+    trunk.eval()
+    assert torch.equal(trunk(x), plain)  # eval: the model is exactly as without MixStyle
+    trunk.train()
+    assert not torch.allclose(trunk(x), plain)  # training: styles were mixed
+    hooks.remove()
+    assert torch.equal(trunk(x), plain)
+
+
+def test_mixstyle_stages_by_feature_index_and_a_clear_error_for_missing_ones():
+    from training.mixstyle import MixStyleHooks
+
+    trunk = DualEncoder(load_model_config("tiny-test")).visual.trunk
+    hooks = MixStyleHooks.on_feature_stages(trunk, [1, 2], 0.5, 0.1, torch.Generator())
+    assert len(hooks.handles) == 2
+    hooks.remove()
+    with pytest.raises(ValueError, match="do not exist"):
+        MixStyleHooks.on_feature_stages(trunk, [9], 0.5, 0.1, torch.Generator())

@@ -24,18 +24,17 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from core.bank import attribute_prototypes, panel_prototypes
-from core.checkpoint import ModelBundle, save_bundle
 from core.config import load_model_config
-from core.data import class_counts, data_fingerprint, scan_class_folders
+from core.data import class_counts, scan_class_folders
 from core.loss import attribute_matching_loss, bidirectional_contrastive_loss
 from core.model import DualEncoder
 from core.panels import load_attribute_phrases, load_panels
-from core.text_tower import text_weights_sha256
 from training.augment import AUGMENT_PRESETS, augment_batch
 from training.dataset import build_dataset, read_attribute_table
 from training.ema import WeightAverage
 from training.evaluation_utils import panel_accuracy
+from training.export_model import export
+from training.mixstyle import MixStyleHooks
 from training.sampling import BALANCE_MODES, class_weights, epoch_indices, shard
 from training.text_features import SentenceFeatureCache
 
@@ -53,6 +52,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--attribute-weight", type=float, default=0.5, help="weight of the morphology phrase loss")
     p.add_argument("--balance", choices=BALANCE_MODES, default="none")
     p.add_argument("--augment", choices=sorted(AUGMENT_PRESETS), default="strong", help="augmentation preset")
+    p.add_argument("--mixstyle", type=float, default=0.0,
+                   help="MixStyle probability per batch at each --mixstyle-stages output (0: off); training/mixstyle.py")
+    p.add_argument("--mixstyle-stages", nargs="*", type=int, default=[1, 2],
+                   help="trunk feature stages (0: stem) whose outputs MixStyle mixes")
     p.add_argument("--synthetic", nargs="*", default=[], help="folders of GAN images (for --balance gan)")
     p.add_argument("--max-per-class", type=int, default=0, help="cap images per class (0: all); for quick runs")
     p.add_argument("--cut", nargs="*", default=[], help="CLASS=N: keep only N training images of CLASS (stress tests)")
@@ -62,6 +65,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--low-res", type=int, default=0,
                    help="progressive resizing: train the first --low-res-epochs at this input size (px)")
     p.add_argument("--low-res-epochs", type=int, default=0, help="epochs trained at --low-res before the full size")
+    p.add_argument("--final-augment", choices=sorted(AUGMENT_PRESETS), default=None,
+                   help="augmentation preset of the last --final-augment-epochs (default: --augment throughout)")
+    p.add_argument("--final-augment-epochs", type=int, default=0)
     p.add_argument("--ema", type=float, default=0.999, help="weight-average decay per step (0: off)")
     p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
                    help="bf16 autocast roughly halves CPU step time on CPUs with bf16 support")
@@ -145,10 +151,19 @@ def input_size(full_size: int, epoch: int, args) -> int:
     return args.low_res if args.low_res and epoch < args.low_res_epochs else full_size
 
 
+def augment_preset(epoch: int, args) -> str:
+    """Augmentation preset of `epoch` (0-based). Annealing: the strong preset teaches stain-,
+    zoom- and blur-invariant features; a milder one for the last epochs lets the model fit the
+    cells as the home lab images them (as detectors switch mosaic augmentation off at the end)."""
+    final = args.final_augment and epoch >= args.epochs - args.final_augment_epochs
+    return args.final_augment if final else args.augment
+
+
 def train_one_epoch(model, objective, data, indices, features, optimizer, args, state, generator, weights, average):
     """One pass over `indices`; updates the weight average `average` (or None); returns the mean losses."""
     model.train()
     size = input_size(model.config.image_size, state["epoch"], args)
+    augmentation = AUGMENT_PRESETS[augment_preset(state["epoch"], args)]
     sums, steps = {"loss": 0.0, "contrastive": 0.0, "attributes": 0.0}, 0
     n_batches = len(indices) // args.batch_size
     bar = tqdm(range(n_batches), desc=f"epoch {state['epoch'] + 1}/{args.epochs}", disable=state["rank"] != 0,
@@ -158,7 +173,7 @@ def train_one_epoch(model, objective, data, indices, features, optimizer, args, 
         for group in optimizer.param_groups:
             group["lr"] = lr_at(state["step"], state["total_steps"], args.lr, state["warmup"])
         labels = data.labels[batch].to(args.device)
-        images = augment_batch(data.images[batch], size, generator, AUGMENT_PRESETS[args.augment]).to(args.device)
+        images = augment_batch(data.images[batch], size, generator, augmentation).to(args.device)
         with torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
             loss, contrastive, attributes = objective(
                 images, labels, data.attributes[batch].to(args.device),
@@ -179,21 +194,11 @@ def train_one_epoch(model, objective, data, indices, features, optimizer, args, 
     return {k: v / max(1, steps) for k, v in sums.items()}
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    rank, world = setup_distributed()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    generator = seed_everything(args.seed + rank)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    config = load_model_config(args.config)
-    panels = load_panels()
-    phrases = load_attribute_phrases()
-    vocabulary = {name: list(values) for name, values in phrases.items()}
+def load_training_data(args, config, vocabulary: dict, rank: int):
+    """Training items, class keys, the decoded training set, its synthetic mask and the val sets.
 
-    # ---- data: decoded once into memory (see training/dataset.py) ----
-    # caps and cuts apply to real images only; synthetic images are added on top
+    Images are decoded once into memory (see training/dataset.py); caps and cuts apply to real
+    images only, synthetic (GAN) images are added on top."""
     data_seed = args.seed if args.data_seed is None else args.data_seed
     train_items = load_items(args.data, args.max_per_class, args.cut, data_seed)
     train_items += [item for folder in args.synthetic for item in scan_class_folders(folder)]
@@ -209,10 +214,56 @@ def main(argv=None) -> int:
         val_sets.append((folder, build_dataset(items, classes, config.image_size, {}, vocabulary, Path(args.cache_dir))))
     if rank == 0:
         print(f"train: {len(train_items)} images, classes {class_counts(train_items)}", flush=True)
+    return train_items, classes, train, synthetic, val_sets
+
+
+def resume_from(out: Path, model, optimizer, average, state: dict, generator, args) -> None:
+    """Continue from OUT/last.pt (weights, optimiser, weight average, epoch and step)."""
+    checkpoint = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
+    model.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    if average is not None and "average" in checkpoint:
+        average.load_state_dict(checkpoint["average"])
+    state.update(epoch=checkpoint["epoch"], step=checkpoint["step"])
+    generator.manual_seed(args.seed + state["rank"] + 1000 * state["epoch"])
+    print(f"resumed from epoch {state['epoch']}", flush=True)
+
+
+def close_epoch(model, average, optimizer, features, val_sets, state, losses, started, out, classes) -> None:
+    """Rank 0 after each epoch: validate what will be exported, log, checkpoint atomically."""
+    metrics = {"epoch": state["epoch"], "seconds": round(time.time() - started, 1), **losses,
+               "logit_scale": float(model.scale())}
+    evaluated = average.shadow if average is not None else model
+    prototypes = features.class_prototypes(evaluated)
+    for folder, val in val_sets:
+        metrics[f"val_acc/{Path(folder).parent.name}"] = panel_accuracy(evaluated, val, prototypes)
+    print(json.dumps(metrics), flush=True)
+    with open(out / "metrics.jsonl", "a") as handle:
+        handle.write(json.dumps(metrics) + "\n")
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": state["epoch"],
+                "step": state["step"], "config": model.config.to_dict(), "classes": classes,
+                **({"average": average.state_dict()} if average is not None else {})}, out / "last.tmp")
+    (out / "last.tmp").replace(out / "last.pt")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    rank, world = setup_distributed()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    generator = seed_everything(args.seed + rank)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    config = load_model_config(args.config)
+    panels, phrases = load_panels(), load_attribute_phrases()
+    vocabulary = {name: list(values) for name, values in phrases.items()}
+    train_items, classes, train, synthetic, val_sets = load_training_data(args, config, vocabulary, rank)
 
     # ---- model, sentence features (frozen text tower, computed once), optimiser ----
     model = DualEncoder(config).to(args.device)
     average = WeightAverage(model, args.ema) if args.ema > 0 else None  # before the text encoder loads: not copied
+    if args.mixstyle > 0:  # after the weight average is copied: training-mode hooks on the live model only
+        MixStyleHooks.on_feature_stages(model.visual.trunk, args.mixstyle_stages, args.mixstyle, 0.1, generator)
     features = SentenceFeatureCache(model, panels, classes, phrases)
     objective = TrainingObjective(model, features.slices, args.attribute_weight)
     if world > 1:
@@ -222,14 +273,7 @@ def main(argv=None) -> int:
     state = {"epoch": 0, "step": 0, "rank": rank, "total_steps": steps_per_epoch * args.epochs,
              "warmup": min(300, steps_per_epoch)}
     if args.resume and (out / "last.pt").is_file():
-        checkpoint = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        if average is not None and "average" in checkpoint:
-            average.load_state_dict(checkpoint["average"])
-        state.update(epoch=checkpoint["epoch"], step=checkpoint["step"])
-        generator.manual_seed(args.seed + rank + 1000 * state["epoch"])
-        print(f"resumed from epoch {state['epoch']}", flush=True)
+        resume_from(out, model, optimizer, average, state, generator, args)
     weights = class_weights(train.labels, len(classes)) if args.balance == "reweight" else None
     if rank == 0:
         (out / "config.json").write_text(json.dumps({"args": vars(args), "model": config.to_dict(), "classes": classes,
@@ -242,21 +286,8 @@ def main(argv=None) -> int:
         losses = train_one_epoch(model, objective, train, indices, features, optimizer, args, state, generator,
                                  weights, average)
         state["epoch"] += 1
-        if rank != 0:
-            continue
-        metrics = {"epoch": state["epoch"], "seconds": round(time.time() - started, 1), **losses,
-                   "logit_scale": float(model.scale())}
-        evaluated = average.shadow if average is not None else model  # validate what will be exported
-        prototypes = features.class_prototypes(evaluated)
-        for folder, val in val_sets:
-            metrics[f"val_acc/{Path(folder).parent.name}"] = panel_accuracy(evaluated, val, prototypes)
-        print(json.dumps(metrics), flush=True)
-        with open(out / "metrics.jsonl", "a") as handle:
-            handle.write(json.dumps(metrics) + "\n")
-        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": state["epoch"],
-                    "step": state["step"], "config": config.to_dict(), "classes": classes,
-                    **({"average": average.state_dict()} if average is not None else {})}, out / "last.tmp")
-        (out / "last.tmp").replace(out / "last.pt")
+        if rank == 0:
+            close_epoch(model, average, optimizer, features, val_sets, state, losses, started, out, classes)
 
     if rank == 0 and args.export:
         if average is not None:
@@ -265,27 +296,6 @@ def main(argv=None) -> int:
     if world > 1:
         dist.destroy_process_group()
     return 0
-
-
-def export(model: DualEncoder, panels, phrases, train_items, args, out: Path) -> None:
-    """Write the safetensors model + sidecar with class prototypes and provenance."""
-    model.eval()
-    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    raw_panels = json.loads((Path(__file__).resolve().parent.parent / "assets" / "panels.json").read_text())
-    sidecar = {
-        "model_id": f"{model.config.name}-{time.strftime('%Y%m%d-%H%M%S')}",
-        "panels": raw_panels,
-        "attribute_phrases": phrases,
-        "trained_classes": sorted({i.label for i in train_items}),
-        "training": {"command": "python -m training.train " + " ".join(sys.argv[1:]),
-                     "data_counts": class_counts(train_items), "data_sha256": data_fingerprint(train_items),
-                     "epochs": args.epochs, "seed": args.seed, "balance": args.balance,
-                     "final_epoch_metrics": metrics[-1] if metrics else {}},
-        "text_model_sha256": text_weights_sha256(model.sentence_encoder().folder),
-    }
-    bundle = ModelBundle(model, sidecar, {}, panel_prototypes(model, panels), attribute_prototypes(model, phrases))
-    path = save_bundle(bundle, args.export)
-    print(f"exported {path} ({path.stat().st_size / 1e6:.1f} MB)", flush=True)
 
 
 if __name__ == "__main__":

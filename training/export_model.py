@@ -1,0 +1,36 @@
+"""Export a trained dual encoder as the shipped format: safetensors weights plus a JSON
+sidecar holding panels, prototypes, provenance (command, data counts and fingerprint) and the
+last epoch's metrics. Called by `training.train --export`."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from core.bank import attribute_prototypes, panel_prototypes
+from core.checkpoint import ModelBundle, save_bundle
+from core.data import class_counts, data_fingerprint
+from core.model import DualEncoder
+from core.text_tower import text_weights_sha256
+
+
+def export(model: DualEncoder, panels, phrases, train_items, args, out: Path) -> None:
+    """Write the safetensors model + sidecar with class prototypes and provenance."""
+    model.eval()
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    raw_panels = json.loads((Path(__file__).resolve().parent.parent / "assets" / "panels.json").read_text())
+    sidecar = {
+        "model_id": f"{model.config.name}-{time.strftime('%Y%m%d-%H%M%S')}",
+        "panels": raw_panels,
+        "attribute_phrases": phrases,
+        "trained_classes": sorted({i.label for i in train_items}),
+        "training": {"command": "python -m training.train " + " ".join(sys.argv[1:]),
+                     "data_counts": class_counts(train_items), "data_sha256": data_fingerprint(train_items),
+                     "epochs": args.epochs, "seed": args.seed, "balance": args.balance,
+                     "final_epoch_metrics": metrics[-1] if metrics else {}},
+        "text_model_sha256": text_weights_sha256(model.sentence_encoder().folder),
+    }
+    bundle = ModelBundle(model, sidecar, {}, panel_prototypes(model, panels), attribute_prototypes(model, phrases))
+    path = save_bundle(bundle, args.export)
+    print(f"exported {path} ({path.stat().st_size / 1e6:.1f} MB)", flush=True)
