@@ -9,6 +9,10 @@ camera) images, so many mixes are between two real sites.
 
 Training only: the hooks change nothing in eval mode and add no weights, so a model trained
 with MixStyle loads and runs exactly like one without it.
+
+Measured (run v8, `--mixstyle 0.5` on the default recipe): PBC val 0.932, B-ALL 0.965, BCCD
+0.437 against 0.953 / 0.980 / 0.411 without it; slower learning at home and no real gain on
+the other lab, so it is off by default.
 """
 from __future__ import annotations
 
