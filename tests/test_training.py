@@ -126,6 +126,17 @@ def test_train_cli_checkpoints_resumes_exports_and_evaluates(tiny_tree, tmp_path
     assert len(metrics["refused"]) == 1 and "accuracy" in proc.stdout
 
 
+def test_validating_less_often_trains_the_same_weights(tiny_tree, tmp_path):
+    every, sparse = tmp_path / "every", tmp_path / "sparse"
+    for out, extra in ((every, ()), (sparse, ("--val-every", "2"))):
+        proc = _train(tiny_tree, out, "--epochs", "3", *extra)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    logged = [json.loads(line) for line in (sparse / "metrics.jsonl").read_text().splitlines()]
+    assert [any(k.startswith("val_acc/") for k in m) for m in logged] == [False, True, True]  # 2 and the last
+    weights = [torch.load(out / "last.pt", weights_only=True)["model"] for out in (every, sparse)]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
 @pytest.mark.slow
 def test_train_cli_runs_under_torchrun_ddp(tiny_tree, tmp_path):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533", "-m"]

@@ -53,7 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--balance", choices=BALANCE_MODES, default="none")
     p.add_argument("--augment", choices=sorted(AUGMENT_PRESETS), default="strong", help="augmentation preset")
     p.add_argument("--mixstyle", type=float, default=0.0,
-                   help="MixStyle probability per batch at each --mixstyle-stages output (0: off); training/mixstyle.py")
+                   help="MixStyle probability per batch at each --mixstyle-stages output (0: off)")
     p.add_argument("--mixstyle-stages", nargs="*", type=int, default=[1, 2],
                    help="trunk feature stages (0: stem) whose outputs MixStyle mixes")
     p.add_argument("--synthetic", nargs="*", default=[], help="folders of GAN images (for --balance gan)")
@@ -68,6 +68,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--final-augment", choices=sorted(AUGMENT_PRESETS), default=None,
                    help="augmentation preset of the last --final-augment-epochs (default: --augment throughout)")
     p.add_argument("--final-augment-epochs", type=int, default=0)
+    p.add_argument("--val-every", type=int, default=1,
+                   help="validate every N epochs and after the last (validation changes no weights)")
     p.add_argument("--ema", type=float, default=0.999, help="weight-average decay per step (0: off)")
     p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
                    help="bf16 autocast roughly halves CPU step time on CPUs with bf16 support")
@@ -229,13 +231,14 @@ def resume_from(out: Path, model, optimizer, average, state: dict, generator, ar
     print(f"resumed from epoch {state['epoch']}", flush=True)
 
 
-def close_epoch(model, average, optimizer, features, val_sets, state, losses, started, out, classes) -> None:
-    """Rank 0 after each epoch: validate what will be exported, log, checkpoint atomically."""
+def close_epoch(model, average, optimizer, features, val_sets, state, losses, started, out, classes,
+                validate: bool = True) -> None:
+    """Rank 0 after each epoch: validate what will be exported (if `validate`), log, checkpoint atomically."""
     metrics = {"epoch": state["epoch"], "seconds": round(time.time() - started, 1), **losses,
                "logit_scale": float(model.scale())}
     evaluated = average.shadow if average is not None else model
     prototypes = features.class_prototypes(evaluated)
-    for folder, val in val_sets:
+    for folder, val in val_sets if validate else []:
         metrics[f"val_acc/{Path(folder).parent.name}"] = panel_accuracy(evaluated, val, prototypes)
     print(json.dumps(metrics), flush=True)
     with open(out / "metrics.jsonl", "a") as handle:
@@ -287,7 +290,8 @@ def main(argv=None) -> int:
                                  weights, average)
         state["epoch"] += 1
         if rank == 0:
-            close_epoch(model, average, optimizer, features, val_sets, state, losses, started, out, classes)
+            validate = state["epoch"] % args.val_every == 0 or state["epoch"] == args.epochs
+            close_epoch(model, average, optimizer, features, val_sets, state, losses, started, out, classes, validate)
 
     if rank == 0 and args.export:
         if average is not None:
