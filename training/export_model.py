@@ -12,6 +12,7 @@ from core.bank import attribute_prototypes, panel_prototypes
 from core.checkpoint import ModelBundle, save_bundle
 from core.data import class_counts, data_fingerprint
 from core.model import DualEncoder
+from core.panels import PANELS_FILE
 from core.text_tower import text_weights_sha256
 
 
@@ -19,7 +20,7 @@ def export(model: DualEncoder, panels, phrases, train_items, args, out: Path) ->
     """Write the safetensors model + sidecar with class prototypes and provenance."""
     model.eval()
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    raw_panels = json.loads((Path(__file__).resolve().parent.parent / "assets" / "panels.json").read_text())
+    raw_panels = json.loads(PANELS_FILE.read_text())
     sidecar = {
         "model_id": f"{model.config.name}-{time.strftime('%Y%m%d-%H%M%S')}",
         "panels": raw_panels,

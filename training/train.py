@@ -236,10 +236,11 @@ def close_epoch(model, average, optimizer, features, val_sets, state, losses, st
     """Rank 0 after each epoch: validate what will be exported (if `validate`), log, checkpoint atomically."""
     metrics = {"epoch": state["epoch"], "seconds": round(time.time() - started, 1), **losses,
                "logit_scale": float(model.scale())}
-    evaluated = average.shadow if average is not None else model
-    prototypes = features.class_prototypes(evaluated)
-    for folder, val in val_sets if validate else []:
-        metrics[f"val_acc/{Path(folder).parent.name}"] = panel_accuracy(evaluated, val, prototypes)
+    if validate:
+        evaluated = average.shadow if average is not None else model
+        prototypes = features.class_prototypes(evaluated)
+        for folder, val in val_sets:
+            metrics[f"val_acc/{Path(folder).parent.name}"] = panel_accuracy(evaluated, val, prototypes)
     print(json.dumps(metrics), flush=True)
     with open(out / "metrics.jsonl", "a") as handle:
         handle.write(json.dumps(metrics) + "\n")
