@@ -67,6 +67,14 @@ def _join(parts: list[str]) -> str:
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
+def stated_phrase_accuracy(sidecar: dict) -> float | None:
+    """Mean over attributes of the held-out accuracy of phrases stated without "(?)", as
+    `training.calibrate --attributes` measured it; None when the thresholds were not calibrated."""
+    report = sidecar.get("calibration", {}).get("attributes_report", {}).get("per_attribute", {})
+    accuracies = [r["accuracy_certain"] for r in report.values() if r.get("accuracy_certain") is not None]
+    return sum(accuracies) / len(accuracies) if accuracies else None
+
+
 def describe_morphology(bundle: ModelBundle, image) -> tuple[str, list[AttributePrediction]]:
     """Morphology sentence and the per-attribute predictions for one PIL image
     ("", []) when the model was not trained on attributes."""

@@ -226,9 +226,11 @@ def test_attribute_comparison_puts_wbcatt_baseline_beside_ours():
     bundle = make_tiny_bundle(seed=0)
     assert attribute_comparison_frame(bundle) is None  # nothing measured: nothing claimed
     bundle.sidecar["metrics"] = {"pbc_val": {"accuracy": 0.9, "attributes": {
-        "n": 12, "mean_accuracy": 0.876, "mean_macro_f1": 0.8, "per_attribute": {}}}}
+        "n": 12, "mean_accuracy": 0.876, "mean_macro_f1": 0.8, "per_attribute": {},
+        "mean_certain_share": 0.7, "mean_accuracy_certain": 0.95}}}
     frame = attribute_comparison_frame(bundle)
     assert list(frame["mean accuracy"]) == [0.876, WBCATT_BASELINE["mean accuracy"]]
+    assert frame["stated share"][0] == 0.7 and frame["accuracy of stated phrases"][0] == 0.95
     assert "12 cells" in frame["split"][0] and "ResNet-50" in frame["model"][1]
 
 

@@ -73,3 +73,12 @@ def test_describe_morphology_gives_a_sentence_for_an_image():
 
     sentence, predictions = describe_morphology(make_tiny_bundle(), draw_cell())
     assert sentence.endswith(".") and "cell" in sentence and len(predictions) == len(load_attribute_phrases())
+
+
+def test_stated_phrase_accuracy_reads_the_calibration_report():
+    from core.morphology import stated_phrase_accuracy
+
+    assert stated_phrase_accuracy({}) is None  # not calibrated: nothing claimed
+    report = {"per_attribute": {"cell_size": {"accuracy_certain": 0.9}, "cell_shape": {"accuracy_certain": None},
+                                "granularity": {"accuracy_certain": 1.0}}}
+    assert abs(stated_phrase_accuracy({"calibration": {"attributes_report": report}}) - 0.95) < 1e-9

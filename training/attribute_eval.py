@@ -4,26 +4,49 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-import torch
-
 from core.describe import embed_images
 from core.imageio import ImageRejected, load_image_path
 from core.morphology import predict_attributes
 from training.metrics import per_class_report
 
 
-def evaluate_attributes(bundle, csv_path: str, data_root: str, batch_size: int = 64) -> dict:
-    """{"n", "per_attribute": {name: {accuracy, macro_f1}}, "mean_accuracy", "mean_macro_f1"};
-    `path` in the CSV is relative to `data_root` or, as in the WBCAtt files shipped with PBC
-    (``val/basophil/x.jpg`` beside ``pbc/attributes_val.csv``), to the CSV's own folder."""
+def read_attribute_rows(csv_path: str, data_root: str) -> list[dict[str, str]]:
+    """The CSV's rows whose image exists, with `path` made absolute: relative to `data_root`
+    or, as in the WBCAtt files shipped with PBC, to the CSV's own folder."""
     with open(csv_path, newline="") as handle:
         rows = list(csv.DictReader(handle))
     bases = [Path(data_root), Path(csv_path).parent]
     for row in rows:
         row["path"] = next((str(b / row["path"]) for b in bases if (b / row["path"]).is_file()), "")
-    rows = [r for r in rows if r["path"]]
+    return [r for r in rows if r["path"]]
+
+
+def evaluate_attributes(bundle, csv_path: str, data_root: str, batch_size: int = 64) -> dict:
+    """{"n", "per_attribute": {name: {accuracy, macro_f1, certain_share, accuracy_certain}},
+    "mean_accuracy", "mean_macro_f1", "mean_certain_share", "mean_accuracy_certain"}.
+    *Certain* phrases are those at or above their attribute's calibrated threshold (the ones the
+    morphology sentence states without "(?)"); `path` is read as in `read_attribute_rows`."""
     truth: dict[str, list[str]] = {name: [] for name in bundle.attribute_prototypes}
     guess: dict[str, list[str]] = {name: [] for name in bundle.attribute_prototypes}
+    certain: dict[str, list[bool]] = {name: [] for name in bundle.attribute_prototypes}
+    for row, predictions in _predict_rows(bundle, read_attribute_rows(csv_path, data_root), batch_size):
+        for prediction in predictions:
+            truth[prediction.attribute].append(row[prediction.attribute].strip())
+            guess[prediction.attribute].append(prediction.value)
+            certain[prediction.attribute].append(prediction.certain)
+    per_attribute = {name: _attribute_scores(truth[name], guess[name], certain[name]) for name in truth}
+    n_attr = max(1, len(per_attribute))
+
+    def mean(key: str) -> float:
+        return round(sum(a[key] for a in per_attribute.values()) / n_attr, 4)
+
+    return {"n": len(next(iter(truth.values()), [])), "per_attribute": per_attribute,
+            "mean_accuracy": mean("accuracy"), "mean_macro_f1": mean("macro_f1"),
+            "mean_certain_share": mean("certain_share"), "mean_accuracy_certain": mean("accuracy_certain")}
+
+
+def _predict_rows(bundle, rows: list[dict], batch_size: int):
+    """Yield (row, attribute predictions) for every row whose image loads."""
     for start in range(0, len(rows), batch_size):
         images, kept = [], []
         for row in rows[start:start + batch_size]:
@@ -32,21 +55,18 @@ def evaluate_attributes(bundle, csv_path: str, data_root: str, batch_size: int =
                 kept.append(row)
             except ImageRejected:
                 continue
-        if not images:
-            continue
-        embeddings, _ = embed_images(bundle, images)
-        for row, embedding in zip(kept, embeddings):
-            for prediction in predict_attributes(bundle, embedding):
-                truth[prediction.attribute].append(row[prediction.attribute].strip())
-                guess[prediction.attribute].append(prediction.value)
-    per_attribute = {}
-    for name in truth:
-        values = sorted(set(truth[name]))
-        report = per_class_report(truth[name], guess[name], values)
-        correct = sum(t == g for t, g in zip(truth[name], guess[name]))
-        per_attribute[name] = {"accuracy": round(correct / max(1, len(truth[name])), 4),
-                               "macro_f1": round(sum(r["f1"] for r in report.values()) / max(1, len(report)), 4)}
-    n_attr = max(1, len(per_attribute))
-    return {"n": len(next(iter(truth.values()), [])), "per_attribute": per_attribute,
-            "mean_accuracy": round(sum(a["accuracy"] for a in per_attribute.values()) / n_attr, 4),
-            "mean_macro_f1": round(sum(a["macro_f1"] for a in per_attribute.values()) / n_attr, 4)}
+        if images:
+            embeddings, _ = embed_images(bundle, images)
+            for row, embedding in zip(kept, embeddings):
+                yield row, predict_attributes(bundle, embedding)
+
+
+def _attribute_scores(truth: list[str], guess: list[str], certain: list[bool]) -> dict:
+    report = per_class_report(truth, guess, sorted(set(truth)))
+    hits = [t == g for t, g in zip(truth, guess)]
+    certain_hits = [h for h, c in zip(hits, certain) if c]
+    return {"accuracy": round(sum(hits) / max(1, len(hits)), 4),
+            "macro_f1": round(sum(r["f1"] for r in report.values()) / max(1, len(report)), 4),
+            "certain_share": round(len(certain_hits) / max(1, len(hits)), 4),
+            # no certain phrase: nothing stated, nothing wrong
+            "accuracy_certain": round(sum(certain_hits) / len(certain_hits), 4) if certain_hits else 1.0}

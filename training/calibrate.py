@@ -1,13 +1,15 @@
 """Fit calibration and abstention thresholds on val and store them in the model sidecar.
 
-    python -m training.calibrate --checkpoint PATH --train DIR... --val DIR...
+    python -m training.calibrate --checkpoint PATH --train DIR... --val DIR... [--attributes CSV]
 
 * class centroids of the training images in embedding space and the inverse of their shared
   within-class covariance, Ledoit-Wolf shrunk (out-of-scope score, see core.reliability);
 * per panel: a temperature (NLL on val) and the lowest confidence whose answered cases
   reach --target-accuracy while answering at least --min-coverage;
 * per panel, an out-of-scope threshold: the distance to the panel's nearest class centroid
-  below which --ood-coverage of the panel's val images fall.
+  below which --ood-coverage of the panel's val images fall;
+* with --attributes (a WBCAtt val CSV), per attribute the lowest phrase confidence whose
+  phrases reach --attribute-target-accuracy (training.calibrate_attributes).
 Honesty: val is split in two seeded halves; everything is fitted on one half and the
 numbers stored under "calibration.report" are measured on the other half.
 """
@@ -27,6 +29,7 @@ from core.data import scan_class_folders
 from core.panels import panel_for_classes
 from core.reliability import (confidence_threshold_for_accuracy, expected_calibration_error,
                               fit_temperature, out_of_scope_scores)
+from training.calibrate_attributes import attribute_items, calibrate_attributes
 from training.dataset import decode_images
 
 
@@ -40,6 +43,10 @@ def parse_args(argv=None):
     p.add_argument("--ood-coverage", type=float, default=0.99, help="share of val images accepted as in scope")
     p.add_argument("--per-class", type=int, default=400, help="training images per class for centroids")
     p.add_argument("--cache-dir", default="runs/cache")
+    p.add_argument("--attributes", default=None,
+                   help="WBCAtt val CSV: also fit the morphology phrases' confidence thresholds")
+    p.add_argument("--attribute-target-accuracy", type=float, default=0.95,
+                   help="accuracy the phrases stated without '(?)' must reach")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
@@ -99,9 +106,9 @@ def calibrate_panel(bundle, embeddings, labels, panel, fit, held_out, args) -> d
                        "accuracy_answered": round(float(correct[held_out][answered].float().mean()), 4)}}
 
 
+@torch.no_grad()  # in-process callers (tests) keep their grad mode
 def main(argv=None) -> int:
     args = parse_args(argv)
-    torch.set_grad_enabled(False)
     bundle = load_bundle(args.checkpoint)
     bundle.centroids, bundle.ood_precision = class_centroids(bundle, args.train, args.per_class, args.cache_dir,
                                                              args.seed)
@@ -119,6 +126,12 @@ def main(argv=None) -> int:
     calibration["out_of_scope"] = {"score": "Mahalanobis distance (shared within-class covariance, Ledoit-Wolf) "
                                             "to the nearest training centroid of the panel's classes",
                                    "coverage_on_val": args.ood_coverage}
+    if args.attributes:
+        items, rows = attribute_items(args.attributes, str(Path(args.attributes).parent))
+        thresholds, report = calibrate_attributes(bundle, embed_items(bundle, items, args.cache_dir), rows,
+                                                  args.attribute_target_accuracy, args.seed)
+        calibration["attributes"], calibration["attributes_report"] = thresholds, report
+        print("attributes", json.dumps(thresholds), json.dumps(report), flush=True)
     bundle.sidecar["calibration"] = calibration
     save_bundle(bundle, args.checkpoint)
     return 0

@@ -106,13 +106,17 @@ def print_table(metrics: dict) -> None:
         print(f"refused files: {len(metrics['refused'])} (see JSON)")
     if "attributes" in metrics:
         a = metrics["attributes"]
-        print(f"attributes: n={a['n']} mean accuracy={a['mean_accuracy']} mean macro-F1={a['mean_macro_f1']}")
+        print(f"attributes: n={a['n']} mean accuracy={a['mean_accuracy']} mean macro-F1={a['mean_macro_f1']} "
+              f"certain share={a['mean_certain_share']} accuracy of certain phrases={a['mean_accuracy_certain']}")
+        for name, row in a["per_attribute"].items():
+            print(f"  {name:<26}acc {row['accuracy']:.3f}  F1 {row['macro_f1']:.3f}  "
+                  f"certain {row['certain_share']:.3f} (acc {row['accuracy_certain']:.3f})")
     print(f"seconds {metrics['seconds']}")
 
 
+@torch.no_grad()  # in-process callers (tests) keep their grad mode
 def main(argv=None) -> int:
     args = parse_args(argv)
-    torch.set_grad_enabled(False)
     try:
         bundle = load_bundle(args.checkpoint)
         if args.panel and args.panel not in bundle.panels:

@@ -143,9 +143,9 @@ def print_table(result: dict) -> None:
     print(NOTE)
 
 
+@torch.no_grad()  # in-process callers (tests) keep their grad mode
 def main(argv=None) -> int:
     args = parse_args(argv)
-    torch.set_grad_enabled(False)
     try:
         gan, bundle = load_gan(args.checkpoint), load_bundle(args.classifier)
         if args.panel and args.panel not in bundle.panels:

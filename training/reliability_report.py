@@ -110,6 +110,7 @@ def write_markdown(path: Path, report: dict, args) -> None:
     path.write_text("\n".join(lines))
 
 
+@torch.no_grad()  # in-process callers (tests) keep their grad mode
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True)
@@ -118,7 +119,6 @@ def main(argv=None) -> int:
     p.add_argument("--md", default="docs/reliability.md")
     p.add_argument("--plots", default="assets/model")
     args = p.parse_args(argv)
-    torch.set_grad_enabled(False)
     bundle = load_bundle(args.checkpoint)
     pbc, ball = load_folder(args.pbc_val), load_folder(args.ball_val)
     synthetic = {"natural": natural_photos(), "blank": blank_images(), "noise": noise_images(), "text": text_images()}

@@ -1,0 +1,78 @@
+"""Calibration CLI: temperature, abstention and out-of-scope thresholds per panel, and the
+morphology phrases' confidence thresholds, all written into the model sidecar."""
+from __future__ import annotations
+
+import csv
+import json
+
+import torch
+import torch.nn.functional as F
+
+from conftest import draw_cell, make_tiny_bundle, write_class_tree
+from core.checkpoint import load_bundle, save_bundle
+from core.panels import load_attribute_phrases
+from training import calibrate
+from training.calibrate_attributes import calibrate_attributes
+
+
+def _rows_and_embeddings(bundle, n: int = 200):
+    """Half the cells sit on their true value's prototype (confident and right), half are
+    random embeddings with random truths (unsure and mostly wrong)."""
+    generator = torch.Generator().manual_seed(1)
+    phrases = bundle.sidecar["attribute_phrases"]
+    rows, embeddings = [], []
+    for i in range(n):
+        truths = {name: int(torch.randint(len(values), (1,), generator=generator)) for name, values in phrases.items()}
+        rows.append({name: list(phrases[name])[k] for name, k in truths.items()})
+        if i % 2 == 0:  # one attribute decides the embedding; the others are noise for it
+            embeddings.append(bundle.attribute_prototypes["granularity"][truths["granularity"]])
+        else:
+            embeddings.append(F.normalize(torch.randn(bundle.model.config.embed_dim, generator=generator), dim=-1))
+    rows[0]["granularity"] = "sometimes"  # outside the vocabulary: ignored, not a crash
+    return rows, torch.stack(embeddings)
+
+
+def test_attribute_thresholds_keep_stated_phrases_accurate():
+    bundle = make_tiny_bundle()
+    rows, embeddings = _rows_and_embeddings(bundle)
+    thresholds, report = calibrate_attributes(bundle, embeddings, rows, target_accuracy=0.95)
+    assert set(thresholds) == set(bundle.attribute_prototypes)
+    granularity = report["per_attribute"]["granularity"]
+    # the confident half is stated, the unsure half is marked uncertain
+    assert 0.3 < granularity["certain_share"] < 0.8
+    assert granularity["accuracy_certain"] >= 0.9 > granularity["accuracy"]
+    assert report["n_held_out"] == 100 and report["target_accuracy"] == 0.95
+
+
+def _write_attribute_csv(root, n: int = 6):
+    phrases = load_attribute_phrases()
+    (root / "val" / "neutrophil").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n):
+        path = f"val/neutrophil/a{i}.png"
+        draw_cell(seed=i).save(root / path)
+        rows.append({"label": "Neutrophil", "path": path, **{k: list(v)[i % len(v)] for k, v in phrases.items()}})
+    with open(root / "attributes_val.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return root / "attributes_val.csv"
+
+
+def test_calibrate_cli_writes_every_threshold_into_the_sidecar(tmp_path):
+    model = tmp_path / "model.safetensors"
+    save_bundle(make_tiny_bundle(), model)
+    keys = list(make_tiny_bundle().panels["blood_cells"].keys)
+    train = write_class_tree(tmp_path / "train", {k: 3 for k in keys}, size=48)
+    val = write_class_tree(tmp_path / "val_tree", {k: 4 for k in keys}, size=48)
+    csv_path = _write_attribute_csv(tmp_path)
+    assert calibrate.main(["--checkpoint", str(model), "--train", str(train), "--val", str(val),
+                           "--attributes", str(csv_path), "--cache-dir", str(tmp_path / "cache")]) == 0
+    assert torch.is_grad_enabled()  # called in-process, the CLI leaves the caller's grad mode alone
+    calibration = load_bundle(model).sidecar["calibration"]
+    panel = calibration["panels"]["blood_cells"]
+    assert panel["temperature"] > 0 and 0 <= panel["min_confidence"] <= 1
+    assert panel["report"]["n_held_out"] == 16
+    assert set(calibration["attributes"]) == set(load_attribute_phrases())
+    assert all(0 < t <= 1 for t in calibration["attributes"].values())
+    json.dumps(calibration)  # the sidecar stays plain JSON
