@@ -230,7 +230,7 @@ def test_attribute_comparison_puts_wbcatt_baseline_beside_ours():
         "mean_certain_share": 0.7, "mean_accuracy_certain": 0.95}}}
     frame = attribute_comparison_frame(bundle)
     assert list(frame["mean accuracy"]) == [0.876, WBCATT_BASELINE["mean accuracy"]]
-    assert frame["stated share"][0] == 0.7 and frame["accuracy of stated phrases"][0] == 0.95
+    assert frame["stated share"][0] == 0.7 and frame["accuracy of stated phrases (val, half used for fitting)"][0] == 0.95
     assert "12 cells" in frame["split"][0] and "ResNet-50" in frame["model"][1]
 
 

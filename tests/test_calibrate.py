@@ -28,7 +28,9 @@ def _rows_and_embeddings(bundle, n: int = 200):
             embeddings.append(bundle.attribute_prototypes["granularity"][truths["granularity"]])
         else:
             embeddings.append(F.normalize(torch.randn(bundle.model.config.embed_dim, generator=generator), dim=-1))
-    rows[0]["granularity"] = "sometimes"  # outside the vocabulary: ignored, not a crash
+    for row in rows[::10]:
+        row["granularity"] = "sometimes"  # outside the vocabulary: neither fitted nor counted
+    del rows[1]["cell_size"]  # a short row: not annotated, not a crash
     return rows, torch.stack(embeddings)
 
 
@@ -42,6 +44,20 @@ def test_attribute_thresholds_keep_stated_phrases_accurate():
     assert 0.3 < granularity["certain_share"] < 0.8
     assert granularity["accuracy_certain"] >= 0.9 > granularity["accuracy"]
     assert report["n_held_out"] == 100 and report["target_accuracy"] == 0.95
+    assert report["per_attribute"]["cell_shape"]["n"] == 100  # every held-out cell annotated
+    assert 80 <= granularity["n"] <= 90  # the 20 unknown values are left out of both halves
+    assert report["skipped"] == []
+    stored = thresholds["granularity"]  # the report describes the stored (rounded) threshold
+    assert stored == round(stored, 4)
+
+
+def test_attribute_without_annotations_is_skipped_not_guessed():
+    bundle = make_tiny_bundle()
+    rows, embeddings = _rows_and_embeddings(bundle, n=40)
+    for row in rows:
+        row["nucleus_shape"] = "unheard-of"
+    thresholds, report = calibrate_attributes(bundle, embeddings, rows, target_accuracy=0.95)
+    assert "nucleus_shape" not in thresholds and report["skipped"] == ["nucleus_shape"]
 
 
 def _write_attribute_csv(root, n: int = 6):
@@ -76,3 +92,20 @@ def test_calibrate_cli_writes_every_threshold_into_the_sidecar(tmp_path):
     assert set(calibration["attributes"]) == set(load_attribute_phrases())
     assert all(0 < t <= 1 for t in calibration["attributes"].values())
     json.dumps(calibration)  # the sidecar stays plain JSON
+    # recalibrating the panels alone keeps the phrase thresholds
+    assert calibrate.main(["--checkpoint", str(model), "--train", str(train), "--val", str(val),
+                           "--cache-dir", str(tmp_path / "cache")]) == 0
+    assert load_bundle(model).sidecar["calibration"]["attributes"] == calibration["attributes"]
+
+
+def test_calibrate_cli_refuses_an_attribute_csv_without_images(tmp_path, capsys):
+    model = tmp_path / "model.safetensors"
+    save_bundle(make_tiny_bundle(), model)
+    before = load_bundle(model).sidecar
+    empty = tmp_path / "attributes_val.csv"
+    empty.write_text("label,path,cell_size\nNeutrophil,val/missing.png,big\n")
+    tree = write_class_tree(tmp_path / "tree", {"neutrophil": 2}, size=48)
+    assert calibrate.main(["--checkpoint", str(model), "--train", str(tree), "--val", str(tree),
+                           "--attributes", str(empty), "--cache-dir", str(tmp_path / "cache")]) == 2
+    assert "no image of" in capsys.readouterr().err
+    assert load_bundle(model).sidecar == before  # nothing written

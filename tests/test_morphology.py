@@ -66,6 +66,19 @@ def test_attribute_parsing_and_evaluation_on_a_tiny_csv(tmp_path):
     report = evaluate_attributes(make_tiny_bundle(), str(csv_path), str(tmp_path))
     assert report["n"] == 4 and set(report["per_attribute"]) == set(vocabulary)
     assert 0 <= report["mean_accuracy"] <= 1 and 0 <= report["mean_macro_f1"] <= 1
+    for row in report["per_attribute"].values():
+        assert 0 <= row["certain_share"] <= 1
+        assert row["accuracy_certain"] is None if row["certain_share"] == 0 else 0 <= row["accuracy_certain"] <= 1
+
+
+def test_calibrated_thresholds_decide_which_phrases_are_stated():
+    bundle = make_tiny_bundle()
+    bundle.sidecar["calibration"] = {"attributes": {"cell_size": 0.0, "cell_shape": 1.01}}
+    embedding = torch.nn.functional.normalize(torch.randn(bundle.model.config.embed_dim), dim=-1)
+    predictions = {p.attribute: p for p in predict_attributes(bundle, embedding)}
+    assert predictions["cell_size"].certain and not predictions["cell_shape"].certain
+    # an attribute without a calibrated threshold keeps the default 0.6
+    assert predictions["granularity"].certain == (predictions["granularity"].confidence >= 0.6)
 
 
 def test_describe_morphology_gives_a_sentence_for_an_image():

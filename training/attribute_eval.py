@@ -31,14 +31,14 @@ def evaluate_attributes(bundle, csv_path: str, data_root: str, batch_size: int =
     certain: dict[str, list[bool]] = {name: [] for name in bundle.attribute_prototypes}
     for row, predictions in _predict_rows(bundle, read_attribute_rows(csv_path, data_root), batch_size):
         for prediction in predictions:
-            truth[prediction.attribute].append(row[prediction.attribute].strip())
+            truth[prediction.attribute].append((row.get(prediction.attribute) or "").strip())
             guess[prediction.attribute].append(prediction.value)
             certain[prediction.attribute].append(prediction.certain)
     per_attribute = {name: _attribute_scores(truth[name], guess[name], certain[name]) for name in truth}
-    n_attr = max(1, len(per_attribute))
 
-    def mean(key: str) -> float:
-        return round(sum(a[key] for a in per_attribute.values()) / n_attr, 4)
+    def mean(key: str) -> float | None:
+        known = [a[key] for a in per_attribute.values() if a[key] is not None]
+        return round(sum(known) / len(known), 4) if known else None
 
     return {"n": len(next(iter(truth.values()), [])), "per_attribute": per_attribute,
             "mean_accuracy": mean("accuracy"), "mean_macro_f1": mean("macro_f1"),
@@ -62,11 +62,12 @@ def _predict_rows(bundle, rows: list[dict], batch_size: int):
 
 
 def _attribute_scores(truth: list[str], guess: list[str], certain: list[bool]) -> dict:
+    """Accuracy, macro-F1, share of phrases stated as certain and their accuracy (None when
+    no phrase was stated: there is nothing to score, which is not the same as all right)."""
     report = per_class_report(truth, guess, sorted(set(truth)))
     hits = [t == g for t, g in zip(truth, guess)]
     certain_hits = [h for h, c in zip(hits, certain) if c]
     return {"accuracy": round(sum(hits) / max(1, len(hits)), 4),
             "macro_f1": round(sum(r["f1"] for r in report.values()) / max(1, len(report)), 4),
             "certain_share": round(len(certain_hits) / max(1, len(hits)), 4),
-            # no certain phrase: nothing stated, nothing wrong
-            "accuracy_certain": round(sum(certain_hits) / len(certain_hits), 4) if certain_hits else 1.0}
+            "accuracy_certain": round(sum(certain_hits) / len(certain_hits), 4) if certain_hits else None}

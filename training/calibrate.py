@@ -25,11 +25,12 @@ import torch.nn.functional as F
 from sklearn.covariance import LedoitWolf
 
 from core.checkpoint import load_bundle, save_bundle
-from core.data import scan_class_folders
+from core.data import LabelledImage, scan_class_folders
 from core.panels import panel_for_classes
 from core.reliability import (confidence_threshold_for_accuracy, expected_calibration_error,
                               fit_temperature, out_of_scope_scores)
-from training.calibrate_attributes import attribute_items, calibrate_attributes
+from training.attribute_eval import read_attribute_rows
+from training.calibrate_attributes import calibrate_attributes
 from training.dataset import decode_images
 
 
@@ -106,10 +107,31 @@ def calibrate_panel(bundle, embeddings, labels, panel, fit, held_out, args) -> d
                        "accuracy_answered": round(float(correct[held_out][answered].float().mean()), 4)}}
 
 
+def phrase_thresholds(bundle, rows: list[dict], args, previous: dict) -> dict:
+    """{"attributes": thresholds, "attributes_report": ...} fitted on the WBCAtt `rows`; without
+    rows, the ones of the `previous` calibration (recalibrating the panels alone keeps them)."""
+    if not rows:
+        return {k: previous[k] for k in ("attributes", "attributes_report") if k in previous}
+    items = [LabelledImage(Path(r["path"]), r.get("label", "")) for r in rows]
+    thresholds, report = calibrate_attributes(bundle, embed_items(bundle, items, args.cache_dir), rows,
+                                              args.attribute_target_accuracy, args.seed)
+    print("attributes", json.dumps(thresholds), json.dumps(report), flush=True)
+    if report["skipped"]:
+        print(f"warning: no threshold for {', '.join(report['skipped'])} (too few annotated cells); "
+              "those phrases keep the default", file=sys.stderr)
+    return {"attributes": thresholds, "attributes_report": report}
+
+
 @torch.no_grad()  # in-process callers (tests) keep their grad mode
 def main(argv=None) -> int:
     args = parse_args(argv)
+    attribute_rows = read_attribute_rows(args.attributes, str(Path(args.attributes).parent)) if args.attributes else []
+    if args.attributes and not attribute_rows:
+        print(f"error: no image of {args.attributes} was found (paths are read relative to the CSV's folder)",
+              file=sys.stderr)
+        return 2
     bundle = load_bundle(args.checkpoint)
+    previous = bundle.sidecar.get("calibration", {})
     bundle.centroids, bundle.ood_precision = class_centroids(bundle, args.train, args.per_class, args.cache_dir,
                                                              args.seed)
     calibration = {"panels": {}, "method": __doc__.split("\n\n")[1].strip(),
@@ -126,12 +148,7 @@ def main(argv=None) -> int:
     calibration["out_of_scope"] = {"score": "Mahalanobis distance (shared within-class covariance, Ledoit-Wolf) "
                                             "to the nearest training centroid of the panel's classes",
                                    "coverage_on_val": args.ood_coverage}
-    if args.attributes:
-        items, rows = attribute_items(args.attributes, str(Path(args.attributes).parent))
-        thresholds, report = calibrate_attributes(bundle, embed_items(bundle, items, args.cache_dir), rows,
-                                                  args.attribute_target_accuracy, args.seed)
-        calibration["attributes"], calibration["attributes_report"] = thresholds, report
-        print("attributes", json.dumps(thresholds), json.dumps(report), flush=True)
+    calibration.update(phrase_thresholds(bundle, attribute_rows, args, previous))
     bundle.sidecar["calibration"] = calibration
     save_bundle(bundle, args.checkpoint)
     return 0

@@ -7,14 +7,10 @@ a phrase the model cannot see (e.g. nucleus shape at 96 px) should be marked unc
 rather than guessed. Everything is measured on the other, held-out half."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
 from core.checkpoint import ModelBundle
-from core.data import LabelledImage
 from core.reliability import confidence_threshold_for_accuracy
-from training.attribute_eval import read_attribute_rows
 
 
 def attribute_confidences(bundle: ModelBundle, embeddings: torch.Tensor, rows: list[dict],
@@ -25,34 +21,33 @@ def attribute_confidences(bundle: ModelBundle, embeddings: torch.Tensor, rows: l
     scale = float(bundle.model.scale().detach())
     probs = torch.softmax(embeddings @ bundle.attribute_prototypes[name].t() * scale, dim=-1)
     confidence, predicted = probs.max(dim=-1)
-    truth = torch.tensor([values.index(r[name].strip()) if r[name].strip() in values else -1 for r in rows])
+    given = [(r.get(name) or "").strip() for r in rows]  # a missing column or short row: not annotated
+    truth = torch.tensor([values.index(v) if v in values else -1 for v in given])
     return confidence, predicted == truth, truth >= 0
 
 
 def calibrate_attributes(bundle: ModelBundle, embeddings: torch.Tensor, rows: list[dict],
                          target_accuracy: float, seed: int = 0) -> tuple[dict[str, float], dict]:
-    """({attribute: min confidence}, report measured on the held-out half of `rows`)."""
+    """({attribute: min confidence}, report measured on the held-out half of `rows`). Attributes
+    without annotated rows in both halves get no threshold and are listed under "skipped"."""
     order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))
     is_fit = torch.zeros(len(rows), dtype=torch.bool)
     is_fit[order[: len(rows) // 2]] = True
-    thresholds, report = {}, {}
+    thresholds, report, skipped = {}, {}, []
     for name in bundle.attribute_prototypes:
         confidence, correct, annotated = attribute_confidences(bundle, embeddings, rows, name)
         fit, held_out = annotated & is_fit, annotated & ~is_fit
         if not fit.any() or not held_out.any():
+            skipped.append(name)
             continue
-        threshold = confidence_threshold_for_accuracy(confidence[fit], correct[fit], target_accuracy, 0.0)
+        # round first: the report must describe the threshold that is stored
+        threshold = round(confidence_threshold_for_accuracy(confidence[fit], correct[fit], target_accuracy, 0.0), 4)
         certain = confidence[held_out] >= threshold
-        thresholds[name] = round(threshold, 4)
-        report[name] = {"accuracy": round(float(correct[held_out].float().mean()), 4),
+        thresholds[name] = threshold
+        report[name] = {"n": int(held_out.sum()), "accuracy": round(float(correct[held_out].float().mean()), 4),
                         "certain_share": round(float(certain.float().mean()), 4),
                         "accuracy_certain": round(float(correct[held_out][certain].float().mean()), 4)
                         if certain.any() else None}
     return thresholds, {"target_accuracy": target_accuracy, "n_held_out": int((~is_fit).sum()),
-                        "per_attribute": report}
+                        "per_attribute": report, "skipped": skipped}
 
-
-def attribute_items(csv_path: str, data_root: str) -> tuple[list[LabelledImage], list[dict]]:
-    """Images of a WBCAtt CSV as labelled items (label: the CSV's cell type) with their rows."""
-    rows = read_attribute_rows(csv_path, data_root)
-    return [LabelledImage(Path(r["path"]), r.get("label", "")) for r in rows], rows

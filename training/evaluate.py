@@ -109,8 +109,9 @@ def print_table(metrics: dict) -> None:
         print(f"attributes: n={a['n']} mean accuracy={a['mean_accuracy']} mean macro-F1={a['mean_macro_f1']} "
               f"certain share={a['mean_certain_share']} accuracy of certain phrases={a['mean_accuracy_certain']}")
         for name, row in a["per_attribute"].items():
+            stated = "-" if row["accuracy_certain"] is None else f"{row['accuracy_certain']:.3f}"
             print(f"  {name:<26}acc {row['accuracy']:.3f}  F1 {row['macro_f1']:.3f}  "
-                  f"certain {row['certain_share']:.3f} (acc {row['accuracy_certain']:.3f})")
+                  f"certain {row['certain_share']:.3f} (acc {stated})")
     print(f"seconds {metrics['seconds']}")
 
 

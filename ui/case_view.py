@@ -54,7 +54,8 @@ def _render_morphology(bundle: ModelBundle, case: Case) -> None:
     st.write("Morphology: " + md_escape(sentence))
     accuracy = stated_phrase_accuracy(bundle.sidecar)
     st.caption('Phrases marked "(?)" are below their attribute\'s confidence threshold. ' + (
-        f"Phrases stated without it were right {accuracy:.0%} of the time on held-out val cells."
+        f"Phrases stated without it were right {accuracy:.0%} of the time on held-out val cells "
+        "(mean over the attributes)."
         if accuracy is not None else "This model's thresholds were not calibrated (default 0.6)."))
     with st.expander("Morphology phrases and their confidence"):
         st.dataframe([{"attribute": p.attribute, "phrase": p.phrase, "confidence": round(p.confidence, 3),
