@@ -13,6 +13,10 @@ _ORDER = ["cell_size", "cell_shape", "nucleus_shape", "chromatin_density", "nucl
           "cytoplasm_texture", "cytoplasm_colour", "cytoplasm_vacuole", "granule_type", "granule_colour", "granularity"]
 
 
+# confidence a phrase needs to be stated when its attribute has no calibrated threshold
+DEFAULT_PHRASE_THRESHOLD = 0.6
+
+
 @dataclass(frozen=True)
 class AttributePrediction:
     attribute: str  # WBCAtt column name
@@ -22,18 +26,25 @@ class AttributePrediction:
     certain: bool  # confidence at or above the attribute's threshold
 
 
-def predict_attributes(bundle: ModelBundle, embedding: torch.Tensor, min_confidence: float | None = None) -> list[AttributePrediction]:
+def attribute_probabilities(bundle: ModelBundle, name: str, embeddings: torch.Tensor) -> torch.Tensor:
+    """Softmax over the attribute's values (vocabulary order) for one embedding (D,) -> (V,) or a
+    batch (N, D) -> (N, V); the one scoring rule both prediction and calibration use."""
+    scale = float(bundle.model.scale().detach())
+    return torch.softmax(embeddings @ bundle.attribute_prototypes[name].t() * scale, dim=-1)
+
+
+def predict_attributes(bundle: ModelBundle, embedding: torch.Tensor,
+                       min_confidence: float | None = None) -> list[AttributePrediction]:
     """Every attribute the model was trained on, in display order."""
     phrases = bundle.sidecar.get("attribute_phrases", {})
     thresholds = bundle.sidecar.get("calibration", {}).get("attributes", {})
-    scale = float(bundle.model.scale().detach())
     out = []
     for name in [a for a in _ORDER if a in bundle.attribute_prototypes] + \
                 [a for a in bundle.attribute_prototypes if a not in _ORDER]:
         values = list(phrases[name])
-        probs = torch.softmax(bundle.attribute_prototypes[name] @ embedding * scale, dim=-1)
+        probs = attribute_probabilities(bundle, name, embedding)
         best = int(probs.argmax())
-        threshold = min_confidence if min_confidence is not None else thresholds.get(name, 0.6)
+        threshold = min_confidence if min_confidence is not None else thresholds.get(name, DEFAULT_PHRASE_THRESHOLD)
         out.append(AttributePrediction(name, values[best], phrases[name][values[best]][0], float(probs[best]),
                                        float(probs[best]) >= threshold))
     return out

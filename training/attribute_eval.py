@@ -7,6 +7,7 @@ from pathlib import Path
 from core.describe import embed_images
 from core.imageio import ImageRejected, load_image_path
 from core.morphology import predict_attributes
+from training.dataset import annotated_value
 from training.metrics import per_class_report
 
 
@@ -31,7 +32,7 @@ def evaluate_attributes(bundle, csv_path: str, data_root: str, batch_size: int =
     certain: dict[str, list[bool]] = {name: [] for name in bundle.attribute_prototypes}
     for row, predictions in _predict_rows(bundle, read_attribute_rows(csv_path, data_root), batch_size):
         for prediction in predictions:
-            truth[prediction.attribute].append((row.get(prediction.attribute) or "").strip())
+            truth[prediction.attribute].append(annotated_value(row, prediction.attribute))
             guess[prediction.attribute].append(prediction.value)
             certain[prediction.attribute].append(prediction.certain)
     per_attribute = {name: _attribute_scores(truth[name], guess[name], certain[name]) for name in truth}

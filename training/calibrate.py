@@ -26,6 +26,7 @@ from sklearn.covariance import LedoitWolf
 
 from core.checkpoint import load_bundle, save_bundle
 from core.data import LabelledImage, scan_class_folders
+from core.morphology import DEFAULT_PHRASE_THRESHOLD
 from core.panels import panel_for_classes
 from core.reliability import (confidence_threshold_for_accuracy, expected_calibration_error,
                               fit_temperature, out_of_scope_scores)
@@ -118,7 +119,7 @@ def phrase_thresholds(bundle, rows: list[dict], args, previous: dict) -> dict:
     print("attributes", json.dumps(thresholds), json.dumps(report), flush=True)
     if report["skipped"]:
         print(f"warning: no threshold for {', '.join(report['skipped'])} (too few annotated cells); "
-              "those phrases keep the default", file=sys.stderr)
+              f"those phrases keep the default {DEFAULT_PHRASE_THRESHOLD}", file=sys.stderr)
     return {"attributes": thresholds, "attributes_report": report}
 
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 import torch
 
 from core.checkpoint import ModelBundle
+from core.morphology import attribute_probabilities
 from core.reliability import confidence_threshold_for_accuracy
+from training.dataset import annotated_value
 
 
 def attribute_confidences(bundle: ModelBundle, embeddings: torch.Tensor, rows: list[dict],
@@ -18,10 +20,8 @@ def attribute_confidences(bundle: ModelBundle, embeddings: torch.Tensor, rows: l
     """(confidence, correct, annotated) per row for one attribute; `annotated` is False where the
     CSV value lies outside the model's vocabulary (such rows neither fit nor count)."""
     values = list(bundle.sidecar["attribute_phrases"][name])
-    scale = float(bundle.model.scale().detach())
-    probs = torch.softmax(embeddings @ bundle.attribute_prototypes[name].t() * scale, dim=-1)
-    confidence, predicted = probs.max(dim=-1)
-    given = [(r.get(name) or "").strip() for r in rows]  # a missing column or short row: not annotated
+    confidence, predicted = attribute_probabilities(bundle, name, embeddings).max(dim=-1)
+    given = [annotated_value(r, name) for r in rows]
     truth = torch.tensor([values.index(v) if v in values else -1 for v in given])
     return confidence, predicted == truth, truth >= 0
 
@@ -50,4 +50,3 @@ def calibrate_attributes(bundle: ModelBundle, embeddings: torch.Tensor, rows: li
                         if certain.any() else None}
     return thresholds, {"target_accuracy": target_accuracy, "n_held_out": int((~is_fit).sum()),
                         "per_attribute": report, "skipped": skipped}
-

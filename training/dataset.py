@@ -56,6 +56,12 @@ def decode_images(items: list[LabelledImage], size: int, cache_dir: Path | None)
     return torch.from_numpy(array)
 
 
+def annotated_value(row: dict[str, str | None], name: str) -> str:
+    """The CSV cell of attribute `name`, stripped; "" (not annotated) when the column is missing
+    or the row is short (csv.DictReader gives None there)."""
+    return (row.get(name) or "").strip()
+
+
 def read_attribute_table(csv_paths: list[tuple[Path, Path]]) -> dict[Path, dict[str, str]]:
     """{absolute image path: {attribute: value}} from WBCAtt CSVs given as (csv, root)."""
     table = {}
@@ -77,7 +83,7 @@ def attribute_targets(items: list[LabelledImage], table: dict[Path, dict[str, st
         if row is None:
             continue
         for a, name in enumerate(names):
-            value = row.get(name, "").strip()
+            value = annotated_value(row, name)
             if value in vocabulary[name]:
                 targets[i, a] = vocabulary[name].index(value)
     return targets

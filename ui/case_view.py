@@ -6,7 +6,7 @@ import pandas as pd
 import streamlit as st
 
 from core.checkpoint import ModelBundle
-from core.morphology import describe_morphology, stated_phrase_accuracy
+from core.morphology import DEFAULT_PHRASE_THRESHOLD, describe_morphology, stated_phrase_accuracy
 from core.explain import overlay
 from core.panels import Panel
 from core.preprocess import square_resize
@@ -56,7 +56,8 @@ def _render_morphology(bundle: ModelBundle, case: Case) -> None:
     st.caption('Phrases marked "(?)" are below their attribute\'s confidence threshold. ' + (
         f"Phrases stated without it were right {accuracy:.0%} of the time on held-out val cells "
         "(mean over the attributes)."
-        if accuracy is not None else "This model's thresholds were not calibrated (default 0.6)."))
+        if accuracy is not None
+        else f"This model's thresholds were not calibrated (default {DEFAULT_PHRASE_THRESHOLD})."))
     with st.expander("Morphology phrases and their confidence"):
         st.dataframe([{"attribute": p.attribute, "phrase": p.phrase, "confidence": round(p.confidence, 3),
                        "shown as certain": p.certain} for p in predictions], hide_index=True)
