@@ -70,12 +70,12 @@ def save_bundle(bundle: ModelBundle, path: Path | str) -> Path:
     """Write weights and sidecar atomically (temp files then rename), return the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {f"model.{k}": v.detach().contiguous() for k, v in bundle.model.state_dict().items()}
-    tensors.update({f"bank.{k}": v.contiguous() for k, v in bundle.prototypes.items()})
-    tensors.update({f"attr.{k}": v.contiguous() for k, v in bundle.attribute_prototypes.items()})
-    tensors.update({f"centroid.{k}": v.contiguous() for k, v in bundle.centroids.items()})
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in bundle.model.state_dict().items()}
+    tensors.update({f"bank.{k}": v.cpu().contiguous() for k, v in bundle.prototypes.items()})
+    tensors.update({f"attr.{k}": v.cpu().contiguous() for k, v in bundle.attribute_prototypes.items()})
+    tensors.update({f"centroid.{k}": v.cpu().contiguous() for k, v in bundle.centroids.items()})
     if bundle.ood_precision is not None:
-        tensors["ood.precision"] = bundle.ood_precision.contiguous()
+        tensors["ood.precision"] = bundle.ood_precision.cpu().contiguous()
     tmp_weights = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp_weights), metadata={"format": "hemascribe", "version": str(FORMAT_VERSION)})
     sidecar = dict(bundle.sidecar, format_version=FORMAT_VERSION,

@@ -77,6 +77,9 @@ class DualEncoder(nn.Module):
 
     def project_sentence_features(self, features: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """Frozen sentence features (N, text_width) -> (N, embed_dim) embeddings."""
+        # the frozen encoder lives outside the module tree (on the CPU) while the projection
+        # follows `.to(device)`: bring its features to the projection's device
+        features = features.to(self.logit_scale.device)
         if self.config.center_text_features:
             features = features - self.text_feature_mean
         projected = self.text_projection(features)

@@ -192,3 +192,25 @@ def test_mixstyle_stages_by_feature_index_and_a_clear_error_for_missing_ones():
     hooks.remove()
     with pytest.raises(ValueError, match="do not exist"):
         MixStyleHooks.on_feature_stages(trunk, [9], 0.5, 0.1, torch.Generator())
+
+
+def test_device_check_runs_every_command_line_and_compares_losses(tmp_path):
+    """The accelerator check (training.device_check) exercised on the CPU: every step passes
+    and the configs it writes can swap the text tower."""
+    from training.device_check import LOSS_TOLERANCE, draw_tree, write_configs
+
+    tiny, default_tower = write_configs(tmp_path, "")
+    assert json.loads(tiny.read_text())["vision_timm_model"] == "test_resnet"
+    assert json.loads(default_tower.read_text())["image_size"] == 96
+    tree = draw_tree(tmp_path / "tree", {"neutrophil": 2, "lymphocyte": 3}, size=40)
+    assert sorted(p.name for p in tree.iterdir()) == ["lymphocyte", "neutrophil"]
+    assert len(list((tree / "lymphocyte").iterdir())) == 3
+    out = tmp_path / "check"
+    proc = subprocess.run([sys.executable, "-m", "training.device_check", "--device", "cpu", "--out", str(out),
+                           "--speed-images", "0"], capture_output=True, text=True, cwd=PROJECT_ROOT, env=ENV,
+                          timeout=900)
+    summary = json.loads((out / "summary.json").read_text())
+    assert proc.returncode == 0 and summary["failed"] == [], proc.stdout[-3000:]
+    assert summary["passed"] == 8
+    losses = next(s["detail"] for s in summary["steps"] if s["step"] == "same_run_on_cpu")
+    assert abs(losses["loss_device"] - losses["loss_cpu"]) <= LOSS_TOLERANCE

@@ -8,9 +8,11 @@ from core.model import DualEncoder
 
 @torch.no_grad()
 def embed_uint8(model: DualEncoder, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """Unit-norm embeddings of uint8 (N, 3, S, S) images, in eval mode."""
+    """Unit-norm embeddings (on the CPU) of uint8 (N, 3, S, S) CPU images, in eval mode, on
+    whatever device the model is on."""
     model.eval()
-    chunks = [model.encode_image(images[i:i + batch_size].float() / 255)
+    device = model.logit_scale.device
+    chunks = [model.encode_image(images[i:i + batch_size].to(device).float() / 255).cpu()
               for i in range(0, len(images), batch_size)]
     return torch.cat(chunks) if chunks else torch.empty(0, model.config.embed_dim)
 
@@ -22,6 +24,6 @@ def panel_accuracy(model: DualEncoder, data, prototypes: torch.Tensor) -> float:
     if not present:
         return float("nan")
     embeddings = embed_uint8(model, data.images)
-    sims = embeddings @ prototypes[present].t()
+    sims = embeddings @ prototypes[present].cpu().t()
     predicted = torch.tensor(present)[sims.argmax(dim=1)]
     return float((predicted == data.labels).float().mean())

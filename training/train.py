@@ -235,7 +235,7 @@ def close_epoch(model, average, optimizer, features, val_sets, state, losses, st
                 validate: bool = True) -> None:
     """Rank 0 after each epoch: validate what will be exported (if `validate`), log, checkpoint atomically."""
     metrics = {"epoch": state["epoch"], "seconds": round(time.time() - started, 1), **losses,
-               "logit_scale": float(model.scale())}
+               "logit_scale": float(model.scale().detach())}
     if validate:
         evaluated = average.shadow if average is not None else model
         prototypes = features.class_prototypes(evaluated)
@@ -278,7 +278,7 @@ def main(argv=None) -> int:
              "warmup": min(300, steps_per_epoch)}
     if args.resume and (out / "last.pt").is_file():
         resume_from(out, model, optimizer, average, state, generator, args)
-    weights = class_weights(train.labels, len(classes)) if args.balance == "reweight" else None
+    weights = class_weights(train.labels, len(classes)).to(args.device) if args.balance == "reweight" else None
     if rank == 0:
         (out / "config.json").write_text(json.dumps({"args": vars(args), "model": config.to_dict(), "classes": classes,
                                                      "command": " ".join(sys.argv)}, indent=2))
