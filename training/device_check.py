@@ -7,24 +7,29 @@ between devices (sentence features computed on the CPU, validation, export, clas
 DDP, the GAN) never runs there. This runs each command line as a user would, in a subprocess,
 on a small class-folder tree it draws (no data, no download):
 
-1. training with bf16 autocast and class re-weighting, then resume and export;
+1. training with bf16 autocast, class re-weighting and morphology captions (a WBCAtt-style CSV
+   it writes), then resume and export;
 2. training in fp32 with oversampling and MixStyle;
-3. the first run again on the CPU (same seed): its loss must be close to the device's;
+3. the first run again on the CPU (same seed): its losses must be close to the device's;
 4. the evaluation and describe CLIs on the CPU, reading the model exported from the device;
-5. ``torchrun --nproc_per_node 2`` (DDP) on the device;
+5. ``torchrun --nproc_per_node 2`` (DDP, gloo) on the device;
 6. the GAN trainer on the device;
-7. speed: epochs of the default vision tower (regnetx_004, 96 px, strong augmentation).
+7. speed: epochs of the default vision tower (regnetx_004, 96 px, strong augmentation, the
+   training default batch of 64) on the device and on this machine's CPU.
 
 `--text-model` replaces the frozen text encoder (default: the configs' all-MiniLM-L6-v2) for
 machines where that package cannot be installed; any BERT-style folder with a tokenizer works.
-Prints one JSON line per step and a summary (also OUT/summary.json); exit status 0 only when
-every step passed.
+Prints one JSON line per step; OUT/summary.json (rewritten after every step) holds them with the
+torch / CUDA versions and the device name. Exit status 0 only when every step passed; OUT must
+be new or empty, so that no earlier run's metrics are read.
 """
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -42,6 +47,7 @@ SPEED_CLASSES = ("neutrophil", "lymphocyte", "eosinophil", "monocyte")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    """Command-line options (see the module docstring)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda", help="device under test (cuda, cuda:1, mps, cpu ...)")
@@ -69,13 +75,32 @@ def draw_cell(size: int, kind: int, rng: np.random.Generator) -> Image.Image:
 
 
 def draw_tree(root: Path, counts: dict[str, int], size: int, seed: int = 0) -> Path:
-    """root/<class>/<i>.png; a class's drawing depends on its position in `counts`."""
+    """root/<class>/<i>.png; a class's drawing depends on its position in `counts` (its kind)."""
     rng = np.random.default_rng(seed)
     for kind, (name, n) in enumerate(counts.items()):
         (root / name).mkdir(parents=True, exist_ok=True)
         for i in range(n):
             draw_cell(size, kind, rng).save(root / name / f"{i}.png")
     return root
+
+
+def write_attribute_csv(tree: Path, counts: dict[str, int], csv_path: Path) -> Path:
+    """A WBCAtt-style CSV for a tree drawn from `counts` (`path` relative to the CSV's folder): size
+    and nucleus follow what `draw_cell` draws for each class's kind, the other attributes are fixed."""
+    columns = ["img_name", "label", "cell_size", "cell_shape", "nucleus_shape", "nuclear_cytoplasmic_ratio",
+               "chromatin_density", "cytoplasm_vacuole", "cytoplasm_texture", "cytoplasm_colour", "granule_type",
+               "granule_colour", "granularity", "path"]
+    nuclei = ["unsegmented-round", "segmented-bilobed", "segmented-multilobed"]
+    with open(csv_path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(columns)
+        for kind, (name, n) in enumerate(counts.items()):
+            for i in range(n):
+                image = tree / name / f"{i}.png"
+                writer.writerow([image.name, name, "big" if kind % 2 else "small", "round", nuclei[kind % 3], "high",
+                                 "densely", "no", "clear", "light blue", "nil", "nil", "no",
+                                 image.relative_to(csv_path.parent).as_posix()])
+    return csv_path
 
 
 def write_configs(out: Path, text_model: str) -> tuple[Path, Path]:
@@ -99,132 +124,176 @@ def write_configs(out: Path, text_model: str) -> tuple[Path, Path]:
 
 
 class Steps:
-    """Runs command lines as subprocesses and records what each did."""
+    """Runs command lines as subprocesses, records what each did, keeps OUT/summary.json current."""
 
-    def __init__(self, out: Path, timeout: float = 1800):
-        self.out, self.results, self.timeout = out, [], timeout
+    def __init__(self, out: Path, device: str, timeout: float = 1800):
+        self.out, self.device, self.timeout, self.results = out, device, timeout, []
         self.env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "PYTHONUNBUFFERED": "1",
                     "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))}
+        self.platform = platform_facts(device)
 
     def run(self, name: str, args: list[str], check=None) -> bool:
-        """Run ``python ARGS``; `check()` (if given) returns a detail to record or raises."""
+        """Run ``python ARGS``; `check(completed_process)` (if given) returns a detail or raises."""
         started = time.time()
-        try:
-            proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=self.env,
-                                  cwd=PROJECT_ROOT, timeout=self.timeout)
-        except subprocess.TimeoutExpired as exc:  # a hung step fails; the others still run
-            proc = subprocess.CompletedProcess(exc.cmd, -1, _text(exc.stdout),
-                                               _text(exc.stderr) + f"\ntimed out after {self.timeout} s")
+        proc = self._run_in_own_session(args)
         (self.out / f"{name}.log").write_text(proc.stdout + "\n--- stderr ---\n" + proc.stderr)
         record = {"step": name, "ok": proc.returncode == 0, "rc": proc.returncode,
                   "seconds": round(time.time() - started, 1)}
         if record["ok"] and check is not None:
             try:
-                record["detail"] = check()
+                record["detail"] = check(proc)
             except Exception as exc:  # noqa: BLE001 - a failed check is a result, not a crash
                 record.update(ok=False, detail=f"check failed: {exc}")
         if proc.returncode != 0:
             record["stderr_tail"] = proc.stderr[-1500:]
         print(json.dumps(record), flush=True)
         self.results.append(record)
+        self.write_summary()
         return record["ok"]
 
+    def _run_in_own_session(self, args: list[str]) -> subprocess.CompletedProcess:
+        # a session of its own, so that a timeout also ends the workers torchrun started
+        with subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=self.env, cwd=PROJECT_ROOT, start_new_session=True) as popen:
+            try:
+                stdout, stderr = popen.communicate(timeout=self.timeout)
+                return subprocess.CompletedProcess(popen.args, popen.returncode, stdout, stderr)
+            except subprocess.TimeoutExpired:
+                os.killpg(popen.pid, signal.SIGKILL)
+                stdout, stderr = popen.communicate()
+                return subprocess.CompletedProcess(popen.args, -signal.SIGKILL, stdout,
+                                                   stderr + f"\ntimed out after {self.timeout} s")
 
-def _text(output: bytes | str | None) -> str:
-    return output.decode(errors="replace") if isinstance(output, bytes) else output or ""
+    def failed(self) -> list[str]:
+        """Names of the steps that did not pass."""
+        return [r["step"] for r in self.results if not r["ok"]]
+
+    def write_summary(self) -> dict:
+        """Write OUT/summary.json and return its headline (device, passed, failed)."""
+        summary = {"device": self.device, **self.platform, "passed": len(self.results) - len(self.failed()),
+                   "failed": self.failed()}
+        (self.out / "summary.json").write_text(json.dumps({**summary, "steps": self.results}, indent=1))
+        return summary
 
 
-def last_metrics(run: Path) -> dict:
-    """The last line of a training run's metrics.jsonl."""
-    return json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+def platform_facts(device: str) -> dict:
+    """torch / CUDA versions and the name of `device`, for the summary."""
+    import torch
+
+    name = None
+    if device.startswith("cuda") and torch.cuda.is_available():
+        name = torch.cuda.get_device_name(torch.device(device))
+    return {"torch": torch.__version__, "cuda": torch.version.cuda, "device_name": name}
 
 
-def train_args(tree: Path, config: Path, run: Path, device: str, epochs: int, *extra: str) -> list[str]:
-    return ["-m", "training.train", "--data", str(tree), "--val", str(tree), "--config", str(config),
-            "--batch-size", "16", "--epochs", str(epochs), "--device", device, "--out", str(run),
-            "--cache-dir", str(run.parent / "cache"), *extra]
+def metrics_lines(run: Path) -> list[dict]:
+    """Every epoch line of a training run's metrics.jsonl."""
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def check_training(steps: Steps, tree: Path, config: Path, device: str) -> None:
-    """Steps 1-3: train, resume, export on the device; fp32 variant; the same run on the CPU."""
-    out = steps.out
+def compare_runs(device_run: list[dict], cpu_run: list[dict], tolerance: float = LOSS_TOLERANCE) -> dict:
+    """Per-epoch losses of the same seeded run on the device and on the CPU; ValueError when any
+    loss term differs by more than `tolerance` or the runs logged different epochs."""
+    if [m["epoch"] for m in device_run] != [m["epoch"] for m in cpu_run]:
+        raise ValueError("the two runs logged different epochs")
+    compared = {}
+    for there, here in zip(device_run, cpu_run):
+        for term in ("loss", "contrastive", "attributes"):
+            if abs(there[term] - here[term]) > tolerance:
+                raise ValueError(f"epoch {here['epoch']} {term}: {there[term]:.4f} on the device, "
+                                 f"{here[term]:.4f} on the CPU")
+        compared[f"epoch{here['epoch']}"] = {"device": round(there["loss"], 4), "cpu": round(here["loss"], 4)}
+    return compared
+
+
+def train_args(tree: Path, config: Path, run: Path, device: str, epochs: int, *extra: str,
+               batch_size: int | None = 16) -> list[str]:
+    """Arguments of one `training.train` run (`batch_size` None: the trainer's default)."""
+    batch = ["--batch-size", str(batch_size)] if batch_size else []
+    return ["-m", "training.train", "--data", str(tree), "--val", str(tree), "--config", str(config), *batch,
+            "--epochs", str(epochs), "--device", device, "--out", str(run), "--cache-dir", str(run.parent / "cache"),
+            *extra]
+
+
+def check_training(steps: Steps, tree: Path, attributes: Path, config: Path) -> None:
+    """Steps 1-3: train (with captions), resume, export on the device; fp32 variant; the same run on the CPU."""
+    out, device = steps.out, steps.device
     run, cpu = out / "train_device", out / "train_cpu"
-    steps.run("train_bf16_reweight", train_args(tree, config, run, device, 2, "--balance", "reweight"),
-              lambda: last_metrics(run))
+    first = ("--balance", "reweight", "--attributes", str(attributes))
+    steps.run("train_bf16_reweight_captions", train_args(tree, config, run, device, 2, *first),
+              lambda _: metrics_lines(run)[-1])
     steps.run("resume_and_export",
-              train_args(tree, config, run, device, 3, "--balance", "reweight", "--resume",
-                         "--export", str(run / "model.safetensors")),
-              lambda: {"epochs_logged": len((run / "metrics.jsonl").read_text().splitlines()),
-                       "exported_mb": round((run / "model.safetensors").stat().st_size / 1e6, 2)})
+              train_args(tree, config, run, device, 3, *first, "--resume", "--export", str(run / "model.safetensors")),
+              lambda _: {"epochs_logged": len(metrics_lines(run)),
+                         "exported_mb": round((run / "model.safetensors").stat().st_size / 1e6, 2)})
     steps.run("train_fp32_oversample_mixstyle",
               train_args(tree, config, out / "train_fp32", device, 2, "--precision", "fp32",
                          "--balance", "oversample", "--mixstyle", "0.5"),
-              lambda: last_metrics(out / "train_fp32"))
-
-    def same_loss() -> dict:
-        here, there = last_metrics(cpu)["loss"], json.loads((run / "metrics.jsonl").read_text().splitlines()[1])["loss"]
-        if abs(here - there) > LOSS_TOLERANCE:
-            raise ValueError(f"epoch-2 loss {there:.4f} on {device} vs {here:.4f} on the CPU")
-        return {"loss_device": round(there, 4), "loss_cpu": round(here, 4)}
-
-    steps.run("same_run_on_cpu", train_args(tree, config, cpu, "cpu", 2, "--balance", "reweight"), same_loss)
+              lambda _: metrics_lines(out / "train_fp32")[-1])
+    steps.run("same_run_on_cpu", train_args(tree, config, cpu, "cpu", 2, *first),
+              lambda _: compare_runs(metrics_lines(run)[:2], metrics_lines(cpu)))
 
 
-def check_inference_and_others(steps: Steps, tree: Path, eval_tree: Path, config: Path, device: str) -> None:
+def described(proc: subprocess.CompletedProcess) -> dict:
+    """What the describe CLI said of the one file it was given; ValueError if it refused it."""
+    record = json.loads(proc.stdout.splitlines()[0])
+    if not record["ok"]:
+        raise ValueError(f"describe refused the image: {record.get('error')}")
+    return {"class": record["class"], "abstained": record["abstained"]}
+
+
+def check_inference_and_others(steps: Steps, tree: Path, eval_tree: Path, config: Path) -> None:
     """Steps 4-6: CPU evaluation / describe of the device-trained model, DDP, the GAN."""
-    out, model = steps.out, steps.out / "train_device" / "model.safetensors"
+    out, device, model = steps.out, steps.device, steps.out / "train_device" / "model.safetensors"
     steps.run("evaluate_on_cpu",
               ["-m", "training.evaluate", "--checkpoint", str(model), "--data", str(eval_tree),
                "--json", str(out / "eval.json")],
-              lambda: {"n_scored": json.loads((out / "eval.json").read_text())["n"]})  # a smoke test, not a score
-    image = next((eval_tree / "neutrophil").iterdir())
-
-    def described() -> dict:
-        record = json.loads((out / "describe_on_cpu.log").read_text().splitlines()[0])
-        if not record["ok"]:
-            raise ValueError(f"describe refused the image: {record.get('error')}")
-        return {"class": record["class"], "abstained": record["abstained"]}
-
+              lambda _: {"n_scored": json.loads((out / "eval.json").read_text())["n"]})  # a smoke test, not a score
+    image = sorted((eval_tree / "neutrophil").iterdir())[0]
     steps.run("describe_on_cpu", ["-m", "core.describe", str(image), "--json", "--model", str(model)], described)
     steps.run("torchrun_2_ranks", ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                                    *train_args(tree, config, out / "train_ddp", device, 1)],
-              lambda: last_metrics(out / "train_ddp"))
+              lambda _: metrics_lines(out / "train_ddp")[-1])
     steps.run("train_gan", ["-m", "training.train_gan", "--data", str(tree), "--out", str(out / "gan"),
                             "--size", "32", "--steps", "40", "--batch-size", "16", "--g-channels", "8",
                             "--d-channels", "8", "--device", device, "--cache-dir", ""],
-              lambda: sorted(p.name for p in (out / "gan").iterdir()))
+              lambda _: sorted(p.name for p in (out / "gan").iterdir()))
 
 
-def check_speed(steps: Steps, config: Path, device: str, n_images: int, epochs: int) -> None:
-    """Step 7: seconds per epoch of the default tower on the device and on this machine's CPU."""
+def check_speed(steps: Steps, config: Path, n_images: int, epochs: int) -> None:
+    """Step 7: seconds per epoch of the default tower, at the trainer's default batch size, on the
+    device and (if that is not the CPU) on this machine's CPU; the first epoch includes warm-up."""
     per_class = max(1, n_images // len(SPEED_CLASSES))
     tree = draw_tree(steps.out / "data_speed", {name: per_class for name in SPEED_CLASSES}, size=108)
-    for where, n_epochs in ((device, epochs), ("cpu", 1)):
+    timed = [(steps.device, epochs)] + ([("cpu", min(epochs, 2))] if steps.device != "cpu" else [])
+    for where, n_epochs in timed:
         run = steps.out / f"speed_{where.replace(':', '_')}"
-        steps.run(run.name, train_args(tree, config, run, where, n_epochs),
-                  lambda run=run: {"images": per_class * len(SPEED_CLASSES), "epoch_seconds":
-                                   [json.loads(line)["seconds"] for line in (run / "metrics.jsonl").read_text().splitlines()]})
-        if where == "cpu":
-            break
+        steps.run(run.name, train_args(tree, config, run, where, n_epochs, batch_size=None),
+                  lambda _, run=run: {"images": per_class * len(SPEED_CLASSES), "batch_size": 64,
+                                      "epoch_seconds": [m["seconds"] for m in metrics_lines(run)]})
 
 
 def main(argv=None) -> int:
+    """Run every step; 0 when all passed, 1 when one failed, 2 when OUT is not new or empty."""
     args = parse_args(argv)
     out = Path(args.out).resolve()
+    if out.exists() and any(out.iterdir()):
+        print(f"{out} is not empty: give a new --out (earlier runs' metrics would be read)", file=sys.stderr)
+        return 2
     out.mkdir(parents=True, exist_ok=True)
     tiny, default_tower = write_configs(out, args.text_model)
-    tree = draw_tree(out / "data_train", {"neutrophil": 40, "lymphocyte": 40, "eosinophil": 16}, size=64)
+    counts = {"neutrophil": 48, "lymphocyte": 48, "eosinophil": 32}
+    tree = draw_tree(out / "data_train", counts, size=64)
+    attributes = write_attribute_csv(tree, counts, out / "attributes.csv")
     eval_tree = draw_tree(out / "data_eval", {"neutrophil": 6, "lymphocyte": 6, "not_a_class": 4}, size=64, seed=1)
-    steps = Steps(out, args.step_timeout)
-    check_training(steps, tree, tiny, args.device)
-    check_inference_and_others(steps, tree, eval_tree, tiny, args.device)
+    steps = Steps(out, args.device, args.step_timeout)
+    check_training(steps, tree, attributes, tiny)
+    check_inference_and_others(steps, tree, eval_tree, tiny)
     if args.speed_images:
-        check_speed(steps, default_tower, args.device, args.speed_images, args.speed_epochs)
-    failed = [r["step"] for r in steps.results if not r["ok"]]
-    summary = {"device": args.device, "passed": len(steps.results) - len(failed), "failed": failed}
-    (out / "summary.json").write_text(json.dumps({**summary, "steps": steps.results}, indent=1))
+        check_speed(steps, default_tower, args.speed_images, args.speed_epochs)
+    summary = steps.write_summary()
     print(json.dumps(summary), flush=True)
-    return 1 if failed else 0
+    return 1 if summary["failed"] else 0
 
 
 if __name__ == "__main__":

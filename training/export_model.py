@@ -17,8 +17,9 @@ from core.text_tower import text_weights_sha256
 
 
 def export(model: DualEncoder, panels, phrases, train_items, args, out: Path) -> None:
-    """Write the safetensors model + sidecar with class prototypes and provenance."""
-    model.eval().cpu()  # the product runs on the CPU; safetensors writes host memory
+    """Write the safetensors model + sidecar with class prototypes and provenance. Leaves `model`
+    on the CPU in eval mode (the product describes on the CPU; called once, at the end of training)."""
+    model.eval().cpu()
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     raw_panels = json.loads(PANELS_FILE.read_text())
     sidecar = {

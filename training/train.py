@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import random
 import sys
 import time
@@ -35,6 +34,7 @@ from training.ema import WeightAverage
 from training.evaluation_utils import panel_accuracy
 from training.export_model import export
 from training.mixstyle import MixStyleHooks
+from training.distributed import rank_device, setup_distributed
 from training.sampling import BALANCE_MODES, class_weights, epoch_indices, shard
 from training.text_features import SentenceFeatureCache
 
@@ -80,14 +80,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     p.add_argument("--cache-dir", default="runs/cache", help="where decoded images are cached")
     return p.parse_args(argv)
-
-
-def setup_distributed() -> tuple[int, int]:
-    """(rank, world size); initialises gloo when launched by torchrun."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        dist.init_process_group("gloo")
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -253,6 +245,7 @@ def close_epoch(model, average, optimizer, features, val_sets, state, losses, st
 def main(argv=None) -> int:
     args = parse_args(argv)
     rank, world = setup_distributed()
+    args.device = rank_device(args.device, world)
     if args.threads:
         torch.set_num_threads(args.threads)
     generator = seed_everything(args.seed + rank)
