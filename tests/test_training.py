@@ -209,21 +209,61 @@ def test_device_check_compares_device_and_cpu_losses_epoch_by_epoch():
         compare_runs(cpu[:1], cpu)
 
 
-def test_device_check_steps_record_failures_and_end_hung_commands(tmp_path):
-    from training.device_check import Steps
+def test_check_steps_record_failures_and_end_hung_commands_with_their_children(tmp_path):
+    from training.step_runner import Steps
 
-    steps = Steps(tmp_path, "cpu", timeout=1.0)
+    steps = Steps(tmp_path, "cpu", timeout=120)
     assert steps.run("ok", ["-c", "print('hello')"], lambda proc: proc.stdout.strip())
     assert not steps.run("exit_3", ["-c", "import sys; sys.exit(3)"])
     assert not steps.run("check_raises", ["-c", "pass"], lambda proc: 1 / 0)
+    # the hung step's child holds the pipes too: killing only the direct child would leave
+    # communicate() waiting for the child's 60 s
+    steps.timeout = 2.0
+    hang = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); time.sleep(60)"
     started = time.time()
-    assert not steps.run("hangs", ["-c", "import time; time.sleep(60)"])
-    assert time.time() - started < 30
+    assert not steps.run("hangs", ["-c", hang])
+    assert time.time() - started < 20  # SIGTERM to the group, not the 30 s grace before SIGKILL
     records = {r["step"]: r for r in json.loads((tmp_path / "summary.json").read_text())["steps"]}
     assert records["ok"]["detail"] == "hello" and records["exit_3"]["rc"] == 3
     assert "check failed" in records["check_raises"]["detail"] and records["hangs"]["rc"] < 0
     assert "timed out" in (tmp_path / "hangs.log").read_text()
     assert steps.failed() == ["exit_3", "check_raises", "hangs"]
+
+
+def test_check_steps_give_up_on_pipes_held_by_a_process_that_left_the_group(tmp_path, monkeypatch):
+    import signal
+
+    from training import step_runner
+
+    monkeypatch.setattr(step_runner, "GRACE_SECONDS", 1)
+    monkeypatch.setattr(step_runner, "KILL_WAIT_SECONDS", 1)
+    pid_file = tmp_path / "orphan.pid"
+    orphan = ("import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'],"
+              f" start_new_session=True); open({str(pid_file)!r}, 'w').write(str(p.pid)); time.sleep(60)")
+    steps = step_runner.Steps(tmp_path, "cpu", timeout=3.0)
+    try:
+        started = time.time()
+        assert not steps.run("orphaned", ["-c", orphan])
+        assert time.time() - started < 30
+        assert "output lost" in (tmp_path / "orphaned.log").read_text()
+    finally:
+        if pid_file.exists():
+            os.kill(int(pid_file.read_text()), signal.SIGKILL)
+
+
+def test_torchrun_ranks_take_their_own_gpu_only_when_there_are_several(monkeypatch):
+    from training import distributed
+
+    chosen = []
+    monkeypatch.setattr(distributed.torch.cuda, "set_device", chosen.append)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setattr(distributed.torch.cuda, "device_count", lambda: 2)
+    assert distributed.rank_device("cuda", 4) == "cuda:1" and chosen == [1]
+    assert distributed.rank_device("cuda", 1) == "cuda"  # one process: as asked
+    assert distributed.rank_device("cuda:0", 4) == "cuda:0"  # an explicit device is kept
+    assert distributed.rank_device("cpu", 4) == "cpu"
+    monkeypatch.setattr(distributed.torch.cuda, "device_count", lambda: 1)
+    assert distributed.rank_device("cuda", 2) == "cuda" and chosen == [1]  # ranks share the one GPU
 
 
 def test_device_check_configs_swap_the_text_tower_for_a_relative_folder(tmp_path, monkeypatch):
@@ -259,4 +299,4 @@ def test_device_check_runs_every_command_line_on_the_cpu(tmp_path):
     first = next(s for s in summary["steps"] if s["step"] == "train_bf16_reweight_captions")
     assert first["detail"]["attributes"] > 0  # the caption (morphology) loss ran
     again = subprocess.run(cmd, capture_output=True, text=True, cwd=PROJECT_ROOT, env=ENV, timeout=120)
-    assert again.returncode == 2 and "not empty" in again.stderr
+    assert again.returncode == 2 and "not an empty folder" in again.stderr

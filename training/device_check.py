@@ -28,18 +28,15 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from core.config import load_model_config
-from core.settings import PROJECT_ROOT
+from training.step_runner import Steps
 
 # bf16 on two devices runs different kernels: losses after two tiny epochs agree to ~0.01
 LOSS_TOLERANCE = 0.05
@@ -123,66 +120,17 @@ def write_configs(out: Path, text_model: str) -> tuple[Path, Path]:
     return paths[0], paths[1]
 
 
-class Steps:
-    """Runs command lines as subprocesses, records what each did, keeps OUT/summary.json current."""
-
-    def __init__(self, out: Path, device: str, timeout: float = 1800):
-        self.out, self.device, self.timeout, self.results = out, device, timeout, []
-        self.env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "PYTHONUNBUFFERED": "1",
-                    "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))}
-        self.platform = platform_facts(device)
-
-    def run(self, name: str, args: list[str], check=None) -> bool:
-        """Run ``python ARGS``; `check(completed_process)` (if given) returns a detail or raises."""
-        started = time.time()
-        proc = self._run_in_own_session(args)
-        (self.out / f"{name}.log").write_text(proc.stdout + "\n--- stderr ---\n" + proc.stderr)
-        record = {"step": name, "ok": proc.returncode == 0, "rc": proc.returncode,
-                  "seconds": round(time.time() - started, 1)}
-        if record["ok"] and check is not None:
-            try:
-                record["detail"] = check(proc)
-            except Exception as exc:  # noqa: BLE001 - a failed check is a result, not a crash
-                record.update(ok=False, detail=f"check failed: {exc}")
-        if proc.returncode != 0:
-            record["stderr_tail"] = proc.stderr[-1500:]
-        print(json.dumps(record), flush=True)
-        self.results.append(record)
-        self.write_summary()
-        return record["ok"]
-
-    def _run_in_own_session(self, args: list[str]) -> subprocess.CompletedProcess:
-        # a session of its own, so that a timeout also ends the workers torchrun started
-        with subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env=self.env, cwd=PROJECT_ROOT, start_new_session=True) as popen:
-            try:
-                stdout, stderr = popen.communicate(timeout=self.timeout)
-                return subprocess.CompletedProcess(popen.args, popen.returncode, stdout, stderr)
-            except subprocess.TimeoutExpired:
-                os.killpg(popen.pid, signal.SIGKILL)
-                stdout, stderr = popen.communicate()
-                return subprocess.CompletedProcess(popen.args, -signal.SIGKILL, stdout,
-                                                   stderr + f"\ntimed out after {self.timeout} s")
-
-    def failed(self) -> list[str]:
-        """Names of the steps that did not pass."""
-        return [r["step"] for r in self.results if not r["ok"]]
-
-    def write_summary(self) -> dict:
-        """Write OUT/summary.json and return its headline (device, passed, failed)."""
-        summary = {"device": self.device, **self.platform, "passed": len(self.results) - len(self.failed()),
-                   "failed": self.failed()}
-        (self.out / "summary.json").write_text(json.dumps({**summary, "steps": self.results}, indent=1))
-        return summary
-
-
 def platform_facts(device: str) -> dict:
-    """torch / CUDA versions and the name of `device`, for the summary."""
+    """torch / CUDA versions and the name of `device`, for the summary. The name is read in a
+    short subprocess, so this process never holds a CUDA context while the steps run."""
     import torch
 
     name = None
-    if device.startswith("cuda") and torch.cuda.is_available():
-        name = torch.cuda.get_device_name(torch.device(device))
+    if device.startswith("cuda"):
+        probe = ("import sys, torch; d = torch.device(sys.argv[1]); "
+                 "print(torch.cuda.get_device_name(d) if torch.cuda.is_available() else '')")
+        proc = subprocess.run([sys.executable, "-c", probe, device], capture_output=True, text=True, timeout=300)
+        name = proc.stdout.strip() or None
     return {"torch": torch.__version__, "cuda": torch.version.cuda, "device_name": name}
 
 
@@ -193,7 +141,9 @@ def metrics_lines(run: Path) -> list[dict]:
 
 def compare_runs(device_run: list[dict], cpu_run: list[dict], tolerance: float = LOSS_TOLERANCE) -> dict:
     """Per-epoch losses of the same seeded run on the device and on the CPU; ValueError when any
-    loss term differs by more than `tolerance` or the runs logged different epochs."""
+    loss term differs by more than `tolerance` or the runs logged different (or no) epochs."""
+    if not cpu_run:
+        raise ValueError("no epochs to compare")
     if [m["epoch"] for m in device_run] != [m["epoch"] for m in cpu_run]:
         raise ValueError("the two runs logged different epochs")
     compared = {}
@@ -269,16 +219,17 @@ def check_speed(steps: Steps, config: Path, n_images: int, epochs: int) -> None:
     for where, n_epochs in timed:
         run = steps.out / f"speed_{where.replace(':', '_')}"
         steps.run(run.name, train_args(tree, config, run, where, n_epochs, batch_size=None),
-                  lambda _, run=run: {"images": per_class * len(SPEED_CLASSES), "batch_size": 64,
-                                      "epoch_seconds": [m["seconds"] for m in metrics_lines(run)]})
+                  lambda _, run=run: {"images": per_class * len(SPEED_CLASSES), "epoch_seconds":
+                                      [m["seconds"] for m in metrics_lines(run)],
+                                      "batch_size": json.loads((run / "config.json").read_text())["args"]["batch_size"]})
 
 
 def main(argv=None) -> int:
     """Run every step; 0 when all passed, 1 when one failed, 2 when OUT is not new or empty."""
     args = parse_args(argv)
     out = Path(args.out).resolve()
-    if out.exists() and any(out.iterdir()):
-        print(f"{out} is not empty: give a new --out (earlier runs' metrics would be read)", file=sys.stderr)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        print(f"{out} is not an empty folder: give a new --out (earlier runs' metrics would be read)", file=sys.stderr)
         return 2
     out.mkdir(parents=True, exist_ok=True)
     tiny, default_tower = write_configs(out, args.text_model)
@@ -286,7 +237,7 @@ def main(argv=None) -> int:
     tree = draw_tree(out / "data_train", counts, size=64)
     attributes = write_attribute_csv(tree, counts, out / "attributes.csv")
     eval_tree = draw_tree(out / "data_eval", {"neutrophil": 6, "lymphocyte": 6, "not_a_class": 4}, size=64, seed=1)
-    steps = Steps(out, args.device, args.step_timeout)
+    steps = Steps(out, args.device, args.step_timeout, platform_facts(args.device))
     check_training(steps, tree, attributes, tiny)
     check_inference_and_others(steps, tree, eval_tree, tiny)
     if args.speed_images:
