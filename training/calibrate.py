@@ -33,6 +33,7 @@ from core.reliability import (confidence_threshold_for_accuracy, expected_calibr
 from training.attribute_eval import read_attribute_rows
 from training.calibrate_attributes import calibrate_attributes
 from training.dataset import decode_images
+from training.evaluation_utils import embed_uint8
 
 
 def parse_args(argv=None):
@@ -53,11 +54,9 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-@torch.no_grad()
 def embed_items(bundle, items, cache_dir) -> torch.Tensor:
-    images = decode_images(items, bundle.model.config.image_size, Path(cache_dir))
-    chunks = [bundle.model.encode_image(images[i:i + 256].float() / 255) for i in range(0, len(images), 256)]
-    return torch.cat(chunks)
+    """Unit-norm embeddings of labelled image files, decoded (and cached) as in training."""
+    return embed_uint8(bundle.model, decode_images(items, bundle.model.config.image_size, Path(cache_dir)))
 
 
 def class_centroids(bundle, folders, per_class, cache_dir, seed) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
