@@ -7,17 +7,14 @@ who said what about which prediction is kept. Writes are guarded in the ORM (see
     with sessionmaker.begin() as s:
         add_feedback(s, prediction, verdict="agree", reviewer="Dr A")
 
-Read-side helpers live in `core.store_queries` (also reachable as attributes of this module).
+Read-side helpers live in `core.store_queries` (also reachable as attributes of this module);
+the uploaded image files themselves in `core.uploads`.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
-import os
-import re
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -31,12 +28,12 @@ from sqlalchemy.orm import (
     DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker,
 )
 
+from core.uploads import check_sha256
+
 log = logging.getLogger(__name__)
 
 VERDICTS = ("agree", "disagree", "unsure")
-SAFE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".webp"})
 REVIEWER_MAX = 100
-_SHA_RE = re.compile(r"[0-9a-f]{64}")
 _TEXT_MAX = 5000  # free-text fields: generous, but bounded so one paste cannot bloat the DB
 
 
@@ -201,49 +198,6 @@ def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(bind=engine, expire_on_commit=False)
 
 
-# ---------------------------------------------------------------- files
-
-
-def _check_sha(sha256: str) -> str:
-    if not isinstance(sha256, str) or not _SHA_RE.fullmatch(sha256):
-        raise ValueError("sha256 must be 64 lowercase hexadecimal characters")
-    return sha256
-
-
-def safe_extension(ext: str) -> str:
-    """Lower-cased extension from the allow-list, or '.bin' for anything else."""
-    ext = (ext or "").strip().lower()
-    ext = ext if ext.startswith(".") else "." + ext
-    return ext if ext in SAFE_EXTENSIONS else ".bin"
-
-
-def store_image_copy(upload_dir: Path, sha256: str, data: bytes, ext: str) -> str:
-    """Write `data` to upload_dir/<sha[:2]>/<sha><ext> atomically; return the relative path.
-
-    The name comes only from the validated hash and an allow-listed extension, so it can
-    never escape `upload_dir`. The bytes must hash to `sha256`.
-    """
-    _check_sha(sha256)
-    if hashlib.sha256(data).hexdigest() != sha256:
-        raise ValueError("data does not match its sha256")
-    rel = f"{sha256[:2]}/{sha256}{safe_extension(ext)}"
-    target = Path(upload_dir) / rel
-    if target.is_file() and target.stat().st_size == len(data):
-        return rel  # content-addressed: same name means same bytes
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())  # the DB row may point at it right after: make it durable
-        os.replace(tmp, target)  # readers see the old state or the whole file, never half
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return rel
-
-
 # ---------------------------------------------------------------- writes
 
 
@@ -259,7 +213,7 @@ def _clean_text(value: str | None, field: str, max_len: int = _TEXT_MAX) -> str 
 def get_or_create_image(s: Session, *, sha256: str, original_name: str, n_bytes: int,
                         width: int, height: int, stored_path: str) -> ImageRecord:
     """The image row for this content hash, inserted on first sight (first name wins)."""
-    _check_sha(sha256)
+    check_sha256(sha256)
     found = s.scalar(select(ImageRecord).where(ImageRecord.sha256 == sha256))
     if found is not None:
         return found

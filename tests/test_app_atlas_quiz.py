@@ -10,8 +10,8 @@ import pytest
 import streamlit as st
 from streamlit.testing.v1 import AppTest
 
-from core.store import (add_feedback, add_prediction, get_or_create_image, make_engine, make_sessionmaker,
-                        store_image_copy)
+from core.store import add_feedback, add_prediction, get_or_create_image, make_engine, make_sessionmaker
+from core.uploads import store_image_copy
 from tests.conftest import cell_png_bytes, write_class_tree
 
 ROOT = Path(__file__).resolve().parent.parent

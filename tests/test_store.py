@@ -23,12 +23,13 @@ from sqlalchemy.engine import make_url
 
 from core.store import (
     FeedbackRecord, ImageRecord, PredictionRecord, StoreUnavailable, add_feedback,
-    add_prediction, get_or_create_image, make_engine, make_sessionmaker, store_image_copy,
+    add_prediction, get_or_create_image, make_engine, make_sessionmaker,
 )
 from core.store_queries import (
     agreement_summary, expert_confusion, feedback_table, image_history, latest_verification,
     rows_to_csv,
 )
+from core.uploads import store_image_copy
 
 ROOT = Path(__file__).resolve().parent.parent
 PG_URL = os.environ.get("HEMASCRIBE_TEST_PG_URL")

@@ -242,6 +242,12 @@ def close_epoch(model, average, optimizer, features, val_sets, state, losses, st
     (out / "last.tmp").replace(out / "last.pt")
 
 
+def write_run_config(out: Path, args: argparse.Namespace, config, classes: list[str]) -> None:
+    """The run folder's config.json: arguments, model config, classes and command line, for whoever reads the run."""
+    record = {"args": vars(args), "model": config.to_dict(), "classes": classes, "command": " ".join(sys.argv)}
+    (out / "config.json").write_text(json.dumps(record, indent=2))
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     rank, world = setup_distributed()
@@ -273,8 +279,7 @@ def main(argv=None) -> int:
         resume_from(out, model, optimizer, average, state, generator, args)
     weights = class_weights(train.labels, len(classes)).to(args.device) if args.balance == "reweight" else None
     if rank == 0:
-        (out / "config.json").write_text(json.dumps({"args": vars(args), "model": config.to_dict(), "classes": classes,
-                                                     "command": " ".join(sys.argv)}, indent=2))
+        write_run_config(out, args, config, classes)
 
     # ---- training loop: checkpoint and validate every epoch ----
     while state["epoch"] < args.epochs:

@@ -8,7 +8,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from core.describe import Description
 from core.imageio import LoadedImage
-from core.store import add_prediction, get_or_create_image, store_image_copy
+from core.store import add_prediction, get_or_create_image
+from core.uploads import store_image_copy
 
 
 def uncertain_text(result: Description) -> str:
