@@ -33,7 +33,10 @@ if progress is not None:
     progress.empty()
 
 for refused in (c for c in described if c.error):
-    st.error(f"{widgets.md_escape(refused.file_name)}: {widgets.md_escape(refused.error)}")
+    st.error(widgets.md_escape(refused.error))  # the message names the file
+if len(described) < len(inputs):
+    st.caption(f"{len(inputs) - len(described)} of the {len(inputs)} files repeat another file's exact bytes "
+               "and are shown once.")
 
 ordered = case_view.doubtful_first(described)
 if not ordered:

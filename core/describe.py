@@ -27,6 +27,7 @@ class Description:
     confidence: float  # calibrated probability of the top class of the panel
     abstained: bool  # True: "I don't know", see abstain_reason
     abstain_reason: str | None  # why the model abstained, in words
+    abstain_kind: str | None  # which check refused (core.reliability.ABSTAIN_KINDS); None when answered
     best_class: str  # top class of the panel even when abstaining (for the chart)
     scores: dict[str, float]  # calibrated probability of every class of the panel
     similarities: dict[str, float]  # cosine similarity to every class prototype
@@ -99,6 +100,7 @@ def _describe_embedding(bundle: ModelBundle, embedding: torch.Tensor, panel: str
     return Description(
         panel=panel, class_key=chosen.key if chosen else None, sentence=chosen.sentence if chosen else None,
         confidence=float(probabilities[best]), abstained=decision.abstained, abstain_reason=decision.reason,
+        abstain_kind=decision.kind,
         best_class=spec.classes[best].key, scores=dict(zip(spec.keys, map(float, probabilities))),
         similarities=dict(zip(spec.keys, map(float, similarities))), out_of_scope_score=decision.out_of_scope_score,
         panel_validated=spec.validated, model_id=bundle.model_id, weights_sha256=bundle.weights_sha256,
@@ -115,13 +117,15 @@ def _describe_file(bundle: ModelBundle, path: str, panel: str | None) -> dict:
     result = describe(bundle, loaded.image, panel)
     return {"file": path, "ok": True, "panel": result.panel, "class": result.class_key,
             "sentence": result.sentence, "confidence": round(result.confidence, 4),
-            "abstained": result.abstained, "abstain_reason": result.abstain_reason,
+            "abstained": result.abstained, "abstain_reason": result.abstain_reason, "abstain_kind": result.abstain_kind,
             "best_class": result.best_class, "notes": list(loaded.notes),
             "scores": {k: round(v, 4) for k, v in result.scores.items()}}
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="Describe blood-cell images in sentences.")
+    parser = argparse.ArgumentParser(description="Describe blood-cell images in sentences.",
+                                     epilog="Exit status: 0 every file described (an abstention counts as "
+                                            "described), 1 some file refused, 2 bad model or panel.")
     parser.add_argument("images", nargs="+", help="image files")
     parser.add_argument("--panel", default=None, help="panel name (default: the model's first validated panel)")
     parser.add_argument("--model", default=None, help="weights file (default: the HEMASCRIBE_MODEL setting)")
@@ -142,6 +146,9 @@ def main(argv=None) -> int:
     failures = 0
     for path in args.images:
         record = _describe_file(bundle, path, args.panel)
+        # A file name that is not valid UTF-8 reaches Python as lone surrogates, which strict
+        # JSON readers reject: show the undecodable bytes as U+FFFD instead.
+        record["file"] = path.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
         failures += not record["ok"]
         print(json.dumps(record) if args.json else _readable(record), flush=True)
     return 1 if failures else 0

@@ -2,8 +2,9 @@
 phrases, then composed into one sentence a hematologist can check phrase by phrase."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
 
 from core.checkpoint import ModelBundle
@@ -15,6 +16,15 @@ _ORDER = ["cell_size", "cell_shape", "nucleus_shape", "chromatin_density", "nucl
 
 # confidence a phrase needs to be stated when its attribute has no calibrated threshold
 DEFAULT_PHRASE_THRESHOLD = 0.6
+
+# WBCAtt annotates these five white-cell types only: the phrases (nucleus, granules, N:C ratio)
+# were never learned for, and mean nothing on, a platelet, an erythroblast or an immature
+# granulocyte, so no morphology sentence is composed for other classes.
+ATTRIBUTE_CLASSES = frozenset({"basophil", "eosinophil", "lymphocyte", "monocyte", "neutrophil"})
+# attributes that name a colour: never stated as certain for an image without colour
+COLOUR_ATTRIBUTES = frozenset({"cytoplasm_colour", "granule_colour"})
+# largest channel difference (0-255) still counted as grey: JPEG noise on a grey image
+_GREY_TOLERANCE = 6
 
 
 @dataclass(frozen=True)
@@ -86,13 +96,30 @@ def stated_phrase_accuracy(sidecar: dict) -> float | None:
     return sum(accuracies) / len(accuracies) if accuracies else None
 
 
+def has_morphology(class_key: str | None) -> bool:
+    """Whether morphology phrases are given for a described class (see ATTRIBUTE_CLASSES)."""
+    return class_key in ATTRIBUTE_CLASSES
+
+
+def is_colourless(image) -> bool:
+    """True when a PIL image carries no colour (grey, or RGB with equal channels)."""
+    if image.mode in ("1", "L", "LA", "I", "I;16", "F"):
+        return True
+    rgb = np.asarray(image.convert("RGB"), dtype=np.int16)
+    spread = rgb.max(axis=-1) - rgb.min(axis=-1)
+    return bool(np.percentile(spread, 99) <= _GREY_TOLERANCE)
+
+
 def describe_morphology(bundle: ModelBundle, image) -> tuple[str, list[AttributePrediction]]:
     """Morphology sentence and the per-attribute predictions for one PIL image
-    ("", []) when the model was not trained on attributes."""
+    ("", []) when the model was not trained on attributes. On an image without colour the
+    colour phrases are never certain: whatever the model matched, it cannot have seen a colour."""
     from core.describe import embed_images
 
     if not bundle.attribute_prototypes:
         return "", []
     embedding = embed_images(bundle, [image])[0][0]
     predictions = predict_attributes(bundle, embedding)
+    if is_colourless(image):
+        predictions = [replace(p, certain=False) if p.attribute in COLOUR_ATTRIBUTES else p for p in predictions]
     return compose_sentence(predictions), predictions

@@ -34,6 +34,21 @@ class Decision:
     abstained: bool  # True when the model should not give a sentence
     reason: str | None  # the reason, in words a hematologist reads
     out_of_scope_score: float  # distance to the nearest training-class centroid of the panel
+    kind: str | None = None  # which check refused it: one of ABSTAIN_KINDS, None when answered
+
+
+# Which check made the model abstain, in the order they run (module docstring). For "content"
+# and "out_of_scope" the panel's scores describe nothing (the image is no cell of the panel),
+# so a viewer should not show them as a confidence; for "weak" they are the point.
+ABSTAIN_KINDS = ("content", "not_validated", "out_of_scope", "weak")
+
+
+def _class_name(bundle: ModelBundle, key: str) -> str:
+    """Display name of a class key, from the first panel that has it (the key itself otherwise)."""
+    for panel in bundle.panels.values():
+        if key in panel.keys:
+            return panel.cell_class(key).name
+    return key
 
 
 def _calibration(bundle: ModelBundle) -> dict:
@@ -114,28 +129,28 @@ def abstention_decision(bundle: ModelBundle, embedding: torch.Tensor, panel: str
     """Whether to abstain, and why (see the module docstring for the order of checks);
     `content_problem` comes from `content_problems` on the model input."""
     if content_problem:
-        return Decision(True, content_problem, math.inf)
+        return Decision(True, content_problem, math.inf, "content")
     calibration = _calibration(bundle).get("panels", {}).get(panel, {})
     spec = bundle.panels[panel]
     score = float(out_of_scope_scores(bundle, embedding[None], spec.keys)[0]) if bundle.centroids else 0.0
     if not spec.validated:
         return Decision(True, f"The panel '{spec.title}' is not validated: no images of its classes were "
-                              "available, so the model cannot vouch for any of its sentences.", score)
+                              "available, so the model cannot vouch for any of its sentences.", score, "not_validated")
     if score > calibration.get("out_of_scope_threshold", math.inf):
         similarities = centroid_similarities(bundle, embedding)  # only to name the nearest class
         nearest = max(similarities, key=similarities.get)
         if nearest not in spec.keys:
             owner = next((p.title for p in bundle.panels.values() if nearest in p.keys), "another panel")
-            return Decision(True, f"The image looks most like '{nearest}' ({owner}), which is outside the "
-                                  f"chosen panel '{spec.title}'.", score)
+            return Decision(True, f"The image looks most like {_class_name(bundle, nearest)} ({owner}), which is "
+                                  f"outside the chosen panel '{spec.title}'.", score, "out_of_scope")
         return Decision(True, "This image does not look like the blood-cell images the model was trained on "
                               f"(out-of-scope score {score:.2f} above {calibration['out_of_scope_threshold']:.2f}).",
-                        score)
+                        score, "out_of_scope")
     min_confidence = calibration.get("min_confidence", 0.0)
     if max(probabilities) < min_confidence:
-        ranked = sorted(zip(probabilities, spec.keys), reverse=True)[:2]
+        ranked = sorted(zip(probabilities, (c.name for c in spec.classes)), reverse=True)[:2]
         return Decision(True, f"The best match is too weak or ambiguous: {ranked[0][1]} {ranked[0][0]:.0%} "
-                              f"vs {ranked[1][1]} {ranked[1][0]:.0%} (needs {min_confidence:.0%}).", score)
+                              f"vs {ranked[1][1]} {ranked[1][0]:.0%} (needs {min_confidence:.0%}).", score, "weak")
     return Decision(False, None, score)
 
 

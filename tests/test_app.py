@@ -56,6 +56,13 @@ def choose_sample(at: AppTest, name: str = "cell_0.png") -> AppTest:
     return at
 
 
+def feedback_widget(kind: str, at: AppTest, name: str):
+    """The open case's feedback widget `name` (its key carries the case's prediction id)."""
+    found = [w for w in getattr(at, kind) if (w.key or "").startswith(f"describe_fb_{name}_")]
+    assert len(found) == 1, [w.key for w in getattr(at, kind)]
+    return found[0]
+
+
 def described_text(at: AppTest) -> str:
     """The sentence (success box) or the Uncertain state (warning box) of the open case."""
     shown = [e.value for e in at.success] + [e.value for e in at.warning]
@@ -127,15 +134,15 @@ def test_upload_several_with_one_refused(app_env):
     assert [(not a, c) for a, c in zip(abstained, confidence)] == sorted(zip([not a for a in abstained], confidence))
     assert count(app_env.sessionmaker, ImageRecord) == 2  # nothing stored for the refused file
     assert count(app_env.sessionmaker, PredictionRecord) == 2
-    at.selectbox(key="describe_open_case").select(1).run()
+    at.selectbox(key="describe_open_case").select_index(1).run()
     assert not at.exception, at.exception
 
 
 def test_agree_writes_exactly_one_feedback_row(app_env):
     at = choose_sample(run_app())
-    assert at.button(key="describe_fb_agree").disabled  # no reviewer yet
+    assert feedback_widget("button", at, "agree").disabled  # no reviewer yet
     set_reviewer(at, "Dr Test")
-    at.button(key="describe_fb_agree").click().run()
+    feedback_widget("button", at, "agree").click().run()
     assert not at.exception, at.exception
     with app_env.sessionmaker() as s:
         rows = feedback_table(s)
@@ -150,9 +157,9 @@ def test_agree_writes_exactly_one_feedback_row(app_env):
 def test_disagree_with_correction_and_markdown_name(app_env):
     at = choose_sample(run_app())
     set_reviewer(at, "[Dr](http://x) *B*")
-    at.selectbox(key="describe_fb_class").select("monocyte")
-    at.text_area(key="describe_fb_comment").input("nucleus looks folded")
-    at.button(key="describe_fb_disagree").click().run()
+    feedback_widget("selectbox", at, "class").select("monocyte")
+    feedback_widget("text_area", at, "comment").input("nucleus looks folded")
+    feedback_widget("button", at, "disagree").click().run()
     assert not at.exception, at.exception
     with app_env.sessionmaker() as s:
         rows = feedback_table(s)
@@ -180,7 +187,7 @@ def test_missing_model_is_reported(app_env, tmp_path, monkeypatch):
 def test_feedback_review_page(app_env):
     at = choose_sample(run_app())
     set_reviewer(at, "Dr Review")
-    at.button(key="describe_fb_agree").click().run()
+    feedback_widget("button", at, "agree").click().run()
     at.switch_page(REVIEW_PAGE).run()
     assert not at.exception, at.exception
     assert at.title[0].value == "Feedback review"
@@ -192,7 +199,7 @@ def test_feedback_review_page(app_env):
     assert not at.exception
     assert len(frame_with(at, "feedback_id")) == 0
     at.selectbox(key="review_verdict").set_value(None).run()
-    at.selectbox(key="review_open").select(0).run()
+    at.selectbox(key="review_open").select_index(0).run()
     assert not at.exception, at.exception
     assert not any("missing" in w.value for w in at.warning)
 
@@ -253,7 +260,119 @@ def test_open_case_survives_fewer_uploads(app_env):
     at = run_app()
     files = [(f"c{i}.png", png_bytes(i % 2, 10 + i), "image/png") for i in range(3)]
     at.file_uploader(key="describe_upload").set_value(files).run()
-    at.selectbox(key="describe_open_case").select(2).run()
+    at.selectbox(key="describe_open_case").select_index(2).run()
     at.file_uploader(key="describe_upload").set_value(files[:2]).run()
     assert not at.exception, at.exception
-    assert at.selectbox(key="describe_open_case").value in (0, 1)
+    picker = at.selectbox(key="describe_open_case")
+    assert len(picker.options) == 2 and picker.value is not None
+    assert picker.options[picker.index].split(" - ")[0].split(". ", 1)[1] == at.text[0].value  # label = case shown
+
+
+def test_feedback_fields_belong_to_their_case_and_survive_a_refused_click(app_env):
+    at = run_app()
+    files = [("a.png", png_bytes(0, 1), "image/png"), ("b.png", png_bytes(1, 2), "image/png")]
+    at.file_uploader(key="describe_upload").set_value(files).run()
+    set_reviewer(at, "Dr Carry")
+    first = at.text[0].value
+    feedback_widget("selectbox", at, "class").select("monocyte")
+    feedback_widget("text_area", at, "comment").input("typed for the first")
+    feedback_widget("button", at, "agree").click().run()  # a class contradicts "agree": refused
+    assert any("Not saved" in e.value for e in at.error)
+    assert feedback_widget("selectbox", at, "class").value == "monocyte"  # what was typed is kept
+    assert feedback_widget("text_area", at, "comment").value == "typed for the first"
+    feedback_widget("button", at, "disagree").click().run()
+    assert not at.exception, at.exception
+    assert any("Saved: disagree" in s.value for s in at.success)
+    assert feedback_widget("selectbox", at, "class").value is None  # a saved form comes back empty
+    picker = at.selectbox(key="describe_open_case")
+    picker.select_index(1 - picker.index).run()
+    assert at.text[0].value != first
+    assert feedback_widget("selectbox", at, "class").value is None  # nothing carried over
+    assert feedback_widget("text_area", at, "comment").value == ""
+    feedback_widget("button", at, "agree").click().run()
+    assert not at.exception, at.exception
+    with app_env.sessionmaker() as s:
+        rows = feedback_table(s)
+    second = "b.png" if first == "a.png" else "a.png"
+    assert sorted((r["original_name"], r["verdict"], r["corrected_class"], r["comment"]) for r in rows) == sorted(
+        [(first, "disagree", "monocyte", "typed for the first"), (second, "agree", None, None)])
+
+
+def test_open_case_stays_the_same_image_when_the_panel_changes(app_env):
+    at = run_app()
+    files = [(f"c{i}.png", png_bytes(i % 2, 20 + i), "image/png") for i in range(3)]
+    at.file_uploader(key="describe_upload").set_value(files).run()
+    at.selectbox(key="describe_open_case").select_index(2).run()
+    shown = at.text[0].value
+    at.selectbox(key="describe_panel").select("b_all").run()
+    assert not at.exception, at.exception
+    picker = at.selectbox(key="describe_open_case")
+    assert at.text[0].value == shown and f" {shown} - " in picker.options[picker.index]
+
+
+def test_blank_image_gets_no_closest_sentence_confidence_or_chart(app_env):
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), (235, 205, 210)).save(buffer, format="PNG")
+    at = run_app()
+    at.file_uploader(key="describe_upload").set_value([("blank.png", buffer.getvalue(), "image/png")]).run()
+    assert not at.exception, at.exception
+    assert "blank" in described_text(at)
+    assert not at.metric and not at.get("plotly_chart")
+    captions = [c.value for c in at.caption]
+    assert not any("Closest sentence" in c for c in captions)
+    assert any("No confidence and no scores" in c for c in captions)
+
+
+def test_reopened_case_is_not_swapped_by_a_filter(app_env):
+    at = set_reviewer(choose_sample(run_app(), "cell_0.png"), "Dr R")
+    feedback_widget("button", at, "agree").click().run()
+    at.selectbox(key="describe_sample").select("cell_1.png").run()
+    feedback_widget("button", at, "unsure").click().run()
+    at.switch_page(REVIEW_PAGE).run()
+    opener = at.selectbox(key="review_open")
+    opener.select_index(next(i for i, o in enumerate(opener.options) if " - agree by " in o)).run()
+    assert "cell_0.png" in [t.value for t in at.text]
+    at.selectbox(key="review_verdict").select("unsure").run()
+    assert not at.exception, at.exception
+    assert at.selectbox(key="review_open").value is None  # the agree row is filtered out: nothing open
+    assert not {"cell_0.png", "cell_1.png"} & {t.value for t in at.text}
+
+
+def test_identical_uploads_are_described_once_and_said_so(app_env):
+    at = run_app()
+    same = png_bytes(0, 5)
+    files = [("copyA.png", same, "image/png"), ("copyB.png", same, "image/png"), ("other.png", png_bytes(1, 6), "image/png")]
+    at.file_uploader(key="describe_upload").set_value(files).run()
+    assert not at.exception, at.exception
+    assert any("1 of the 3 files repeat another file's exact bytes" in c.value for c in at.caption)
+    assert count(app_env.sessionmaker, PredictionRecord) == 2
+
+
+@pytest.mark.parametrize("answer, has_phrases", [("lymphocyte", True), ("platelet", False)])
+def test_morphology_sentence_only_for_a_white_cell(app_env, tmp_path, monkeypatch, answer, has_phrases):
+    import io
+
+    from PIL import Image
+
+    from core.checkpoint import save_bundle
+    from core.describe import embed_images
+    from tests.conftest import make_tiny_bundle
+
+    bundle = make_tiny_bundle()
+    sample = Image.open(io.BytesIO((app_env.samples / "cell_0.png").read_bytes())).convert("RGB")
+    embedding = embed_images(bundle, [sample])[0][0]
+    keys = bundle.panels["blood_cells"].keys
+    prototypes = -embedding.repeat(len(keys), 1)  # every class points away from this image but one
+    prototypes[keys.index(answer)] = embedding
+    bundle.prototypes["blood_cells"] = prototypes
+    save_bundle(bundle, tmp_path / "answers.safetensors")
+    monkeypatch.setenv("HEMASCRIBE_MODEL", str(tmp_path / "answers.safetensors"))
+    st.cache_resource.clear()
+    at = choose_sample(run_app())
+    assert described_text(at).startswith(bundle.panels["blood_cells"].cell_class(answer).name)  # answered
+    assert any(m.value.startswith("Morphology: ") for m in at.markdown) == has_phrases
+    assert any("No morphology phrases for" in c.value for c in at.caption) == (not has_phrases)

@@ -10,6 +10,7 @@ import pytest
 import streamlit as st
 from streamlit.testing.v1 import AppTest
 
+from core.morphology import has_morphology
 from core.store import add_feedback, add_prediction, get_or_create_image, make_engine, make_sessionmaker
 from core.uploads import store_image_copy
 from tests.conftest import cell_png_bytes, write_class_tree
@@ -132,7 +133,9 @@ def test_quiz_choose_then_write(env):
     assert at.metric[0].value in ("0 / 1", "1 / 1")
     assert any("Expert label:" in m.value and "gallery folder label" in m.value for m in at.markdown)
     assert any(m.value.startswith("**Model") for m in at.markdown) or at.warning
-    assert any("Morphology (model):" in m.value for m in at.markdown)
+    answered = at.session_state["quiz_reveal"]["description"].class_key
+    # morphology only for a white cell the model answered for (WBCAtt's five types)
+    assert any("Morphology (model):" in m.value for m in at.markdown) == has_morphology(answered)
     at.button(key="quiz_check").click().run()  # locked: no second score
     assert at.metric[0].value in ("0 / 1", "1 / 1")
 

@@ -95,3 +95,24 @@ def test_stated_phrase_accuracy_reads_the_calibration_report():
     report = {"per_attribute": {"cell_size": {"accuracy_certain": 0.9}, "cell_shape": {"accuracy_certain": None},
                                 "granularity": {"accuracy_certain": 1.0}}}
     assert abs(stated_phrase_accuracy({"calibration": {"attributes_report": report}}) - 0.95) < 1e-9
+
+
+def test_colour_phrases_are_never_certain_on_an_image_without_colour():
+    from core.morphology import COLOUR_ATTRIBUTES, describe_morphology, is_colourless
+
+    bundle = make_tiny_bundle()
+    bundle.sidecar["calibration"] = {"attributes": {name: 0.0 for name in load_attribute_phrases()}}  # all certain
+    colour, grey = draw_cell(), draw_cell().convert("L")
+    assert not is_colourless(colour) and is_colourless(grey) and is_colourless(grey.convert("RGB"))
+    _, on_colour = describe_morphology(bundle, colour)
+    sentence, on_grey = describe_morphology(bundle, grey.convert("RGB"))
+    assert all(p.certain for p in on_colour)
+    assert {p.attribute for p in on_grey if not p.certain} == set(COLOUR_ATTRIBUTES)
+    assert "(?)" in sentence
+
+
+def test_morphology_is_only_for_the_white_cells_wbcatt_annotates():
+    from core.morphology import has_morphology
+
+    assert all(has_morphology(k) for k in ("basophil", "eosinophil", "lymphocyte", "monocyte", "neutrophil"))
+    assert not any(has_morphology(k) for k in ("platelet", "erythroblast", "ig", "pro_b", None))

@@ -67,16 +67,20 @@ def test_mahalanobis_score_weighs_directions_by_training_spread():
 def test_abstains_with_reasons():
     bundle = make_tiny_bundle()
     image = draw_cell()
-    assert describe(bundle, image, "leukemia").abstained  # not validated, always
+    assert describe(bundle, image, "leukemia").abstain_kind == "not_validated"  # always
     bundle.sidecar["calibration"] = {"panels": {"blood_cells": {"out_of_scope_threshold": -1.0}}}
     result = describe(bundle, image, "blood_cells")
     assert result.abstained and result.class_key is None and result.sentence is None
     assert "panel" in result.abstain_reason or "does not look like" in result.abstain_reason
+    assert result.abstain_kind == "out_of_scope"
     bundle.sidecar["calibration"] = {"panels": {"blood_cells": {"min_confidence": 1.01}}}
     result = describe(bundle, image, "blood_cells")
-    assert result.abstained and "too weak" in result.abstain_reason
+    assert result.abstained and "too weak" in result.abstain_reason and result.abstain_kind == "weak"
+    names = [c.name for c in bundle.panels["blood_cells"].classes]
+    assert any(f"{name} " in result.abstain_reason for name in names)  # display names, not keys like 'ig'
     bundle.sidecar["calibration"] = {"panels": {"blood_cells": {"min_confidence": 0.0, "temperature": 1.0}}}
-    assert not describe(bundle, image, "blood_cells").abstained
+    answered = describe(bundle, image, "blood_cells")
+    assert not answered.abstained and answered.abstain_kind is None
 
 
 def test_blank_and_noise_images_are_refused_before_the_model_answers(tiny_bundle):
@@ -95,3 +99,4 @@ def test_blank_and_noise_images_are_refused_before_the_model_answers(tiny_bundle
     results = [describe(tiny_bundle, image, "blood_cells") for image in (blank, noise)]
     assert all(r.abstained and r.class_key is None and r.out_of_scope_score == math.inf for r in results)
     assert "blank" in results[0].abstain_reason and "noise" in results[1].abstain_reason
+    assert [r.abstain_kind for r in results] == ["content", "content"]

@@ -6,25 +6,36 @@ import pandas as pd
 import streamlit as st
 
 from core.checkpoint import ModelBundle
-from core.morphology import DEFAULT_PHRASE_THRESHOLD, describe_morphology, stated_phrase_accuracy
+from core.describe import Description
+from core.morphology import (
+    DEFAULT_PHRASE_THRESHOLD, describe_morphology, has_morphology, is_colourless, stated_phrase_accuracy,
+)
 from core.explain import overlay
 from core.panels import Panel
 from core.preprocess import square_resize
 from ui.cases import ATTRIBUTE_TARGET, Case, cached_heatmap
-from ui.widgets import md_escape, score_chart
+from ui.widgets import (
+    confidence_label, md_escape, panel_calibrated, score_chart, scores_meaningless, select_by_identity,
+)
 
 
 def doubtful_first(cases: list[Case]) -> list[Case]:
-    """Described cases, abstentions first, then by confidence ascending."""
+    """Described cases: refused as no cell of the panel first, then other abstentions, then
+    by confidence ascending."""
     described = [c for c in cases if c.description is not None]
-    return sorted(described, key=lambda c: (not c.description.abstained, c.description.confidence))
+    return sorted(described, key=lambda c: (not scores_meaningless(c.description), not c.description.abstained,
+                                            c.description.confidence))
+
+
+def _shown_confidence(d: Description) -> float | None:
+    return None if scores_meaningless(d) else round(d.confidence, 4)
 
 
 def results_table(cases: list[Case]) -> None:
     """One row per described image: file, class, sentence, confidence, abstained."""
     frame = pd.DataFrame([{
         "file": c.file_name, "class": c.description.class_key or "(uncertain)", "sentence": c.label,
-        "confidence": round(c.description.confidence, 4), "abstained": c.description.abstained,
+        "confidence": _shown_confidence(c.description), "abstained": c.description.abstained,
     } for c in cases])
     st.dataframe(frame, hide_index=True, key="describe_results", column_config={
         "confidence": st.column_config.ProgressColumn("confidence", format="%.2f", min_value=0.0, max_value=1.0),
@@ -32,22 +43,30 @@ def results_table(cases: list[Case]) -> None:
 
 
 def pick_case(cases: list[Case]) -> Case:
-    """Select box to open one case (the most doubtful first)."""
-    def label(i: int) -> str:
-        c = cases[i]
+    """Select box to open one case (the most doubtful first); the choice is the image itself,
+    so it stays open when another panel reorders the list."""
+    by_sha = {c.sha256: (i, c) for i, c in enumerate(cases)}
+
+    def label(sha: str) -> str:
+        i, c = by_sha[sha]
         d = c.description
-        return f"{i + 1}. {c.file_name} - {d.class_key or 'Uncertain'} ({d.confidence:.0%})"
+        score = "" if scores_meaningless(d) else f" ({d.confidence:.0%})"
+        return f"{i + 1}. {c.file_name} - {d.class_key or 'Uncertain'}{score}"
 
-    index = st.selectbox("Open a case", list(range(len(cases))), format_func=label, key="describe_open_case")
-    return cases[index if index is not None else 0]
-
-
-def _confidence_label(bundle: ModelBundle) -> str:
-    return "Calibrated confidence" if bundle.sidecar.get("calibration") else "Confidence (model not calibrated)"
+    chosen = select_by_identity("Open a case", list(by_sha), "describe_open_case", label)
+    return by_sha.get(chosen, (0, cases[0]))[1]
 
 
-def _render_morphology(bundle: ModelBundle, case: Case) -> None:
-    """The WBCAtt morphology sentence; "(?)" marks phrases below their confidence threshold."""
+def _render_morphology(bundle: ModelBundle, panel: Panel, case: Case) -> None:
+    """The WBCAtt morphology sentence of a described white cell; "(?)" marks phrases below their
+    confidence threshold."""
+    if not bundle.attribute_prototypes or panel.name != "blood_cells":
+        return
+    class_key = case.description.class_key
+    if not has_morphology(class_key):
+        st.caption(f"No morphology phrases for {md_escape(panel.cell_class(class_key).name.lower())}s: "
+                   "they were learned from the five mature white-cell types only (WBCAtt).")
+        return
     sentence, predictions = describe_morphology(bundle, case.loaded.image)
     if not sentence:
         return
@@ -74,21 +93,29 @@ def render_summary(bundle: ModelBundle, panel: Panel, case: Case) -> None:
         if d.abstained:
             st.warning("**Uncertain**: the model gives no sentence for this image.  \nReason: "
                        + md_escape(d.abstain_reason or "not stated"))
-            st.caption("Closest sentence, not asserted: " + md_escape(panel.cell_class(d.best_class).name))
+            if not scores_meaningless(d):
+                st.caption("Closest sentence, not asserted: " + md_escape(panel.cell_class(d.best_class).name))
         else:
             st.success(md_escape(d.sentence))
-        if panel.name == "blood_cells" and not d.abstained:
-            _render_morphology(bundle, case)
-        st.metric(_confidence_label(bundle), f"{d.confidence:.0%}")
+            _render_morphology(bundle, panel, case)
+        if scores_meaningless(d):
+            st.caption("No confidence and no scores are shown: the image is not a cell this panel describes, "
+                       "so they would mean nothing.")
+        else:
+            st.metric(confidence_label(bundle, panel), f"{d.confidence:.0%}")
         if not d.panel_validated:
             st.caption("This panel is not validated: the sentence and the scores are not evidence of anything.")
         for note in case.loaded.notes:
             st.caption("Note: " + md_escape(note))
+        if not d.abstained and is_colourless(case.loaded.image):
+            st.caption("Without colour in the image, any colour the sentence names comes from the class "
+                       "description, not from this image; colour phrases are marked (?).")
         if case.store_error:
             st.warning(case.store_error)
         timings = ", ".join(f"{k} {v:.0f} ms" for k, v in case.timings_ms.items())
         st.caption(f"Model {md_escape(d.model_id)}; {timings}")
-    st.plotly_chart(score_chart(d, panel, bool(bundle.sidecar.get("calibration"))), key="describe_scores")
+    if not scores_meaningless(d):
+        st.plotly_chart(score_chart(d, panel, panel_calibrated(bundle, panel)), key="describe_scores")
 
 
 def render_explanation(bundle: ModelBundle, panel: Panel, case: Case, heatmaps: dict) -> None:
@@ -96,14 +123,17 @@ def render_explanation(bundle: ModelBundle, panel: Panel, case: Case, heatmaps: 
     re-blends the cached heatmap."""
     d = case.description
     st.subheader("Where the image supports a sentence (Grad-CAM)")
+    if scores_meaningless(d):
+        st.caption("No Grad-CAM: the image is not a cell this panel describes.")
+        return
     keys = list(panel.keys)
     default = keys.index(d.class_key or d.best_class)
     labels = {k: panel.cell_class(k).sentence for k in keys}
-    if panel.name == "blood_cells" and not d.abstained:  # morphology phrases can be explained too
+    if panel.name == "blood_cells" and has_morphology(d.class_key):  # morphology phrases can be explained too
         for p in describe_morphology(bundle, case.loaded.image)[1]:
             target = f"{ATTRIBUTE_TARGET}{p.attribute}={p.value}"
             keys.append(target)
-            labels[target] = f"Morphology: {p.phrase} ({p.confidence:.0%})"
+            labels[target] = f"Morphology, {p.attribute.replace('_', ' ')}: {p.phrase} ({p.confidence:.0%})"
     # One radio per (panel, image): its choice must not carry over to another case.
     class_key = st.radio("Sentence or phrase to explain", keys, index=default,
                          key=f"describe_explain_{panel.name}_{case.sha256[:16]}", format_func=labels.get)

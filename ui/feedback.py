@@ -12,6 +12,8 @@ from ui.resources import Store
 from ui.widgets import history_frame, md_escape, verification_text
 
 VERDICT_BUTTONS = (("agree", "Agree"), ("disagree", "Disagree"), ("unsure", "Unsure"))
+FORM_GENERATION = "describe_fb_generation_"  # + prediction id: how many feedbacks this session saved
+SAVED_MESSAGE = "describe_fb_saved_"  # + prediction id: the confirmation shown after the rerun
 
 
 def save_feedback(store: Store, prediction_id: int, verdict: str, reviewer: str, *,
@@ -27,17 +29,26 @@ def save_feedback(store: Store, prediction_id: int, verdict: str, reviewer: str,
                             corrected_sentence=corrected_sentence, comment=comment).id
 
 
+def _form_suffix(prediction_id: int) -> str:
+    """Widget-key suffix of one case's form: its own fields (nothing typed for one case can be
+    sent with another), renewed after each saved click so the saved form comes back empty."""
+    return f"{prediction_id}_{st.session_state.get(f'{FORM_GENERATION}{prediction_id}', 0)}"
+
+
 def _form(panel: Panel, case: Case, reviewer: str) -> tuple[str | None, dict]:
-    """The feedback form; returns (clicked verdict or None, its fields)."""
-    with st.form(f"describe_feedback_{case.prediction_id}", clear_on_submit=True, border=True):
+    """The feedback form; returns (clicked verdict or None, its fields). Not cleared on submit:
+    a refused click keeps what the reviewer typed."""
+    suffix = _form_suffix(case.prediction_id)
+    with st.form(f"describe_feedback_{suffix}", clear_on_submit=False, border=True):
         st.caption("If you disagree, say what the cell is (a class of the panel, or your own sentence).")
         corrected = st.selectbox("Correct class (for Disagree)", panel.keys, index=None, placeholder="-",
-                                 format_func=lambda k: panel.cell_class(k).name, key="describe_fb_class")
-        sentence = st.text_input("Or a corrected sentence (for Disagree)", key="describe_fb_sentence", max_chars=1000)
-        comment = st.text_area("Comment (optional)", key="describe_fb_comment", max_chars=5000, height=80)
+                                 format_func=lambda k: panel.cell_class(k).name, key=f"describe_fb_class_{suffix}")
+        sentence = st.text_input("Or a corrected sentence (for Disagree)", key=f"describe_fb_sentence_{suffix}",
+                                 max_chars=1000)
+        comment = st.text_area("Comment (optional)", key=f"describe_fb_comment_{suffix}", max_chars=5000, height=80)
         clicked = None
         for column, (verdict, label) in zip(st.columns(len(VERDICT_BUTTONS)), VERDICT_BUTTONS):
-            if column.form_submit_button(label, key=f"describe_fb_{verdict}", disabled=not reviewer,
+            if column.form_submit_button(label, key=f"describe_fb_{verdict}_{suffix}", disabled=not reviewer,
                                          type="primary" if verdict == "agree" else "secondary"):
                 clicked = verdict
     return clicked, {"corrected_class": corrected, "corrected_sentence": sentence, "comment": comment}
@@ -55,15 +66,22 @@ def render_feedback(store: Store, panel: Panel, case: Case, reviewer: str) -> No
         return
     if not reviewer:
         st.info("Enter your name in the sidebar (Reviewer name) to record feedback.")
+    saved = st.session_state.pop(f"{SAVED_MESSAGE}{case.prediction_id}", None)
+    if saved:
+        st.success(saved)
     verdict, fields = _form(panel, case, reviewer)
     if verdict is not None:
         try:
             save_feedback(store, case.prediction_id, verdict, reviewer, **fields)
-            st.success(f"Saved: {verdict} by {md_escape(reviewer)}.")
         except ValueError as error:
             st.error(f"Not saved: {md_escape(error)}.")
         except SQLAlchemyError as error:
             st.error(store_error_message(error, "the configured database"))
+        else:
+            generation = f"{FORM_GENERATION}{case.prediction_id}"
+            st.session_state[generation] = st.session_state.get(generation, 0) + 1  # next run: an empty form
+            st.session_state[f"{SAVED_MESSAGE}{case.prediction_id}"] = f"Saved: {verdict} by {md_escape(reviewer)}."
+            st.rerun()
     render_history(store, case.sha256, case.image_id)
 
 

@@ -130,10 +130,13 @@ def data_counts_frame(bundle: ModelBundle) -> pd.DataFrame | None:
 
 
 def flat_metrics(metrics: dict, prefix: str = "") -> pd.DataFrame:
-    """Nested metrics dict -> two columns (metric, value), nested keys joined by '.'."""
+    """Nested metrics dict -> two columns (metric, value), nested keys joined by '.'; values that
+    were not measured (None, empty lists) are left out."""
     rows = []
     for key, value in metrics.items():
         name = f"{prefix}{key}"
+        if value is None or value == []:
+            continue
         if isinstance(value, dict):
             rows.extend(flat_metrics(value, name + ".").to_dict("records"))
         else:

@@ -16,15 +16,15 @@ import streamlit as st
 from PIL import Image
 
 from core.checkpoint import ModelBundle
-from core.describe import describe, embed_images
+from core.describe import describe
 from core.explain import class_heatmap, overlay
 from core.gallery import encode_query
 from core.gallery_sources import Source
 from core.imageio import ImageRejected, load_image_path
-from core.morphology import compose_sentence, predict_attributes
+from core.morphology import describe_morphology, has_morphology
 from core.panels import Panel
 from ui import resources
-from ui.widgets import md_escape, score_chart
+from ui.widgets import md_escape, panel_calibrated, score_chart, scores_meaningless
 
 SEED, ROUND, SCORE = "quiz_seed", "quiz_round", "quiz_score"
 CELL, ANSWER, REVEAL = "quiz_cell", "quiz_answer", "quiz_reveal"
@@ -139,9 +139,8 @@ def reveal_data(bundle: ModelBundle, panel: Panel, cell: QuizCell) -> dict:
     top = description.class_key or description.best_class
     heatmap = class_heatmap(bundle, cell.image, panel.name, top)
     morphology = None
-    if bundle.attribute_prototypes:
-        embedding, _ = embed_images(bundle, [cell.image])
-        morphology = compose_sentence(predict_attributes(bundle, embedding[0]))
+    if has_morphology(description.class_key):  # white cells the model answered for only
+        morphology = describe_morphology(bundle, cell.image)[0] or None
     data = {"round": cell.round, "description": description, "top": top, "heatmap": heatmap,
             "morphology": morphology}
     st.session_state[REVEAL] = data
@@ -186,15 +185,17 @@ def render_reveal(bundle: ModelBundle, panel: Panel, cell: QuizCell, answer: dic
         st.warning("**Model: Uncertain.** Reason: " + md_escape(d.abstain_reason or "not stated"))
     else:
         st.markdown(f"**Model:** {md_escape(d.sentence)} ({d.confidence:.0%} confidence)")
-    st.caption("Model's top sentences: " + "; ".join(
-        f"{md_escape(panel.cell_class(k).name)} {p:.0%}" for k, p in ranked))
+    if not scores_meaningless(d):
+        st.caption("Model's top sentences: " + "; ".join(
+            f"{md_escape(panel.cell_class(k).name)} {p:.0%}" for k, p in ranked))
     if data["morphology"]:
         st.markdown("**Morphology (model):** " + md_escape(data["morphology"]))
         st.caption("Phrases marked (?) are below the model's confidence threshold for that attribute.")
     left, right = st.columns(2)
     left.image(overlay(cell.image, data["heatmap"]),
                caption=f"Grad-CAM for: {panel.cell_class(data['top']).name}")
-    right.plotly_chart(score_chart(d, panel, bool(bundle.sidecar.get("calibration"))), key="quiz_scores")
+    if not scores_meaningless(d):
+        right.plotly_chart(score_chart(d, panel, panel_calibrated(bundle, panel)), key="quiz_scores")
     st.caption("File: " + md_escape(cell.source.name) + ". Grad-CAM is an aid to inspection, not proof of "
                "what the model reasoned.")
 

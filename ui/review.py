@@ -12,7 +12,7 @@ from core.imageio import ImageRejected, LoadedImage, load_image_bytes
 from core.store import VERDICTS, ImageRecord, feedback_table, store_error_message
 from ui.feedback import render_history
 from ui.resources import Store
-from ui.widgets import md_escape, when
+from ui.widgets import md_escape, select_by_identity, when
 
 TABLE_COLUMNS = ["feedback_id", "created_at", "reviewer", "verdict", "model_class", "expert_class",
                  "confidence", "panel", "abstained", "sentence", "corrected_sentence", "comment",
@@ -70,15 +70,18 @@ def stored_image(store: Store, upload_dir: Path, sha256: str) -> LoadedImage | s
 
 def reopen_case(store: Store, upload_dir: Path, rows: list[dict]) -> None:
     """Pick a feedback row; show its stored image, what the model said and the history."""
-    def label(i: int) -> str:
-        r = rows[i]
+    by_id = {r["feedback_id"]: r for r in rows}
+
+    def label(feedback_id: int) -> str:
+        r = by_id[feedback_id]
         return f"#{r['feedback_id']} {r['original_name']} - {r['verdict']} by {r['reviewer']} ({when(r['created_at'])})"
 
-    index = st.selectbox("Re-open a case", list(range(len(rows))), index=None, format_func=label,
-                         placeholder="Choose a feedback row", key="review_open")
-    if index is None:
+    # The value is the feedback row's id: a filter that reorders or drops rows cannot swap the case.
+    chosen = select_by_identity("Re-open a case", list(by_id), "review_open", label,
+                                placeholder="Choose a feedback row", allow_none=True)
+    if chosen is None:
         return
-    row = rows[index]
+    row = by_id[chosen]
     image = stored_image(store, upload_dir, row["sha256"])
     left, right = st.columns([1, 2])
     if isinstance(image, str):

@@ -57,6 +57,36 @@ def panel_select(bundle: ModelBundle, key: str) -> Panel:
     return panel
 
 
+def panel_calibrated(bundle: ModelBundle, panel: Panel) -> bool:
+    """Whether the panel's probabilities were calibrated on val (never for a panel without images)."""
+    return panel.validated and panel.name in bundle.sidecar.get("calibration", {}).get("panels", {})
+
+
+def confidence_label(bundle: ModelBundle, panel: Panel) -> str:
+    """What the top probability may be called for this panel."""
+    if not panel.validated:
+        return "Score (panel not validated: not a confidence)"
+    return "Calibrated confidence" if panel_calibrated(bundle, panel) else "Confidence (not calibrated)"
+
+
+def scores_meaningless(description: Description) -> bool:
+    """True when the image was refused as no cell of the panel (blank, noise, out of scope):
+    its panel scores then describe nothing and are not shown as a confidence."""
+    return description.abstain_kind in ("content", "out_of_scope")
+
+
+def select_by_identity(label: str, options: list, key: str, format_func, *, placeholder: str | None = None,
+                       allow_none: bool = False, container=st):
+    """A select box whose values are identities (an image hash, a row id), not positions: when the
+    options change order or shrink (another panel, a filter), the same item stays chosen, or the
+    first / none when it is gone, so the label always names what the page shows."""
+    if st.session_state.get(key) not in options:
+        # Allowed before the widget is created in this run; a stale choice would otherwise stick.
+        st.session_state[key] = None if allow_none or not options else options[0]
+    return container.selectbox(label, options, key=key, format_func=format_func, placeholder=placeholder,
+                               index=None if allow_none else 0)
+
+
 def score_chart(description: Description, panel: Panel, calibrated: bool = True) -> go.Figure:
     """Horizontal bars: probability of every sentence of the panel (the sentence itself in
     the hover), the described class highlighted; the axis says whether it is calibrated."""
@@ -69,7 +99,7 @@ def score_chart(description: Description, panel: Panel, calibrated: bool = True)
         marker_color=colours, customdata=[panel.cell_class(k).sentence for k in keys],
         hovertemplate="%{customdata}<br>probability %{x:.1%}<extra></extra>",
         texttemplate="%{x:.0%}", textposition="outside"))
-    axis_title = "calibrated probability" if calibrated else "probability (model not calibrated)"
+    axis_title = "calibrated probability" if calibrated else "probability (not calibrated)"
     figure.update_layout(xaxis={"range": [0, 1.1], "tickformat": ".0%", "title": axis_title},
                          height=max(220, 34 * len(keys) + 80), margin={"l": 10, "r": 10, "t": 30, "b": 10},
                          title="Score of every sentence of the panel")
