@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".gif", ".webp"}
+# what core.imageio decodes (it picks the decoder from the content; these only find the files)
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".tif", ".tiff", ".bmp", ".dib", ".gif", ".webp"}
 
 
 @dataclass(frozen=True)
@@ -26,16 +28,28 @@ def is_image_file(path: Path) -> bool:
 
 
 def scan_class_folders(root: Path | str) -> list[LabelledImage]:
-    """All images under ``root/<class>/`` (recursively inside each class folder), sorted."""
+    """All images under ``root/<class>/``, recursively inside each class folder and through
+    symlinked folders (each real folder once), skipping hidden files and folders; sorted."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"Data folder not found: {root}")
     items = []
     for class_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        for path in sorted(class_dir.rglob("*")):
-            if is_image_file(path):
-                items.append(LabelledImage(path.resolve(), class_dir.name))
+        items.extend(LabelledImage(path.resolve(), class_dir.name) for path in _image_files(class_dir))
     return items
+
+
+def _image_files(folder: Path) -> list[Path]:
+    seen, found = set(), []
+    for current, subfolders, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(current)
+        if real in seen:  # a link back up the tree: walk each real folder once
+            subfolders[:] = []
+            continue
+        seen.add(real)
+        subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))  # .thumbnails, .git ...
+        found.extend(p for p in (Path(current) / f for f in files) if is_image_file(p))
+    return sorted(found)
 
 
 def read_label_csv(csv_path: Path | str, root: Path | str | None = None,

@@ -12,9 +12,10 @@ Decisions worth knowing:
   pixel data is decoded. Pillow's own `Image.MAX_IMAGE_PIXELS` guard is kept as an
   outer ceiling (its warning is turned into a refusal), so raising ``max_pixels`` above
   Pillow's limit has no effect.
-* 16-bit, 32-bit and float images are contrast-stretched from their own min-max range,
-  not from the dtype range: microscopy cameras often fill only 10-14 bits of a 16-bit
-  container, and dividing by 65535 would give an almost black picture.
+* 16-bit, 32-bit and float images, grey or colour, are contrast-stretched from their own
+  min-max range, not from the dtype range: microscopy cameras often fill only 10-14 bits of a
+  16-bit container, and dividing by 65535 would give an almost black picture. Colour ones are
+  decoded at full depth in `core.deep_pixels` (Pillow would keep only their high byte).
 * ``original_size`` is the full-resolution size as displayed, i.e. after EXIF rotation.
 """
 from __future__ import annotations
@@ -27,9 +28,9 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path, PureWindowsPath
 
-import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from . import deep_pixels
 from .settings import load_settings
 
 ALLOWED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "TIFF", "BMP", "GIF", "WEBP"})
@@ -180,19 +181,22 @@ def _check_raw_bytes(data: bytes, name: str, max_bytes: int) -> None:
 
 def _decode(data: bytes, name: str, max_pixels: int, max_side: int, min_side: int):
     """Header checks, then a full decode of the first frame; returns (rgb, size, notes)."""
-    img = Image.open(io.BytesIO(data))
+    try:
+        img = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        if not deep_pixels.is_tiff(data):
+            raise
+        return _decode_tiff_pillow_cannot_open(data, name, max_pixels, max_side, min_side)
     fmt = img.format or "unknown"
     if fmt not in ALLOWED_FORMATS:
         raise ImageRejected(f"{name}: {fmt} images are not supported; use {_SUPPORTED_TEXT}.")
     label = "JPEG" if fmt == "MPO" else fmt
     width, height = img.size
-    if width * height > max_pixels:  # header only: nothing decoded yet
-        raise ImageRejected(
-            f"{name}: the image declares {width}x{height} = {width * height:,} pixels, more "
-            f"than the limit of {max_pixels:,}; refused as a possible decompression bomb.")
-    if min(width, height) < min_side:
-        raise ImageRejected(f"{name}: the image is only {width}x{height} pixels; each side "
-                            f"must be at least {min_side} pixels.")
+    _check_dimensions(name, width, height, max_pixels, min_side)
+    if fmt in ("PNG", "TIFF") and deep_pixels.is_deep_colour(img):
+        notes = _extension_notes(name, label) + _select_first_frame(img, fmt, label)
+        rgb, depth_notes = deep_pixels.deep_to_rgb(deep_pixels.decode_deep(data, fmt), label)
+        return _fit(rgb, (width, height), notes + depth_notes, max_side)
     if fmt == "PNG":
         # Pillow does not check IDAT checksums while decoding, so a damaged PNG can
         # decode to garbage; verify() checks every chunk's CRC (on a second handle,
@@ -211,12 +215,34 @@ def _decode(data: bytes, name: str, max_pixels: int, max_side: int, min_side: in
     if orientation in (5, 6, 7, 8):
         width, height = height, width
     rgb, mode_notes = _to_rgb(img, label)
-    notes += mode_notes
+    return _fit(rgb, (width, height), notes + mode_notes, max_side)
+
+
+def _check_dimensions(name: str, width: int, height: int, max_pixels: int, min_side: int) -> None:
+    if width * height > max_pixels:  # header only: nothing decoded yet
+        raise ImageRejected(
+            f"{name}: the image declares {width}x{height} = {width * height:,} pixels, more "
+            f"than the limit of {max_pixels:,}; refused as a possible decompression bomb.")
+    if min(width, height) < min_side:
+        raise ImageRejected(f"{name}: the image is only {width}x{height} pixels; each side "
+                            f"must be at least {min_side} pixels.")
+
+
+def _fit(rgb: Image.Image, size: tuple[int, int], notes: list[str], max_side: int):
+    """Downscale to max_side (with a note); returns (rgb, original size, notes)."""
     if max(rgb.size) > max_side:
         rgb.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
-    if rgb.size != (width, height):
-        notes.append(f"downscaled from {width}x{height} to {rgb.width}x{rgb.height}")
-    return rgb, (width, height), notes
+    if rgb.size != size:
+        notes.append(f"downscaled from {size[0]}x{size[1]} to {rgb.width}x{rgb.height}")
+    return rgb, size, notes
+
+
+def _decode_tiff_pillow_cannot_open(data: bytes, name: str, max_pixels: int, max_side: int, min_side: int):
+    """Planar or floating-point colour TIFFs (see core.deep_pixels), same checks and result."""
+    width, height = deep_pixels.tiff_size(data)
+    _check_dimensions(name, width, height, max_pixels, min_side)
+    rgb, notes = deep_pixels.deep_to_rgb(deep_pixels.decode_deep(data, "TIFF"), "TIFF")
+    return _fit(rgb, (width, height), _extension_notes(name, "TIFF") + notes, max_side)
 
 
 def _fit_size(size: tuple[int, int], max_side: int) -> tuple[int, int]:
@@ -254,7 +280,7 @@ def _to_rgb(img: Image.Image, label: str) -> tuple[Image.Image, list[str]]:
     """Any Pillow mode -> 8-bit RGB, with a note for each lossy or visible change."""
     mode = img.mode
     if mode in _HIGH_DEPTH_MODES:
-        return _rescale_to_8bit(img, label)
+        return deep_pixels.deep_grey_to_rgb(img, label)
     if mode == "RGB":
         return img.copy(), []  # copy: detach from the decoder and its BytesIO
     if mode == "CMYK":
@@ -271,27 +297,3 @@ def _to_rgb(img: Image.Image, label: str) -> tuple[Image.Image, list[str]]:
             img = Image.alpha_composite(white, img)
             notes.append("transparent areas composited over a white background")
     return img.convert("RGB"), notes
-
-
-def _rescale_to_8bit(img: Image.Image, label: str) -> tuple[Image.Image, list[str]]:
-    """Stretch a 16-bit / 32-bit / float image from its own min-max range to 0-255."""
-    arr = np.asarray(img)
-    finite = np.isfinite(arr) if arr.dtype.kind == "f" else None
-    if finite is not None and not finite.all():
-        arr = np.where(finite, arr, np.nan)  # NaN/inf pixels must not set the range
-    lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))  # NaN only if all are NaN
-    if not (math.isfinite(lo) and math.isfinite(hi)):
-        lo = hi = 0.0
-    out = np.subtract(arr, lo, dtype=np.float32)  # float32: half the memory of float64
-    out *= (255.0 / (hi - lo)) if hi > lo else 0.0  # a flat image has nothing to stretch
-    np.nan_to_num(out, copy=False, nan=0.0)
-    gray = np.clip(np.rint(out), 0, 255).astype(np.uint8)
-    if img.mode == "F":
-        depth = "floating-point"
-    elif img.mode.startswith("I;16") or (lo >= 0 and hi <= 65535):
-        depth = "16-bit"
-    else:
-        depth = "32-bit integer"
-    note = (f"{depth} {label} converted to 8-bit by stretching its own range "
-            f"{lo:g}-{hi:g} to 0-255")
-    return Image.fromarray(gray).convert("RGB"), [note]

@@ -107,5 +107,5 @@ def test_calibrate_cli_refuses_an_attribute_csv_without_images(tmp_path, capsys)
     tree = write_class_tree(tmp_path / "tree", {"neutrophil": 2}, size=48)
     assert calibrate.main(["--checkpoint", str(model), "--train", str(tree), "--val", str(tree),
                            "--attributes", str(empty), "--cache-dir", str(tmp_path / "cache")]) == 2
-    assert "no image of" in capsys.readouterr().err
+    assert "none of its 1 image paths exists" in capsys.readouterr().err
     assert load_bundle(model).sidecar == before  # nothing written

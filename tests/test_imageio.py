@@ -273,6 +273,43 @@ def test_16_bit_image_is_stretched_to_8_bit(fmt):
     assert any(n.startswith(f"16-bit {fmt} converted to 8-bit") for n in loaded.notes)
 
 
+def _colour_gradient(levels: int) -> np.ndarray:
+    """(48, 64, 3) colour ramp using `levels` grey levels: red up, green down, blue flat."""
+    ramp = np.linspace(0.05, 1.0, 64)[None, :].repeat(48, 0)
+    rgb = np.stack([ramp, ramp[:, ::-1], np.full_like(ramp, 0.5)], axis=-1)
+    return np.round(rgb * (levels - 1))
+
+
+def _deep_colour_file(layout: str) -> bytes:
+    import cv2
+    import tifffile
+
+    twelve_bit = _colour_gradient(4096).astype(np.uint16)  # a camera filling 12 of 16 bits
+    buffer = io.BytesIO()
+    if layout == "png":
+        return cv2.imencode(".png", twelve_bit[..., ::-1])[1].tobytes()  # OpenCV writes BGR
+    if layout == "float":
+        tifffile.imwrite(buffer, (twelve_bit / 4095.0).astype(np.float32), photometric="rgb")
+    elif layout == "planar":
+        tifffile.imwrite(buffer, np.moveaxis(twelve_bit, -1, 0), photometric="rgb", planarconfig="separate")
+    else:
+        tifffile.imwrite(buffer, twelve_bit, photometric="rgb", compression="zlib")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("layout", ["tiff", "planar", "float", "png"])
+def test_deep_colour_images_are_decoded_at_full_depth(layout):
+    """Pillow alone keeps the high byte of 16-bit colour samples (a 12-bit image comes out black:
+    max 15) and cannot open planar or float colour TIFFs; they must look like the 8-bit image."""
+    loaded = load_image_bytes(_deep_colour_file(layout), f"camera.{'png' if layout == 'png' else 'tif'}")
+    assert_rgb(loaded)
+    out = np.asarray(loaded.image).astype(int)
+    expected = _colour_gradient(256)
+    stretched = (expected - expected.min()) * 255 / (expected.max() - expected.min())
+    assert np.abs(out - stretched).max() <= 2  # colour kept: one range for all channels
+    assert any("colour" in n and "converted to 8-bit by stretching" in n for n in loaded.notes)
+
+
 def test_float_tiff_is_stretched_and_ignores_nan():
     arr = np.linspace(-2.0, 6.0, 64 * 64, dtype=np.float32).reshape(64, 64)
     arr[0, 0] = np.nan

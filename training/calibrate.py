@@ -125,10 +125,12 @@ def phrase_thresholds(bundle, rows: list[dict], args, previous: dict) -> dict:
 @torch.no_grad()  # in-process callers (tests) keep their grad mode
 def main(argv=None) -> int:
     args = parse_args(argv)
-    attribute_rows = read_attribute_rows(args.attributes, str(Path(args.attributes).parent)) if args.attributes else []
-    if args.attributes and not attribute_rows:
-        print(f"error: no image of {args.attributes} was found (paths are read relative to the CSV's folder)",
-              file=sys.stderr)
+    try:
+        attribute_rows = read_attribute_rows(args.attributes, str(Path(args.attributes).parent)) if args.attributes else []
+        if args.attributes and not attribute_rows:
+            raise ValueError(f"{args.attributes} lists no image")
+    except ValueError as error:  # no path column, or no listed image found: nothing to fit
+        print(f"error: {error} (paths are read relative to the CSV's folder)", file=sys.stderr)
         return 2
     bundle = load_bundle(args.checkpoint)
     previous = bundle.sidecar.get("calibration", {})

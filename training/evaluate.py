@@ -3,15 +3,24 @@
     python -m training.evaluate --checkpoint PATH --data DIR [--panel NAME] [--json OUT]
                                 [--attributes CSV]
 
-DIR holds one subfolder per class, named by class key. Without --panel, the panel whose
-class keys contain the folder names is used. Folders that are not classes of the panel are
-*unknown* cells: `unknown.flagged_rate` is the share of them the model did not describe as
-a known class (it abstained), by the same rule the app uses.
+DIR holds one subfolder per class, named by class key (a folder that differs only in case,
+spaces or hyphens, e.g. "Neutrophil" or "Early Pre-B", is read as that class, and the JSON's
+`folders_matched` says so). Without --panel, the panel whose class keys contain the folder
+names is used. Folders that are not classes of the panel are *unknown* cells:
+`unknown.flagged_rate` is the share of them the model did not describe as a known class (it
+abstained), by the same rule the app uses.
+
+`accuracy` is over every image that loads, using the top class even where the model abstained;
+`accuracy_answered` only over the ones it answered. `macro_f1` averages F1 over the panel's
+classes that have images in DIR; `macro_f1_with_predicted` also over the classes predicted for
+some image but absent from DIR (scikit-learn's default, lower when the model names classes that
+are not there). Files that cannot be read are listed under `refused` and not counted in `n`.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -19,7 +28,7 @@ from pathlib import Path
 import torch
 
 from core.checkpoint import ModelLoadError, load_bundle
-from core.data import scan_class_folders
+from core.data import LabelledImage, scan_class_folders
 from core.describe import describe_batch
 from core.imageio import ImageRejected, load_image_path
 from core.panels import panel_for_classes
@@ -69,10 +78,28 @@ def describe_folder(bundle, items, panel: str, batch_size: int):
     return described, results, refused
 
 
+def class_key_for_folder(folder: str, keys: set[str]) -> str:
+    """The class key a folder name means: itself, or the key it equals up to case, spaces and
+    hyphens ("Early Pre-B" -> "early_pre_b"); the folder name when it matches none."""
+    if folder in keys:
+        return folder
+    normalised = "_".join(folder.strip().lower().replace("-", " ").split())
+    return normalised if normalised in keys else folder
+
+
+def match_folders(bundle, items: list[LabelledImage]) -> tuple[list[LabelledImage], dict[str, str]]:
+    """Items relabelled with `class_key_for_folder` over every panel, and {folder: key} for the
+    folders whose name was not exactly a key."""
+    keys = {k for p in bundle.panels.values() for k in p.keys}
+    matched = {f: class_key_for_folder(f, keys) for f in {i.label for i in items}}
+    renamed = {f: k for f, k in sorted(matched.items()) if f != k}
+    return [LabelledImage(i.path, matched[i.label]) for i in items], renamed
+
+
 def evaluate(bundle, data_dir: str, panel: str | None, batch_size: int = 64) -> dict:
     """All metrics of the evaluation contract for one folder tree."""
     started = time.time()
-    items = scan_class_folders(data_dir)
+    items, renamed = match_folders(bundle, scan_class_folders(data_dir))
     folders = {item.label for item in items}
     panel = panel or panel_for_classes(bundle.panels, folders)
     if panel is None:
@@ -87,6 +114,7 @@ def evaluate(bundle, data_dir: str, panel: str | None, batch_size: int = 64) -> 
                "unknown": {"n": len(unknown), "folders": sorted(folders - set(classes)),
                            "flagged_rate": round(sum(r.abstained for r in unknown) / len(unknown), 4) if unknown else None},
                "refused": [{"file": f, "error": e} for f, e in refused],
+               "folders_matched": renamed,
                "model_id": bundle.model_id}
     metrics["seconds"] = round(time.time() - started, 2)
     return metrics
@@ -96,6 +124,10 @@ def print_table(metrics: dict) -> None:
     """Readable summary on stdout."""
     print(f"panel {metrics['panel']}  n={metrics['n']}  accuracy={metrics['accuracy']}  macro-F1={metrics['macro_f1']}  "
           f"ECE={metrics['ece']}  abstain={metrics['abstain_rate']}  accuracy(answered)={metrics['accuracy_answered']}")
+    if metrics.get("macro_f1_with_predicted") not in (None, metrics["macro_f1"]):
+        print(f"macro-F1 counting predicted classes absent from DIR: {metrics['macro_f1_with_predicted']}")
+    for folder, key in metrics.get("folders_matched", {}).items():
+        print(f"folder {folder!r} read as class {key!r}")
     print(f"{'class':<14}{'precision':>10}{'recall':>8}{'f1':>8}{'support':>9}")
     for key, row in metrics["per_class"].items():
         print(f"{key:<14}{row['precision']:>10.3f}{row['recall']:>8.3f}{row['f1']:>8.3f}{row['support']:>9d}")
@@ -109,9 +141,12 @@ def print_table(metrics: dict) -> None:
         print(f"attributes: n={a['n']} mean accuracy={a['mean_accuracy']} mean macro-F1={a['mean_macro_f1']} "
               f"certain share={a['mean_certain_share']} accuracy of certain phrases={a['mean_accuracy_certain']}")
         for name, row in a["per_attribute"].items():
+            if row["n"] == 0:
+                print(f"  {name:<26}no annotated cell")
+                continue
             stated = "-" if row["accuracy_certain"] is None else f"{row['accuracy_certain']:.3f}"
             print(f"  {name:<26}acc {row['accuracy']:.3f}  F1 {row['macro_f1']:.3f}  "
-                  f"certain {row['certain_share']:.3f} (acc {stated})")
+                  f"certain {row['certain_share']:.3f} (acc {stated})  n {row['n']}")
     print(f"seconds {metrics['seconds']}")
 
 
@@ -119,6 +154,8 @@ def print_table(metrics: dict) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
+        if args.json and Path(args.json).is_dir():  # refuse before the run, not after it
+            raise ValueError(f"--json {args.json} is a folder; give a file name")
         bundle = load_bundle(args.checkpoint)
         if args.panel and args.panel not in bundle.panels:
             raise ValueError(f"Unknown panel {args.panel!r}; this model knows {sorted(bundle.panels)}")
@@ -128,12 +165,15 @@ def main(argv=None) -> int:
     except (ModelLoadError, ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print_table(metrics)
-    if args.record:
-        record_in_sidecar(args.checkpoint, args.record, metrics, "python -m training.evaluate " + " ".join(sys.argv[1:]))
-    if args.json:
+    if args.json:  # first: a closed stdout below must not lose the results
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(metrics, indent=2))
+    if args.record:
+        record_in_sidecar(args.checkpoint, args.record, metrics, "python -m training.evaluate " + " ".join(sys.argv[1:]))
+    try:
+        print_table(metrics)
+    except BrokenPipeError:  # e.g. piped into `head`: the results are written, say nothing more
+        sys.stdout = open(os.devnull, "w")
     return 0
 
 

@@ -32,17 +32,21 @@ def confusion_matrix(labels: list[str], predicted: list[str], classes: list[str]
 
 def classification_summary(labels: list[str], predicted: list[str], confidences: list[float],
                            abstained: list[bool], classes: list[str]) -> dict:
-    """Accuracy, macro-F1 over the classes with support, ECE, abstention and accuracy on the
-    answered cases. `predicted` is the top class even when the model abstained."""
+    """Accuracy, macro-F1 over the classes with support (and over those plus the classes that
+    were predicted: scikit-learn's default), ECE, abstention and accuracy on the answered cases.
+    `predicted` is the top class even when the model abstained."""
     n = len(labels)
     correct = [y == p for y, p in zip(labels, predicted)]
     report = per_class_report(labels, predicted, classes)
     supported = [r["f1"] for r in report.values() if r["support"] > 0]
+    present = set(labels) | set(predicted)  # scikit-learn's default label set
+    with_predicted = [r["f1"] for k, r in report.items() if k in present]
     answered = [c for c, a in zip(correct, abstained) if not a]
     return {
         "n": n,
         "accuracy": round(sum(correct) / n, 4) if n else None,
         "macro_f1": round(sum(supported) / len(supported), 4) if supported else None,
+        "macro_f1_with_predicted": round(sum(with_predicted) / len(with_predicted), 4) if with_predicted else None,
         "per_class": report,
         "confusion": {"labels": classes, "matrix": confusion_matrix(labels, predicted, classes)},
         "ece": round(expected_calibration_error(torch.tensor(confidences), torch.tensor(correct)), 4) if n else None,

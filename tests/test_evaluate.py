@@ -1,0 +1,88 @@
+"""The evaluation CLI on folder trees and CSVs the tests write: what an outside evaluator may hand it."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+
+import pytest
+
+from core.data import scan_class_folders
+from core.panels import load_attribute_phrases
+from tests.conftest import draw_cell, write_class_tree
+from training.evaluate import class_key_for_folder, main as evaluate_main
+from training.metrics import classification_summary
+
+
+def run_evaluate(tiny_model_path, data, tmp_path, *extra) -> tuple[int, dict | None]:
+    out = tmp_path / "metrics.json"
+    code = evaluate_main(["--checkpoint", str(tiny_model_path), "--data", str(data), "--json", str(out), *extra])
+    return code, (json.loads(out.read_text()) if out.is_file() else None)
+
+
+def test_folder_names_are_matched_up_to_case_spaces_and_hyphens(tiny_model_path, tmp_path):
+    tree = write_class_tree(tmp_path / "site", {"Neutrophil": 3, "lymphocyte": 2, "smudge": 2})
+    code, metrics = run_evaluate(tiny_model_path, tree, tmp_path)
+    assert code == 0 and metrics["panel"] == "blood_cells"
+    assert metrics["folders_matched"] == {"Neutrophil": "neutrophil"}
+    assert metrics["n"] == 5 and metrics["per_class"]["neutrophil"]["support"] == 3
+    assert metrics["unknown"] == {"n": 2, "folders": ["smudge"], "flagged_rate": metrics["unknown"]["flagged_rate"]}
+    keys = {"early_pre_b", "pro_b", "ig"}
+    assert [class_key_for_folder(f, keys) for f in ("Early Pre-B", " PRO_B ", "IG", "Pro B cells")] == [
+        "early_pre_b", "pro_b", "ig", "Pro B cells"]
+
+
+def test_macro_f1_with_predicted_classes_counts_wrong_names_of_absent_classes():
+    summary = classification_summary(["a", "a", "b"], ["a", "c", "b"], [0.9, 0.8, 0.7], [False] * 3, ["a", "b", "c"])
+    assert summary["macro_f1"] == pytest.approx((2 / 3 + 1) / 2, abs=1e-4)  # classes with images only
+    assert summary["macro_f1_with_predicted"] == pytest.approx((2 / 3 + 1 + 0) / 3, abs=1e-4)
+
+
+def test_json_to_a_folder_is_refused_before_the_run(tiny_model_path, tmp_path, capsys):
+    tree = write_class_tree(tmp_path / "site", {"neutrophil": 1})
+    code = evaluate_main(["--checkpoint", str(tiny_model_path), "--data", str(tree), "--json", str(tmp_path)])
+    assert code == 2 and "is a folder" in capsys.readouterr().err
+
+
+def _attribute_csv(tmp_path, rows: list[dict]) -> str:
+    path = tmp_path / "attributes.csv"
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return str(path)
+
+
+def test_attribute_csv_blank_cells_are_not_scored_and_bad_csvs_are_refused(tiny_model_path, tmp_path, capsys):
+    tree = write_class_tree(tmp_path / "site", {"neutrophil": 4})
+    phrases = load_attribute_phrases()
+    rows = [{"path": f"neutrophil/neutrophil_{i}.png", **{k: list(v)[0] for k, v in phrases.items()}}
+            for i in range(4)]
+    for row in rows[::2]:
+        row["cell_shape"] = ""  # not annotated for these two cells
+    code, metrics = run_evaluate(tiny_model_path, tree, tmp_path, "--attributes", _attribute_csv(tmp_path, rows))
+    assert code == 0
+    assert metrics["attributes"]["per_attribute"]["cell_shape"]["n"] == 2
+    assert metrics["attributes"]["per_attribute"]["cell_size"]["n"] == 4
+    for row in rows:
+        row["path"] = "elsewhere/" + row["path"]
+    code, _ = run_evaluate(tiny_model_path, tree, tmp_path, "--attributes", _attribute_csv(tmp_path, rows))
+    assert code == 2 and "none of its 4 image paths exists" in capsys.readouterr().err
+    no_path = [{k: v for k, v in row.items() if k != "path"} for row in rows]
+    code, _ = run_evaluate(tiny_model_path, tree, tmp_path, "--attributes", _attribute_csv(tmp_path, no_path))
+    assert code == 2 and "no 'path' column" in capsys.readouterr().err
+
+
+def test_scan_follows_linked_folders_once_and_skips_hidden_ones(tmp_path):
+    cls = tmp_path / "data" / "neutrophil"
+    (cls / ".thumbnails").mkdir(parents=True)
+    draw_cell().save(cls / "a.png")
+    draw_cell().save(cls / ".thumbnails" / "a_small.png")  # a viewer's cache, not a cell
+    draw_cell().save(cls / "b.jfif", format="JPEG")
+    linked = tmp_path / "elsewhere"
+    linked.mkdir()
+    draw_cell().save(linked / "c.png")
+    os.symlink(linked, cls / "linked")
+    os.symlink(cls, linked / "loop")  # a cycle must not be walked forever
+    names = sorted(item.path.name for item in scan_class_folders(tmp_path / "data"))
+    assert names == ["a.png", "b.jfif", "c.png"]
