@@ -34,17 +34,23 @@ def scan_class_folders(root: Path | str) -> list[LabelledImage]:
     if not root.is_dir():
         raise FileNotFoundError(f"Data folder not found: {root}")
     items = []
-    for class_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        items.extend(LabelledImage(path.resolve(), class_dir.name) for path in _image_files(class_dir))
+    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    others = {os.path.realpath(d) for d in class_dirs}
+    for class_dir in class_dirs:
+        own = os.path.realpath(class_dir)
+        outside = (others - {own}) | {os.path.realpath(root)}  # links there would mislabel other classes
+        items.extend(LabelledImage(path.resolve(), class_dir.name) for path in _image_files(class_dir, outside))
     return items
 
 
-def _image_files(folder: Path) -> list[Path]:
+def _image_files(folder: Path, outside: set[str]) -> list[Path]:
+    """Image files under `folder`, following linked folders except into `outside` folders and
+    their ancestors, each real folder once."""
     seen, found = set(), []
     for current, subfolders, files in os.walk(folder, followlinks=True):
         real = os.path.realpath(current)
-        if real in seen:  # a link back up the tree: walk each real folder once
-            subfolders[:] = []
+        if real in seen or any(o == real or o.startswith(real.rstrip(os.sep) + os.sep) for o in outside):
+            subfolders[:] = []  # a link back up the tree, or into another class: not this class's images
             continue
         seen.add(real)
         subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))  # .thumbnails, .git ...

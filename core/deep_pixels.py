@@ -3,20 +3,30 @@
 Pillow decodes a 16-bit colour PNG or TIFF into 8-bit RGB by keeping each sample's high byte.
 A camera that fills 10-12 bits of its 16-bit container then comes out nearly black (a 12-bit
 image's brightest pixel becomes 15 of 255) and the cell would be refused as a blank frame.
-Pillow also cannot open planar ("one plane per colour") or floating-point colour TIFFs. Those
-images are decoded here at full depth, with tifffile for TIFF and OpenCV for PNG (both come
-with the pinned requirements), and stretched from their own range, as `core.imageio` does for
-16-bit grayscale.
+Pillow also cannot open planar ("one plane per colour"), floating-point or 16-bit grey+alpha
+TIFFs. Those images are decoded here at full depth, with tifffile (OpenCV when tifffile lacks the
+codec, e.g. LZW) for TIFF and OpenCV for PNG, both in the pinned requirements, and stretched from
+their own range, as `core.imageio` does for 16-bit grayscale. Alpha is composited over white.
+
+Memory: the header is checked before any pixel is decoded (at most 4 samples per pixel, one
+plane, and no more bytes than `max_pixels` 16-bit RGB pixels would take), and a large image is
+subsampled to twice the display size before the float copy that stretching needs.
 """
 from __future__ import annotations
 
 import io
+import math
 
 import numpy as np
 from PIL import Image
 
 TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic and BigTIFF, both byte orders
 _BITS_PER_SAMPLE = 258  # TIFF tag
+_BYTES_PER_PIXEL_LIMIT = 6  # 16-bit RGB: what `max_pixels` allows a deep image to decode into
+
+
+class DeepImageRefused(ValueError):
+    """The file's header asks for a decode this module refuses; the message says why."""
 
 
 def is_tiff(data: bytes) -> bool:
@@ -25,9 +35,9 @@ def is_tiff(data: bytes) -> bool:
 
 
 def is_deep_colour(img: Image.Image) -> bool:
-    """True when Pillow opened (not yet decoded) a colour image stored with 16 bits per sample,
-    which its decoder would cut to the high byte."""
-    if img.mode not in ("RGB", "RGBA") or not img.tile:
+    """True when Pillow opened (not yet decoded) a colour or grey+alpha image stored with 16 bits
+    per sample, which its decoder would cut to the high byte."""
+    if img.mode not in ("RGB", "RGBA", "LA") or not img.tile:
         return False
     if img.format == "TIFF":  # the tag, not the raw mode: planar 16-bit files are read with 8-bit ones
         bits = img.tag_v2.get(_BITS_PER_SAMPLE, (8,))
@@ -37,48 +47,65 @@ def is_deep_colour(img: Image.Image) -> bool:
     return ";16" in rawmode
 
 
-def tiff_size(data: bytes) -> tuple[int, int]:
-    """(width, height) of the first page, read from the header only."""
+def tiff_header(data: bytes, max_pixels: int) -> tuple[int, int, int]:
+    """(width, height, pages) of a TIFF from its header; DeepImageRefused when decoding its first
+    page would take more memory than `max_pixels` allows."""
     import tifffile
 
     with tifffile.TiffFile(io.BytesIO(data)) as tiff:
         page = tiff.pages.first
-        return int(page.imagewidth), int(page.imagelength)
+        width, height = int(page.imagewidth), int(page.imagelength)
+        if page.samplesperpixel > 4 or page.imagedepth > 1:
+            raise DeepImageRefused(f"the TIFF stores {page.samplesperpixel} samples per pixel in "
+                                   f"{page.imagedepth} planes; only grey, RGB and their alpha are read")
+        if page.nbytes > max_pixels * _BYTES_PER_PIXEL_LIMIT:
+            raise DeepImageRefused(f"the TIFF's first page would decode to {page.nbytes / 1e9:.1f} GB; "
+                                   "refused as a possible decompression bomb")
+        return width, height, len(tiff.pages)
 
 
 def decode_deep(data: bytes, fmt: str) -> np.ndarray:
-    """(H, W, 3) samples of the first page / frame at their stored depth and type."""
-    if fmt == "TIFF":
-        import tifffile
-
-        with tifffile.TiffFile(io.BytesIO(data)) as tiff:
-            page = tiff.pages.first
-            array, axes = page.asarray(), page.axes
-        if axes.startswith("S"):  # planar: samples first
-            array = np.moveaxis(array, 0, -1)
-    else:
+    """(H, W, C) samples of the first page / frame at their stored depth and type, C in 1-4
+    (grey, grey+alpha, RGB, RGBA). Call `tiff_header` first for a TIFF."""
+    array = _read_tiff(data) if fmt == "TIFF" else None
+    if array is None:  # PNG, or a TIFF codec tifffile lacks: OpenCV's libpng / libtiff
         import cv2
 
         array = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
         if array is None:
-            raise ValueError("OpenCV could not decode the image")
-        if array.ndim == 3:
-            array = array[..., [2, 1, 0]]  # OpenCV's BGR(A) to RGB; alpha dropped below
+            raise ValueError("the image could not be decoded")
+        if array.ndim == 3 and array.shape[-1] in (3, 4):
+            array = array[..., [2, 1, 0, 3][: array.shape[-1]]]  # OpenCV's BGR(A) to RGB(A)
     if array.ndim == 2:
         array = array[..., None]
-    if array.ndim != 3:
+    if array.ndim != 3 or not 1 <= array.shape[-1] <= 4:
         raise ValueError(f"unexpected sample layout {array.shape}")
-    return np.repeat(array, 3, axis=-1) if array.shape[-1] == 1 else array[..., :3]
+    return array
 
 
-def stretch_to_uint8(array: np.ndarray) -> tuple[np.ndarray, float, float]:
-    """Samples stretched from their own finite min-max range to 0-255; returns (uint8, lo, hi).
-    One range for all channels, so the colour balance is kept."""
+def _read_tiff(data: bytes) -> np.ndarray | None:
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(io.BytesIO(data)) as tiff:
+            page = tiff.pages.first
+            array, axes = page.asarray(), page.axes
+    except ValueError as error:
+        if "imagecodecs" in str(error):  # e.g. LZW, tifffile's optional codecs are not installed
+            return None
+        raise
+    return np.moveaxis(array, 0, -1) if axes.startswith("S") else array  # planar: samples first
+
+
+def stretch_to_uint8(array: np.ndarray, mask: np.ndarray | None = None) -> tuple[np.ndarray, float, float]:
+    """Samples stretched from their own finite min-max range (over `mask` pixels when given) to
+    0-255; returns (uint8, lo, hi). One range for all channels, so the colour balance is kept."""
     finite = np.isfinite(array) if array.dtype.kind == "f" else None
     if finite is not None and not finite.all():
         array = np.where(finite, array, np.nan)  # NaN/inf pixels must not set the range
-    lo, hi = float(np.nanmin(array)), float(np.nanmax(array))  # NaN only if all are NaN
-    if not (np.isfinite(lo) and np.isfinite(hi)):
+    sample = array[mask] if mask is not None and mask.any() else array
+    lo, hi = float(np.nanmin(sample)), float(np.nanmax(sample))  # NaN only if all are NaN
+    if not (math.isfinite(lo) and math.isfinite(hi)):
         lo = hi = 0.0
     out = np.subtract(array, lo, dtype=np.float32)  # float32: half the memory of float64
     out *= (255.0 / (hi - lo)) if hi > lo else 0.0  # a flat image has nothing to stretch
@@ -86,14 +113,38 @@ def stretch_to_uint8(array: np.ndarray) -> tuple[np.ndarray, float, float]:
     return np.clip(np.rint(out), 0, 255).astype(np.uint8), lo, hi
 
 
-def deep_to_rgb(array: np.ndarray, label: str) -> tuple[Image.Image, list[str]]:
-    """8-bit RGB image and a note from `decode_deep`'s samples (8-bit samples are kept as they are)."""
+def deep_to_rgb(array: np.ndarray, label: str, max_side: int) -> tuple[Image.Image, list[str]]:
+    """8-bit RGB image and notes from `decode_deep`'s samples: subsampled to 2x `max_side`,
+    stretched from the range of its opaque pixels, alpha composited over white (8-bit samples
+    are kept as they are)."""
+    step = max(1, max(array.shape[:2]) // (2 * max_side))
+    array = array[::step, ::step]
+    colour, alpha = (array[..., :-1], array[..., -1]) if array.shape[-1] in (2, 4) else (array, None)
+    opacity = None if alpha is None else _opacity(alpha)
+    notes = []
     if array.dtype == np.uint8:
-        return Image.fromarray(np.ascontiguousarray(array)), []
-    stretched, lo, hi = stretch_to_uint8(array)
-    depth = "floating-point" if array.dtype.kind == "f" else f"{array.dtype.itemsize * 8}-bit"
-    return Image.fromarray(stretched), [f"{depth} colour {label} converted to 8-bit by stretching its own "
-                                        f"range {lo:g}-{hi:g} to 0-255"]
+        rgb = colour
+    else:
+        rgb, lo, hi = stretch_to_uint8(colour, None if opacity is None else opacity[..., 0] > 0)
+        depth = "floating-point" if array.dtype.kind == "f" else f"{array.dtype.itemsize * 8}-bit"
+        kind = "colour" if colour.shape[-1] == 3 else "grey"
+        notes.append(f"{depth} {kind} {label} converted to 8-bit by stretching its own range {lo:g}-{hi:g} to 0-255")
+    if rgb.shape[-1] == 1:
+        rgb = np.repeat(rgb, 3, axis=-1)
+    if opacity is not None and (opacity < 1).any():
+        # The model never saw transparency; white matches the slide background.
+        rgb = np.rint(rgb * opacity + 255.0 * (1 - opacity)).astype(np.uint8)
+        notes.append("transparent areas composited over a white background")
+    return Image.fromarray(np.ascontiguousarray(rgb)), notes
+
+
+def _opacity(alpha: np.ndarray) -> np.ndarray:
+    """(H, W, 1) opacity in [0, 1] from an alpha channel of any sample type."""
+    if alpha.dtype.kind in "ui":
+        scaled = alpha.astype(np.float32) / np.iinfo(alpha.dtype).max
+    else:
+        scaled = np.nan_to_num(alpha.astype(np.float32), nan=1.0)
+    return np.clip(scaled, 0, 1)[..., None]
 
 
 def deep_grey_to_rgb(img: Image.Image, label: str) -> tuple[Image.Image, list[str]]:

@@ -23,33 +23,26 @@ from __future__ import annotations
 import hashlib
 import io
 import math
-import unicodedata
 import warnings
 from dataclasses import dataclass
-from pathlib import Path, PureWindowsPath
+from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from . import deep_pixels
-from .settings import load_settings
+from .upload_checks import (  # noqa: F401  (ImageRejected is this module's public error too)
+    SUPPORTED_TEXT, ImageRejected, check_raw_bytes, check_size, safe_name, short_reason, upload_limits,
+)
 
 ALLOWED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "TIFF", "BMP", "GIF", "WEBP"})
-_SUPPORTED_TEXT = "JPEG, PNG, TIFF, BMP, GIF or WebP"
 # Extension -> the format it promises; only used to write a note, never to pick a decoder.
 _EXTENSIONS = {
     ".jpg": "JPEG", ".jpeg": "JPEG", ".jpe": "JPEG", ".jfif": "JPEG", ".png": "PNG",
     ".tif": "TIFF", ".tiff": "TIFF", ".bmp": "BMP", ".dib": "BMP", ".gif": "GIF",
     ".webp": "WEBP",
 }
-# Formats Pillow cannot even identify, but that users commonly upload: say what they are.
-_ISO_BRANDS = {b"heic": "HEIC", b"heix": "HEIC", b"hevc": "HEIC", b"mif1": "HEIF",
-               b"avif": "AVIF"}
 _HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 _ORIENTATION_TAG = 0x0112
-
-
-class ImageRejected(ValueError):
-    """The upload cannot be described; ``str(exc)`` says why, in one plain sentence."""
 
 
 @dataclass(frozen=True)
@@ -70,10 +63,10 @@ def load_image_bytes(data: bytes, file_name: str, *, max_bytes: int | None = Non
     ``max_bytes`` and ``max_pixels`` default to the settings (HEMASCRIBE_MAX_UPLOAD_MB,
     HEMASCRIBE_MAX_PIXELS). Raises `ImageRejected` for anything that cannot be shown.
     """
-    name = _safe_name(file_name)
-    max_bytes, max_pixels = _limits(max_bytes, max_pixels)
+    name = safe_name(file_name)
+    max_bytes, max_pixels = upload_limits(max_bytes, max_pixels)
     data = bytes(data)  # accept bytearray / memoryview from upload widgets
-    _check_raw_bytes(data, name, max_bytes)
+    check_raw_bytes(data, name, max_bytes)
     try:
         # catch_warnings: silence Pillow's chatter (e.g. odd EXIF) and make its
         # decompression-bomb warning a hard error instead of a printed line. (The filter
@@ -84,6 +77,8 @@ def load_image_bytes(data: bytes, file_name: str, *, max_bytes: int | None = Non
             image, original_size, notes = _decode(data, name, max_pixels, max_side, min_side)
     except ImageRejected:
         raise
+    except deep_pixels.DeepImageRefused as exc:
+        raise ImageRejected(f"{name}: {exc}.") from exc
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageRejected(f"{name}: the image declares more pixels than can be decoded "
                             f"safely (Pillow's limit is {Image.MAX_IMAGE_PIXELS:,}); refused "
@@ -96,7 +91,7 @@ def load_image_bytes(data: bytes, file_name: str, *, max_bytes: int | None = Non
                             f"available memory.") from exc
     except Exception as exc:  # any decoder failure on damaged data, whatever its type
         raise ImageRejected(f"{name}: the image data is truncated or corrupted and could "
-                            f"not be decoded ({_short(exc)}).") from exc
+                            f"not be decoded ({short_reason(exc)}).") from exc
     return LoadedImage(image=image, sha256=hashlib.sha256(data).hexdigest(),
                        file_name=name, n_bytes=len(data), original_size=original_size,
                        notes=tuple(notes))
@@ -110,73 +105,19 @@ def load_image_path(path, *, max_bytes: int | None = None, max_pixels: int | Non
     without being read into memory.
     """
     path = Path(path)
-    name = _safe_name(path.name)
-    max_bytes, max_pixels = _limits(max_bytes, max_pixels)
+    name = safe_name(path.name)
+    max_bytes, max_pixels = upload_limits(max_bytes, max_pixels)
     try:
         if not path.is_file():
             raise ImageRejected(f"{name}: the file does not exist or is not a regular file.")
-        _check_size(path.stat().st_size, name, max_bytes)
+        check_size(path.stat().st_size, name, max_bytes)
         with path.open("rb") as fh:
             data = fh.read(max_bytes + 1)  # +1: notice a file that grew after stat()
     except OSError as exc:
         raise ImageRejected(f"{name}: the file could not be read "
-                            f"({exc.strerror or _short(exc)}).") from exc
+                            f"({exc.strerror or short_reason(exc)}).") from exc
     return load_image_bytes(data, path.name, max_bytes=max_bytes, max_pixels=max_pixels,
                             max_side=max_side, min_side=min_side)
-
-
-def _limits(max_bytes: int | None, max_pixels: int | None) -> tuple[int, int]:
-    if max_bytes is None or max_pixels is None:
-        settings = load_settings()
-        if max_bytes is None:
-            max_bytes = int(settings.max_upload_mb * 1024 * 1024)
-        if max_pixels is None:
-            max_pixels = settings.max_pixels
-    return int(max_bytes), int(max_pixels)
-
-
-def _safe_name(file_name) -> str:
-    """Basename only, printable characters only: the name is shown in HTML and logs."""
-    base = PureWindowsPath(str(file_name or "")).name  # splits on both "\\" and "/"
-    base = unicodedata.normalize("NFC", base)
-    base = "".join(ch for ch in base if ch.isprintable()).strip().lstrip(".")
-    if len(base) > 120:
-        stem, dot, ext = base.rpartition(".")
-        base = (stem[:100] + "..." + dot + ext) if dot and len(ext) <= 10 else base[:120]
-    return base or "image"
-
-
-def _human_size(n: float) -> str:
-    if n < 1024:
-        return f"{int(n)} bytes"
-    if n < 1024 * 1024:
-        return f"{n / 1024:.1f} KB"
-    return f"{n / (1024 * 1024):.1f} MB"
-
-
-def _short(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return text[:160]
-
-
-def _check_size(n_bytes: int, name: str, max_bytes: int) -> None:
-    if n_bytes == 0:
-        raise ImageRejected(f"{name}: the file is empty (0 bytes).")
-    if n_bytes > max_bytes:
-        raise ImageRejected(f"{name}: the file is {_human_size(n_bytes)}, larger than the "
-                            f"upload limit of {_human_size(max_bytes)}.")
-
-
-def _check_raw_bytes(data: bytes, name: str, max_bytes: int) -> None:
-    """Refuse on size and on well-known non-image signatures, before Pillow sees the data."""
-    _check_size(len(data), name, max_bytes)
-    if b"%PDF-" in data[:1024]:  # the PDF header may follow a little junk
-        raise ImageRejected(f"{name}: PDF documents are not supported; export the cell as "
-                            f"an image (PNG or JPEG).")
-    if data[4:8] == b"ftyp" and data[8:12] in _ISO_BRANDS:
-        fmt = _ISO_BRANDS[data[8:12]]
-        raise ImageRejected(f"{name}: {fmt} images are not supported; export the image as "
-                            f"{_SUPPORTED_TEXT}.")
 
 
 def _decode(data: bytes, name: str, max_pixels: int, max_side: int, min_side: int):
@@ -189,14 +130,12 @@ def _decode(data: bytes, name: str, max_pixels: int, max_side: int, min_side: in
         return _decode_tiff_pillow_cannot_open(data, name, max_pixels, max_side, min_side)
     fmt = img.format or "unknown"
     if fmt not in ALLOWED_FORMATS:
-        raise ImageRejected(f"{name}: {fmt} images are not supported; use {_SUPPORTED_TEXT}.")
+        raise ImageRejected(f"{name}: {fmt} images are not supported; use {SUPPORTED_TEXT}.")
     label = "JPEG" if fmt == "MPO" else fmt
     width, height = img.size
     _check_dimensions(name, width, height, max_pixels, min_side)
     if fmt in ("PNG", "TIFF") and deep_pixels.is_deep_colour(img):
-        notes = _extension_notes(name, label) + _select_first_frame(img, fmt, label)
-        rgb, depth_notes = deep_pixels.deep_to_rgb(deep_pixels.decode_deep(data, fmt), label)
-        return _fit(rgb, (width, height), notes + depth_notes, max_side)
+        return _decode_deep(data, img, name, label, max_pixels, max_side)
     if fmt == "PNG":
         # Pillow does not check IDAT checksums while decoding, so a damaged PNG can
         # decode to garbage; verify() checks every chunk's CRC (on a second handle,
@@ -204,18 +143,24 @@ def _decode(data: bytes, name: str, max_pixels: int, max_side: int, min_side: in
         Image.open(io.BytesIO(data)).verify()
     notes = _extension_notes(name, label) + _select_first_frame(img, fmt, label)
     orientation = _orientation(img)
+    displayed = _displayed_size(img, orientation)  # before draft() shrinks the JPEG
     if label == "JPEG":
         # Let libjpeg decode at 1/2, 1/4 or 1/8 scale: a 6000x6000 photo never needs
         # to exist at full size in memory. draft() keeps both sides >= the target.
         img.draft(img.mode, _fit_size((width, height), max_side))
     img.load()  # force the full decode now, so truncated data fails here
     if orientation in range(2, 9):
-        img = ImageOps.exif_transpose(img)
+        img = ImageOps.exif_transpose(img)  # a no-op for TIFF: Pillow's reader already did it on load
         notes.append(f"rotated/flipped according to the EXIF orientation tag ({orientation})")
-    if orientation in (5, 6, 7, 8):
-        width, height = height, width
     rgb, mode_notes = _to_rgb(img, label)
-    return _fit(rgb, (width, height), notes + mode_notes, max_side)
+    return _fit(rgb, displayed, notes + mode_notes, max_side)
+
+
+def _displayed_size(img: Image.Image, orientation: int) -> tuple[int, int]:
+    """(width, height) once the orientation tag is applied. Pillow's TIFF reader reports (and on
+    load applies) the orientation itself; other readers report the stored size."""
+    width, height = img.size
+    return (height, width) if orientation in (5, 6, 7, 8) and img.format != "TIFF" else (width, height)
 
 
 def _check_dimensions(name: str, width: int, height: int, max_pixels: int, min_side: int) -> None:
@@ -237,12 +182,37 @@ def _fit(rgb: Image.Image, size: tuple[int, int], notes: list[str], max_side: in
     return rgb, size, notes
 
 
+def _decode_deep(data: bytes, img: Image.Image, name: str, label: str, max_pixels: int, max_side: int):
+    """16-bit colour PNG / TIFF that Pillow opened (see core.deep_pixels): same checks, notes,
+    orientation and result as the 8-bit path."""
+    if label == "TIFF":
+        deep_pixels.tiff_header(data, max_pixels)  # samples per pixel and bytes, before decoding
+    notes = _extension_notes(name, label) + _select_first_frame(img, img.format, label)
+    rgb, depth_notes = deep_pixels.deep_to_rgb(deep_pixels.decode_deep(data, label), label, max_side)
+    orientation = _orientation(img)
+    return _oriented_fit(rgb, _displayed_size(img, orientation), orientation, notes + depth_notes, max_side)
+
+
 def _decode_tiff_pillow_cannot_open(data: bytes, name: str, max_pixels: int, max_side: int, min_side: int):
-    """Planar or floating-point colour TIFFs (see core.deep_pixels), same checks and result."""
-    width, height = deep_pixels.tiff_size(data)
+    """Planar, floating-point colour or 16-bit grey+alpha TIFFs (see core.deep_pixels), same checks
+    and result."""
+    width, height, pages = deep_pixels.tiff_header(data, max_pixels)
     _check_dimensions(name, width, height, max_pixels, min_side)
-    rgb, notes = deep_pixels.deep_to_rgb(deep_pixels.decode_deep(data, "TIFF"), "TIFF")
-    return _fit(rgb, (width, height), _extension_notes(name, "TIFF") + notes, max_side)
+    notes = _extension_notes(name, "TIFF") + ([f"multi-page TIFF: first of {pages} frames used"] if pages > 1 else [])
+    rgb, depth_notes = deep_pixels.deep_to_rgb(deep_pixels.decode_deep(data, "TIFF"), "TIFF", max_side)
+    return _fit(rgb, (width, height), notes + depth_notes, max_side)
+
+
+_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+              5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+              8: Image.Transpose.ROTATE_90}  # EXIF orientation -> what displays it upright (as exif_transpose)
+
+
+def _oriented_fit(rgb: Image.Image, displayed: tuple[int, int], orientation: int, notes: list[str], max_side: int):
+    if orientation in _TRANSPOSE:  # decoded here from the stored layout: orient it as Pillow would
+        rgb = rgb.transpose(_TRANSPOSE[orientation])
+        notes.append(f"rotated/flipped according to the EXIF orientation tag ({orientation})")
+    return _fit(rgb, displayed, notes, max_side)
 
 
 def _fit_size(size: tuple[int, int], max_side: int) -> tuple[int, int]:

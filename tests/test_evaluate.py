@@ -84,5 +84,11 @@ def test_scan_follows_linked_folders_once_and_skips_hidden_ones(tmp_path):
     draw_cell().save(linked / "c.png")
     os.symlink(linked, cls / "linked")
     os.symlink(cls, linked / "loop")  # a cycle must not be walked forever
-    names = sorted(item.path.name for item in scan_class_folders(tmp_path / "data"))
-    assert names == ["a.png", "b.jfif", "c.png"]
+    other = tmp_path / "data" / "lymphocyte"
+    other.mkdir()
+    draw_cell().save(other / "l.png")
+    os.symlink(other, cls / "sibling")  # into another class: its images keep their own label
+    os.symlink(tmp_path / "data", cls / "up")  # up to the data folder: nothing is read twice
+    items = scan_class_folders(tmp_path / "data")
+    assert sorted((item.label, item.path.name) for item in items) == [
+        ("lymphocyte", "l.png"), ("neutrophil", "a.png"), ("neutrophil", "b.jfif"), ("neutrophil", "c.png")]

@@ -288,6 +288,8 @@ def _deep_colour_file(layout: str) -> bytes:
     buffer = io.BytesIO()
     if layout == "png":
         return cv2.imencode(".png", twelve_bit[..., ::-1])[1].tobytes()  # OpenCV writes BGR
+    if layout == "lzw":  # the usual compression of colour TIFFs; tifffile alone cannot read it here
+        return cv2.imencode(".tiff", twelve_bit[..., ::-1])[1].tobytes()
     if layout == "float":
         tifffile.imwrite(buffer, (twelve_bit / 4095.0).astype(np.float32), photometric="rgb")
     elif layout == "planar":
@@ -297,7 +299,7 @@ def _deep_colour_file(layout: str) -> bytes:
     return buffer.getvalue()
 
 
-@pytest.mark.parametrize("layout", ["tiff", "planar", "float", "png"])
+@pytest.mark.parametrize("layout", ["tiff", "lzw", "planar", "float", "png"])
 def test_deep_colour_images_are_decoded_at_full_depth(layout):
     """Pillow alone keeps the high byte of 16-bit colour samples (a 12-bit image comes out black:
     max 15) and cannot open planar or float colour TIFFs; they must look like the 8-bit image."""
@@ -308,6 +310,48 @@ def test_deep_colour_images_are_decoded_at_full_depth(layout):
     stretched = (expected - expected.min()) * 255 / (expected.max() - expected.min())
     assert np.abs(out - stretched).max() <= 2  # colour kept: one range for all channels
     assert any("colour" in n and "converted to 8-bit by stretching" in n for n in loaded.notes)
+
+
+def test_deep_images_with_alpha_orientation_or_pages_load_like_8_bit_ones():
+    import cv2
+    import tifffile
+
+    square = np.zeros((40, 60, 4), np.uint16)  # transparent, black where transparent
+    square[10:30, 20:40] = (3000, 1000, 4000, 65535)  # an opaque purple patch, 12-bit colour
+    rgba = load_image_bytes(cv2.imencode(".png", square[..., [2, 1, 0, 3]])[1].tobytes(), "rgba.png")
+    out = np.asarray(rgba.image)
+    assert tuple(out[0, 0]) == (255, 255, 255) and out[20, 30].max() == 255  # white outside, stretched inside
+    grey_alpha = np.stack([np.full((40, 60), 2000, np.uint16), np.full((40, 60), 65535, np.uint16)], -1)
+    grey_alpha[:, 30:, 0] = 4000
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, grey_alpha, photometric="minisblack", extrasamples=["unassalpha"])
+    loaded = load_image_bytes(buffer.getvalue(), "grey_alpha.tif")
+    assert loaded.image.mode == "RGB" and np.asarray(loaded.image).max() == 255  # alpha did not set the range
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, _colour_gradient(4096).astype(np.uint16), photometric="rgb",
+                     extratags=[(274, "H", 1, 6, False)])  # EXIF/TIFF orientation 6: rotate to display
+    rotated = load_image_bytes(buffer.getvalue(), "rotated.tif")
+    assert rotated.image.size == (48, 64) and rotated.original_size == (48, 64)
+    assert not any("downscaled" in n for n in rotated.notes)
+    buffer = io.BytesIO()
+    with tifffile.TiffWriter(buffer) as writer:
+        for _ in range(3):
+            writer.write(_colour_gradient(2).astype(np.float32), photometric="rgb")
+    assert any("first of 3 frames" in n for n in load_image_bytes(buffer.getvalue(), "stack.tif").notes)
+
+
+def test_deep_tiff_with_many_samples_is_refused_before_decoding():
+    import tifffile
+
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, np.zeros((64, 64, 40), np.uint16), photometric="minisblack", planarconfig="contig",
+                     compression="zlib")
+    with pytest.raises(ImageRejected, match="samples per pixel"):
+        load_image_bytes(buffer.getvalue(), "hyperspectral.tif")
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, np.zeros((256, 256, 3), np.float64), photometric="rgb", compression="zlib")
+    with pytest.raises(ImageRejected, match="decompression bomb"):  # 1.5 MB of samples for 64k pixels
+        load_image_bytes(buffer.getvalue(), "wide.tif", max_pixels=256 * 256 // 4)
 
 
 def test_float_tiff_is_stretched_and_ignores_nan():

@@ -16,9 +16,12 @@ from core.panels import PANELS_FILE
 from core.text_tower import text_weights_sha256
 
 
-def export(model: DualEncoder, panels, phrases, train_items, args, out: Path) -> None:
-    """Write the safetensors model + sidecar with class prototypes and provenance. Leaves `model`
-    on the CPU in eval mode (the product describes on the CPU; called once, at the end of training)."""
+def export(model: DualEncoder, panels, phrases, train_items, args, out: Path, average=None) -> None:
+    """Write the safetensors model + sidecar with class prototypes and provenance; with a weight
+    average (training.ema), its weights are the ones shipped. Leaves `model` on the CPU in eval
+    mode (the product describes on the CPU; called once, at the end of training)."""
+    if average is not None:
+        model.load_state_dict(average.shadow.state_dict())
     model.eval().cpu()
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     raw_panels = json.loads(PANELS_FILE.read_text())

@@ -293,9 +293,7 @@ def main(argv=None) -> int:
             close_epoch(model, average, optimizer, features, val_sets, state, losses, started, out, classes, validate)
 
     if rank == 0 and args.export:
-        if average is not None:
-            model.load_state_dict(average.shadow.state_dict())  # ship the averaged weights
-        export(model, panels, phrases, train_items, args, out)
+        export(model, panels, phrases, train_items, args, out, average)
     if world > 1:
         dist.destroy_process_group()
     return 0

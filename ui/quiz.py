@@ -192,9 +192,11 @@ def render_reveal(bundle: ModelBundle, panel: Panel, cell: QuizCell, answer: dic
         st.markdown("**Morphology (model):** " + md_escape(data["morphology"]))
         st.caption("Phrases marked (?) are below the model's confidence threshold for that attribute.")
     left, right = st.columns(2)
-    left.image(overlay(cell.image, data["heatmap"]),
-               caption=f"Grad-CAM for: {panel.cell_class(data['top']).name}")
-    if not scores_meaningless(d):
+    if scores_meaningless(d):  # no cell of this panel: nothing to show where it was seen
+        left.image(cell.image, caption="The cell")
+    else:
+        left.image(overlay(cell.image, data["heatmap"]),
+                   caption=f"Grad-CAM for: {panel.cell_class(data['top']).name}")
         right.plotly_chart(score_chart(d, panel, panel_calibrated(bundle, panel)), key="quiz_scores")
     st.caption("File: " + md_escape(cell.source.name) + ". Grad-CAM is an aid to inspection, not proof of "
                "what the model reasoned.")

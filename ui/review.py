@@ -91,6 +91,7 @@ def reopen_case(store: Store, upload_dir: Path, rows: list[dict]) -> None:
     with right:
         st.text(row["original_name"])
         st.markdown("Model said: " + md_escape(row["sentence"]))
-        st.caption(f"Model {md_escape(row['model_id'])}, panel {md_escape(row['panel'])}, "
-                   f"confidence {row['confidence']:.0%}")
+        # An abstention's top score may belong to an image that is no cell at all: not shown as a confidence.
+        confidence = "" if row["abstained"] else f", confidence {row['confidence']:.0%}"
+        st.caption(f"Model {md_escape(row['model_id'])}, panel {md_escape(row['panel'])}{confidence}")
     render_history(store, row["sha256"], row["image_id"])
