@@ -376,3 +376,11 @@ def test_morphology_sentence_only_for_a_white_cell(app_env, tmp_path, monkeypatc
     assert described_text(at).startswith(bundle.panels["blood_cells"].cell_class(answer).name)  # answered
     assert any(m.value.startswith("Morphology: ") for m in at.markdown) == has_phrases
     assert any("No morphology phrases for" in c.value for c in at.caption) == (not has_phrases)
+
+
+def test_synthetic_samples_are_said_to_be_synthetic(app_env):
+    at = choose_sample(run_app())
+    assert not any("drawn by this project's GAN" in c.value for c in at.caption)  # real-looking names: no claim
+    (app_env.samples / "synthetic_monocyte_0.png").write_bytes(png_bytes(1, 9))
+    at.run()
+    assert any("drawn by this project's GAN" in c.value for c in at.caption)

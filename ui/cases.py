@@ -81,6 +81,9 @@ def pick_inputs(current: Settings) -> list[Input]:
         return []
     name = st.selectbox("Sample image", list(samples), index=None, placeholder="Choose a sample",
                         key="describe_sample")
+    if any(n.startswith("synthetic_") for n in samples):
+        st.caption("Samples named synthetic_* were drawn by this project's GAN (trained on PBC images), not "
+                   "photographed: they show how the app works and are no patient's cells.")
     if name is None:
         return []
     try:
