@@ -34,9 +34,9 @@ if progress is not None:
 
 for refused in (c for c in described if c.error):
     st.error(widgets.md_escape(refused.error))  # the message names the file
-if len(described) < len(inputs):
-    st.caption(f"{len(inputs) - len(described)} of the {len(inputs)} files repeat another file's exact bytes "
-               "and are shown once.")
+repeats = cases.repeated_names(inputs)
+if repeats:
+    st.caption("Shown once, with the same bytes as an earlier file: " + ", ".join(map(widgets.md_escape, repeats)))
 
 ordered = case_view.doubtful_first(described)
 if not ordered:

@@ -56,6 +56,13 @@ def choose_sample(at: AppTest, name: str = "cell_0.png") -> AppTest:
     return at
 
 
+def picker(at: AppTest, label: str = "Open a case"):
+    """The case picker (its key changes with its labels, see ui.widgets.select_by_identity)."""
+    found = [w for w in at.selectbox if w.label == label]
+    assert len(found) == 1, [w.label for w in at.selectbox]
+    return found[0]
+
+
 def feedback_widget(kind: str, at: AppTest, name: str):
     """The open case's feedback widget `name` (its key carries the case's prediction id)."""
     found = [w for w in getattr(at, kind) if (w.key or "").startswith(f"describe_fb_{name}_")]
@@ -134,7 +141,7 @@ def test_upload_several_with_one_refused(app_env):
     assert [(not a, c) for a, c in zip(abstained, confidence)] == sorted(zip([not a for a in abstained], confidence))
     assert count(app_env.sessionmaker, ImageRecord) == 2  # nothing stored for the refused file
     assert count(app_env.sessionmaker, PredictionRecord) == 2
-    at.selectbox(key="describe_open_case").select_index(1).run()
+    picker(at).select_index(1).run()
     assert not at.exception, at.exception
 
 
@@ -199,7 +206,7 @@ def test_feedback_review_page(app_env):
     assert not at.exception
     assert len(frame_with(at, "feedback_id")) == 0
     at.selectbox(key="review_verdict").set_value(None).run()
-    at.selectbox(key="review_open").select_index(0).run()
+    picker(at, "Re-open a case").select_index(0).run()
     assert not at.exception, at.exception
     assert not any("missing" in w.value for w in at.warning)
 
@@ -260,12 +267,12 @@ def test_open_case_survives_fewer_uploads(app_env):
     at = run_app()
     files = [(f"c{i}.png", png_bytes(i % 2, 10 + i), "image/png") for i in range(3)]
     at.file_uploader(key="describe_upload").set_value(files).run()
-    at.selectbox(key="describe_open_case").select_index(2).run()
+    picker(at).select_index(2).run()
     at.file_uploader(key="describe_upload").set_value(files[:2]).run()
     assert not at.exception, at.exception
-    picker = at.selectbox(key="describe_open_case")
-    assert len(picker.options) == 2 and picker.value is not None
-    assert picker.options[picker.index].split(" - ")[0].split(". ", 1)[1] == at.text[0].value  # label = case shown
+    box = picker(at)
+    assert len(box.options) == 2 and box.value is not None
+    assert box.options[box.index].split(" - ")[0].split(". ", 1)[1] == at.text[0].value  # label = case shown
 
 
 def test_feedback_fields_belong_to_their_case_and_survive_a_refused_click(app_env):
@@ -284,8 +291,8 @@ def test_feedback_fields_belong_to_their_case_and_survive_a_refused_click(app_en
     assert not at.exception, at.exception
     assert any("Saved: disagree" in s.value for s in at.success)
     assert feedback_widget("selectbox", at, "class").value is None  # a saved form comes back empty
-    picker = at.selectbox(key="describe_open_case")
-    picker.select_index(1 - picker.index).run()
+    box = picker(at)
+    box.select_index(1 - box.index).run()
     assert at.text[0].value != first
     assert feedback_widget("selectbox", at, "class").value is None  # nothing carried over
     assert feedback_widget("text_area", at, "comment").value == ""
@@ -302,12 +309,15 @@ def test_open_case_stays_the_same_image_when_the_panel_changes(app_env):
     at = run_app()
     files = [(f"c{i}.png", png_bytes(i % 2, 20 + i), "image/png") for i in range(3)]
     at.file_uploader(key="describe_upload").set_value(files).run()
-    at.selectbox(key="describe_open_case").select_index(2).run()
+    picker(at).select_index(2).run()
     shown = at.text[0].value
     at.selectbox(key="describe_panel").select("b_all").run()
     assert not at.exception, at.exception
-    picker = at.selectbox(key="describe_open_case")
-    assert at.text[0].value == shown and f" {shown} - " in picker.options[picker.index]
+    box = picker(at)
+    assert at.text[0].value == shown and f" {shown} - " in box.options[box.index]
+    at.slider(key="describe_opacity").set_value(0.7).run()  # any later click keeps the same case open
+    box = picker(at)
+    assert at.text[0].value == shown and f" {shown} - " in box.options[box.index]
 
 
 def test_blank_image_gets_no_closest_sentence_confidence_or_chart(app_env):
@@ -333,12 +343,12 @@ def test_reopened_case_is_not_swapped_by_a_filter(app_env):
     at.selectbox(key="describe_sample").select("cell_1.png").run()
     feedback_widget("button", at, "unsure").click().run()
     at.switch_page(REVIEW_PAGE).run()
-    opener = at.selectbox(key="review_open")
+    opener = picker(at, "Re-open a case")
     opener.select_index(next(i for i, o in enumerate(opener.options) if " - agree by " in o)).run()
     assert "cell_0.png" in [t.value for t in at.text]
     at.selectbox(key="review_verdict").select("unsure").run()
     assert not at.exception, at.exception
-    assert at.selectbox(key="review_open").value is None  # the agree row is filtered out: nothing open
+    assert picker(at, "Re-open a case").value is None  # the agree row is filtered out: nothing open
     assert not {"cell_0.png", "cell_1.png"} & {t.value for t in at.text}
 
 
@@ -348,7 +358,7 @@ def test_identical_uploads_are_described_once_and_said_so(app_env):
     files = [("copyA.png", same, "image/png"), ("copyB.png", same, "image/png"), ("other.png", png_bytes(1, 6), "image/png")]
     at.file_uploader(key="describe_upload").set_value(files).run()
     assert not at.exception, at.exception
-    assert any("1 of the 3 files repeat another file's exact bytes" in c.value for c in at.caption)
+    assert any("same bytes as an earlier file: copyB" in c.value for c in at.caption)
     assert count(app_env.sessionmaker, PredictionRecord) == 2
 
 

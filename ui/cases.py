@@ -93,6 +93,17 @@ def pick_inputs(current: Settings) -> list[Input]:
         return []
 
 
+def repeated_names(inputs: list[Input]) -> list[str]:
+    """Names of the inputs whose bytes repeat an earlier input's (they are described once)."""
+    seen, repeats = set(), []
+    for item in inputs:
+        digest = hashlib.sha256(item.data).hexdigest()
+        if digest in seen:
+            repeats.append(item.name)
+        seen.add(digest)
+    return repeats
+
+
 def describe_inputs(bundle: ModelBundle, inputs: list[Input], panel: str, store: Store,
                     upload_dir: Path, cache: dict,
                     progress: Callable[[float], None] | None = None) -> list[Case]:

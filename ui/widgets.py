@@ -5,6 +5,7 @@ never as live Markdown: they go through `md_escape` or into `st.text` / `st.data
 """
 from __future__ import annotations
 
+import hashlib
 import string
 from datetime import datetime
 
@@ -78,13 +79,19 @@ def scores_meaningless(description: Description) -> bool:
 def select_by_identity(label: str, options: list, key: str, format_func, *, placeholder: str | None = None,
                        allow_none: bool = False, container=st):
     """A select box whose values are identities (an image hash, a row id), not positions: when the
-    options change order or shrink (another panel, a filter), the same item stays chosen, or the
-    first / none when it is gone, so the label always names what the page shows."""
-    if st.session_state.get(key) not in options:
-        # Allowed before the widget is created in this run; a stale choice would otherwise stick.
-        st.session_state[key] = None if allow_none or not options else options[0]
-    return container.selectbox(label, options, key=key, format_func=format_func, placeholder=placeholder,
-                               index=None if allow_none else 0)
+    options change order, shrink or are relabelled (another panel, a filter, a new upload), the same
+    item stays chosen, or the first / none when it is gone, so the label always names what the page
+    shows. The browser sends the choice back as its *label*; a label that changed would match no
+    option and Streamlit would silently pick another. So the widget is keyed by its labels (a new
+    widget whenever any label changes) and the choice itself is kept under a plain session key."""
+    labels = [str(format_func(option)) for option in options]
+    version = hashlib.sha1("\n".join(labels).encode()).hexdigest()[:12]
+    chosen = st.session_state.get(f"{key}_chosen")
+    index = options.index(chosen) if chosen in options else (None if allow_none or not options else 0)
+    value = container.selectbox(label, options, key=f"{key}_{version}", format_func=format_func,
+                                placeholder=placeholder, index=index)
+    st.session_state[f"{key}_chosen"] = value
+    return value
 
 
 def score_chart(description: Description, panel: Panel, calibrated: bool = True) -> go.Figure:
