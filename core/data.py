@@ -36,21 +36,24 @@ def scan_class_folders(root: Path | str) -> list[LabelledImage]:
     items = []
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     others = {os.path.realpath(d) for d in class_dirs}
+    root_real = os.path.realpath(root)
     for class_dir in class_dirs:
-        own = os.path.realpath(class_dir)
-        outside = (others - {own}) | {os.path.realpath(root)}  # links there would mislabel other classes
-        items.extend(LabelledImage(path.resolve(), class_dir.name) for path in _image_files(class_dir, outside))
+        # Links into another class would give its images this label; links to the data folder or
+        # above it would read every class again.
+        skip = (others - {os.path.realpath(class_dir)}) | {root_real}
+        paths = _image_files(class_dir, skip, root_real)
+        items.extend(LabelledImage(path.resolve(), class_dir.name) for path in paths)
     return items
 
 
-def _image_files(folder: Path, outside: set[str]) -> list[Path]:
-    """Image files under `folder`, following linked folders except into `outside` folders and
-    their ancestors, each real folder once."""
+def _image_files(folder: Path, skip: set[str], root_real: str) -> list[Path]:
+    """Image files under `folder`, following linked folders once each, except `skip` folders and
+    the ancestors of the data folder."""
     seen, found = set(), []
     for current, subfolders, files in os.walk(folder, followlinks=True):
         real = os.path.realpath(current)
-        if real in seen or any(o == real or o.startswith(real.rstrip(os.sep) + os.sep) for o in outside):
-            subfolders[:] = []  # a link back up the tree, or into another class: not this class's images
+        if real in seen or real in skip or root_real.startswith(real.rstrip(os.sep) + os.sep):
+            subfolders[:] = []
             continue
         seen.add(real)
         subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))  # .thumbnails, .git ...

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import io
 import math
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
 
 TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic and BigTIFF, both byte orders
-_BITS_PER_SAMPLE = 258  # TIFF tag
+_BITS_PER_SAMPLE, _ORIENTATION = 258, 274  # TIFF tags
 _BYTES_PER_PIXEL_LIMIT = 6  # 16-bit RGB: what `max_pixels` allows a deep image to decode into
 
 
@@ -47,40 +48,65 @@ def is_deep_colour(img: Image.Image) -> bool:
     return ";16" in rawmode
 
 
-def tiff_header(data: bytes, max_pixels: int) -> tuple[int, int, int]:
-    """(width, height, pages) of a TIFF from its header; DeepImageRefused when decoding its first
-    page would take more memory than `max_pixels` allows."""
+@dataclass(frozen=True)
+class TiffInfo:
+    width: int  # as stored, before the orientation tag is applied
+    height: int
+    pages: int
+    orientation: int  # TIFF/EXIF orientation tag, 1 when absent
+    alpha: bool  # the extra sample is alpha (associated or unassociated), not an unspecified channel
+
+
+def tiff_header(data: bytes, max_pixels: int) -> TiffInfo:
+    """The first page's layout from the header; DeepImageRefused when decoding it would take more
+    memory than `max_pixels` allows (whole image, or one tile: tifffile decodes whole tiles)."""
     import tifffile
 
     with tifffile.TiffFile(io.BytesIO(data)) as tiff:
         page = tiff.pages.first
-        width, height = int(page.imagewidth), int(page.imagelength)
         if page.samplesperpixel > 4 or page.imagedepth > 1:
             raise DeepImageRefused(f"the TIFF stores {page.samplesperpixel} samples per pixel in "
                                    f"{page.imagedepth} planes; only grey, RGB and their alpha are read")
-        if page.nbytes > max_pixels * _BYTES_PER_PIXEL_LIMIT:
-            raise DeepImageRefused(f"the TIFF's first page would decode to {page.nbytes / 1e9:.1f} GB; "
+        bytes_per_pixel = page.samplesperpixel * max(1, math.ceil(max(_as_tuple(page.bitspersample)) / 8))
+        tile = page.tilewidth * page.tilelength * max(1, page.tiledepth) if page.is_tiled else 0
+        largest = max(page.imagewidth * page.imagelength, tile) * bytes_per_pixel
+        if largest > max_pixels * _BYTES_PER_PIXEL_LIMIT:
+            raise DeepImageRefused(f"the TIFF's first page would decode to {largest / 1e9:.1f} GB; "
                                    "refused as a possible decompression bomb")
-        return width, height, len(tiff.pages)
+        orientation = page.tags.valueof(_ORIENTATION, 1)
+        alpha = bool(page.extrasamples) and int(page.extrasamples[0]) in (1, 2)
+        return TiffInfo(int(page.imagewidth), int(page.imagelength), len(tiff.pages),
+                        int(orientation) if orientation in range(1, 9) else 1, alpha)
 
 
-def decode_deep(data: bytes, fmt: str) -> np.ndarray:
-    """(H, W, C) samples of the first page / frame at their stored depth and type, C in 1-4
-    (grey, grey+alpha, RGB, RGBA). Call `tiff_header` first for a TIFF."""
+def _as_tuple(value) -> tuple:
+    return value if isinstance(value, tuple) else (value,)
+
+
+def decode_deep(data: bytes, fmt: str, keep_extra: bool = True) -> tuple[np.ndarray, bool]:
+    """((H, W, C) samples of the first page / frame at their stored depth and type, C in 1-4: grey,
+    grey+alpha, RGB, RGBA; whether the decoder already applied the orientation tag). `keep_extra`
+    False drops a TIFF's 2nd / 4th sample (not alpha). Call `tiff_header` first for a TIFF."""
     array = _read_tiff(data) if fmt == "TIFF" else None
+    oriented = False
     if array is None:  # PNG, or a TIFF codec tifffile lacks: OpenCV's libpng / libtiff
         import cv2
 
+        # Its failures print C++ log lines on stderr; the caller's ImageRejected says it instead.
+        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
         array = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
         if array is None:
             raise ValueError("the image could not be decoded")
-        if array.ndim == 3 and array.shape[-1] in (3, 4):
-            array = array[..., [2, 1, 0, 3][: array.shape[-1]]]  # OpenCV's BGR(A) to RGB(A)
+        if array.ndim == 3 and array.shape[-1] in (3, 4):  # OpenCV's BGR(A) to RGB(A)
+            array = array[..., 2::-1] if array.shape[-1] == 3 else array[..., [2, 1, 0, 3]]
+        oriented = fmt == "TIFF"  # OpenCV's TIFF reader applies the orientation tag itself
     if array.ndim == 2:
         array = array[..., None]
     if array.ndim != 3 or not 1 <= array.shape[-1] <= 4:
         raise ValueError(f"unexpected sample layout {array.shape}")
-    return array
+    if not keep_extra and array.shape[-1] in (2, 4):
+        array = array[..., :-1]
+    return array, oriented
 
 
 def _read_tiff(data: bytes) -> np.ndarray | None:
@@ -91,7 +117,7 @@ def _read_tiff(data: bytes) -> np.ndarray | None:
             page = tiff.pages.first
             array, axes = page.asarray(), page.axes
     except ValueError as error:
-        if "imagecodecs" in str(error):  # e.g. LZW, tifffile's optional codecs are not installed
+        if "imagecodecs" in str(error):  # e.g. LZW: tifffile's optional codecs are not installed
             return None
         raise
     return np.moveaxis(array, 0, -1) if axes.startswith("S") else array  # planar: samples first

@@ -185,22 +185,28 @@ def _fit(rgb: Image.Image, size: tuple[int, int], notes: list[str], max_side: in
 def _decode_deep(data: bytes, img: Image.Image, name: str, label: str, max_pixels: int, max_side: int):
     """16-bit colour PNG / TIFF that Pillow opened (see core.deep_pixels): same checks, notes,
     orientation and result as the 8-bit path."""
-    if label == "TIFF":
-        deep_pixels.tiff_header(data, max_pixels)  # samples per pixel and bytes, before decoding
+    info = deep_pixels.tiff_header(data, max_pixels) if label == "TIFF" else None  # before decoding
     notes = _extension_notes(name, label) + _select_first_frame(img, img.format, label)
-    rgb, depth_notes = deep_pixels.deep_to_rgb(deep_pixels.decode_deep(data, label), label, max_side)
-    orientation = _orientation(img)
-    return _oriented_fit(rgb, _displayed_size(img, orientation), orientation, notes + depth_notes, max_side)
+    array, oriented = deep_pixels.decode_deep(data, label, keep_extra=info is None or info.alpha)
+    rgb, depth_notes = deep_pixels.deep_to_rgb(array, label, max_side)
+    orientation = info.orientation if info else _orientation(img)
+    return _oriented_fit(rgb, _displayed_size(img, orientation), orientation, notes + depth_notes, max_side,
+                         already=oriented)
 
 
 def _decode_tiff_pillow_cannot_open(data: bytes, name: str, max_pixels: int, max_side: int, min_side: int):
     """Planar, floating-point colour or 16-bit grey+alpha TIFFs (see core.deep_pixels), same checks
     and result."""
-    width, height, pages = deep_pixels.tiff_header(data, max_pixels)
-    _check_dimensions(name, width, height, max_pixels, min_side)
-    notes = _extension_notes(name, "TIFF") + ([f"multi-page TIFF: first of {pages} frames used"] if pages > 1 else [])
-    rgb, depth_notes = deep_pixels.deep_to_rgb(deep_pixels.decode_deep(data, "TIFF"), "TIFF", max_side)
-    return _fit(rgb, (width, height), notes + depth_notes, max_side)
+    info = deep_pixels.tiff_header(data, max_pixels)
+    _check_dimensions(name, info.width, info.height, max_pixels, min_side)
+    notes = _extension_notes(name, "TIFF")
+    if info.pages > 1:
+        notes.append(f"multi-page TIFF: first of {info.pages} frames used")
+    array, oriented = deep_pixels.decode_deep(data, "TIFF", keep_extra=info.alpha)
+    rgb, depth_notes = deep_pixels.deep_to_rgb(array, "TIFF", max_side)
+    swap = info.orientation in (5, 6, 7, 8)
+    displayed = (info.height, info.width) if swap else (info.width, info.height)
+    return _oriented_fit(rgb, displayed, info.orientation, notes + depth_notes, max_side, already=oriented)
 
 
 _TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
@@ -208,9 +214,10 @@ _TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
               8: Image.Transpose.ROTATE_90}  # EXIF orientation -> what displays it upright (as exif_transpose)
 
 
-def _oriented_fit(rgb: Image.Image, displayed: tuple[int, int], orientation: int, notes: list[str], max_side: int):
-    if orientation in _TRANSPOSE:  # decoded here from the stored layout: orient it as Pillow would
-        rgb = rgb.transpose(_TRANSPOSE[orientation])
+def _oriented_fit(rgb: Image.Image, displayed: tuple[int, int], orientation: int, notes: list[str], max_side: int,
+                  already: bool = False):
+    if orientation in _TRANSPOSE:  # decoded from the stored layout (unless the decoder did it): orient it
+        rgb = rgb if already else rgb.transpose(_TRANSPOSE[orientation])
         notes.append(f"rotated/flipped according to the EXIF orientation tag ({orientation})")
     return _fit(rgb, displayed, notes, max_side)
 

@@ -394,3 +394,23 @@ def test_synthetic_samples_are_said_to_be_synthetic(app_env):
     (app_env.samples / "synthetic_monocyte_0.png").write_bytes(png_bytes(1, 9))
     at.run()
     assert any("drawn by this project's GAN" in c.value for c in at.caption)
+
+
+def test_a_pick_survives_another_reviewer_adding_a_row_meanwhile(app_env):
+    from core.store import add_feedback
+
+    at = set_reviewer(choose_sample(run_app(), "cell_0.png"), "Dr R")
+    feedback_widget("button", at, "agree").click().run()
+    at.selectbox(key="describe_sample").select("cell_1.png").run()
+    feedback_widget("button", at, "unsure").click().run()
+    at.switch_page(REVIEW_PAGE).run()
+    box = picker(at, "Re-open a case")
+    wanted = next(i for i, o in enumerate(box.options) if "cell_0.png" in o)
+    with app_env.sessionmaker.begin() as s:  # another session writes between render and click
+        prediction_id = feedback_table(s)[0]["prediction_id"]
+        add_feedback(s, s.get(PredictionRecord, prediction_id), verdict="agree", reviewer="Dr Other")
+    box.select_index(wanted).run()  # this run renders new labels (a third row) and must keep the pick
+    assert not at.exception, at.exception
+    assert "cell_0.png" in [t.value for t in at.text]
+    box = picker(at, "Re-open a case")
+    assert "cell_0.png" in box.options[box.index]

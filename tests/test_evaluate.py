@@ -92,3 +92,12 @@ def test_scan_follows_linked_folders_once_and_skips_hidden_ones(tmp_path):
     items = scan_class_folders(tmp_path / "data")
     assert sorted((item.label, item.path.name) for item in items) == [
         ("lymphocyte", "l.png"), ("neutrophil", "a.png"), ("neutrophil", "b.jfif"), ("neutrophil", "c.png")]
+
+
+def test_a_class_linked_inside_another_keeps_both_classes_files(tmp_path):
+    (tmp_path / "data" / "A" / "inner").mkdir(parents=True)
+    draw_cell().save(tmp_path / "data" / "A" / "a.png")
+    draw_cell().save(tmp_path / "data" / "A" / "inner" / "i.png")
+    os.symlink(tmp_path / "data" / "A" / "inner", tmp_path / "data" / "B")
+    items = scan_class_folders(tmp_path / "data")
+    assert sorted((item.label, item.path.name) for item in items) == [("A", "a.png"), ("B", "i.png")]

@@ -340,6 +340,25 @@ def test_deep_images_with_alpha_orientation_or_pages_load_like_8_bit_ones():
     assert any("first of 3 frames" in n for n in load_image_bytes(buffer.getvalue(), "stack.tif").notes)
 
 
+def test_deep_tiffs_pillow_cannot_open_are_oriented_and_extra_samples_are_not_alpha():
+    import tifffile
+
+    upright = _colour_gradient(4096)  # (48, 64, 3)
+    buffer = io.BytesIO()  # float colour: only tifffile reads it; stored rotated, tag 6 turns it upright
+    tifffile.imwrite(buffer, np.rot90(upright, 1).astype(np.float32), photometric="rgb",
+                     extratags=[(274, "H", 1, 6, False)])
+    loaded = load_image_bytes(buffer.getvalue(), "rotated_float.tif")
+    assert loaded.image.size == (64, 48) and loaded.original_size == (64, 48)
+    stretched = (upright - upright.min()) * 255 / (upright.max() - upright.min())
+    assert np.abs(np.asarray(loaded.image).astype(int) - stretched).max() <= 2
+    with_extra = np.concatenate([upright, np.zeros((48, 64, 1))], -1).astype(np.uint16)
+    buffer = io.BytesIO()  # a 4th sample of unspecified meaning (extrasamples 0) is not transparency
+    tifffile.imwrite(buffer, with_extra, photometric="rgb", extrasamples=[0])
+    loaded = load_image_bytes(buffer.getvalue(), "extra.tif")
+    assert np.abs(np.asarray(loaded.image).astype(int) - stretched).max() <= 2
+    assert not any("transparent" in n for n in loaded.notes)
+
+
 def test_deep_tiff_with_many_samples_is_refused_before_decoding():
     import tifffile
 
@@ -352,6 +371,11 @@ def test_deep_tiff_with_many_samples_is_refused_before_decoding():
     tifffile.imwrite(buffer, np.zeros((256, 256, 3), np.float64), photometric="rgb", compression="zlib")
     with pytest.raises(ImageRejected, match="decompression bomb"):  # 1.5 MB of samples for 64k pixels
         load_image_bytes(buffer.getvalue(), "wide.tif", max_pixels=256 * 256 // 4)
+    buffer = io.BytesIO()  # a small image in huge tiles: tifffile would allocate whole tiles
+    tifffile.imwrite(buffer, np.zeros((32, 48, 3), np.uint16), photometric="rgb", tile=(2048, 2048),
+                     compression="zlib")
+    with pytest.raises(ImageRejected, match="decompression bomb"):
+        load_image_bytes(buffer.getvalue(), "tiles.tif", max_pixels=1_000_000)
 
 
 def test_float_tiff_is_stretched_and_ignores_nan():

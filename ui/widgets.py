@@ -88,8 +88,13 @@ def select_by_identity(label: str, options: list, key: str, format_func, *, plac
     version = hashlib.sha1("\n".join(labels).encode()).hexdigest()[:12]
     chosen = st.session_state.get(f"{key}_chosen")
     index = options.index(chosen) if chosen in options else (None if allow_none or not options else 0)
-    value = container.selectbox(label, options, key=f"{key}_{version}", format_func=format_func,
-                                placeholder=placeholder, index=index)
+    widget = f"{key}_{version}"
+
+    def remember() -> None:  # runs before the script, so a pick survives labels changing in that run
+        st.session_state[f"{key}_chosen"] = st.session_state.get(widget)
+
+    value = container.selectbox(label, options, key=widget, format_func=format_func, placeholder=placeholder,
+                                index=index, on_change=remember)
     st.session_state[f"{key}_chosen"] = value
     return value
 
