@@ -337,12 +337,18 @@ def test_blank_image_gets_no_closest_sentence_confidence_or_chart(app_env):
     assert any("No confidence and no scores" in c for c in captions)
 
 
-def test_reopened_case_is_not_swapped_by_a_filter(app_env):
+def review_two_samples() -> AppTest:
+    """Agree on cell_0.png, Unsure on cell_1.png, then the Feedback review page."""
     at = set_reviewer(choose_sample(run_app(), "cell_0.png"), "Dr R")
     feedback_widget("button", at, "agree").click().run()
     at.selectbox(key="describe_sample").select("cell_1.png").run()
     feedback_widget("button", at, "unsure").click().run()
     at.switch_page(REVIEW_PAGE).run()
+    return at
+
+
+def test_reopened_case_is_not_swapped_by_a_filter(app_env):
+    at = review_two_samples()
     opener = picker(at, "Re-open a case")
     opener.select_index(next(i for i, o in enumerate(opener.options) if " - agree by " in o)).run()
     assert "cell_0.png" in [t.value for t in at.text]
@@ -399,11 +405,7 @@ def test_synthetic_samples_are_said_to_be_synthetic(app_env):
 def test_a_pick_survives_another_reviewer_adding_a_row_meanwhile(app_env):
     from core.store import add_feedback
 
-    at = set_reviewer(choose_sample(run_app(), "cell_0.png"), "Dr R")
-    feedback_widget("button", at, "agree").click().run()
-    at.selectbox(key="describe_sample").select("cell_1.png").run()
-    feedback_widget("button", at, "unsure").click().run()
-    at.switch_page(REVIEW_PAGE).run()
+    at = review_two_samples()
     box = picker(at, "Re-open a case")
     wanted = next(i for i, o in enumerate(box.options) if "cell_0.png" in o)
     with app_env.sessionmaker.begin() as s:  # another session writes between render and click
