@@ -27,7 +27,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from . import deep_pixels
 from .upload_checks import (  # noqa: F401  (ImageRejected is this module's public error too)
@@ -149,11 +149,9 @@ def _decode(data: bytes, name: str, max_pixels: int, max_side: int, min_side: in
         # to exist at full size in memory. draft() keeps both sides >= the target.
         img.draft(img.mode, _fit_size((width, height), max_side))
     img.load()  # force the full decode now, so truncated data fails here
-    if orientation in range(2, 9):
-        img = ImageOps.exif_transpose(img)  # a no-op for TIFF: Pillow's reader already did it on load
-        notes.append(f"rotated/flipped according to the EXIF orientation tag ({orientation})")
     rgb, mode_notes = _to_rgb(img, label)
-    return _fit(rgb, displayed, notes + mode_notes, max_side)
+    # Pillow's TIFF reader applied the orientation on load; other readers leave it to _oriented_fit.
+    return _oriented_fit(rgb, displayed, orientation, notes + mode_notes, max_side, already=fmt == "TIFF")
 
 
 def _displayed_size(img: Image.Image, orientation: int) -> tuple[int, int]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Callable
 
@@ -36,6 +37,11 @@ HEATMAP_CACHE_MAX = 64  # (128 px float maps: small; bounded so a long session c
 class Input:
     name: str  # file name as given by the browser or the sample folder (display only)
     data: bytes  # raw bytes, exactly as uploaded
+
+    @cached_property
+    def sha256(self) -> str:
+        """Hash of the bytes, computed once per input (a rerun hashes each upload once)."""
+        return hashlib.sha256(self.data).hexdigest()
 
 
 @dataclass
@@ -97,10 +103,9 @@ def repeated_names(inputs: list[Input]) -> list[str]:
     """Names of the inputs whose bytes repeat an earlier input's (they are described once)."""
     seen, repeats = set(), []
     for item in inputs:
-        digest = hashlib.sha256(item.data).hexdigest()
-        if digest in seen:
+        if item.sha256 in seen:
             repeats.append(item.name)
-        seen.add(digest)
+        seen.add(item.sha256)
     return repeats
 
 
@@ -112,7 +117,7 @@ def describe_inputs(bundle: ModelBundle, inputs: list[Input], panel: str, store:
     session's dict of cases; entries not among `inputs` are dropped."""
     keyed: dict[tuple, Input] = {}
     for item in inputs:
-        keyed.setdefault((hashlib.sha256(item.data).hexdigest(), panel, bundle.weights_sha256), item)
+        keyed.setdefault((item.sha256, panel, bundle.weights_sha256), item)
     new = [key for key in keyed if key not in cache]
     fresh = [_load(key[0], keyed[key]) for key in new]
     cache.update(zip(new, fresh))
