@@ -9,6 +9,10 @@ randomise exactly those on whole batches (vectorised, cheap on 2 CPU cores):
   gamma, occasional grayscale;
 * optics: Gaussian blur of random strength, sensor noise; a down-and-up resampling that
   imitates low-resolution cameras and JPEG softness.
+
+The images may live on any device (on a GPU the augmentation runs there: on the CPU it took
+most of a GPU training step). Every random number is drawn on the CPU from the caller's
+generator and moved to the images' device, so one seed gives the same augmentation anywhere.
 """
 from __future__ import annotations
 
@@ -55,40 +59,42 @@ def random_affine(images: torch.Tensor, out_size: int, generator: torch.Generato
     theta = torch.stack([
         torch.stack([cos * flip, -sin, shift[:, 0]], dim=1),
         torch.stack([sin * flip, cos, shift[:, 1]], dim=1),
-    ], dim=1)
+    ], dim=1).to(images)
     grid = F.affine_grid(theta, (b, 3, out_size, out_size), align_corners=False)
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
-def _rand(b: int, lo: float, hi: float, generator: torch.Generator) -> torch.Tensor:
-    return (torch.rand(b, 1, 1, 1, generator=generator) * (hi - lo) + lo)
+def _rand(b: int, lo: float, hi: float, generator: torch.Generator, like: torch.Tensor) -> torch.Tensor:
+    """(b, 1, 1, 1) uniform in [lo, hi), drawn on the CPU, on `like`'s device and dtype."""
+    return (torch.rand(b, 1, 1, 1, generator=generator) * (hi - lo) + lo).to(like)
 
 
 def hue_rotate(images: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
     """Rotate hue by `angle` radians (B,) around the grey axis (a rotation in YIQ space)."""
     to_yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
     to_rgb = torch.linalg.inv(to_yiq)
+    angle = angle.cpu()
     cos, sin = torch.cos(angle), torch.sin(angle)
     rot = torch.zeros(angle.shape[0], 3, 3)
     rot[:, 0, 0] = 1
     rot[:, 1, 1], rot[:, 1, 2], rot[:, 2, 1], rot[:, 2, 2] = cos, -sin, sin, cos
-    matrix = to_rgb @ rot @ to_yiq  # (B, 3, 3)
+    matrix = (to_rgb @ rot @ to_yiq).to(images)  # (B, 3, 3)
     return torch.einsum("bij,bjhw->bihw", matrix, images)
 
 
 def colour_jitter(images: torch.Tensor, generator: torch.Generator, cfg: AugmentConfig = AugmentConfig()) -> torch.Tensor:
     """Stain and exposure changes for images in [0, 1]."""
     b = images.shape[0]
-    gains = 1 + (torch.rand(b, 3, 1, 1, generator=generator) * 2 - 1) * cfg.gain
+    gains = (1 + (torch.rand(b, 3, 1, 1, generator=generator) * 2 - 1) * cfg.gain).to(images)
     images = images * gains  # per-channel stain balance
     images = hue_rotate(images.clamp(0, 1), (torch.rand(b, generator=generator) * 2 - 1) * cfg.hue)
     grey = images.mean(dim=1, keepdim=True)
-    images = grey + (images - grey) * _rand(b, *cfg.saturation, generator)  # saturation
+    images = grey + (images - grey) * _rand(b, *cfg.saturation, generator, images)  # saturation
     mean = images.mean(dim=(1, 2, 3), keepdim=True)
-    images = mean + (images - mean) * _rand(b, 0.7, 1.3, generator)  # contrast
-    images = images + _rand(b, -0.12, 0.12, generator)  # brightness
-    images = images.clamp(1e-4, 1) ** _rand(b, 0.75, 1.33, generator)  # gamma
-    to_grey = torch.rand(b, 1, 1, 1, generator=generator) < cfg.grey_p
+    images = mean + (images - mean) * _rand(b, 0.7, 1.3, generator, images)  # contrast
+    images = images + _rand(b, -0.12, 0.12, generator, images)  # brightness
+    images = images.clamp(1e-4, 1) ** _rand(b, 0.75, 1.33, generator, images)  # gamma
+    to_grey = (torch.rand(b, 1, 1, 1, generator=generator) < cfg.grey_p).to(images.device)
     return torch.where(to_grey, images.mean(dim=1, keepdim=True).expand_as(images), images)
 
 
@@ -109,7 +115,7 @@ def optics(images: torch.Tensor, generator: torch.Generator, share: float = 2 / 
     """Blur half of a `share` of the batch, resample the other half at low resolution, add noise."""
     b, _, h, w = images.shape
     u = torch.rand(b, generator=generator)
-    choice = torch.where(u < share / 2, 1, torch.where(u < share, 2, 0))
+    choice = torch.where(u < share / 2, 1, torch.where(u < share, 2, 0)).to(images.device)
     out = images.clone()
     blurred = choice == 1
     if blurred.any():
@@ -120,7 +126,7 @@ def optics(images: torch.Tensor, generator: torch.Generator, share: float = 2 / 
         factor = float(torch.rand(1, generator=generator) * 0.5 + 0.35)
         small = F.interpolate(images[lowres], scale_factor=factor, mode="bilinear", antialias=True)
         out[lowres] = F.interpolate(small, size=(h, w), mode="bilinear")
-    noise = torch.randn(out.shape, generator=generator) * _rand(b, 0.0, 0.03, generator)
+    noise = torch.randn(out.shape, generator=generator).to(out) * _rand(b, 0.0, 0.03, generator, out)
     return (out + noise).clamp(0, 1)
 
 

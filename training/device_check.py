@@ -15,7 +15,8 @@ on a small class-folder tree it draws (no data, no download):
 5. ``torchrun --nproc_per_node 2`` (DDP, gloo) on the device;
 6. the GAN trainer on the device;
 7. speed: epochs of the default vision tower (regnetx_004, 96 px, strong augmentation, the
-   training default batch of 64) on the device and on this machine's CPU.
+   training default batch of 64) on the device and on this machine's CPU, and on the device at
+   a larger batch (`--speed-large-batch`, 256 by default).
 
 `--text-model` replaces the frozen text encoder (default: the configs' all-MiniLM-L6-v2) for
 machines where that package cannot be installed; any BERT-style folder with a tokenizer works.
@@ -52,6 +53,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--text-model", default="", help="replace the configs' text model (name or local folder)")
     p.add_argument("--speed-images", type=int, default=1024, help="images in the speed step (0: skip it)")
     p.add_argument("--speed-epochs", type=int, default=3, help="epochs timed on the device (the first warms up)")
+    p.add_argument("--speed-large-batch", type=int, default=256,
+                   help="also time the device at this batch size, a GPU user's choice (0: skip)")
     p.add_argument("--step-timeout", type=float, default=1800, help="seconds after which a step counts as failed")
     return p.parse_args(argv)
 
@@ -210,15 +213,17 @@ def check_inference_and_others(steps: Steps, tree: Path, eval_tree: Path, config
               lambda _: sorted(p.name for p in (out / "gan").iterdir()))
 
 
-def check_speed(steps: Steps, config: Path, n_images: int, epochs: int) -> None:
+def check_speed(steps: Steps, config: Path, n_images: int, epochs: int, large_batch: int = 0) -> None:
     """Step 7: seconds per epoch of the default tower, at the trainer's default batch size, on the
-    device and (if that is not the CPU) on this machine's CPU; the first epoch includes warm-up."""
+    device and (if that is not the CPU) on this machine's CPU, and on the device at `large_batch`
+    (if not 0); the first epoch includes warm-up."""
     per_class = max(1, n_images // len(SPEED_CLASSES))
     tree = draw_tree(steps.out / "data_speed", {name: per_class for name in SPEED_CLASSES}, size=108)
-    timed = [(steps.device, epochs)] + ([("cpu", min(epochs, 2))] if steps.device != "cpu" else [])
-    for where, n_epochs in timed:
-        run = steps.out / f"speed_{where.replace(':', '_')}"
-        steps.run(run.name, train_args(tree, config, run, where, n_epochs, batch_size=None),
+    timed = [(steps.device, epochs, None)] + ([("cpu", min(epochs, 2), None)] if steps.device != "cpu" else [])
+    timed += [(steps.device, epochs, large_batch)] if large_batch else []
+    for where, n_epochs, batch_size in timed:
+        run = steps.out / (f"speed_{where.replace(':', '_')}" + (f"_batch{batch_size}" if batch_size else ""))
+        steps.run(run.name, train_args(tree, config, run, where, n_epochs, batch_size=batch_size),
                   lambda _, run=run: {"images": per_class * len(SPEED_CLASSES), "epoch_seconds":
                                       [m["seconds"] for m in metrics_lines(run)],
                                       "batch_size": json.loads((run / "config.json").read_text())["args"]["batch_size"]})
@@ -241,7 +246,7 @@ def main(argv=None) -> int:
     check_training(steps, tree, attributes, tiny)
     check_inference_and_others(steps, tree, eval_tree, tiny)
     if args.speed_images:
-        check_speed(steps, default_tower, args.speed_images, args.speed_epochs)
+        check_speed(steps, default_tower, args.speed_images, args.speed_epochs, args.speed_large_batch)
     summary = steps.write_summary()
     print(json.dumps(summary), flush=True)
     return 1 if summary["failed"] else 0
