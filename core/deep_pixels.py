@@ -99,6 +99,8 @@ def decode_deep(data: bytes, fmt: str, keep_extra: bool = True) -> tuple[np.ndar
             raise ValueError("the image could not be decoded")
         if array.ndim == 3 and array.shape[-1] in (3, 4):  # OpenCV's BGR(A) to RGB(A)
             array = array[..., 2::-1] if array.shape[-1] == 3 else array[..., [2, 1, 0, 3]]
+        if array.ndim == 3 and array.shape[-1] == 4 and _png_colour_type(data) == 4:
+            array = array[..., [0, 3]]  # OpenCV widens grey+alpha to RGBA: keep it grey+alpha
         oriented = fmt == "TIFF"  # OpenCV's TIFF reader applies the orientation tag itself
     if array.ndim == 2:
         array = array[..., None]
@@ -107,6 +109,13 @@ def decode_deep(data: bytes, fmt: str, keep_extra: bool = True) -> tuple[np.ndar
     if not keep_extra and array.shape[-1] in (2, 4):
         array = array[..., :-1]
     return array, oriented
+
+
+def _png_colour_type(data: bytes) -> int | None:
+    """The colour type in a PNG's header (0 grey, 2 RGB, 3 palette, 4 grey+alpha, 6 RGBA)."""
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR" and len(data) > 25:
+        return data[25]
+    return None
 
 
 def _read_tiff(data: bytes) -> np.ndarray | None:
@@ -140,11 +149,10 @@ def stretch_to_uint8(array: np.ndarray, mask: np.ndarray | None = None) -> tuple
 
 
 def deep_to_rgb(array: np.ndarray, label: str, max_side: int) -> tuple[Image.Image, list[str]]:
-    """8-bit RGB image and notes from `decode_deep`'s samples: subsampled to 2x `max_side`,
+    """8-bit RGB image and notes from `decode_deep`'s samples: block-averaged to about 2x `max_side`,
     stretched from the range of its opaque pixels, alpha composited over white (8-bit samples
     are kept as they are)."""
-    step = max(1, max(array.shape[:2]) // (2 * max_side))
-    array = array[::step, ::step]
+    array = _average_blocks(array, max(1, max(array.shape[:2]) // (2 * max_side)))
     colour, alpha = (array[..., :-1], array[..., -1]) if array.shape[-1] in (2, 4) else (array, None)
     opacity = None if alpha is None else _opacity(alpha)
     notes = []
@@ -162,6 +170,25 @@ def deep_to_rgb(array: np.ndarray, label: str, max_side: int) -> tuple[Image.Ima
         rgb = np.rint(rgb * opacity + 255.0 * (1 - opacity)).astype(np.uint8)
         notes.append("transparent areas composited over a white background")
     return Image.fromarray(np.ascontiguousarray(rgb)), notes
+
+
+def _average_blocks(array: np.ndarray, step: int) -> np.ndarray:
+    """(H, W, C) shrunk `step` times by averaging step x step blocks, same sample type.
+    Averaging, not keeping every step-th pixel: a pattern finer than the step (granules,
+    a sensor's mosaic) must come out as its mean, not as whichever phase the stride hits.
+    Float samples average their finite values (a NaN pixel must not blank its block)."""
+    if step == 1:
+        return array
+    h, w = array.shape[0] // step * step, array.shape[1] // step * step
+    blocks = array[:h, :w].reshape(h // step, step, w // step, step, array.shape[-1])
+    if array.dtype.kind == "f":
+        finite = np.isfinite(blocks)
+        total = np.where(finite, blocks, 0).sum(axis=(1, 3), dtype=np.float64)
+        count = finite.sum(axis=(1, 3))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return (total / count).astype(array.dtype)  # a block with no finite sample stays NaN
+    mean = blocks.mean(axis=(1, 3), dtype=np.float64)
+    return np.rint(mean).astype(array.dtype)
 
 
 def _opacity(alpha: np.ndarray) -> np.ndarray:

@@ -273,6 +273,48 @@ def test_16_bit_image_is_stretched_to_8_bit(fmt):
     assert any(n.startswith(f"16-bit {fmt} converted to 8-bit") for n in loaded.notes)
 
 
+@pytest.mark.parametrize("dtype", [np.uint16, np.float32])
+def test_large_deep_image_is_averaged_not_strided_before_resizing(dtype):
+    """Columns alternating 1000 / 3000 must shrink to their mean (2000), like the flat 2000 beside
+    them; keeping every other pixel would read them as 1000 or 3000. A NaN must not blank its block."""
+    import tifffile
+
+    field = np.full((256, 256, 3), 2000.0)
+    field[:, :128:2], field[:, 1:128:2] = 1000.0, 3000.0
+    field[:16], field[-16:] = 4000.0, 0.0  # the range the image is stretched from
+    if dtype == np.float32:
+        field[100, 10] = np.nan
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, field.astype(dtype), photometric="rgb")
+    out = np.asarray(load_image_bytes(buffer.getvalue(), "scan.tif", max_side=64).image).astype(float)
+    middle = out[16:48]  # away from the bright and dark bands
+    striped, flat = middle[:, 4:28].mean(), middle[:, 36:60].mean()
+    assert abs(striped - flat) < 3, (striped, flat)
+    assert abs(flat - 127.5) < 4
+
+
+def test_16_bit_grey_alpha_png_is_noted_as_grey_and_composited():
+    """OpenCV widens a grey+alpha PNG to RGBA; the note must still say grey."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    grey_alpha = np.zeros((40, 40, 2), np.uint16)
+    grey_alpha[..., 0] = np.linspace(1000, 4000, 1600).reshape(40, 40)
+    grey_alpha[..., 1] = 65535
+    grey_alpha[:5, :5, 1] = 0  # a transparent corner
+    rows = b"".join(b"\x00" + row.astype(">u2").tobytes() for row in grey_alpha)
+    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 40, 40, 16, 4, 0, 0, 0))
+           + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+    loaded = load_image_bytes(png, "grey_alpha.png")
+    out = np.asarray(loaded.image)
+    assert any(n.startswith("16-bit grey PNG converted") for n in loaded.notes), loaded.notes
+    assert (out[0, 0] == 255).all() and (out[..., 0] == out[..., 2]).all()
+    assert out[39, 39, 0] == 255 and out[0, 5, 0] == 0  # stretched over the opaque pixels only
+
+
 def _colour_gradient(levels: int) -> np.ndarray:
     """(48, 64, 3) colour ramp using `levels` grey levels: red up, green down, blue flat."""
     ramp = np.linspace(0.05, 1.0, 64)[None, :].repeat(48, 0)
