@@ -29,12 +29,14 @@ def is_image_file(path: Path) -> bool:
 
 def scan_class_folders(root: Path | str) -> list[LabelledImage]:
     """All images under ``root/<class>/``, recursively inside each class folder and through
-    symlinked folders (each real folder once), skipping hidden files and folders; sorted."""
+    symlinked folders (each real folder once), skipping hidden files and folders; sorted.
+    A class folder that is a link to another class folder (an alias such as ``Neutrophils ->
+    neutrophil``) is skipped: its images are the linked class's, and would be labelled twice."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"Data folder not found: {root}")
     items = []
-    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    class_dirs = _distinct_class_folders(root)
     others = {os.path.realpath(d) for d in class_dirs}
     root_real = os.path.realpath(root)
     for class_dir in class_dirs:
@@ -44,6 +46,17 @@ def scan_class_folders(root: Path | str) -> list[LabelledImage]:
         paths = _image_files(class_dir, skip, root_real)
         items.extend(LabelledImage(path.resolve(), class_dir.name) for path in paths)
     return items
+
+
+def _distinct_class_folders(root: Path) -> list[Path]:
+    """Visible sub-folders of `root`, one per real folder: of several names for one folder the
+    one that is not a link wins (else the first name), so an alias adds no class."""
+    by_real: dict[str, Path] = {}
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        real = os.path.realpath(folder)
+        if real not in by_real or (by_real[real].is_symlink() and not folder.is_symlink()):
+            by_real[real] = folder
+    return sorted(by_real.values())
 
 
 def _image_files(folder: Path, skip: set[str], root_real: str) -> list[Path]:

@@ -101,3 +101,15 @@ def test_a_class_linked_inside_another_keeps_both_classes_files(tmp_path):
     os.symlink(tmp_path / "data" / "A" / "inner", tmp_path / "data" / "B")
     items = scan_class_folders(tmp_path / "data")
     assert sorted((item.label, item.path.name) for item in items) == [("A", "a.png"), ("B", "i.png")]
+
+
+def test_an_alias_class_folder_adds_no_class_and_no_second_label(tmp_path):
+    (tmp_path / "data" / "neutrophil").mkdir(parents=True)
+    draw_cell().save(tmp_path / "data" / "neutrophil" / "n.png")
+    os.symlink(tmp_path / "data" / "neutrophil", tmp_path / "data" / "Neutrophils")  # sorts first
+    outside = tmp_path / "export"
+    (outside / "cells").mkdir(parents=True)
+    draw_cell().save(outside / "cells" / "m.png")
+    os.symlink(outside / "cells", tmp_path / "data" / "monocyte")  # a class that is only a link stays
+    items = scan_class_folders(tmp_path / "data")
+    assert sorted((item.label, item.path.name) for item in items) == [("monocyte", "m.png"), ("neutrophil", "n.png")]

@@ -40,7 +40,8 @@ def _form(panel: Panel, case: Case, reviewer: str) -> tuple[str | None, dict]:
     a refused click keeps what the reviewer typed."""
     suffix = _form_suffix(case.prediction_id)
     with st.form(f"describe_feedback_{suffix}", clear_on_submit=False, border=True):
-        st.caption("If you disagree, say what the cell is (a class of the panel, or your own sentence).")
+        st.caption("If you disagree, say what the cell is (a class of the panel, or your own sentence). "
+                   "What you type is sent with the button you click; opening another case first discards it.")
         corrected = st.selectbox("Correct class (for Disagree)", panel.keys, index=None, placeholder="-",
                                  format_func=lambda k: panel.cell_class(k).name, key=f"describe_fb_class_{suffix}")
         sentence = st.text_input("Or a corrected sentence (for Disagree)", key=f"describe_fb_sentence_{suffix}",
