@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from core.checkpoint import ModelBundle
+from core.imageio import prepare_image
 from core.preprocess import to_model_input
 from core.reliability import abstention_decision, content_problems, panel_probabilities
 
@@ -36,6 +37,7 @@ class Description:
     model_id: str  # model identity from the sidecar
     weights_sha256: str  # sha256 of the weights that produced this
     timings_ms: dict[str, float] = field(default_factory=dict)  # per stage
+    notes: tuple[str, ...] = ()  # what was done to the image first (rotated, alpha over white ...)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -51,8 +53,9 @@ def default_panel(bundle: ModelBundle) -> str:
 
 @torch.no_grad()
 def embed_images(bundle: ModelBundle, images: list[Image.Image]) -> tuple[torch.Tensor, float]:
-    """Unit-norm embeddings (B, D) and the preprocessing time in ms."""
-    embeddings, prep_ms, _ = _embed_with_inputs(bundle, images)
+    """Unit-norm embeddings (B, D) and the preprocessing time in ms. Images go through
+    `core.imageio.prepare_image` first (raises ImageRejected for one it cannot describe)."""
+    embeddings, prep_ms, _ = _embed_with_inputs(bundle, [prepare_image(image)[0] for image in images])
     return embeddings, prep_ms
 
 
@@ -66,19 +69,28 @@ def _embed_with_inputs(bundle: ModelBundle, images: list[Image.Image]) -> tuple[
 
 
 def describe_batch(bundle: ModelBundle, images: list[Image.Image], panel: str | None = None) -> list[Description]:
-    """Describe several PIL images against one panel (one forward pass)."""
+    """Describe several PIL images against one panel (one forward pass).
+
+    Any PIL image is accepted: each is first made what the file loader makes of an upload
+    (`core.imageio.prepare_image`: size checks, EXIF orientation, alpha over white, 16-bit grey
+    stretched, downscaled), so an image opened with Pillow is described as its file would be.
+    Raises ImageRejected (a readable sentence) for an image that cannot be described, e.g. one
+    under 16 px a side; to describe a batch file by file, load each with `load_image_bytes`."""
     panel = panel or default_panel(bundle)
     if panel not in bundle.panels:
         raise ValueError(f"Unknown panel {panel!r}; this model knows {sorted(bundle.panels)}")
     if not images:
         return []
     started = time.perf_counter()
-    embeddings, prep_ms, inputs = _embed_with_inputs(bundle, images)
-    embed_ms = (time.perf_counter() - started) * 1000 - prep_ms
+    prepared = [prepare_image(image) for image in images]
+    checks_ms = (time.perf_counter() - started) * 1000
+    embeddings, prep_ms, inputs = _embed_with_inputs(bundle, [rgb for rgb, _ in prepared])
+    embed_ms = (time.perf_counter() - started) * 1000 - checks_ms - prep_ms
+    prep_ms += checks_ms
     results = []
-    for embedding, problem in zip(embeddings, content_problems(inputs)):
+    for embedding, problem, (_, notes) in zip(embeddings, content_problems(inputs), prepared):
         t0 = time.perf_counter()
-        results.append(_describe_embedding(bundle, embedding, panel, problem))
+        results.append(_describe_embedding(bundle, embedding, panel, problem, tuple(notes)))
         score_ms = (time.perf_counter() - t0) * 1000
         results[-1].timings_ms.update(preprocess=prep_ms / len(images), embed=embed_ms / len(images), score=score_ms)
     return results
@@ -90,7 +102,7 @@ def describe(bundle: ModelBundle, image: Image.Image, panel: str | None = None) 
 
 
 def _describe_embedding(bundle: ModelBundle, embedding: torch.Tensor, panel: str,
-                        content_problem: str | None = None) -> Description:
+                        content_problem: str | None = None, notes: tuple[str, ...] = ()) -> Description:
     spec = bundle.panels[panel]
     similarities = (bundle.prototypes[panel] @ embedding).tolist()
     probabilities = panel_probabilities(bundle, embedding, panel)
@@ -104,7 +116,7 @@ def _describe_embedding(bundle: ModelBundle, embedding: torch.Tensor, panel: str
         best_class=spec.classes[best].key, scores=dict(zip(spec.keys, map(float, probabilities))),
         similarities=dict(zip(spec.keys, map(float, similarities))), out_of_scope_score=decision.out_of_scope_score,
         panel_validated=spec.validated, model_id=bundle.model_id, weights_sha256=bundle.weights_sha256,
-        timings_ms={})
+        timings_ms={}, notes=notes)
 
 
 def _describe_file(bundle: ModelBundle, path: str, panel: str | None) -> dict:
@@ -132,12 +144,12 @@ def main(argv=None) -> int:
     parser.add_argument("--json", action="store_true", help="one JSON object per line (default: readable text)")
     args = parser.parse_args(argv)
     from core.checkpoint import ModelLoadError, load_bundle
-    from core.settings import load_settings
+    from core.settings import SettingsError, load_settings
 
-    settings = load_settings()
     try:
+        settings = load_settings()
         bundle = load_bundle(args.model or settings.model_path, settings.text_model)
-    except ModelLoadError as error:
+    except (ModelLoadError, SettingsError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     if args.panel and args.panel not in bundle.panels:

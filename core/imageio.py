@@ -24,6 +24,7 @@ import hashlib
 import io
 import math
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,14 +68,45 @@ def load_image_bytes(data: bytes, file_name: str, *, max_bytes: int | None = Non
     max_bytes, max_pixels = upload_limits(max_bytes, max_pixels)
     data = bytes(data)  # accept bytearray / memoryview from upload widgets
     check_raw_bytes(data, name, max_bytes)
+    with _decoding(name):
+        image, original_size, notes = _decode(data, name, max_pixels, max_side, min_side)
+    return LoadedImage(image=image, sha256=hashlib.sha256(data).hexdigest(),
+                       file_name=name, n_bytes=len(data), original_size=original_size,
+                       notes=tuple(notes))
+
+
+def prepare_image(img: Image.Image, *, max_pixels: int | None = None, max_side: int = 1024,
+                  min_side: int = 16) -> tuple[Image.Image, list[str]]:
+    """An in-memory PIL image made what `load_image_bytes` makes of a file: the same size
+    checks, first frame, EXIF orientation, 8-bit RGB (alpha over white, 16-bit / float grey
+    stretched) and downscale; returns (rgb, notes). For callers of the describe API who open
+    images themselves. Raises `ImageRejected`."""
+    _, max_pixels = upload_limits(None, max_pixels)
+    name = "image"
+    _check_dimensions(name, *img.size, max_pixels, min_side, max_side)
+    orientation = _orientation(img)
+    if img.mode == "RGB" and orientation == 1 and max(img.size) <= max_side and getattr(img, "n_frames", 1) == 1:
+        return img, []  # already what the loader makes (the app's and CLI's images): no copy
+    with _decoding(name):
+        label = img.format or "image"
+        notes = _select_first_frame(img, img.format or "", label)
+        rgb, mode_notes = _to_rgb(img, label)
+        rgb, _, notes = _oriented_fit(rgb, _displayed_size(img, orientation), orientation, notes + mode_notes,
+                                      max_side, already=img.format == "TIFF")
+    return rgb, notes
+
+
+@contextmanager
+def _decoding(name: str):
+    """Every decoder failure as one `ImageRejected` sentence about `name`. Also silences
+    Pillow's chatter (e.g. odd EXIF) and makes its decompression-bomb warning a hard error
+    instead of a printed line (the filter is process-global before Python 3.14; our own
+    max_pixels check does not rely on it)."""
     try:
-        # catch_warnings: silence Pillow's chatter (e.g. odd EXIF) and make its
-        # decompression-bomb warning a hard error instead of a printed line. (The filter
-        # is process-global before Python 3.14; our own max_pixels check does not rely on it.)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image, original_size, notes = _decode(data, name, max_pixels, max_side, min_side)
+            yield
     except ImageRejected:
         raise
     except deep_pixels.DeepImageRefused as exc:
@@ -92,9 +124,6 @@ def load_image_bytes(data: bytes, file_name: str, *, max_bytes: int | None = Non
     except Exception as exc:  # any decoder failure on damaged data, whatever its type
         raise ImageRejected(f"{name}: the image data is truncated or corrupted and could "
                             f"not be decoded ({short_reason(exc)}).") from exc
-    return LoadedImage(image=image, sha256=hashlib.sha256(data).hexdigest(),
-                       file_name=name, n_bytes=len(data), original_size=original_size,
-                       notes=tuple(notes))
 
 
 def load_image_path(path, *, max_bytes: int | None = None, max_pixels: int | None = None,
@@ -133,7 +162,7 @@ def _decode(data: bytes, name: str, max_pixels: int, max_side: int, min_side: in
         raise ImageRejected(f"{name}: {fmt} images are not supported; use {SUPPORTED_TEXT}.")
     label = "JPEG" if fmt == "MPO" else fmt
     width, height = img.size
-    _check_dimensions(name, width, height, max_pixels, min_side)
+    _check_dimensions(name, width, height, max_pixels, min_side, max_side)
     if fmt in ("PNG", "TIFF") and deep_pixels.is_deep_colour(img):
         return _decode_deep(data, img, name, label, max_pixels, max_side)
     if fmt == "PNG":
@@ -161,7 +190,7 @@ def _displayed_size(img: Image.Image, orientation: int) -> tuple[int, int]:
     return (height, width) if orientation in (5, 6, 7, 8) and img.format != "TIFF" else (width, height)
 
 
-def _check_dimensions(name: str, width: int, height: int, max_pixels: int, min_side: int) -> None:
+def _check_dimensions(name: str, width: int, height: int, max_pixels: int, min_side: int, max_side: int) -> None:
     if width * height > max_pixels:  # header only: nothing decoded yet
         raise ImageRejected(
             f"{name}: the image declares {width}x{height} = {width * height:,} pixels, more "
@@ -169,6 +198,9 @@ def _check_dimensions(name: str, width: int, height: int, max_pixels: int, min_s
     if min(width, height) < min_side:
         raise ImageRejected(f"{name}: the image is only {width}x{height} pixels; each side "
                             f"must be at least {min_side} pixels.")
+    if min(_fit_size((width, height), max_side)) < min_side:  # a strip, not a cell or a field
+        raise ImageRejected(f"{name}: the image is {width}x{height} pixels, too long and narrow to "
+                            f"describe (a side may be at most {max_side // min_side} times the other).")
 
 
 def _fit(rgb: Image.Image, size: tuple[int, int], notes: list[str], max_side: int):
@@ -196,7 +228,7 @@ def _decode_tiff_pillow_cannot_open(data: bytes, name: str, max_pixels: int, max
     """Planar, floating-point colour or 16-bit grey+alpha TIFFs (see core.deep_pixels), same checks
     and result."""
     info = deep_pixels.tiff_header(data, max_pixels)
-    _check_dimensions(name, info.width, info.height, max_pixels, min_side)
+    _check_dimensions(name, info.width, info.height, max_pixels, min_side, max_side)
     notes = _extension_notes(name, "TIFF")
     if info.pages > 1:
         notes.append(f"multi-page TIFF: first of {info.pages} frames used")
@@ -217,6 +249,9 @@ def _oriented_fit(rgb: Image.Image, displayed: tuple[int, int], orientation: int
     if orientation in _TRANSPOSE:  # decoded from the stored layout (unless the decoder did it): orient it
         rgb = rgb if already else rgb.transpose(_TRANSPOSE[orientation])
         notes.append(f"rotated/flipped according to the EXIF orientation tag ({orientation})")
+    # The copy still carries the file's EXIF / XMP (orientation included): whoever reads the tag
+    # again (prepare_image, Pillow's exif_transpose) would turn the upright image a second time.
+    rgb.info.clear()
     return _fit(rgb, displayed, notes, max_side)
 
 

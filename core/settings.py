@@ -28,12 +28,30 @@ class Settings:
     torch_threads: int  # CPU threads for inference; 1 keeps sessions from fighting over 2 cores
 
 
+class SettingsError(ValueError):
+    """A setting whose value cannot be used; the message names the variable and the value."""
+
+
 def _env(name: str, default: str | None = None) -> str | None:
     return os.environ.get(f"HEMASCRIBE_{name}", default)
 
 
+def _positive(name: str, default: str, kind: type):
+    """The variable as a positive int or float, or SettingsError saying what is wrong."""
+    raw = _env(name, default)
+    try:
+        value = kind(raw)
+    except ValueError:
+        value = None
+    if value is None or not value > 0 or value != value or value == float("inf"):
+        what = "a positive whole number" if kind is int else "a positive number"
+        raise SettingsError(f"HEMASCRIBE_{name} must be {what}, not {raw!r} (default {default})")
+    return value
+
+
 def load_settings() -> Settings:
-    """Read the current settings from the environment (defaults in brackets in README)."""
+    """Read the current settings from the environment (defaults in README). Raises
+    SettingsError for a number setting that is not a positive number."""
     data_dir = Path(_env("DATA_DIR", str(PROJECT_ROOT / "var")))
     gallery = _env("GALLERY_DIR")
     return Settings(
@@ -43,8 +61,8 @@ def load_settings() -> Settings:
         samples_dir=Path(_env("SAMPLES_DIR", str(ASSETS_DIR / "samples"))),
         gallery_dir=Path(gallery) if gallery else None,
         gallery_cache_dir=Path(_env("GALLERY_CACHE_DIR", str(data_dir / "gallery_cache"))),
-        max_upload_mb=float(_env("MAX_UPLOAD_MB", "50")),
-        max_pixels=int(_env("MAX_PIXELS", str(60_000_000))),
+        max_upload_mb=_positive("MAX_UPLOAD_MB", "50", float),
+        max_pixels=_positive("MAX_PIXELS", str(60_000_000), int),
         text_model=_env("TEXT_MODEL"),
-        torch_threads=int(_env("TORCH_THREADS", "1")),
+        torch_threads=_positive("TORCH_THREADS", "1", int),
     )

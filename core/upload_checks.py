@@ -5,7 +5,7 @@ from __future__ import annotations
 import unicodedata
 from pathlib import PureWindowsPath
 
-from .settings import load_settings
+from .settings import SettingsError, load_settings
 
 SUPPORTED_TEXT = "JPEG, PNG, TIFF, BMP, GIF or WebP"
 # Formats Pillow cannot even identify, but that users commonly upload: say what they are.
@@ -20,7 +20,10 @@ class ImageRejected(ValueError):
 def upload_limits(max_bytes: int | None, max_pixels: int | None) -> tuple[int, int]:
     """(max_bytes, max_pixels), each from the settings where not given."""
     if max_bytes is None or max_pixels is None:
-        settings = load_settings()
+        try:
+            settings = load_settings()
+        except SettingsError as error:  # every file would fail the same way: say why, once per file
+            raise ImageRejected(f"no image can be checked: {error}.") from error
         if max_bytes is None:
             max_bytes = int(settings.max_upload_mb * 1024 * 1024)
         if max_pixels is None:

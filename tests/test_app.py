@@ -191,6 +191,14 @@ def test_missing_model_is_reported(app_env, tmp_path, monkeypatch):
     assert any("cannot be loaded" in e.value for e in at.error)
 
 
+def test_unusable_setting_stops_the_app_with_one_message(app_env, monkeypatch):
+    monkeypatch.setenv("HEMASCRIBE_MAX_UPLOAD_MB", "fifty")
+    at = run_app()
+    assert [e.value for e in at.error] == [
+        "HemaScribe cannot start: HEMASCRIBE_MAX_UPLOAD_MB must be a positive number, not 'fifty' (default 50). "
+        "Correct the environment variable and restart the app."]
+
+
 def test_feedback_review_page(app_env):
     at = choose_sample(run_app())
     set_reviewer(at, "Dr Review")

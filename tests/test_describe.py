@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 
@@ -36,6 +37,40 @@ def test_batch_matches_single(tiny_bundle):
     assert abs(batch[1].confidence - single.confidence) < 1e-4
 
 
+def test_describe_api_treats_a_pil_image_as_the_loader_treats_its_file(tiny_bundle):
+    """The API takes any PIL image: what it describes must be what the file loader would give
+    (alpha over white, EXIF orientation), and what the loader refuses it refuses too."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from core.imageio import ImageRejected, load_image_bytes
+
+    rgba = np.dstack([np.asarray(draw_cell(seed=4)), np.full((96, 96), 255, np.uint8)])
+    rgba[:40, :, 3] = 0  # a transparent band
+    image = Image.fromarray(rgba)
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    from_file = describe(tiny_bundle, load_image_bytes(buffer.getvalue(), "x.png").image, "blood_cells")
+    from_pil = describe(tiny_bundle, image, "blood_cells")
+    assert from_pil.scores == pytest.approx(from_file.scores, abs=1e-5)
+    assert "transparent areas composited over a white background" in from_pil.notes
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored turned; displayed upright after a 270-degree turn
+    buffer = io.BytesIO()
+    draw_cell(seed=5).rotate(90, expand=True).save(buffer, "JPEG", exif=exif)
+    opened = Image.open(io.BytesIO(buffer.getvalue()))
+    from_file = describe(tiny_bundle, load_image_bytes(buffer.getvalue(), "r.jpg").image, "blood_cells")
+    assert describe(tiny_bundle, opened, "blood_cells").scores == pytest.approx(from_file.scores, abs=1e-5)
+
+    with pytest.raises(ImageRejected, match="at least 16 pixels"):
+        describe(tiny_bundle, Image.new("RGB", (10, 10)), "blood_cells")
+    with pytest.raises(ImageRejected, match="too long and narrow"):
+        describe_batch(tiny_bundle, [draw_cell(seed=1), Image.new("RGB", (16, 3000))], "blood_cells")
+
+
 def test_unvalidated_panel_is_flagged(tiny_bundle, cell_image):
     assert describe(tiny_bundle, cell_image, "leukemia").panel_validated is False
 
@@ -53,3 +88,18 @@ def test_describe_cli_good_and_broken_file(tiny_model_path, tmp_path):
     assert lines[0]["ok"] and lines[0]["panel"] == "blood_cells" and set(lines[0]["scores"])
     assert not lines[1]["ok"] and "broken.jpg" in lines[1]["error"]
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("variable, value", [("MAX_UPLOAD_MB", "abc"), ("MAX_PIXELS", "-5"), ("TORCH_THREADS", "0")])
+def test_unusable_setting_is_one_clear_line_not_a_traceback(tmp_path, monkeypatch, variable, value):
+    from core.imageio import ImageRejected, load_image_bytes
+
+    monkeypatch.setenv(f"HEMASCRIBE_{variable}", value)
+    with pytest.raises(ImageRejected, match=f"HEMASCRIBE_{variable} must be a positive"):
+        load_image_bytes(b"\x89PNG\r\n\x1a\n", "x.png")
+    good = tmp_path / "cell.png"
+    draw_cell().save(good)
+    proc = subprocess.run([sys.executable, "-m", "core.describe", str(good)], capture_output=True, text=True,
+                          cwd=PROJECT_ROOT, timeout=120, env={**os.environ, f"HEMASCRIBE_{variable}": value})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"HEMASCRIBE_{variable} must be a positive" in proc.stderr and repr(value) in proc.stderr

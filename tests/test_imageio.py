@@ -170,6 +170,13 @@ def test_image_smaller_than_min_side_is_refused():
     assert load_image_bytes(data, "tiny.png", min_side=8).image.size == (40, 8)
 
 
+def test_long_narrow_strip_is_refused_not_squashed_to_one_pixel():
+    data = encode(Image.new("RGB", (60000, 16), GREEN), "PNG")
+    with pytest.raises(ImageRejected, match=r"60000x16 pixels, too long and narrow"):
+        load_image_bytes(data, "strip.png")
+    assert load_image_bytes(encode(Image.new("RGB", (1024, 16), GREEN), "PNG"), "ok.png").image.size == (1024, 16)
+
+
 def test_file_larger_than_max_bytes_is_refused(monkeypatch):
     data = encode(noise((128, 128)), "PNG")
     with pytest.raises(ImageRejected, match="larger than the upload limit of 1.0 KB"):

@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from core.checkpoint import ModelBundle, ModelLoadError, load_bundle, sidecar_path
 from core.gallery import GalleryIndex, cache_folder, load_index, manifest_stamp
 from core.gallery_sources import Source, list_sources
-from core.settings import Settings, load_settings
+from core.settings import Settings, SettingsError, load_settings
 from core.store import REVIEWER_MAX, StoreUnavailable, make_engine, make_sessionmaker
 
 # A store that failed to open is retried after this many seconds, not on every rerun: an
@@ -31,8 +31,13 @@ _REVIEWER_WIDGET = "sidebar_reviewer"
 
 
 def settings() -> Settings:
-    """Current settings (read from the environment each call; cheap)."""
-    return load_settings()
+    """Current settings (read from the environment each call; cheap). A setting that cannot
+    be used stops the page with one message: the app must not guess a safety limit."""
+    try:
+        return load_settings()
+    except SettingsError as error:
+        st.error(f"HemaScribe cannot start: {error}. Correct the environment variable and restart the app.")
+        st.stop()
 
 
 def _model_stamp(path: Path) -> int:
