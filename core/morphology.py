@@ -80,7 +80,9 @@ def compose_sentence(predictions: list[AttributePrediction]) -> str:
     elif "granule_type" in p:
         cytoplasm += " without granules" + ("" if p["granule_type"].certain else " (?)")
     if "cytoplasm_vacuole" in p and p["cytoplasm_vacuole"].value == "yes":
-        cytoplasm += " and " + word("cytoplasm_vacuole")
+        # after "without granules", "and vacuoles" would read as "without vacuoles" too
+        granular = " with " in cytoplasm
+        cytoplasm += (" and " if granular else ", with ") + word("cytoplasm_vacuole")
     return f"{sentence}; {cytoplasm}."
 
 

@@ -263,10 +263,15 @@ def add_feedback(s: Session, prediction: PredictionRecord, *, verdict: str, revi
     corrected_class = _clean_text(corrected_class, "corrected class", 100)
     if verdict == "agree" and corrected_class not in (None, prediction.class_key):
         raise ValueError("a corrected class contradicts 'agree'; choose 'disagree' instead")
+    corrected_sentence = _clean_text(corrected_sentence, "corrected sentence")
+    if verdict == "disagree" and corrected_class is not None and corrected_class == prediction.class_key \
+            and not corrected_sentence:
+        # it would count as a disagreement and, in the expert-versus-model matrix, as agreement
+        raise ValueError("the corrected class is the model's own answer; choose 'agree', name another "
+                         "class, or write the sentence you would use")
     fb = FeedbackRecord(prediction_id=prediction.id, image_id=prediction.image_id,
                         verdict=verdict, reviewer=who, corrected_class=corrected_class,
-                        corrected_sentence=_clean_text(corrected_sentence, "corrected sentence"),
-                        comment=_clean_text(comment, "comment"))
+                        corrected_sentence=corrected_sentence, comment=_clean_text(comment, "comment"))
     s.add(fb)
     s.flush()
     return fb

@@ -31,7 +31,10 @@ def test_compose_agranular_vacuolated():
                                        "cytoplasm_texture": "frosted", "cytoplasm_colour": "blue",
                                        "granule_type": "nil", "granule_colour": "nil", "cytoplasm_vacuole": "yes"}))
     assert sentence.startswith("Large cell with an indented nucleus;")
-    assert "without granules" in sentence and "vacuoles" in sentence
+    assert sentence.endswith("; frosted blue cytoplasm without granules, with vacuoles.")  # not "without ... and vacuoles"
+    granular = compose_sentence(_pred({"cytoplasm_texture": "clear", "cytoplasm_colour": "light blue",
+                                       "granule_type": "small", "granule_colour": "pink", "cytoplasm_vacuole": "yes"}))
+    assert granular.endswith("cytoplasm with small pink granules and vacuoles."), granular
 
 
 def test_predict_attributes_covers_every_attribute_with_confidences():

@@ -169,13 +169,19 @@ def test_feedback_validation(sm):
         dict(verdict="agree", reviewer=None),
         dict(verdict="agree", reviewer="x" * 101),
         dict(verdict="agree", reviewer="Dr A", corrected_class="monocyte"),
+        dict(verdict="disagree", reviewer="Dr A", corrected_class="neutrophil"),  # the model's own class
     ]
     for kwargs in bad:
         with pytest.raises(ValueError):
             _feedback(sm, pred_id, **kwargs)
+    with pytest.raises(ValueError, match="the corrected class is the model's own answer"):
+        _feedback(sm, pred_id, verdict="disagree", reviewer="Dr A", corrected_class="neutrophil", comment="hm")
+    # the class is right but the sentence is not: a disagreement about the wording
+    assert _feedback(sm, pred_id, verdict="disagree", reviewer="Dr A", corrected_class="neutrophil",
+                     corrected_sentence="A band neutrophil.")
     assert _feedback(sm, pred_id, verdict=" Agree ", reviewer="x" * 100)
     with sm() as s:
-        assert [r["verdict"] for r in feedback_table(s)] == ["agree"]
+        assert sorted(r["verdict"] for r in feedback_table(s)) == ["agree", "disagree"]
     with pytest.raises(ValueError, match="class_key"):
         _seed(sm, sha="a" * 64, class_key=None, abstained=False)
 
