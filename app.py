@@ -43,8 +43,8 @@ if not ordered:
     st.stop()
 if len(ordered) > 1:
     st.subheader(f"{len(ordered)} images described (most doubtful first)")
-    case_view.results_table(ordered)
-    case = case_view.pick_case(ordered)
+    case_view.results_table(panel, ordered)
+    case = case_view.pick_case(panel, ordered)
 else:
     case = ordered[0]
 

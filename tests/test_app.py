@@ -110,6 +110,16 @@ def test_unvalidated_panel_shows_warning(app_env):
     assert any("Not validated" in w.value for w in at.warning)
 
 
+def test_unvalidated_panel_shows_no_confidence_in_table_or_picker(app_env):
+    at = run_app()
+    at.selectbox(key="describe_panel").select("leukemia").run()
+    files = [("a.png", png_bytes(0, 1), "image/png"), ("b.png", png_bytes(1, 2), "image/png")]
+    at.file_uploader(key="describe_upload").set_value(files).run()
+    assert not at.exception, at.exception
+    assert at.dataframe[0].value["confidence"].isna().all()
+    assert not any("%" in option for option in picker(at).options)
+
+
 def test_sample_is_described_and_recorded_once(app_env):
     at = choose_sample(run_app())
     text = described_text(at)
@@ -424,3 +434,12 @@ def test_a_pick_survives_another_reviewer_adding_a_row_meanwhile(app_env):
     assert "cell_0.png" in [t.value for t in at.text]
     box = picker(at, "Re-open a case")
     assert "cell_0.png" in box.options[box.index]
+
+
+def test_review_table_shows_no_confidence_for_abstentions():
+    from ui.review import rows_frame
+
+    rows = [{"feedback_id": 1, "created_at": None, "confidence": 0.795, "abstained": True},
+            {"feedback_id": 2, "created_at": None, "confidence": 0.91, "abstained": False}]
+    frame = rows_frame(rows)
+    assert frame["confidence"].isna().tolist() == [True, False] and frame["confidence"][1] == 0.91

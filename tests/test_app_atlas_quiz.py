@@ -152,3 +152,19 @@ def test_quiz_without_gallery(env, monkeypatch):
     monkeypatch.delenv("HEMASCRIBE_GALLERY_DIR")
     at = open_page(QUIZ_PAGE)
     assert any("No gallery images to quiz on" in i.value for i in at.info)
+
+
+def test_quiz_answered_cell_is_not_scored_again_after_a_panel_round_trip(env):
+    at = AppTest.from_file(APP, default_timeout=180)
+    at.session_state["quiz_seed"] = 1234
+    at.switch_page(QUIZ_PAGE).run()
+    at.selectbox(key="quiz_choice_blood_cells_0").select("neutrophil").run()
+    at.button(key="quiz_check").click().run()
+    assert at.metric[0].value.endswith("/ 1")
+    at.selectbox(key="quiz_panel").select("b_all").run()
+    at.selectbox(key="quiz_panel").select("blood_cells").run()
+    assert not at.exception, at.exception
+    # a new round: the answered round-0 cell cannot come back unlocked and be scored twice
+    assert at.session_state["quiz_round"] >= 1 and at.session_state["quiz_reveal"] is None
+    assert not [s for s in at.selectbox if s.key == "quiz_choice_blood_cells_0"]
+    assert at.metric[0].value.endswith("/ 1")

@@ -15,7 +15,8 @@ from core.panels import Panel
 from core.preprocess import square_resize
 from ui.cases import ATTRIBUTE_TARGET, Case, cached_heatmap
 from ui.widgets import (
-    confidence_label, md_escape, panel_calibrated, score_chart, scores_meaningless, select_by_identity,
+    class_name, confidence_label, confidence_shown, md_escape, panel_calibrated, score_chart, scores_meaningless,
+    select_by_identity,
 )
 
 
@@ -28,13 +29,13 @@ def doubtful_first(cases: list[Case]) -> list[Case]:
 
 
 def _shown_confidence(d: Description) -> float | None:
-    return None if scores_meaningless(d) else round(d.confidence, 4)
+    return round(d.confidence, 4) if confidence_shown(d) else None
 
 
-def results_table(cases: list[Case]) -> None:
-    """One row per described image: file, class, sentence, confidence, abstained."""
+def results_table(panel: Panel, cases: list[Case]) -> None:
+    """One row per described image: file, class, sentence, confidence (where it is one), abstained."""
     frame = pd.DataFrame([{
-        "file": c.file_name, "class": c.description.class_key or "(uncertain)", "sentence": c.label,
+        "file": c.file_name, "class": class_name(panel, c.description.class_key, "(uncertain)"), "sentence": c.label,
         "confidence": _shown_confidence(c.description), "abstained": c.description.abstained,
     } for c in cases])
     st.dataframe(frame, hide_index=True, key="describe_results", column_config={
@@ -42,7 +43,7 @@ def results_table(cases: list[Case]) -> None:
         "sentence": st.column_config.TextColumn("sentence", width="large")})
 
 
-def pick_case(cases: list[Case]) -> Case:
+def pick_case(panel: Panel, cases: list[Case]) -> Case:
     """Select box to open one case (the most doubtful first); the choice is the image itself,
     so it stays open when another panel reorders the list."""
     by_sha = {c.sha256: (i, c) for i, c in enumerate(cases)}
@@ -50,8 +51,8 @@ def pick_case(cases: list[Case]) -> Case:
     def label(sha: str) -> str:
         i, c = by_sha[sha]
         d = c.description
-        score = "" if scores_meaningless(d) else f" ({d.confidence:.0%})"
-        return f"{i + 1}. {c.file_name} - {d.class_key or 'Uncertain'}{score}"
+        score = f" ({d.confidence:.0%})" if confidence_shown(d) else ""
+        return f"{i + 1}. {c.file_name} - {class_name(panel, d.class_key)}{score}"
 
     chosen = select_by_identity("Open a case", list(by_sha), "describe_open_case", label)
     return by_sha.get(chosen, (0, cases[0]))[1]

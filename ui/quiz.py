@@ -24,7 +24,7 @@ from core.imageio import ImageRejected, load_image_path
 from core.morphology import describe_morphology, has_morphology
 from core.panels import Panel
 from ui import resources
-from ui.widgets import md_escape, panel_calibrated, score_chart, scores_meaningless
+from ui.widgets import confidence_shown, md_escape, panel_calibrated, score_chart, scores_meaningless
 
 SEED, ROUND, SCORE = "quiz_seed", "quiz_round", "quiz_score"
 CELL, ANSWER, REVEAL = "quiz_cell", "quiz_answer", "quiz_reveal"
@@ -80,6 +80,10 @@ def current_cell(panel: Panel) -> QuizCell | None:
     cell = state.get(CELL)
     if cell is not None and cell.round == state[ROUND] and cell.panel == panel.name:
         return cell
+    if cell is not None and cell.round == state[ROUND] and state.get(REVEAL) is not None:
+        # answered, then the panel changed: the next round, or coming back to this panel would
+        # draw the same cell again (same seed and round) and let it be answered and scored twice
+        state[ROUND] += 1
     state[ANSWER] = state[REVEAL] = None
     rng = random.Random(f"{state[SEED]}:{state[ROUND]}")
     state[CELL] = pick_cell(panel, resources.gallery_sources(), rng, state[ROUND])
@@ -185,9 +189,12 @@ def render_reveal(bundle: ModelBundle, panel: Panel, cell: QuizCell, answer: dic
         st.warning("**Model: Uncertain.** Reason: " + md_escape(d.abstain_reason or "not stated"))
     else:
         st.markdown(f"**Model:** {md_escape(d.sentence)} ({d.confidence:.0%} confidence)")
-    if not scores_meaningless(d):
+    if confidence_shown(d):
         st.caption("Model's top sentences: " + "; ".join(
             f"{md_escape(panel.cell_class(k).name)} {p:.0%}" for k, p in ranked))
+    elif not scores_meaningless(d):  # an unvalidated panel: an order, not probabilities
+        st.caption("Closest sentences of this not-validated panel (scores are not confidences): "
+                   + "; ".join(md_escape(panel.cell_class(k).name) for k, _ in ranked))
     if data["morphology"]:
         st.markdown("**Morphology (model):** " + md_escape(data["morphology"]))
         st.caption("Phrases marked (?) are below the model's confidence threshold for that attribute.")

@@ -47,6 +47,9 @@ def rows_frame(rows: list[dict]) -> pd.DataFrame:
     """feedback_table rows as a display table (times as text, fixed column order)."""
     frame = pd.DataFrame(rows, columns=TABLE_COLUMNS)
     frame["created_at"] = [when(v) for v in frame["created_at"]]
+    # An abstention's top score may belong to an image that is no cell at all, or to a panel
+    # that was never validated: not a confidence, so not shown as one (the CSV keeps it).
+    frame["confidence"] = frame["confidence"].where(~frame["abstained"].astype(bool))
     return frame
 
 

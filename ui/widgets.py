@@ -76,6 +76,17 @@ def scores_meaningless(description: Description) -> bool:
     return description.abstain_kind in ("content", "out_of_scope")
 
 
+def confidence_shown(description: Description) -> bool:
+    """True when the top probability may be shown as a confidence: the image is a cell of the
+    panel and the panel was validated (an unvalidated panel's numbers are only scores)."""
+    return description.panel_validated and not scores_meaningless(description)
+
+
+def class_name(panel: Panel, key: str | None, missing: str = "Uncertain") -> str:
+    """The class's display name ('Immature granulocyte', not 'ig'); `missing` for None."""
+    return panel.cell_class(key).name if key else missing
+
+
 def select_by_identity(label: str, options: list, key: str, format_func, *, placeholder: str | None = None,
                        allow_none: bool = False, container=st):
     """A select box whose values are identities (an image hash, a row id), not positions: when the
@@ -112,6 +123,8 @@ def score_chart(description: Description, panel: Panel, calibrated: bool = True)
         hovertemplate="%{customdata}<br>probability %{x:.1%}<extra></extra>",
         texttemplate="%{x:.0%}", textposition="outside"))
     axis_title = "calibrated probability" if calibrated else "probability (not calibrated)"
+    if not panel.validated:
+        axis_title = "score (panel not validated: not a probability of being right)"
     figure.update_layout(xaxis={"range": [0, 1.1], "tickformat": ".0%", "title": axis_title},
                          height=max(220, 34 * len(keys) + 80), margin={"l": 10, "r": 10, "t": 30, "b": 10},
                          title="Score of every sentence of the panel")
