@@ -14,6 +14,7 @@ vouched for (agree: the model's class; disagree: the corrected class), marked ``
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,16 +66,19 @@ def scan_folder(root: Path | str) -> list[Source]:
     return sorted(found, key=lambda s: s.path)
 
 
-def reviewed_sources(s: Session, upload_dir: Path | str) -> list[Source]:
+def reviewed_sources(s: Session, upload_dir: Path | str, exclude: frozenset[str] = frozenset()) -> list[Source]:
     """Stored copies of every image that has at least one feedback row, labelled with the
     class of its latest agree/disagree (None when only 'unsure' or an uncorrected
-    disagree exists). Copies missing on disk, or pointing outside `upload_dir`, are left out."""
+    disagree exists). Copies missing on disk, or pointing outside `upload_dir`, and images
+    whose sha256 is in `exclude` (see `synthetic_hashes`) are left out."""
     upload_dir = Path(upload_dir).resolve()
     reviewed = s.execute(select(ImageRecord).where(
         ImageRecord.id.in_(select(FeedbackRecord.image_id).distinct())).order_by(ImageRecord.id)).scalars().all()
     labels = _latest_expert_classes(s)
     out = []
     for image in reviewed:
+        if image.sha256 in exclude:
+            continue
         path = (upload_dir / image.stored_path).resolve()
         if not path.is_relative_to(upload_dir) or not path.is_file():
             continue
@@ -97,9 +101,21 @@ def _latest_expert_classes(s: Session) -> dict[int, str | None]:
     return latest
 
 
-def list_sources(gallery_dir: Path | str | None, upload_dir: Path | str, session: Session | None = None) -> list[Source]:
-    """The folder's images then the reviewed cases (when a session is given)."""
+def list_sources(gallery_dir: Path | str | None, upload_dir: Path | str, session: Session | None = None,
+                 exclude: frozenset[str] = frozenset()) -> list[Source]:
+    """The folder's images then the reviewed cases (when a session is given), less `exclude`d ones."""
     sources = scan_folder(gallery_dir) if gallery_dir else []
     if session is not None:
-        sources += reviewed_sources(session, upload_dir)
+        sources += reviewed_sources(session, upload_dir, exclude)
     return sources
+
+
+def synthetic_hashes(samples_dir: Path | str) -> frozenset[str]:
+    """sha256 of the sample images drawn by the project's GAN (files named ``synthetic_*``):
+    an expert's Agree on a drawn image must not make it an expert-verified cell of the atlas
+    or the quiz. A handful of small files, hashed on each call."""
+    folder = Path(samples_dir)
+    if not folder.is_dir():
+        return frozenset()
+    return frozenset(hashlib.sha256(path.read_bytes()).hexdigest()
+                     for path in folder.glob("synthetic_*") if path.is_file())

@@ -1,6 +1,7 @@
 """Gallery index: incremental updates, the on-disk cache, queries, reviewed cases."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 
@@ -9,7 +10,7 @@ import torch
 
 import core.gallery as gallery
 from core.gallery import cache_folder, load_index, search_image, search_text, update_index
-from core.gallery_sources import REVIEWED, list_sources, reviewed_sources, scan_folder
+from core.gallery_sources import REVIEWED, list_sources, reviewed_sources, scan_folder, synthetic_hashes
 from core.imageio import load_image_path
 from core.store import add_feedback, add_prediction, get_or_create_image, make_engine, make_sessionmaker
 from tests.conftest import draw_cell, write_class_tree
@@ -140,12 +141,20 @@ def test_reviewed_cases_join_with_expert_labels(tiny_bundle, tree, tmp_path):
                                         abstain_reason=None, scores={"neutrophil": 0.9})
             if verdict:
                 add_feedback(s, prediction, verdict=verdict[0], reviewer="Dr T", corrected_class=verdict[1])
+    samples = tmp_path / "samples"  # the GAN's drawings: "a" has the same bytes as synthetic_0.png
+    samples.mkdir()
+    (samples / "synthetic_0.png").write_bytes(b"drawn")
+    (samples / "real_0.png").write_bytes(b"real")
+    drawn = synthetic_hashes(samples)
+    assert drawn == {hashlib.sha256(b"drawn").hexdigest()}
     with make_session() as s:
         reviewed = reviewed_sources(s, uploads)
         combined = list_sources(tree, uploads, s)
+        without_drawn = reviewed_sources(s, uploads, frozenset({f"{0:064x}"}))
     engine.dispose()
     assert [(r.name, r.label, r.verified) for r in reviewed] == [
         ("a.png", "neutrophil", True), ("b.png", "monocyte", True), ("c.png", None, False)]  # d: never reviewed
+    assert [r.name for r in without_drawn] == ["b.png", "c.png"]  # an Agree on a drawn image verifies no cell
     assert all(r.source == REVIEWED and r.key.startswith("sha256:") for r in reviewed)
     assert len(combined) == 8
     index = update_index(tiny_bundle, tmp_path / "cache", combined)

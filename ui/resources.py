@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from core.checkpoint import ModelBundle, ModelLoadError, load_bundle, sidecar_path
 from core.gallery import GalleryIndex, cache_folder, load_index, manifest_stamp
-from core.gallery_sources import Source, list_sources
+from core.gallery_sources import Source, list_sources, synthetic_hashes
 from core.settings import Settings, SettingsError, load_settings
 from core.store import REVIEWER_MAX, StoreUnavailable, make_engine, make_sessionmaker
 
@@ -171,4 +171,4 @@ def gallery_sources() -> list[Source]:
     if not store.available:
         return list_sources(current.gallery_dir, current.upload_dir)
     with store.sessionmaker() as s:
-        return list_sources(current.gallery_dir, current.upload_dir, s)
+        return list_sources(current.gallery_dir, current.upload_dir, s, synthetic_hashes(current.samples_dir))
