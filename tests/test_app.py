@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from types import SimpleNamespace
 
+import hashlib
 import pytest
 import streamlit as st
 from streamlit.testing.v1 import AppTest
@@ -336,6 +337,20 @@ def test_open_case_stays_the_same_image_when_the_panel_changes(app_env):
     at.slider(key="describe_opacity").set_value(0.7).run()  # any later click keeps the same case open
     box = picker(at)
     assert at.text[0].value == shown and f" {shown} - " in box.options[box.index]
+
+
+def test_panel_round_trips_record_each_image_once_per_panel(app_env):
+    at = run_app()
+    files = [("a.png", png_bytes(0, 1), "image/png"), ("b.png", png_bytes(1, 2), "image/png")]
+    at.file_uploader(key="describe_upload").set_value(files).run()
+    assert count(app_env.sessionmaker, PredictionRecord) == 2
+    for _ in range(2):
+        at.selectbox(key="describe_panel").select("b_all").run()
+        at.selectbox(key="describe_panel").select("blood_cells").run()
+    assert not at.exception, at.exception
+    assert count(app_env.sessionmaker, PredictionRecord) == 4  # two images x two panels, not 2 + 4 x 2
+    at.file_uploader(key="describe_upload").set_value(files[:1]).run()  # an image removed: its cases go
+    assert sorted(key[0] for key in at.session_state["describe_cases"]) == [hashlib.sha256(files[0][1]).hexdigest()] * 2
 
 
 def test_blank_image_gets_no_closest_sentence_confidence_or_chart(app_env):

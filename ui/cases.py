@@ -114,7 +114,10 @@ def describe_inputs(bundle: ModelBundle, inputs: list[Input], panel: str, store:
                     progress: Callable[[float], None] | None = None) -> list[Case]:
     """One Case per distinct input (input order); new ones are loaded, described in
     batches and recorded (image copy + prediction, one transaction each). `cache` is the
-    session's dict of cases; entries not among `inputs` are dropped."""
+    session's dict of cases, one per (image, panel, model); entries of images no longer among
+    `inputs`, or of another model, are dropped. Other panels' cases of these images are kept:
+    switching back to a panel shows its case again instead of describing and recording the
+    image once more (a new prediction row on every switch buried the expert's verdict)."""
     keyed: dict[tuple, Input] = {}
     for item in inputs:
         keyed.setdefault((item.sha256, panel, bundle.weights_sha256), item)
@@ -134,7 +137,8 @@ def describe_inputs(bundle: ModelBundle, inputs: list[Input], panel: str, store:
                 _record(store, upload_dir, keyed[(case.sha256, panel, bundle.weights_sha256)].data, case)
         if progress is not None:
             progress(min(1.0, (start + len(chunk)) / len(todo)))
-    for stale in [key for key in cache if key not in keyed]:
+    current = {(sha256, weights) for sha256, _, weights in keyed}
+    for stale in [key for key in cache if (key[0], key[2]) not in current]:
         del cache[stale]
     return [cache[key] for key in keyed]
 
