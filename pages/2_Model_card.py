@@ -16,6 +16,12 @@ st.subheader("Intended use")
 st.markdown(model_card.INTENDED_USE)
 st.markdown("\n".join(f"- {line}" for line in model_card.LIMITS))
 
+st.subheader("Targets and how this model measures up")
+st.dataframe(model_card.targets_frame(bundle), hide_index=True, key="card_targets")
+st.caption("Measured on the validation splits with the evaluation command; rows marked NO are targets this model "
+           "does not reach. The accuracy of the answered cases is over all of val at the shipped thresholds; the "
+           "calibration table below gives it again on the half of val not used to fit them.")
+
 st.subheader("Identity")
 st.text(f"Model id:        {bundle.model_id}\nWeights sha256:  {bundle.weights_sha256 or 'not recorded'}")
 st.caption("The weights' sha256 is checked at every load; a changed file is refused.")

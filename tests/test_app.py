@@ -252,6 +252,25 @@ def test_model_card_page(app_env):
     assert any(i.value.startswith("Morphology attributes: not measured") for i in at.info)
 
 
+def test_model_card_targets_say_which_are_met():
+    from ui.model_card import targets_frame
+
+    sidecar = {"metrics": {"pbc_val": {"accuracy": 0.958, "macro_f1": 0.952, "ece": 0.009, "abstain_rate": 0.092,
+                                       "accuracy_answered": 0.984, "attributes": {"mean_accuracy": 0.95}},
+                           "bccd_wbc_other_lab": {"accuracy": 0.446, "abstain_rate": 0.92}},
+               "reliability": {"blood_cells": {"out_of_scope": {"photos": {"auroc": 0.999}, "blank": {"auroc": 0.94}}}}}
+    frame = targets_frame(SimpleNamespace(sidecar=sidecar)).set_index("target")
+    assert frame.loc["PBC accuracy (8 cell types)", "met"] == "NO"
+    assert frame.loc["PBC calibration error (ECE)", "met"] == "yes"
+    assert frame.loc["B-ALL accuracy", "met"] == "not measured"
+    row = frame.loc["PBC accuracy of the answered cases, at coverage"]
+    assert row["this model (val)"] == "0.984 at 0.908" and row["met"] == "NO"
+    assert frame.loc["Out-of-scope AUROC, worst of all sets and panels", "this model (val)"] == "0.940"
+    assert frame.loc["Morphology: mean attribute accuracy", "met"] == "yes"
+    assert "abstains on 92%" in frame.loc["Another lab's white cells (BCCD), accuracy", "this model (val)"]
+    assert set(targets_frame(SimpleNamespace(sidecar={}))["met"]) == {"not measured"}
+
+
 def test_attribute_comparison_puts_wbcatt_baseline_beside_ours():
     from tests.conftest import make_tiny_bundle
     from ui.model_card import WBCATT_BASELINE, attribute_comparison_frame

@@ -96,6 +96,42 @@ def attribute_comparison_frame(bundle: ModelBundle) -> pd.DataFrame | None:
     return pd.DataFrame([ours, WBCATT_BASELINE])
 
 
+def targets_frame(bundle: ModelBundle) -> pd.DataFrame:
+    """The project's targets (issues 2, 5, 6) beside this model's val measurements from the
+    sidecar: one row each, 'met' yes / NO / not measured. The other lab has no target: its row
+    says how far the model falls there."""
+    metrics, reliability = bundle.sidecar.get("metrics", {}), bundle.sidecar.get("reliability", {})
+    pbc, ball = metrics.get("pbc_val") or {}, metrics.get("b_all_val") or {}
+    attributes = pbc.get("attributes") or {}
+    answered = pbc.get("accuracy_answered"), 1 - pbc["abstain_rate"] if "abstain_rate" in pbc else None
+    aurocs = [v["auroc"] for panel in reliability.values() for v in panel.get("out_of_scope", {}).values()]
+    rows = [
+        _target("PBC accuracy (8 cell types)", ">= 0.97", pbc.get("accuracy"), lambda v: v >= 0.97),
+        _target("PBC macro-F1", ">= 0.96", pbc.get("macro_f1"), lambda v: v >= 0.96),
+        _target("B-ALL accuracy", ">= 0.97", ball.get("accuracy"), lambda v: v >= 0.97),
+        _target("PBC calibration error (ECE)", "<= 0.03", pbc.get("ece"), lambda v: v <= 0.03),
+        _target("PBC accuracy of the answered cases, at coverage", ">= 0.99 at >= 0.90",
+                None if None in answered else answered, lambda v: v[0] >= 0.99 and v[1] >= 0.90,
+                lambda v: f"{v[0]:.3f} at {v[1]:.3f}"),
+        _target("Out-of-scope AUROC, worst of all sets and panels", ">= 0.95", min(aurocs) if aurocs else None,
+                lambda v: v >= 0.95),
+        _target("Morphology: mean attribute accuracy", "> 0.941 (WBCAtt baseline)", attributes.get("mean_accuracy"),
+                lambda v: v > WBCATT_BASELINE["mean accuracy"]),
+    ]
+    other = metrics.get("bccd_wbc_other_lab") or {}
+    if other:
+        rows.append({"target": "Another lab's white cells (BCCD), accuracy", "goal": "no target: the gap to close",
+                     "this model (val)": f"{other['accuracy']:.3f} (abstains on {other.get('abstain_rate', 0):.0%})",
+                     "met": "-"})
+    return pd.DataFrame(rows)
+
+
+def _target(name: str, goal: str, value, met, shown=lambda v: f"{v:.3f}") -> dict:
+    if value is None:
+        return {"target": name, "goal": goal, "this model (val)": "not measured", "met": "not measured"}
+    return {"target": name, "goal": goal, "this model (val)": shown(value), "met": "yes" if met(value) else "NO"}
+
+
 def first_existing(paths: list[Path]) -> Path | None:
     """The first path that is a file, or None."""
     return next((p for p in paths if p.is_file()), None)
