@@ -113,3 +113,14 @@ def test_an_alias_class_folder_adds_no_class_and_no_second_label(tmp_path):
     os.symlink(outside / "cells", tmp_path / "data" / "monocyte")  # a class that is only a link stays
     items = scan_class_folders(tmp_path / "data")
     assert sorted((item.label, item.path.name) for item in items) == [("monocyte", "m.png"), ("neutrophil", "n.png")]
+
+
+def test_refused_files_are_listed_in_the_printed_table_without_json(tiny_model_path, tmp_path, capsys):
+    tree = write_class_tree(tmp_path / "site", {"neutrophil": 2})
+    for i in range(7):
+        (tree / "neutrophil" / f"broken_{i}.png").write_bytes(b"not an image")
+    code = evaluate_main(["--checkpoint", str(tiny_model_path), "--data", str(tree)])
+    out = capsys.readouterr().out
+    assert code == 0 and "see JSON" not in out
+    assert "refused files: 7" in out and "broken_0.png: " in out and "broken_4.png: " in out
+    assert "broken_5.png" not in out and "... and 2 more (pass --json OUT to list all)" in out

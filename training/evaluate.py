@@ -120,8 +120,21 @@ def evaluate(bundle, data_dir: str, panel: str | None, batch_size: int = 64) -> 
     return metrics
 
 
-def print_table(metrics: dict) -> None:
-    """Readable summary on stdout."""
+SHOWN_REFUSED = 5  # enough to see what went wrong; the JSON (when written) lists them all
+
+
+def print_refused(refused: list[dict], json_path: str | None) -> None:
+    """The first few refused files with their reasons; where the rest are, if anywhere."""
+    where = f"all in {json_path}" if json_path else "pass --json OUT to list all"
+    print(f"refused files: {len(refused)} (not counted in n)")
+    for row in refused[:SHOWN_REFUSED]:
+        print(f"  {row['file']}: {row['error']}")
+    if len(refused) > SHOWN_REFUSED:
+        print(f"  ... and {len(refused) - SHOWN_REFUSED} more ({where})")
+
+
+def print_table(metrics: dict, json_path: str | None = None) -> None:
+    """Readable summary on stdout; `json_path` is where the full metrics were written, if at all."""
     print(f"panel {metrics['panel']}  n={metrics['n']}  accuracy={metrics['accuracy']}  macro-F1={metrics['macro_f1']}  "
           f"ECE={metrics['ece']}  abstain={metrics['abstain_rate']}  accuracy(answered)={metrics['accuracy_answered']}")
     if metrics.get("macro_f1_with_predicted") not in (None, metrics["macro_f1"]):
@@ -135,7 +148,7 @@ def print_table(metrics: dict) -> None:
     if unknown["n"]:
         print(f"unknown cells: n={unknown['n']} ({', '.join(unknown['folders'])}) flagged_rate={unknown['flagged_rate']}")
     if metrics["refused"]:
-        print(f"refused files: {len(metrics['refused'])} (see JSON)")
+        print_refused(metrics["refused"], json_path)
     if "attributes" in metrics:
         a = metrics["attributes"]
         print(f"attributes: n={a['n']} mean accuracy={a['mean_accuracy']} mean macro-F1={a['mean_macro_f1']} "
@@ -171,7 +184,7 @@ def main(argv=None) -> int:
     if args.record:
         record_in_sidecar(args.checkpoint, args.record, metrics, "python -m training.evaluate " + " ".join(sys.argv[1:]))
     try:
-        print_table(metrics)
+        print_table(metrics, args.json)
     except BrokenPipeError:  # e.g. piped into `head`: the results are written, say nothing more
         sys.stdout = open(os.devnull, "w")
     return 0
