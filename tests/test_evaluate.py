@@ -124,3 +124,18 @@ def test_refused_files_are_listed_in_the_printed_table_without_json(tiny_model_p
     assert code == 0 and "see JSON" not in out
     assert "refused files: 7" in out and "broken_0.png: " in out and "broken_4.png: " in out
     assert "broken_5.png" not in out and "... and 2 more (pass --json OUT to list all)" in out
+
+
+@pytest.mark.parametrize("layout", ["no_folders", "empty_folders"])
+@pytest.mark.parametrize("panel", [[], ["--panel", "blood_cells"]])
+def test_a_data_folder_without_images_is_refused(tiny_model_path, tmp_path, capsys, layout, panel):
+    data = tmp_path / "site"
+    data.mkdir()
+    if layout == "empty_folders":
+        (data / "neutrophil").mkdir()
+        (data / "monocyte").mkdir()
+        (data / "monocyte" / "notes.txt").write_text("not an image")
+    code, metrics = run_evaluate(tiny_model_path, data, tmp_path, *panel)
+    err = capsys.readouterr().err
+    assert code == 2 and metrics is None
+    assert f"no images found under {data} (expected one sub-folder per class" in err and len(err.splitlines()) == 1

@@ -15,6 +15,9 @@ abstained), by the same rule the app uses.
 classes that have images in DIR; `macro_f1_with_predicted` also over the classes predicted for
 some image but absent from DIR (scikit-learn's default, lower when the model names classes that
 are not there). Files that cannot be read are listed under `refused` and not counted in `n`.
+
+Exit status 2, with one line on stderr and nothing written, when the run cannot give a result:
+a model that does not load, an unknown --panel, or a DIR with no image in any class folder.
 """
 from __future__ import annotations
 
@@ -100,6 +103,9 @@ def evaluate(bundle, data_dir: str, panel: str | None, batch_size: int = 64) -> 
     """All metrics of the evaluation contract for one folder tree."""
     started = time.time()
     items, renamed = match_folders(bundle, scan_class_folders(data_dir))
+    if not items:  # else: no panel to infer, or with --panel a table of None that reads as a result
+        raise ValueError(f"no images found under {data_dir} (expected one sub-folder per class, named by "
+                         f"class key, e.g. {Path(data_dir) / 'neutrophil'}/*.png)")
     folders = {item.label for item in items}
     panel = panel or panel_for_classes(bundle.panels, folders)
     if panel is None:
