@@ -139,3 +139,19 @@ def test_a_data_folder_without_images_is_refused(tiny_model_path, tmp_path, caps
     err = capsys.readouterr().err
     assert code == 2 and metrics is None
     assert f"no images found under {data} (expected one sub-folder per class" in err and len(err.splitlines()) == 1
+
+
+def test_mixed_panels_the_panel_holding_most_folders_wins_and_a_tie_is_refused(tiny_model_path, tmp_path, capsys):
+    tied = write_class_tree(tmp_path / "tied", {"neutrophil": 1, "basophil": 1, "Pre-B": 1, "benign": 1})
+    code, metrics = run_evaluate(tiny_model_path, tied, tmp_path)
+    err = capsys.readouterr().err
+    assert code == 2 and metrics is None and len(err.splitlines()) == 1
+    assert "b_all" in err and "blood_cells" in err and "--panel" in err
+    code, metrics = run_evaluate(tiny_model_path, tied, tmp_path, "--panel", "blood_cells")
+    assert code == 0 and metrics["unknown"]["folders"] == ["benign", "pre_b"]
+    most = write_class_tree(tmp_path / "most", {"neutrophil": 1, "basophil": 1, "monocyte": 1, "pre_b": 1})
+    code, metrics = run_evaluate(tiny_model_path, most, tmp_path)
+    assert code == 0 and metrics["panel"] == "blood_cells" and metrics["unknown"]["folders"] == ["pre_b"]
+    only = write_class_tree(tmp_path / "only", {"Early Pre-B": 1, "pro_b": 1})  # all in one panel
+    code, metrics = run_evaluate(tiny_model_path, only, tmp_path)
+    assert code == 0 and metrics["panel"] == "b_all" and metrics["unknown"]["n"] == 0

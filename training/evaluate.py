@@ -6,9 +6,10 @@
 DIR holds one subfolder per class, named by class key (a folder that differs only in case,
 spaces or hyphens, e.g. "Neutrophil" or "Early Pre-B", is read as that class, and the JSON's
 `folders_matched` says so). Without --panel, the panel whose class keys contain the folder
-names is used. Folders that are not classes of the panel are *unknown* cells:
-`unknown.flagged_rate` is the share of them the model did not describe as a known class (it
-abstained), by the same rule the app uses.
+names is used; when folders of several panels are mixed, the panel holding the most of them, and
+on a tie the run is refused (exit 2) until --panel names one. Folders that are not classes of the
+panel are *unknown* cells: `unknown.flagged_rate` is the share of them the model did not describe
+as a known class (it abstained), by the same rule the app uses.
 
 `accuracy` is over every image that loads, using the top class even where the model abstained;
 `accuracy_answered` only over the ones it answered. `macro_f1` averages F1 over the panel's
@@ -34,7 +35,7 @@ from core.checkpoint import ModelLoadError, load_bundle
 from core.data import LabelledImage, scan_class_folders
 from core.describe import describe_batch
 from core.imageio import ImageRejected, load_image_path
-from core.panels import panel_for_classes
+from core.panels import best_panels
 from training.attribute_eval import evaluate_attributes
 from training.metrics import classification_summary
 
@@ -99,6 +100,20 @@ def match_folders(bundle, items: list[LabelledImage]) -> tuple[list[LabelledImag
     return [LabelledImage(i.path, matched[i.label]) for i in items], renamed
 
 
+def infer_panel(panels: dict, folders: set[str]) -> str:
+    """The panel holding the most of the folder names (so one holding all of them wins). A tie
+    is refused: picking one would count the other panel's folders as unknown cells, and the
+    metrics would depend on the order of the panels file."""
+    best = best_panels(panels, folders)
+    if not best:
+        raise ValueError(f"No panel of this model holds any of the classes {sorted(folders)}; pass --panel")
+    if len(best) > 1:
+        held = "; ".join(f"{name}: {', '.join(sorted(folders & set(panels[name].keys)))}" for name in best)
+        raise ValueError(f"the class folders fit panels {' and '.join(best)} equally ({held}); "
+                         "pass --panel NAME to choose one")
+    return best[0]
+
+
 def evaluate(bundle, data_dir: str, panel: str | None, batch_size: int = 64) -> dict:
     """All metrics of the evaluation contract for one folder tree."""
     started = time.time()
@@ -107,9 +122,7 @@ def evaluate(bundle, data_dir: str, panel: str | None, batch_size: int = 64) -> 
         raise ValueError(f"no images found under {data_dir} (expected one sub-folder per class, named by "
                          f"class key, e.g. {Path(data_dir) / 'neutrophil'}/*.png)")
     folders = {item.label for item in items}
-    panel = panel or panel_for_classes(bundle.panels, folders)
-    if panel is None:
-        raise ValueError(f"No panel of this model holds any of the classes {sorted(folders)}; pass --panel")
+    panel = panel or infer_panel(bundle.panels, folders)
     classes = bundle.panels[panel].keys
     described, results, refused = describe_folder(bundle, items, panel, batch_size)
     known = [(i, r) for i, r in zip(described, results) if i.label in classes]
