@@ -155,3 +155,36 @@ def test_mixed_panels_the_panel_holding_most_folders_wins_and_a_tie_is_refused(t
     only = write_class_tree(tmp_path / "only", {"Early Pre-B": 1, "pro_b": 1})  # all in one panel
     code, metrics = run_evaluate(tiny_model_path, only, tmp_path)
     assert code == 0 and metrics["panel"] == "b_all" and metrics["unknown"]["n"] == 0
+
+
+def test_attribute_rows_skipped_and_unknown_values_are_reported_not_dropped(tiny_model_path, tmp_path, capsys):
+    tree = write_class_tree(tmp_path / "site", {"neutrophil": 4})
+    phrases = load_attribute_phrases()
+    rows = [{"path": f"neutrophil/neutrophil_{i}.png", **{k: list(v)[0] for k, v in phrases.items()}}
+            for i in range(5)]  # the fifth image does not exist
+    rows[1]["granule_colour"] = "green"  # not a value of granule_colour
+    code, metrics = run_evaluate(tiny_model_path, tree, tmp_path, "--attributes", _attribute_csv(tmp_path, rows))
+    out = capsys.readouterr().out
+    attributes = metrics["attributes"]
+    assert code == 0 and attributes["n"] == 4
+    assert attributes["skipped_rows"] == [{"line": 6, "path": "neutrophil/neutrophil_4.png",
+                                           "reason": "image file not found"}]
+    granule = attributes["per_attribute"]["granule_colour"]
+    assert granule["n"] == 3 and granule["unknown_values"] == {"green": 1}  # not scored as wrong
+    assert attributes["per_attribute"]["cell_size"]["unknown_values"] == {}
+    assert "skipped CSV rows: 1 (image file not found: 1)" in out and "line 6: neutrophil/neutrophil_4.png" in out
+    assert "values the model does not know: 'green' x1" in out
+
+
+def test_attribute_csvs_with_nothing_to_score_are_refused(tiny_model_path, tmp_path, capsys):
+    tree = write_class_tree(tmp_path / "site", {"neutrophil": 2})
+    header_only = tmp_path / "header.csv"
+    header_only.write_text("path," + ",".join(load_attribute_phrases()) + "\n")
+    code, metrics = run_evaluate(tiny_model_path, tree, tmp_path, "--attributes", str(header_only))
+    assert code == 2 and metrics is None and "no data rows" in capsys.readouterr().err
+    no_attributes = _attribute_csv(tmp_path, [{"path": "neutrophil/neutrophil_0.png", "label": "neutrophil"}])
+    code, metrics = run_evaluate(tiny_model_path, tree, tmp_path, "--attributes", no_attributes)
+    assert code == 2 and metrics is None and "none of the WBCAtt attribute columns" in capsys.readouterr().err
+    blank = _attribute_csv(tmp_path, [{"path": "neutrophil/neutrophil_0.png", "cell_size": "gigantic"}])
+    code, metrics = run_evaluate(tiny_model_path, tree, tmp_path, "--attributes", blank)
+    assert code == 2 and metrics is None and "nothing to score" in capsys.readouterr().err

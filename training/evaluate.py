@@ -36,7 +36,7 @@ from core.data import LabelledImage, scan_class_folders
 from core.describe import describe_batch
 from core.imageio import ImageRejected, load_image_path
 from core.panels import best_panels
-from training.attribute_eval import evaluate_attributes
+from training.attribute_eval import evaluate_attributes, print_attributes, read_attribute_csv
 from training.metrics import classification_summary
 
 
@@ -54,12 +54,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def record_in_sidecar(checkpoint: str, name: str, metrics: dict, command: str) -> None:
-    """Keep a summary (no confusion matrix) under sidecar["metrics"][name]."""
+    """Keep a summary (no confusion matrix; skipped attribute rows as a count, not listed) under
+    sidecar["metrics"][name]."""
     from core.checkpoint import load_sidecar, update_sidecar
 
     keep = ("panel", "n", "accuracy", "macro_f1", "ece", "abstain_rate", "accuracy_answered", "unknown",
             "per_class", "attributes", "seconds")
     summary = {k: metrics[k] for k in keep if k in metrics}
+    if "skipped_rows" in summary.get("attributes", {}):  # like `refused`: a count, not every file name
+        summary["attributes"] = {**summary["attributes"], "skipped_rows": len(summary["attributes"]["skipped_rows"])}
     summary["command"] = command
     recorded = load_sidecar(checkpoint).get("metrics", {})
     recorded[name] = summary
@@ -169,16 +172,7 @@ def print_table(metrics: dict, json_path: str | None = None) -> None:
     if metrics["refused"]:
         print_refused(metrics["refused"], json_path)
     if "attributes" in metrics:
-        a = metrics["attributes"]
-        print(f"attributes: n={a['n']} mean accuracy={a['mean_accuracy']} mean macro-F1={a['mean_macro_f1']} "
-              f"certain share={a['mean_certain_share']} accuracy of certain phrases={a['mean_accuracy_certain']}")
-        for name, row in a["per_attribute"].items():
-            if row["n"] == 0:
-                print(f"  {name:<26}no annotated cell")
-                continue
-            stated = "-" if row["accuracy_certain"] is None else f"{row['accuracy_certain']:.3f}"
-            print(f"  {name:<26}acc {row['accuracy']:.3f}  F1 {row['macro_f1']:.3f}  "
-                  f"certain {row['certain_share']:.3f} (acc {stated})  n {row['n']}")
+        print_attributes(metrics["attributes"])
     print(f"seconds {metrics['seconds']}")
 
 
@@ -191,9 +185,12 @@ def main(argv=None) -> int:
         bundle = load_bundle(args.checkpoint)
         if args.panel and args.panel not in bundle.panels:
             raise ValueError(f"Unknown panel {args.panel!r}; this model knows {sorted(bundle.panels)}")
+        # the CSV is checked before the run: a header-only or attribute-less CSV is refused at once
+        table = read_attribute_csv(args.attributes, args.data, list(bundle.attribute_prototypes)) \
+            if args.attributes else None
         metrics = evaluate(bundle, args.data, args.panel, args.batch_size)
-        if args.attributes:
-            metrics["attributes"] = evaluate_attributes(bundle, args.attributes, args.data, args.batch_size)
+        if table is not None:
+            metrics["attributes"] = evaluate_attributes(bundle, args.attributes, args.data, args.batch_size, table)
     except (ModelLoadError, ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
