@@ -188,3 +188,23 @@ def test_attribute_csvs_with_nothing_to_score_are_refused(tiny_model_path, tmp_p
     blank = _attribute_csv(tmp_path, [{"path": "neutrophil/neutrophil_0.png", "cell_size": "gigantic"}])
     code, metrics = run_evaluate(tiny_model_path, tree, tmp_path, "--attributes", blank)
     assert code == 2 and metrics is None and "nothing to score" in capsys.readouterr().err
+
+
+def test_json_under_a_file_or_an_unwritable_folder_is_refused_before_the_run(tiny_model_path, tmp_path, capsys,
+                                                                            monkeypatch):
+    import training.evaluate as evaluate_module
+
+    tree = write_class_tree(tmp_path / "site", {"neutrophil": 1})
+    (tmp_path / "cell.jpg").write_bytes(b"a file, not a folder")
+    monkeypatch.setattr(evaluate_module, "evaluate", lambda *a, **k: pytest.fail("the run started"))
+    for target in (tmp_path / "cell.jpg" / "out.json", tmp_path / "cell.jpg" / "deeper" / "out.json"):
+        code = evaluate_main(["--checkpoint", str(tiny_model_path), "--data", str(tree), "--json", str(target)])
+        err = capsys.readouterr().err
+        assert code == 2 and len(err.splitlines()) == 1 and "cell.jpg is a file" in err
+    readonly = tmp_path / "readonly"
+    readonly.mkdir()
+    monkeypatch.setattr(evaluate_module.os, "access", lambda *a: False)  # as for a user without rights (root has all)
+    code = evaluate_main(["--checkpoint", str(tiny_model_path), "--data", str(tree),
+                          "--json", str(readonly / "new" / "out.json")])
+    assert code == 2 and "cannot be written" in capsys.readouterr().err
+    assert not (readonly / "new").exists()

@@ -18,7 +18,9 @@ some image but absent from DIR (scikit-learn's default, lower when the model nam
 are not there). Files that cannot be read are listed under `refused` and not counted in `n`.
 
 Exit status 2, with one line on stderr and nothing written, when the run cannot give a result:
-a model that does not load, an unknown --panel, or a DIR with no image in any class folder.
+a model that does not load, an unknown --panel, a DIR with no image in any class folder, or a
+--json OUT that cannot be written (a folder, or under a file or a read-only folder: checked before
+the run).
 """
 from __future__ import annotations
 
@@ -176,12 +178,30 @@ def print_table(metrics: dict, json_path: str | None = None) -> None:
     print(f"seconds {metrics['seconds']}")
 
 
+def check_json_target(path: str) -> None:
+    """Raise ValueError unless `path` can be written as a file (its folder created if need be),
+    so a run of many minutes does not end in a traceback with nothing written. Only checks:
+    nothing is created here, a refused run leaves no folder behind."""
+    target = Path(path)
+    if target.is_dir():
+        raise ValueError(f"--json {path} is a folder; give a file name")
+    if target.exists() and not os.access(target, os.W_OK):
+        raise ValueError(f"--json {path} exists and cannot be written")
+    ancestor = target.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:  # the nearest part that exists
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ValueError(f"--json {path}: {ancestor} is a file, so no folder can be made there")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ValueError(f"--json {path}: the folder {ancestor} cannot be written")
+
+
 @torch.no_grad()  # in-process callers (tests) keep their grad mode
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        if args.json and Path(args.json).is_dir():  # refuse before the run, not after it
-            raise ValueError(f"--json {args.json} is a folder; give a file name")
+        if args.json:  # refuse before the run, not after it
+            check_json_target(args.json)
         bundle = load_bundle(args.checkpoint)
         if args.panel and args.panel not in bundle.panels:
             raise ValueError(f"Unknown panel {args.panel!r}; this model knows {sorted(bundle.panels)}")
@@ -194,16 +214,21 @@ def main(argv=None) -> int:
     except (ModelLoadError, ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    status = 0
     if args.json:  # first: a closed stdout below must not lose the results
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(metrics, indent=2))
+        try:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(metrics, indent=2))
+        except OSError as error:  # checked before the run, but a disk can fill: the table still prints
+            print(f"error: --json {args.json} could not be written: {error}", file=sys.stderr)
+            status, args.json = 2, None
     if args.record:
         record_in_sidecar(args.checkpoint, args.record, metrics, "python -m training.evaluate " + " ".join(sys.argv[1:]))
     try:
         print_table(metrics, args.json)
     except BrokenPipeError:  # e.g. piped into `head`: the results are written, say nothing more
         sys.stdout = open(os.devnull, "w")
-    return 0
+    return status
 
 
 if __name__ == "__main__":
