@@ -22,10 +22,12 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+# one list for the atlas and the evaluation scan: a .jfif, .jpe or .dib file that evaluation
+# counts must not be missing from the gallery (this module had its own, shorter copy)
+from core.data import IMAGE_SUFFIXES
 from core.store import FeedbackRecord, ImageRecord, PredictionRecord
 from core.store_queries import DECIDED, expert_class
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".gif", ".webp"})
 FOLDER, REVIEWED = "folder", "reviewed"
 
 

@@ -67,12 +67,16 @@ def load_attribute_phrases(path: Path | str = ATTRIBUTES_FILE) -> dict[str, dict
     return {k: v for k, v in data.items() if not k.startswith("_")}
 
 
+def best_panels(panels: dict[str, Panel], class_keys: set[str]) -> list[str]:
+    """Names of the panels holding the most of `class_keys`: one name, several on a tie, none
+    when no panel holds any of them."""
+    overlap = {name: len(class_keys & set(panel.keys)) for name, panel in panels.items()}
+    most = max(overlap.values(), default=0)
+    return [name for name, n in overlap.items() if most and n == most]
+
+
 def panel_for_classes(panels: dict[str, Panel], class_keys: set[str]) -> str | None:
-    """The panel whose classes best cover `class_keys` (most overlap, ties: smaller panel)."""
-    best, best_key = None, (0, 0)
-    for name, panel in panels.items():
-        overlap = len(class_keys & set(panel.keys))
-        key = (overlap, -len(panel.keys))
-        if overlap and key > best_key:
-            best, best_key = name, key
-    return best
+    """The panel whose classes best cover `class_keys` (most overlap, ties: smaller panel).
+    Callers that must not guess on a tie (the evaluation contract) use `best_panels`."""
+    best = best_panels(panels, class_keys)
+    return min(best, key=lambda name: len(panels[name].keys)) if best else None

@@ -113,3 +113,98 @@ def test_an_alias_class_folder_adds_no_class_and_no_second_label(tmp_path):
     os.symlink(outside / "cells", tmp_path / "data" / "monocyte")  # a class that is only a link stays
     items = scan_class_folders(tmp_path / "data")
     assert sorted((item.label, item.path.name) for item in items) == [("monocyte", "m.png"), ("neutrophil", "n.png")]
+
+
+def test_refused_files_are_listed_in_the_printed_table_without_json(tiny_model_path, tmp_path, capsys):
+    tree = write_class_tree(tmp_path / "site", {"neutrophil": 2})
+    for i in range(7):
+        (tree / "neutrophil" / f"broken_{i}.png").write_bytes(b"not an image")
+    code = evaluate_main(["--checkpoint", str(tiny_model_path), "--data", str(tree)])
+    out = capsys.readouterr().out
+    assert code == 0 and "see JSON" not in out
+    assert "refused files: 7" in out and "broken_0.png: " in out and "broken_4.png: " in out
+    assert "broken_5.png" not in out and "... and 2 more (pass --json OUT to list all)" in out
+
+
+@pytest.mark.parametrize("layout", ["no_folders", "empty_folders"])
+@pytest.mark.parametrize("panel", [[], ["--panel", "blood_cells"]])
+def test_a_data_folder_without_images_is_refused(tiny_model_path, tmp_path, capsys, layout, panel):
+    data = tmp_path / "site"
+    data.mkdir()
+    if layout == "empty_folders":
+        (data / "neutrophil").mkdir()
+        (data / "monocyte").mkdir()
+        (data / "monocyte" / "notes.txt").write_text("not an image")
+    code, metrics = run_evaluate(tiny_model_path, data, tmp_path, *panel)
+    err = capsys.readouterr().err
+    assert code == 2 and metrics is None
+    assert f"no images found under {data} (expected one sub-folder per class" in err and len(err.splitlines()) == 1
+
+
+def test_mixed_panels_the_panel_holding_most_folders_wins_and_a_tie_is_refused(tiny_model_path, tmp_path, capsys):
+    tied = write_class_tree(tmp_path / "tied", {"neutrophil": 1, "basophil": 1, "Pre-B": 1, "benign": 1})
+    code, metrics = run_evaluate(tiny_model_path, tied, tmp_path)
+    err = capsys.readouterr().err
+    assert code == 2 and metrics is None and len(err.splitlines()) == 1
+    assert "b_all" in err and "blood_cells" in err and "--panel" in err
+    code, metrics = run_evaluate(tiny_model_path, tied, tmp_path, "--panel", "blood_cells")
+    assert code == 0 and metrics["unknown"]["folders"] == ["benign", "pre_b"]
+    most = write_class_tree(tmp_path / "most", {"neutrophil": 1, "basophil": 1, "monocyte": 1, "pre_b": 1})
+    code, metrics = run_evaluate(tiny_model_path, most, tmp_path)
+    assert code == 0 and metrics["panel"] == "blood_cells" and metrics["unknown"]["folders"] == ["pre_b"]
+    only = write_class_tree(tmp_path / "only", {"Early Pre-B": 1, "pro_b": 1})  # all in one panel
+    code, metrics = run_evaluate(tiny_model_path, only, tmp_path)
+    assert code == 0 and metrics["panel"] == "b_all" and metrics["unknown"]["n"] == 0
+
+
+def test_attribute_rows_skipped_and_unknown_values_are_reported_not_dropped(tiny_model_path, tmp_path, capsys):
+    tree = write_class_tree(tmp_path / "site", {"neutrophil": 4})
+    phrases = load_attribute_phrases()
+    rows = [{"path": f"neutrophil/neutrophil_{i}.png", **{k: list(v)[0] for k, v in phrases.items()}}
+            for i in range(5)]  # the fifth image does not exist
+    rows[1]["granule_colour"] = "green"  # not a value of granule_colour
+    code, metrics = run_evaluate(tiny_model_path, tree, tmp_path, "--attributes", _attribute_csv(tmp_path, rows))
+    out = capsys.readouterr().out
+    attributes = metrics["attributes"]
+    assert code == 0 and attributes["n"] == 4
+    assert attributes["skipped_rows"] == [{"line": 6, "path": "neutrophil/neutrophil_4.png",
+                                           "reason": "image file not found"}]
+    granule = attributes["per_attribute"]["granule_colour"]
+    assert granule["n"] == 3 and granule["unknown_values"] == {"green": 1}  # not scored as wrong
+    assert attributes["per_attribute"]["cell_size"]["unknown_values"] == {}
+    assert "skipped CSV rows: 1 (image file not found: 1)" in out and "line 6: neutrophil/neutrophil_4.png" in out
+    assert "values the model does not know: 'green' x1" in out
+
+
+def test_attribute_csvs_with_nothing_to_score_are_refused(tiny_model_path, tmp_path, capsys):
+    tree = write_class_tree(tmp_path / "site", {"neutrophil": 2})
+    header_only = tmp_path / "header.csv"
+    header_only.write_text("path," + ",".join(load_attribute_phrases()) + "\n")
+    code, metrics = run_evaluate(tiny_model_path, tree, tmp_path, "--attributes", str(header_only))
+    assert code == 2 and metrics is None and "no data rows" in capsys.readouterr().err
+    no_attributes = _attribute_csv(tmp_path, [{"path": "neutrophil/neutrophil_0.png", "label": "neutrophil"}])
+    code, metrics = run_evaluate(tiny_model_path, tree, tmp_path, "--attributes", no_attributes)
+    assert code == 2 and metrics is None and "none of the WBCAtt attribute columns" in capsys.readouterr().err
+    blank = _attribute_csv(tmp_path, [{"path": "neutrophil/neutrophil_0.png", "cell_size": "gigantic"}])
+    code, metrics = run_evaluate(tiny_model_path, tree, tmp_path, "--attributes", blank)
+    assert code == 2 and metrics is None and "nothing to score" in capsys.readouterr().err
+
+
+def test_json_under_a_file_or_an_unwritable_folder_is_refused_before_the_run(tiny_model_path, tmp_path, capsys,
+                                                                            monkeypatch):
+    import training.evaluate as evaluate_module
+
+    tree = write_class_tree(tmp_path / "site", {"neutrophil": 1})
+    (tmp_path / "cell.jpg").write_bytes(b"a file, not a folder")
+    monkeypatch.setattr(evaluate_module, "evaluate", lambda *a, **k: pytest.fail("the run started"))
+    for target in (tmp_path / "cell.jpg" / "out.json", tmp_path / "cell.jpg" / "deeper" / "out.json"):
+        code = evaluate_main(["--checkpoint", str(tiny_model_path), "--data", str(tree), "--json", str(target)])
+        err = capsys.readouterr().err
+        assert code == 2 and len(err.splitlines()) == 1 and "cell.jpg is a file" in err
+    readonly = tmp_path / "readonly"
+    readonly.mkdir()
+    monkeypatch.setattr(evaluate_module.os, "access", lambda *a: False)  # as for a user without rights (root has all)
+    code = evaluate_main(["--checkpoint", str(tiny_model_path), "--data", str(tree),
+                          "--json", str(readonly / "new" / "out.json")])
+    assert code == 2 and "cannot be written" in capsys.readouterr().err
+    assert not (readonly / "new").exists()

@@ -159,3 +159,21 @@ def test_reviewed_cases_join_with_expert_labels(tiny_bundle, tree, tmp_path):
     assert len(combined) == 8
     index = update_index(tiny_bundle, tmp_path / "cache", combined)
     assert sum(i.verified for i in index.items) == 2
+
+
+def test_gallery_finds_every_file_the_evaluation_scan_counts(tiny_bundle, tmp_path):
+    from core.data import IMAGE_SUFFIXES, scan_class_folders
+
+    formats = {".jpg": "JPEG", ".jpeg": "JPEG", ".jpe": "JPEG", ".jfif": "JPEG", ".png": "PNG", ".tif": "TIFF",
+               ".tiff": "TIFF", ".bmp": "BMP", ".dib": "BMP", ".gif": "GIF", ".webp": "WEBP"}
+    assert set(formats) == IMAGE_SUFFIXES  # a suffix added to core.data needs a line here
+    folder = tmp_path / "gallery" / "neutrophil"
+    folder.mkdir(parents=True)
+    for i, (suffix, fmt) in enumerate(sorted(formats.items())):
+        draw_cell(48, seed=i).save(folder / f"cell{suffix}", format=fmt)
+    sources = scan_folder(tmp_path / "gallery")
+    assert sorted(s.name for s in sources) == sorted(f"neutrophil/{i.path.name}"
+                                                     for i in scan_class_folders(tmp_path / "gallery"))
+    assert {os.path.splitext(s.path)[1].lower() for s in sources} == IMAGE_SUFFIXES
+    index = update_index(tiny_bundle, tmp_path / "cache", sources)
+    assert len(index) == len(IMAGE_SUFFIXES) and index.stats["refused"] == 0

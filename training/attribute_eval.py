@@ -1,7 +1,15 @@
-"""Per-attribute accuracy and macro-F1 of the morphology predictions on a WBCAtt CSV."""
+"""Per-attribute accuracy and macro-F1 of the morphology predictions on a WBCAtt CSV.
+
+Nothing is dropped without notice: rows whose image is missing or refused are listed under
+`skipped_rows` (CSV line, path, reason), and a cell whose value is not one the model knows for its
+attribute (e.g. granule_colour=green) is not scored (as in training and calibration, which ignore
+such values) but counted under the attribute's `unknown_values` ({value: cells}).
+"""
 from __future__ import annotations
 
 import csv
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 from core.describe import embed_images
@@ -10,62 +18,108 @@ from core.morphology import predict_attributes
 from training.dataset import annotated_value
 from training.metrics import per_class_report
 
+SHOWN_SKIPPED = 5  # rows printed; the JSON lists all of them
 
-def read_attribute_rows(csv_path: str, data_root: str) -> list[dict[str, str]]:
-    """The CSV's rows whose image exists, with `path` made absolute: relative to `data_root`
-    or, as in the WBCAtt files shipped with PBC, to the CSV's own folder."""
+
+@dataclass(frozen=True)
+class AttributeRows:
+    rows: list[dict[str, str]]  # rows whose image exists, `path` made absolute, `_line` = CSV line
+    skipped: list[dict]  # {"line", "path", "reason"} for every row left out
+
+
+def read_attribute_csv(csv_path: str, data_root: str, attributes=None) -> AttributeRows:
+    """The CSV's rows whose image exists, with `path` made absolute: relative to `data_root` or,
+    as in the WBCAtt files shipped with PBC, to the CSV's own folder; the others as skipped.
+    Raises ValueError when nothing could be scored: no 'path' column, no data row, none of
+    `attributes` (names of the model's attributes) among the columns, or no listed image found."""
     with open(csv_path, newline="") as handle:
         reader = csv.DictReader(handle)
-        if "path" not in (reader.fieldnames or []):
+        columns = reader.fieldnames or []
+        if "path" not in columns:
             raise ValueError(f"{csv_path}: no 'path' column (the image path, relative to --data)")
-        rows = list(reader)
+        rows = []
+        for row in reader:
+            rows.append(dict(row, _line=reader.line_num))
+    if not rows:
+        raise ValueError(f"{csv_path}: no data rows (a header only); nothing to score")
+    if attributes is not None and not set(attributes) & set(columns):
+        expected = ", ".join(sorted(attributes)) or "this model predicts no attribute"
+        raise ValueError(f"{csv_path}: none of the WBCAtt attribute columns ({expected}); nothing to score")
     bases = [Path(data_root), Path(csv_path).parent]
+    found, skipped = [], []
     for row in rows:
-        row["path"] = next((str(b / row["path"]) for b in bases if row["path"] and (b / row["path"]).is_file()), "")
-    found = [r for r in rows if r["path"]]
-    if rows and not found:  # reporting 0.0 for "no image found" would read as a terrible model
+        given = row["path"] or ""
+        path = next((b / given for b in bases if given and (b / given).is_file()), None)
+        if path is None:
+            skipped.append({"line": row["_line"], "path": given,
+                            "reason": "no path given" if not given else "image file not found"})
+        else:
+            found.append(dict(row, path=str(path)))
+    if not found:  # reporting 0.0 for "no image found" would read as a terrible model
         raise ValueError(f"{csv_path}: none of its {len(rows)} image paths exists under {data_root} "
                          "or beside the CSV")
-    return found
+    return AttributeRows(found, skipped)
 
 
-def evaluate_attributes(bundle, csv_path: str, data_root: str, batch_size: int = 64) -> dict:
-    """{"n", "per_attribute": {name: {accuracy, macro_f1, certain_share, accuracy_certain}},
-    "mean_accuracy", "mean_macro_f1", "mean_certain_share", "mean_accuracy_certain"}.
-    *Certain* phrases are those at or above their attribute's calibrated threshold (the ones the
-    morphology sentence states without "(?)"); `path` is read as in `read_attribute_rows`."""
-    truth: dict[str, list[str]] = {name: [] for name in bundle.attribute_prototypes}
-    guess: dict[str, list[str]] = {name: [] for name in bundle.attribute_prototypes}
-    certain: dict[str, list[bool]] = {name: [] for name in bundle.attribute_prototypes}
-    for row, predictions in _predict_rows(bundle, read_attribute_rows(csv_path, data_root), batch_size):
+def read_attribute_rows(csv_path: str, data_root: str) -> list[dict[str, str]]:
+    """The rows of `read_attribute_csv` (for callers that need no account of skipped rows)."""
+    return read_attribute_csv(csv_path, data_root).rows
+
+
+def evaluate_attributes(bundle, csv_path: str, data_root: str, batch_size: int = 64,
+                        table: AttributeRows | None = None) -> dict:
+    """{"n", "per_attribute": {name: {n, accuracy, macro_f1, certain_share, accuracy_certain,
+    unknown_values}}, "mean_accuracy", "mean_macro_f1", "mean_certain_share",
+    "mean_accuracy_certain", "skipped_rows"}. *Certain* phrases are those at or above their
+    attribute's calibrated threshold (the ones the morphology sentence states without "(?)");
+    `table` is `read_attribute_csv`'s result when the caller checked the CSV already."""
+    names = list(bundle.attribute_prototypes)
+    table = table or read_attribute_csv(csv_path, data_root, names)
+    known = {name: set(bundle.sidecar["attribute_phrases"][name]) for name in names}
+    truth: dict[str, list[str]] = {name: [] for name in names}
+    guess: dict[str, list[str]] = {name: [] for name in names}
+    certain: dict[str, list[bool]] = {name: [] for name in names}
+    unknown: dict[str, Counter] = {name: Counter() for name in names}
+    skipped = list(table.skipped)
+    for row, predictions in _predict_rows(bundle, table.rows, batch_size, skipped):
         for prediction in predictions:
-            value = annotated_value(row, prediction.attribute)
+            name, value = prediction.attribute, annotated_value(row, prediction.attribute)
             if not value:  # not annotated for this cell: nothing to score (training skips it too)
                 continue
-            truth[prediction.attribute].append(value)
-            guess[prediction.attribute].append(prediction.value)
-            certain[prediction.attribute].append(prediction.certain)
-    per_attribute = {name: _attribute_scores(truth[name], guess[name], certain[name]) for name in truth}
+            if value not in known[name]:  # scoring it as wrong would blame the model for the CSV
+                unknown[name][value] += 1
+                continue
+            truth[name].append(value)
+            guess[name].append(prediction.value)
+            certain[name].append(prediction.certain)
+    per_attribute = {name: {**_attribute_scores(truth[name], guess[name], certain[name]),
+                            "unknown_values": dict(sorted(unknown[name].items()))} for name in names}
+    n = max((len(v) for v in truth.values()), default=0)
+    if n == 0:  # all-None metrics with exit 0 would read as a result
+        raise ValueError(f"{csv_path}: no cell with an annotated value the model knows among {len(table.rows)} "
+                         f"rows whose image loads ({len(skipped)} rows skipped); nothing to score")
 
     def mean(key: str) -> float | None:
-        known = [a[key] for a in per_attribute.values() if a[key] is not None]
-        return round(sum(known) / len(known), 4) if known else None
+        values = [a[key] for a in per_attribute.values() if a[key] is not None]
+        return round(sum(values) / len(values), 4) if values else None
 
-    return {"n": max((len(v) for v in truth.values()), default=0), "per_attribute": per_attribute,
+    return {"n": n, "per_attribute": per_attribute,
             "mean_accuracy": mean("accuracy"), "mean_macro_f1": mean("macro_f1"),
-            "mean_certain_share": mean("certain_share"), "mean_accuracy_certain": mean("accuracy_certain")}
+            "mean_certain_share": mean("certain_share"), "mean_accuracy_certain": mean("accuracy_certain"),
+            "skipped_rows": sorted(skipped, key=lambda s: s["line"])}
 
 
-def _predict_rows(bundle, rows: list[dict], batch_size: int):
-    """Yield (row, attribute predictions) for every row whose image loads."""
+def _predict_rows(bundle, rows: list[dict], batch_size: int, skipped: list[dict]):
+    """Yield (row, attribute predictions) for every row whose image loads; the others are
+    appended to `skipped` with the loader's reason."""
     for start in range(0, len(rows), batch_size):
         images, kept = [], []
         for row in rows[start:start + batch_size]:
             try:
                 images.append(load_image_path(row["path"]).image)
                 kept.append(row)
-            except ImageRejected:
-                continue
+            except ImageRejected as error:
+                skipped.append({"line": row["_line"], "path": row["path"], "reason": f"image refused: {error}"})
         if images:
             embeddings, _ = embed_images(bundle, images)
             for row, embedding in zip(kept, embeddings):
@@ -84,3 +138,28 @@ def _attribute_scores(truth: list[str], guess: list[str], certain: list[bool]) -
             "macro_f1": round(sum(r["f1"] for r in report.values()) / max(1, len(report)), 4),
             "certain_share": round(len(certain_hits) / max(1, len(hits)), 4),
             "accuracy_certain": round(sum(certain_hits) / len(certain_hits), 4) if certain_hits else None}
+
+
+def print_attributes(a: dict) -> None:
+    """The attributes section of the evaluation table: means, skipped rows (the first few, with
+    their reason), then one line per attribute with the values it did not score."""
+    print(f"attributes: n={a['n']} mean accuracy={a['mean_accuracy']} mean macro-F1={a['mean_macro_f1']} "
+          f"certain share={a['mean_certain_share']} accuracy of certain phrases={a['mean_accuracy_certain']}")
+    skipped = a.get("skipped_rows", [])
+    if skipped:
+        reasons = Counter(s["reason"].split(":")[0] for s in skipped)
+        print(f"  skipped CSV rows: {len(skipped)} ({', '.join(f'{r}: {k}' for r, k in sorted(reasons.items()))})")
+        for s in skipped[:SHOWN_SKIPPED]:
+            print(f"    line {s['line']}: {s['path'] or '(empty path)'}: {s['reason']}")
+        if len(skipped) > SHOWN_SKIPPED:
+            print(f"    ... and {len(skipped) - SHOWN_SKIPPED} more")
+    for name, row in a["per_attribute"].items():
+        unknown = row.get("unknown_values") or {}
+        note = (f"  not scored, values the model does not know: "
+                f"{', '.join(f'{v!r} x{k}' for v, k in unknown.items())}") if unknown else ""
+        if row["n"] == 0:
+            print(f"  {name:<26}no annotated cell{note}")
+            continue
+        stated = "-" if row["accuracy_certain"] is None else f"{row['accuracy_certain']:.3f}"
+        print(f"  {name:<26}acc {row['accuracy']:.3f}  F1 {row['macro_f1']:.3f}  "
+              f"certain {row['certain_share']:.3f} (acc {stated})  n {row['n']}{note}")

@@ -6,15 +6,21 @@
 DIR holds one subfolder per class, named by class key (a folder that differs only in case,
 spaces or hyphens, e.g. "Neutrophil" or "Early Pre-B", is read as that class, and the JSON's
 `folders_matched` says so). Without --panel, the panel whose class keys contain the folder
-names is used. Folders that are not classes of the panel are *unknown* cells:
-`unknown.flagged_rate` is the share of them the model did not describe as a known class (it
-abstained), by the same rule the app uses.
+names is used; when folders of several panels are mixed, the panel holding the most of them, and
+on a tie the run is refused (exit 2) until --panel names one. Folders that are not classes of the
+panel are *unknown* cells: `unknown.flagged_rate` is the share of them the model did not describe
+as a known class (it abstained), by the same rule the app uses.
 
 `accuracy` is over every image that loads, using the top class even where the model abstained;
 `accuracy_answered` only over the ones it answered. `macro_f1` averages F1 over the panel's
 classes that have images in DIR; `macro_f1_with_predicted` also over the classes predicted for
 some image but absent from DIR (scikit-learn's default, lower when the model names classes that
 are not there). Files that cannot be read are listed under `refused` and not counted in `n`.
+
+Exit status 2, with one line on stderr and nothing written, when the run cannot give a result:
+a model that does not load, an unknown --panel, a DIR with no image in any class folder, or a
+--json OUT that cannot be written (a folder, or under a file or a read-only folder: checked before
+the run).
 """
 from __future__ import annotations
 
@@ -31,8 +37,8 @@ from core.checkpoint import ModelLoadError, load_bundle
 from core.data import LabelledImage, scan_class_folders
 from core.describe import describe_batch
 from core.imageio import ImageRejected, load_image_path
-from core.panels import panel_for_classes
-from training.attribute_eval import evaluate_attributes
+from core.panels import best_panels
+from training.attribute_eval import evaluate_attributes, print_attributes, read_attribute_csv
 from training.metrics import classification_summary
 
 
@@ -50,12 +56,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def record_in_sidecar(checkpoint: str, name: str, metrics: dict, command: str) -> None:
-    """Keep a summary (no confusion matrix) under sidecar["metrics"][name]."""
+    """Keep a summary (no confusion matrix; skipped attribute rows as a count, not listed) under
+    sidecar["metrics"][name]."""
     from core.checkpoint import load_sidecar, update_sidecar
 
     keep = ("panel", "n", "accuracy", "macro_f1", "ece", "abstain_rate", "accuracy_answered", "unknown",
             "per_class", "attributes", "seconds")
     summary = {k: metrics[k] for k in keep if k in metrics}
+    if "skipped_rows" in summary.get("attributes", {}):  # like `refused`: a count, not every file name
+        summary["attributes"] = {**summary["attributes"], "skipped_rows": len(summary["attributes"]["skipped_rows"])}
     summary["command"] = command
     recorded = load_sidecar(checkpoint).get("metrics", {})
     recorded[name] = summary
@@ -96,14 +105,29 @@ def match_folders(bundle, items: list[LabelledImage]) -> tuple[list[LabelledImag
     return [LabelledImage(i.path, matched[i.label]) for i in items], renamed
 
 
+def infer_panel(panels: dict, folders: set[str]) -> str:
+    """The panel holding the most of the folder names (so one holding all of them wins). A tie
+    is refused: picking one would count the other panel's folders as unknown cells, and the
+    metrics would depend on the order of the panels file."""
+    best = best_panels(panels, folders)
+    if not best:
+        raise ValueError(f"No panel of this model holds any of the classes {sorted(folders)}; pass --panel")
+    if len(best) > 1:
+        held = "; ".join(f"{name}: {', '.join(sorted(folders & set(panels[name].keys)))}" for name in best)
+        raise ValueError(f"the class folders fit panels {' and '.join(best)} equally ({held}); "
+                         "pass --panel NAME to choose one")
+    return best[0]
+
+
 def evaluate(bundle, data_dir: str, panel: str | None, batch_size: int = 64) -> dict:
     """All metrics of the evaluation contract for one folder tree."""
     started = time.time()
     items, renamed = match_folders(bundle, scan_class_folders(data_dir))
+    if not items:  # else: no panel to infer, or with --panel a table of None that reads as a result
+        raise ValueError(f"no images found under {data_dir} (expected one sub-folder per class, named by "
+                         f"class key, e.g. {Path(data_dir) / 'neutrophil'}/*.png)")
     folders = {item.label for item in items}
-    panel = panel or panel_for_classes(bundle.panels, folders)
-    if panel is None:
-        raise ValueError(f"No panel of this model holds any of the classes {sorted(folders)}; pass --panel")
+    panel = panel or infer_panel(bundle.panels, folders)
     classes = bundle.panels[panel].keys
     described, results, refused = describe_folder(bundle, items, panel, batch_size)
     known = [(i, r) for i, r in zip(described, results) if i.label in classes]
@@ -120,8 +144,21 @@ def evaluate(bundle, data_dir: str, panel: str | None, batch_size: int = 64) -> 
     return metrics
 
 
-def print_table(metrics: dict) -> None:
-    """Readable summary on stdout."""
+SHOWN_REFUSED = 5  # enough to see what went wrong; the JSON (when written) lists them all
+
+
+def print_refused(refused: list[dict], json_path: str | None) -> None:
+    """The first few refused files with their reasons; where the rest are, if anywhere."""
+    where = f"all in {json_path}" if json_path else "pass --json OUT to list all"
+    print(f"refused files: {len(refused)} (not counted in n)")
+    for row in refused[:SHOWN_REFUSED]:
+        print(f"  {row['file']}: {row['error']}")
+    if len(refused) > SHOWN_REFUSED:
+        print(f"  ... and {len(refused) - SHOWN_REFUSED} more ({where})")
+
+
+def print_table(metrics: dict, json_path: str | None = None) -> None:
+    """Readable summary on stdout; `json_path` is where the full metrics were written, if at all."""
     print(f"panel {metrics['panel']}  n={metrics['n']}  accuracy={metrics['accuracy']}  macro-F1={metrics['macro_f1']}  "
           f"ECE={metrics['ece']}  abstain={metrics['abstain_rate']}  accuracy(answered)={metrics['accuracy_answered']}")
     if metrics.get("macro_f1_with_predicted") not in (None, metrics["macro_f1"]):
@@ -135,46 +172,63 @@ def print_table(metrics: dict) -> None:
     if unknown["n"]:
         print(f"unknown cells: n={unknown['n']} ({', '.join(unknown['folders'])}) flagged_rate={unknown['flagged_rate']}")
     if metrics["refused"]:
-        print(f"refused files: {len(metrics['refused'])} (see JSON)")
+        print_refused(metrics["refused"], json_path)
     if "attributes" in metrics:
-        a = metrics["attributes"]
-        print(f"attributes: n={a['n']} mean accuracy={a['mean_accuracy']} mean macro-F1={a['mean_macro_f1']} "
-              f"certain share={a['mean_certain_share']} accuracy of certain phrases={a['mean_accuracy_certain']}")
-        for name, row in a["per_attribute"].items():
-            if row["n"] == 0:
-                print(f"  {name:<26}no annotated cell")
-                continue
-            stated = "-" if row["accuracy_certain"] is None else f"{row['accuracy_certain']:.3f}"
-            print(f"  {name:<26}acc {row['accuracy']:.3f}  F1 {row['macro_f1']:.3f}  "
-                  f"certain {row['certain_share']:.3f} (acc {stated})  n {row['n']}")
+        print_attributes(metrics["attributes"])
     print(f"seconds {metrics['seconds']}")
+
+
+def check_json_target(path: str) -> None:
+    """Raise ValueError unless `path` can be written as a file (its folder created if need be),
+    so a run of many minutes does not end in a traceback with nothing written. Only checks:
+    nothing is created here, a refused run leaves no folder behind."""
+    target = Path(path)
+    if target.is_dir():
+        raise ValueError(f"--json {path} is a folder; give a file name")
+    if target.exists() and not os.access(target, os.W_OK):
+        raise ValueError(f"--json {path} exists and cannot be written")
+    ancestor = target.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:  # the nearest part that exists
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ValueError(f"--json {path}: {ancestor} is a file, so no folder can be made there")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ValueError(f"--json {path}: the folder {ancestor} cannot be written")
 
 
 @torch.no_grad()  # in-process callers (tests) keep their grad mode
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        if args.json and Path(args.json).is_dir():  # refuse before the run, not after it
-            raise ValueError(f"--json {args.json} is a folder; give a file name")
+        if args.json:  # refuse before the run, not after it
+            check_json_target(args.json)
         bundle = load_bundle(args.checkpoint)
         if args.panel and args.panel not in bundle.panels:
             raise ValueError(f"Unknown panel {args.panel!r}; this model knows {sorted(bundle.panels)}")
+        # the CSV is checked before the run: a header-only or attribute-less CSV is refused at once
+        table = read_attribute_csv(args.attributes, args.data, list(bundle.attribute_prototypes)) \
+            if args.attributes else None
         metrics = evaluate(bundle, args.data, args.panel, args.batch_size)
-        if args.attributes:
-            metrics["attributes"] = evaluate_attributes(bundle, args.attributes, args.data, args.batch_size)
+        if table is not None:
+            metrics["attributes"] = evaluate_attributes(bundle, args.attributes, args.data, args.batch_size, table)
     except (ModelLoadError, ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    status = 0
     if args.json:  # first: a closed stdout below must not lose the results
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(metrics, indent=2))
+        try:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(metrics, indent=2))
+        except OSError as error:  # checked before the run, but a disk can fill: the table still prints
+            print(f"error: --json {args.json} could not be written: {error}", file=sys.stderr)
+            status, args.json = 2, None
     if args.record:
         record_in_sidecar(args.checkpoint, args.record, metrics, "python -m training.evaluate " + " ".join(sys.argv[1:]))
     try:
-        print_table(metrics)
+        print_table(metrics, args.json)
     except BrokenPipeError:  # e.g. piped into `head`: the results are written, say nothing more
         sys.stdout = open(os.devnull, "w")
-    return 0
+    return status
 
 
 if __name__ == "__main__":
