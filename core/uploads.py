@@ -11,7 +11,9 @@ import re
 import tempfile
 from pathlib import Path
 
-SAFE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".webp"})
+from .data import IMAGE_SUFFIXES
+
+SAFE_EXTENSIONS = frozenset(IMAGE_SUFFIXES)  # what the loader decodes; anything else is stored as .bin
 _SHA_RE = re.compile(r"[0-9a-f]{64}")
 
 

@@ -410,7 +410,7 @@ def test_store_image_copy_refuses_bad_sha(tmp_path, sha):
 
 
 @pytest.mark.parametrize("ext, expected", [
-    (".png", ".png"), (".JPEG", ".jpeg"), ("tif", ".tif"), (".webp", ".webp"),
+    (".png", ".png"), (".JPEG", ".jpeg"), ("tif", ".tif"), (".webp", ".webp"), (".jfif", ".jfif"),
     (".exe", ".bin"), ("/../../etc/passwd", ".bin"), ("", ".bin"), (".png/..", ".bin"),
 ])
 def test_store_image_copy_sanitises_extension(tmp_path, ext, expected):

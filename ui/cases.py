@@ -18,6 +18,7 @@ import streamlit as st
 from sqlalchemy.exc import SQLAlchemyError
 
 from core.checkpoint import ModelBundle
+from core.data import IMAGE_SUFFIXES
 from core.describe import Description, describe_batch
 from core.explain import attribute_heatmap, class_heatmap
 from core.imageio import ImageRejected, LoadedImage, load_image_bytes
@@ -27,7 +28,7 @@ from ui.recording import record_prediction
 from ui.resources import Store
 from ui.widgets import md_escape
 
-UPLOAD_TYPES = ["jpg", "jpeg", "png", "tif", "tiff", "bmp", "gif", "webp"]
+UPLOAD_TYPES = sorted(suffix.lstrip(".") for suffix in IMAGE_SUFFIXES)  # .jfif / .jpe / .dib too
 SAMPLE_EXCLUDE = frozenset({"gan_grid.png"})  # synthetic montage for the model card, not a case
 BATCH = 16  # images per forward pass: bounded memory, and the progress bar moves
 HEATMAP_CACHE_MAX = 64  # (128 px float maps: small; bounded so a long session cannot grow)
