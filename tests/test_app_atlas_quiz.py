@@ -115,6 +115,24 @@ def test_atlas_upload_and_reindex(env):
     assert "7 images indexed" in status[0] and "Unreadable files skipped: 1." in status[0]
 
 
+def test_atlas_picks_up_a_few_new_files_without_reindex_and_asks_for_many(env, monkeypatch):
+    at = open_page(ATLAS_PAGE)
+    assert any("6 images indexed" in c for c in captions(at))
+    (env.gallery / "neutrophil" / "new.png").write_bytes(png_bytes(0, 9))
+    (env.gallery / "neutrophil" / "broken.png").write_bytes(b"not an image")
+    at.run()  # a rerun (or a browser refresh): the two files are seen, the readable one embedded
+    assert not at.exception, at.exception
+    assert any("7 images indexed" in c and "Unreadable files skipped: 1." in c for c in captions(at))
+    at.run()  # the unreadable file is not retried on every rerun
+    assert not any("added, changed or removed" in i.value for i in at.info)
+    monkeypatch.setattr("ui.atlas.AUTO_REINDEX_MAX", 1)
+    for i in range(2):
+        (env.gallery / "lymphocyte" / f"more_{i}.png").write_bytes(png_bytes(1, 20 + i))
+    at.run()
+    assert any("2 gallery images were added, changed or removed" in i.value for i in at.info)
+    assert any("7 images indexed" in c for c in captions(at))
+
+
 def test_quiz_choose_then_write(env):
     at = AppTest.from_file(APP, default_timeout=180)
     at.session_state["quiz_seed"] = 1234

@@ -21,6 +21,7 @@ from ui.widgets import md_escape
 
 COLUMNS = 4  # result grid width
 PICK_MAX = 2000  # gallery images offered in the picker; "More like this" reaches the others
+AUTO_REINDEX_MAX = 50  # files added / changed / removed since the last index that are embedded on sight
 QUERY_ROW = "atlas_query_path"  # plain session key: the gallery image whose neighbours are shown
 EXAMPLE = "cell with a bilobed nucleus and orange granules"
 
@@ -67,6 +68,16 @@ def reindex(bundle: ModelBundle) -> GalleryIndex:
     return index
 
 
+def out_of_date(index: GalleryIndex, sources: list) -> int:
+    """How many sources are new or changed since `index` was built, plus indexed files that are
+    gone (a file the index skipped as unreadable counts as known while it is unchanged)."""
+    indexed = {item.path: item.key for item in index.items}
+    known = {**indexed, **{path: entry.get("key") for path, entry in index.skipped.items()}}
+    new_or_changed = sum(known.get(src.path) != src.key for src in sources)
+    gone = len(indexed.keys() - {src.path for src in sources})
+    return new_or_changed + gone
+
+
 def gallery_section(bundle: ModelBundle) -> GalleryIndex | None:
     """Index status and the Re-index button; indexes automatically the first time. None
     (after saying why) when the gallery is empty."""
@@ -76,12 +87,18 @@ def gallery_section(bundle: ModelBundle) -> GalleryIndex | None:
     index = resources.get_gallery(bundle)
     clicked = st.button("Re-index gallery", key="atlas_reindex",
                         help="Embeds new or changed images only; removed images leave the index.")
-    # First visit, or an indexing that was interrupted (its user left the page): carry on.
-    if clicked or index.updated_at is None or index.stats.get("pending"):
-        if index.updated_at is None and not resources.gallery_sources():
+    sources = resources.gallery_sources()  # stat only: cheap even for 20,000 files
+    changed = out_of_date(index, sources)
+    # First visit, an indexing that was interrupted (its user left the page), or a few files
+    # added, changed or removed since (embedding only those takes seconds): carry on.
+    if clicked or index.updated_at is None or index.stats.get("pending") or 0 < changed <= AUTO_REINDEX_MAX:
+        if index.updated_at is None and not sources:
             st.info(_no_gallery_message(current.gallery_dir))
             return None
         index = reindex(bundle)
+    elif changed:
+        st.info(f"{changed} gallery images were added, changed or removed since the last index: press Re-index "
+                "to search them too.")
     if not resources.get_store().available:
         st.caption("The feedback database is unavailable: reviewed cases are not in the gallery.")
     if not len(index):
