@@ -35,6 +35,12 @@ class AttributePrediction:
     confidence: float  # softmax probability over the attribute's values
     certain: bool  # confidence at or above the attribute's threshold
 
+    @property
+    def label(self) -> str:
+        """The phrase as it reads on its own, e.g. in a list ('no granules', not 'no')."""
+        standalone = {"granule_type": "no granules", "granule_colour": "no granule colour"}
+        return standalone.get(self.attribute, self.phrase) if self.value == "nil" else self.phrase
+
 
 def attribute_probabilities(bundle: ModelBundle, name: str, embeddings: torch.Tensor) -> torch.Tensor:
     """Softmax over the attribute's values (vocabulary order) for one embedding (D,) -> (V,) or a

@@ -183,7 +183,8 @@ def test_disagree_with_correction_and_markdown_name(app_env):
         rows = feedback_table(s)
     assert [(r["verdict"], r["corrected_class"], r["comment"]) for r in rows] == [
         ("disagree", "monocyte", "nucleus looks folded")]
-    verified = [s.value for s in at.success if "Verified by" in s.value]
+    assert not [s.value for s in at.success if "Verified by" in s.value]  # a disagreement is not shown in green
+    verified = [w.value for w in at.warning if "Verified by" in w.value]
     assert verified and "\\[Dr\\]\\(http" in verified[0]  # escaped: shown literally, never a link
 
 

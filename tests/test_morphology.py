@@ -119,3 +119,11 @@ def test_morphology_is_only_for_the_white_cells_wbcatt_annotates():
 
     assert all(has_morphology(k) for k in ("basophil", "eosinophil", "lymphocyte", "monocyte", "neutrophil"))
     assert not any(has_morphology(k) for k in ("platelet", "erythroblast", "ig", "pro_b", None))
+
+
+def test_a_nil_phrase_reads_on_its_own_as_a_label():
+    from core.morphology import AttributePrediction
+
+    assert AttributePrediction("granule_type", "nil", "no", 0.9, True).label == "no granules"
+    assert AttributePrediction("granule_colour", "nil", "no", 0.9, True).label == "no granule colour"
+    assert AttributePrediction("granule_type", "round", "round", 0.9, True).label == "round"

@@ -79,7 +79,7 @@ def _render_morphology(bundle: ModelBundle, panel: Panel, case: Case) -> None:
         if accuracy is not None
         else f"This model's thresholds were not calibrated (default {DEFAULT_PHRASE_THRESHOLD})."))
     with st.expander("Morphology phrases and their confidence"):
-        st.dataframe([{"attribute": p.attribute, "phrase": p.phrase, "confidence": round(p.confidence, 3),
+        st.dataframe([{"attribute": p.attribute, "phrase": p.label, "confidence": round(p.confidence, 3),
                        "shown as certain": p.certain} for p in predictions], hide_index=True)
 
 
@@ -134,7 +134,7 @@ def render_explanation(bundle: ModelBundle, panel: Panel, case: Case, heatmaps: 
         for p in describe_morphology(bundle, case.loaded.image)[1]:
             target = f"{ATTRIBUTE_TARGET}{p.attribute}={p.value}"
             keys.append(target)
-            labels[target] = f"Morphology, {p.attribute.replace('_', ' ')}: {p.phrase} ({p.confidence:.0%})"
+            labels[target] = f"Morphology, {p.attribute.replace('_', ' ')}: {p.label} ({p.confidence:.0%})"
     # One radio per (panel, image): its choice must not carry over to another case.
     class_key = st.radio("Sentence or phrase to explain", keys, index=default,
                          key=f"describe_explain_{panel.name}_{case.sha256[:16]}", format_func=labels.get)

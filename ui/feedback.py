@@ -96,8 +96,8 @@ def render_history(store: Store, sha256: str, image_id: int | None) -> None:
         st.warning(store_error_message(error, "the configured database"))
         return
     text = verification_text(verification)
-    if text:
-        st.success(text)
+    if text:  # green only when the expert agrees: a disagreement is no success
+        (st.success if verification["verdict"] == "agree" else st.warning)(text)
     else:
         st.caption("Not verified by an expert yet.")
     with st.expander(f"History of this image ({len(events)} events)"):
