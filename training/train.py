@@ -5,8 +5,8 @@
         --export assets/model/hemascribe_default.safetensors
 
 Runs unchanged under ``torchrun --nproc_per_node 2`` (DDP, gloo on CPU). A run folder
-holds config.json, metrics.jsonl and last.pt (weights, optimizer, epoch, config: resume
-with --resume); --export writes the safetensors model and its sidecar.
+holds config.json, metrics.jsonl and last.pt (weights, optimizer, epoch, config, random
+number states: resume with --resume, see training/checkpointing.py); --export writes the safetensors model and its sidecar.
 """
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ from core.loss import attribute_matching_loss, bidirectional_contrastive_loss
 from core.model import DualEncoder
 from core.panels import load_attribute_phrases, load_panels
 from training.augment import AUGMENT_PRESETS, augment_batch
+from training.checkpointing import gather_rng_states, resume_from, save_checkpoint
 from training.dataset import build_dataset, read_attribute_table
 from training.ema import WeightAverage
 from training.evaluation_utils import panel_accuracy
@@ -212,20 +213,8 @@ def load_training_data(args, config, vocabulary: dict, rank: int):
     return train_items, classes, train, synthetic, val_sets
 
 
-def resume_from(out: Path, model, optimizer, average, state: dict, generator, args) -> None:
-    """Continue from OUT/last.pt (weights, optimiser, weight average, epoch and step)."""
-    checkpoint = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
-    model.load_state_dict(checkpoint["model"])
-    optimizer.load_state_dict(checkpoint["optimizer"])
-    if average is not None and "average" in checkpoint:
-        average.load_state_dict(checkpoint["average"])
-    state.update(epoch=checkpoint["epoch"], step=checkpoint["step"])
-    generator.manual_seed(args.seed + state["rank"] + 1000 * state["epoch"])
-    print(f"resumed from epoch {state['epoch']}", flush=True)
-
-
 def close_epoch(model, average, optimizer, features, val_sets, state, losses, started, out, classes,
-                validate: bool = True) -> None:
+                rng_states: list[dict], validate: bool = True) -> None:
     """Rank 0 after each epoch: validate what will be exported (if `validate`), log, checkpoint atomically."""
     metrics = {"epoch": state["epoch"], "seconds": round(time.time() - started, 1), **losses,
                "logit_scale": float(model.scale().detach())}
@@ -237,10 +226,7 @@ def close_epoch(model, average, optimizer, features, val_sets, state, losses, st
     print(json.dumps(metrics), flush=True)
     with open(out / "metrics.jsonl", "a") as handle:
         handle.write(json.dumps(metrics) + "\n")
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": state["epoch"],
-                "step": state["step"], "config": model.config.to_dict(), "classes": classes,
-                **({"average": average.state_dict()} if average is not None else {})}, out / "last.tmp")
-    (out / "last.tmp").replace(out / "last.pt")
+    save_checkpoint(out, model, optimizer, average, state, classes, rng_states)
 
 
 def write_run_config(out: Path, args: argparse.Namespace, config, classes: list[str]) -> None:
@@ -277,7 +263,7 @@ def main(argv=None) -> int:
     state = {"epoch": 0, "step": 0, "rank": rank, "total_steps": steps_per_epoch * args.epochs,
              "warmup": min(300, steps_per_epoch)}
     if args.resume and (out / "last.pt").is_file():
-        resume_from(out, model, optimizer, average, state, generator, args)
+        resume_from(out, model, optimizer, average, state, generator, args, world)
     weights = class_weights(train.labels, len(classes)).to(args.device) if args.balance == "reweight" else None
     if rank == 0:
         write_run_config(out, args, config, classes)
@@ -289,9 +275,11 @@ def main(argv=None) -> int:
         losses = train_one_epoch(model, objective, train, indices, features, optimizer, args, state, generator,
                                  weights, average)
         state["epoch"] += 1
+        rng_states = gather_rng_states(generator, world)  # the states the next epoch starts from
         if rank == 0:
             validate = state["epoch"] % args.val_every == 0 or state["epoch"] == args.epochs
-            close_epoch(model, average, optimizer, features, val_sets, state, losses, started, out, classes, validate)
+            close_epoch(model, average, optimizer, features, val_sets, state, losses, started, out, classes,
+                        rng_states, validate)
 
     if rank == 0 and args.export:
         export(model, panels, phrases, train_items, args, out, average)
