@@ -302,6 +302,16 @@ def test_device_check_runs_every_command_line_on_the_cpu(tmp_path):
     assert again.returncode == 2 and "not an empty folder" in again.stderr
 
 
+@pytest.fixture
+def one_thread():
+    """In-process training on one torch thread: on a machine whose cores are busy, the default
+    thread count made these few tiny steps several times slower. Restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _train_in_process(tree, out, monkeypatch, *extra, stop_after: int = 0):
     """training.train.main in this process (seconds, not a subprocess's start-up); with
     `stop_after`, the run dies right after that epoch's checkpoint, as if killed."""
@@ -333,7 +343,8 @@ def _tensors(value, prefix=""):
     return {k: v for key, item in items for k, v in _tensors(item, f"{prefix}/{key}").items()}
 
 
-def test_resume_after_a_kill_trains_the_same_weights_as_an_uninterrupted_run(tiny_tree, tmp_path, monkeypatch):
+def test_resume_after_a_kill_trains_the_same_weights_as_an_uninterrupted_run(tiny_tree, tmp_path, monkeypatch,
+                                                                              one_thread):
     """The generator of augmentation, sampling and MixStyle was re-seeded at resume, so epoch 3
     saw other random numbers than the run that never stopped (the audit: epoch 3 loss 2.4465 vs 2.4957)."""
     straight = _train_in_process(tiny_tree, tmp_path / "straight", monkeypatch, "--epochs", "3")
@@ -347,3 +358,39 @@ def test_resume_after_a_kill_trains_the_same_weights_as_an_uninterrupted_run(tin
     losses = [[json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
               for run in (straight, killed)]
     assert losses[0] == losses[1]
+
+
+def _logged_epochs(out):
+    return [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_kill_between_metrics_and_checkpoint_leaves_no_duplicate_epoch_line(tiny_tree, tmp_path, monkeypatch,
+                                                                               one_thread):
+    """Epoch 3's metrics line was written, its checkpoint not: the resumed run trains epoch 3
+    again and must not log it twice. A fresh start in the folder drops the old run's lines."""
+    from training import train
+    from training.checkpointing import keep_metrics_up_to
+
+    real_save = train.save_checkpoint
+
+    def die_before_checkpoint_3(out, model, optimizer, average, state, *rest):
+        if state["epoch"] == 3:
+            raise KeyboardInterrupt
+        real_save(out, model, optimizer, average, state, *rest)
+
+    out = tmp_path / "run"
+    argv = ["--data", str(tiny_tree), "--config", "tiny-test", "--batch-size", "8", "--epochs", "3",
+            "--out", str(out), "--cache-dir", str(tmp_path / "cache")]
+    monkeypatch.setattr(train, "save_checkpoint", die_before_checkpoint_3)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(argv)
+    monkeypatch.undo()
+    assert _logged_epochs(out) == [1, 2, 3] and torch.load(out / "last.pt", weights_only=True)["epoch"] == 2
+    assert train.main([*argv, "--resume"]) == 0
+    assert _logged_epochs(out) == [1, 2, 3]
+    with open(out / "metrics.jsonl", "a") as handle:
+        handle.write('{"epoch": 4, "lo')  # a torn line (killed mid-write) goes too
+    keep_metrics_up_to(out / "metrics.jsonl", 3)
+    assert _logged_epochs(out) == [1, 2, 3]
+    assert train.main([*argv, "--epochs", "1"]) == 0  # no --resume: a new run
+    assert _logged_epochs(out) == [1]

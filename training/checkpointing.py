@@ -10,6 +10,7 @@ is unpickled).
 """
 from __future__ import annotations
 
+import json
 import random
 import sys
 from pathlib import Path
@@ -85,3 +86,24 @@ def resume_from(out: Path, model, optimizer, average, state: dict, generator, ar
             print(f"warning: {out / 'last.pt'} holds no random number state for {world} process(es); "
                   "re-seeded, so the resumed run will not repeat an uninterrupted one exactly", file=sys.stderr)
     print(f"resumed from epoch {state['epoch']}", flush=True)
+
+
+def keep_metrics_up_to(path: Path, epoch: int) -> None:
+    """Drop the lines of OUT/metrics.jsonl after `epoch`, the epoch training starts from
+    (atomically: temp file, then rename). An epoch's metrics line is written before its
+    checkpoint, so a kill between the two leaves a line for an epoch the resumed run trains
+    again; a torn line (a kill mid-write) goes too. On a fresh start (epoch 0) the previous
+    run's lines go, as its last.pt is about to be overwritten and --export takes the final
+    metrics from the last line."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["epoch"] <= epoch:
+                kept.append(line + "\n")
+        except (ValueError, KeyError, TypeError):
+            continue
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    tmp.replace(path)

@@ -29,7 +29,7 @@ from core.loss import attribute_matching_loss, bidirectional_contrastive_loss
 from core.model import DualEncoder
 from core.panels import load_attribute_phrases, load_panels
 from training.augment import AUGMENT_PRESETS, augment_batch
-from training.checkpointing import gather_rng_states, resume_from, save_checkpoint
+from training.checkpointing import gather_rng_states, keep_metrics_up_to, resume_from, save_checkpoint
 from training.dataset import build_dataset, read_attribute_table
 from training.ema import WeightAverage
 from training.evaluation_utils import panel_accuracy
@@ -266,6 +266,7 @@ def main(argv=None) -> int:
         resume_from(out, model, optimizer, average, state, generator, args, world)
     weights = class_weights(train.labels, len(classes)).to(args.device) if args.balance == "reweight" else None
     if rank == 0:
+        keep_metrics_up_to(out / "metrics.jsonl", state["epoch"])
         write_run_config(out, args, config, classes)
 
     # ---- training loop: checkpoint and validate every epoch ----
