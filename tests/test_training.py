@@ -394,3 +394,22 @@ def test_a_kill_between_metrics_and_checkpoint_leaves_no_duplicate_epoch_line(ti
     assert _logged_epochs(out) == [1, 2, 3]
     assert train.main([*argv, "--epochs", "1"]) == 0  # no --resume: a new run
     assert _logged_epochs(out) == [1]
+
+
+def _refused(capsys, argv) -> str:
+    """training.train.main(argv) in this process must exit 2 with one line on stderr; the line."""
+    from training import train
+
+    assert train.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_a_batch_larger_than_the_training_set_is_refused_before_training(tiny_tree, tmp_path, capsys):
+    """It trained 0 steps per epoch, logged loss 0.0 and exited 0."""
+    out = tmp_path / "run"
+    err = _refused(capsys, ["--data", str(tiny_tree), "--config", "tiny-test", "--batch-size", "500",
+                            "--out", str(out), "--cache-dir", str(tmp_path / "cache")])
+    assert "--batch-size 500" in err and "24 images" in err and "--batch-size 24 or less" in err
+    assert not out.exists()  # refused before anything was written

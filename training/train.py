@@ -36,6 +36,7 @@ from training.evaluation_utils import panel_accuracy
 from training.export_model import export
 from training.mixstyle import MixStyleHooks
 from training.distributed import rank_device, setup_distributed
+from training.run_inputs import UsageError, check_batch_size
 from training.sampling import BALANCE_MODES, class_weights, epoch_indices, shard
 from training.text_features import SentenceFeatureCache
 
@@ -190,7 +191,7 @@ def train_one_epoch(model, objective, data, indices, features, optimizer, args, 
     return {k: v / max(1, steps) for k, v in sums.items()}
 
 
-def load_training_data(args, config, vocabulary: dict, rank: int):
+def load_training_data(args, config, vocabulary: dict, rank: int, world: int):
     """Training items, class keys, the decoded training set, its synthetic mask and the val sets.
 
     Images are decoded once into memory (see training/dataset.py); caps and cuts apply to real
@@ -198,6 +199,7 @@ def load_training_data(args, config, vocabulary: dict, rank: int):
     data_seed = args.seed if args.data_seed is None else args.data_seed
     train_items = load_items(args.data, args.max_per_class, args.cut, data_seed)
     train_items += [item for folder in args.synthetic for item in scan_class_folders(folder)]
+    check_batch_size(len(train_items), args.batch_size, world, args.data)
     classes = sorted({item.label for item in train_items})
     attribute_table = read_attribute_table([(Path(c), Path(c).parent) for c in args.attributes])
     cache_size = int(config.image_size * 1.125)
@@ -235,21 +237,9 @@ def write_run_config(out: Path, args: argparse.Namespace, config, classes: list[
     (out / "config.json").write_text(json.dumps(record, indent=2))
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    rank, world = setup_distributed()
-    args.device = rank_device(args.device, world)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    generator = seed_everything(args.seed + rank)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    config = load_model_config(args.config)
-    panels, phrases = load_panels(), load_attribute_phrases()
-    vocabulary = {name: list(values) for name, values in phrases.items()}
-    train_items, classes, train, synthetic, val_sets = load_training_data(args, config, vocabulary, rank)
-
-    # ---- model, sentence features (frozen text tower, computed once), optimiser ----
+def build_model(config, panels, phrases, classes: list[str], generator, args, world: int):
+    """Model, weight average, sentence features (frozen text tower, computed once), the DDP-wrapped
+    objective and the optimiser."""
     model = DualEncoder(config).to(args.device)
     average = WeightAverage(model, args.ema) if args.ema > 0 else None  # before the text encoder loads: not copied
     if args.mixstyle > 0:  # after the weight average is copied: training-mode hooks on the live model only
@@ -259,6 +249,34 @@ def main(argv=None) -> int:
     if world > 1:
         objective = torch.nn.parallel.DistributedDataParallel(objective)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    return model, average, features, objective, optimizer
+
+
+def main(argv=None) -> int:
+    """Train; exit status 2 with one line on stderr for a mistake in the command line or the data."""
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+def run(args: argparse.Namespace) -> int:
+    """Train as the parsed command line says; 0 when done."""
+    rank, world = setup_distributed()
+    args.device = rank_device(args.device, world)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    generator = seed_everything(args.seed + rank)
+    config = load_model_config(args.config)
+    panels, phrases = load_panels(), load_attribute_phrases()
+    vocabulary = {name: list(values) for name, values in phrases.items()}
+    train_items, classes, train, synthetic, val_sets = load_training_data(args, config, vocabulary, rank, world)
+    out = Path(args.out)  # created once the data is known to be usable
+    out.mkdir(parents=True, exist_ok=True)
+    model, average, features, objective, optimizer = build_model(config, panels, phrases, classes, generator,
+                                                                 args, world)
     steps_per_epoch = (len(train_items) // world) // args.batch_size
     state = {"epoch": 0, "step": 0, "rank": rank, "total_steps": steps_per_epoch * args.epochs,
              "warmup": min(300, steps_per_epoch)}
