@@ -413,3 +413,41 @@ def test_a_batch_larger_than_the_training_set_is_refused_before_training(tiny_tr
                             "--out", str(out), "--cache-dir", str(tmp_path / "cache")])
     assert "--batch-size 500" in err and "24 images" in err and "--batch-size 24 or less" in err
     assert not out.exists()  # refused before anything was written
+
+
+def test_a_missing_data_folder_is_one_line_not_a_traceback(tmp_path, capsys):
+    err = _refused(capsys, ["--data", str(tmp_path / "nowhere"), "--config", "tiny-test", "--out", str(tmp_path / "run")])
+    assert "--data" in err and "nowhere: no such folder" in err
+
+
+def test_class_folders_are_read_as_class_keys_and_unknown_ones_are_named(tmp_path, capsys):
+    """Folders matching a key up to case, spaces and hyphens are read as that key (as the
+    evaluation CLI reads them); a folder matching none is refused by name with the valid keys
+    (a 'Classes without sentences' ValueError traceback before, after decoding every image)."""
+    tree = write_class_tree(tmp_path / "data", {"Neutrophil": 3, "lymphocyte": 2, "blast cells": 2}, size=16)
+    err = _refused(capsys, ["--data", str(tree), "--config", "tiny-test", "--batch-size", "2", "--out",
+                            str(tmp_path / "run"), "--cache-dir", str(tmp_path / "cache")])
+    assert str(tree / "blast cells") in err and "Neutrophil" not in err.split(" name no class")[0]
+    assert "neutrophil, " in err and "rename each to one of" in err
+
+    from training.run_inputs import load_items
+
+    shutil.rmtree(tree / "blast cells")
+    keys = {"neutrophil", "lymphocyte", "basophil"}
+    items = load_items([str(tree)], 0, ["Neutrophil=2"], 0, keys)
+    assert sorted(i.label for i in items) == ["lymphocyte"] * 2 + ["neutrophil"] * 2  # --cut read as a key too
+    assert "Neutrophil' read as class 'neutrophil'" in capsys.readouterr().out
+
+
+def test_resume_without_checkpoint_says_so_and_another_config_is_refused(tiny_tree, tmp_path, capsys, one_thread):
+    from training import train
+
+    out = tmp_path / "run"
+    argv = ["--data", str(tiny_tree), "--config", "tiny-test", "--batch-size", "8", "--epochs", "1",
+            "--out", str(out), "--cache-dir", str(tmp_path / "cache"), "--resume"]
+    assert train.main(argv) == 0  # started silently from scratch before
+    assert f"no checkpoint in {out}, starting from scratch" in capsys.readouterr().err
+    wider = json.loads((PROJECT_ROOT / "assets" / "model_configs" / "tiny-test.json").read_text())
+    (tmp_path / "wider.json").write_text(json.dumps({**wider, "name": "wider", "embed_dim": 48}))
+    err = _refused(capsys, [*argv, "--config", str(tmp_path / "wider.json")])  # a page of size mismatches before
+    assert "was made with config 'tiny-test'" in err and "embed_dim" in err and "--config tiny-test" in err

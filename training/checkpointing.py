@@ -19,6 +19,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from core.config import ModelConfig
+from training.run_inputs import UsageError
+
 
 def rng_state(generator: torch.Generator) -> dict:
     """This process's RNG states as tensors and plain types: the training generator, torch's
@@ -68,10 +71,36 @@ def save_checkpoint(out: Path, model, optimizer, average, state: dict, classes: 
     (out / "last.tmp").replace(out / "last.pt")
 
 
-def resume_from(out: Path, model, optimizer, average, state: dict, generator, args, world: int) -> None:
-    """Continue from OUT/last.pt: weights, optimiser, weight average, epoch, step and this
-    rank's random number generators."""
+def check_same_config(out: Path, checkpoint: dict, config: ModelConfig, asked: str) -> None:
+    """UsageError unless the checkpoint was made with `config` (compared as ModelConfig, so
+    fields added since it was saved take their defaults): otherwise loading it fails with a
+    page of state_dict size mismatches."""
+    saved = ModelConfig.from_dict(checkpoint.get("config", {"name": "?"}))
+    if saved != config:
+        fields = [f for f, value in saved.to_dict().items() if config.to_dict()[f] != value]
+        raise UsageError(f"{out / 'last.pt'} was made with config {saved.name!r}, not --config {asked} "
+                         f"(they differ in {', '.join(fields)}); resume with --config {saved.name} "
+                         "or train into a new --out")
+
+
+def load_for_resume(out: Path, config: ModelConfig, asked: str, rank: int) -> dict | None:
+    """OUT/last.pt to resume from, checked against `config` before any data is decoded or model
+    built; None (and a line on stderr) when the run folder holds no checkpoint."""
+    if not (out / "last.pt").is_file():
+        if rank == 0:
+            # Not refused: a job script that may be preempted passes --resume on every launch,
+            # the first one included; the line keeps a mistyped --out from going unnoticed.
+            print(f"warning: no checkpoint in {out}, starting from scratch", file=sys.stderr, flush=True)
+        return None
     checkpoint = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
+    check_same_config(out, checkpoint, config, asked)
+    return checkpoint
+
+
+def resume_from(checkpoint: dict, out: Path, model, optimizer, average, state: dict, generator, args,
+                world: int) -> None:
+    """Continue from `checkpoint` (`load_for_resume`): weights, optimiser, weight average, epoch,
+    step and this rank's random number generators."""
     model.load_state_dict(checkpoint["model"])
     optimizer.load_state_dict(checkpoint["optimizer"])
     if average is not None and "average" in checkpoint:
