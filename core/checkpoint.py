@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from core.config import ModelConfig
 from core.model import DualEncoder
@@ -66,6 +66,15 @@ def file_sha256(path: Path | str) -> str:
     return digest.hexdigest()
 
 
+def write_safetensors(tensors: dict[str, torch.Tensor], path: Path | str, metadata: dict[str, str]) -> None:
+    """Write `tensors` as a safetensors file at `path`, created like any file of this process
+    (mode 0666 less the umask). safetensors' own ``save_file`` creates files 0600, so a
+    model exported for a team or a web server would be readable by its owner only; the bytes
+    are serialised in memory (a model is tens of MB) and written with a plain ``open``."""
+    with open(path, "wb") as handle:
+        handle.write(save(tensors, metadata=metadata))
+
+
 def save_bundle(bundle: ModelBundle, path: Path | str) -> Path:
     """Write weights and sidecar atomically (temp files then rename), return the path."""
     path = Path(path)
@@ -77,7 +86,7 @@ def save_bundle(bundle: ModelBundle, path: Path | str) -> Path:
     if bundle.ood_precision is not None:
         tensors["ood.precision"] = bundle.ood_precision.cpu().contiguous()
     tmp_weights = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp_weights), metadata={"format": "hemascribe", "version": str(FORMAT_VERSION)})
+    write_safetensors(tensors, tmp_weights, metadata={"format": "hemascribe", "version": str(FORMAT_VERSION)})
     sidecar = dict(bundle.sidecar, format_version=FORMAT_VERSION,
                    config=bundle.model.config.to_dict(), weights_sha256=file_sha256(tmp_weights))
     tmp_sidecar = sidecar_path(path).with_name(sidecar_path(path).name + ".tmp")

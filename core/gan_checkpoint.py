@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from core.checkpoint import ModelLoadError, file_sha256, sidecar_path
+from core.checkpoint import ModelLoadError, file_sha256, sidecar_path, write_safetensors
 from core.gan import Discriminator, GanConfig, Generator
 
 GAN_FORMAT = "hemascribe-gan"
@@ -59,7 +59,7 @@ def save_gan(path: Path | str, generator: Generator, discriminator: Discriminato
     if ema is not None:
         tensors.update(_prefixed(ema, "g_ema"))
     tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": GAN_FORMAT})
+    write_safetensors(tensors, tmp, metadata={"format": GAN_FORMAT})
     full = dict(sidecar, format=GAN_FORMAT, config=generator.config.to_dict(),
                 sampling_weights="g_ema" if ema is not None else "g", weights_sha256=file_sha256(tmp))
     side_tmp = sidecar_path(path).with_name(sidecar_path(path).name + ".tmp")

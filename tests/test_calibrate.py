@@ -109,3 +109,26 @@ def test_calibrate_cli_refuses_an_attribute_csv_without_images(tmp_path, capsys)
                            "--attributes", str(empty), "--cache-dir", str(tmp_path / "cache")]) == 2
     assert "none of its 1 image paths exists" in capsys.readouterr().err
     assert load_bundle(model).sidecar == before  # nothing written
+
+
+def test_a_degenerate_fit_is_flagged_in_the_sidecar_and_on_stderr(tmp_path, capsys):
+    """A tiny val set stored temperature 24434 and min_confidence 0.125 without a word."""
+    model = tmp_path / "model.safetensors"
+    save_bundle(make_tiny_bundle(), model)
+    keys = list(make_tiny_bundle().panels["blood_cells"].keys)
+    train = write_class_tree(tmp_path / "train", {k: 2 for k in keys}, size=48)
+    val = write_class_tree(tmp_path / "val_tree", {k: 3 for k in keys}, size=48)
+    assert calibrate.main(["--checkpoint", str(model), "--train", str(train), "--val", str(val),
+                           "--cache-dir", str(tmp_path / "cache")]) == 0
+    panel = load_bundle(model).sidecar["calibration"]["panels"]["blood_cells"]
+    assert panel["degenerate"] is True
+    assert any(f"fewer than 20 val images of {keys[0]} 3" in reason for reason in panel["degenerate_reasons"])
+    err = capsys.readouterr().err
+    assert "calibration of panel blood_cells is degenerate" in err and "not trustworthy" in err
+
+
+def test_degenerate_reasons_name_a_runaway_temperature_and_pass_a_sane_fit():
+    reasons = calibrate.degenerate_reasons({"temperature": 24434.0}, {"neutrophil": 50})
+    assert len(reasons) == 1 and "temperature 24434 outside [0.05, 20]" in reasons[0] and "1/K" in reasons[0]
+    assert "0 or 1" in calibrate.degenerate_reasons({"temperature": 0.01}, {"neutrophil": 50})[0]
+    assert calibrate.degenerate_reasons({"temperature": 1.3}, {"neutrophil": 20, "lymphocyte": 41}) == []

@@ -49,3 +49,27 @@ def test_pickle_is_never_loaded(tmp_path):
                                               "panels": {}}))
     with pytest.raises(ModelLoadError, match="not a readable safetensors"):
         load_bundle(path)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027], ids=["umask022", "umask027"])
+def test_exported_files_get_the_mode_of_the_process_umask(tmp_path, umask):
+    """safetensors' save_file creates 0600 files: a model exported for a web server or a team
+    was readable by its owner only. Weights and sidecar follow the umask like any other file."""
+    import os
+    import stat
+
+    from core.checkpoint import update_sidecar
+    from core.gan import Discriminator, GanConfig, Generator
+    from core.gan_checkpoint import save_gan
+
+    previous = os.umask(umask)
+    try:
+        path = save_bundle(make_tiny_bundle(), tmp_path / "m.safetensors")
+        update_sidecar(path, {"note": "after training"})
+        config = GanConfig(n_classes=2, image_size=32, z_dim=8, g_channels=4, d_channels=4, embed_dim=4)
+        gan = save_gan(tmp_path / "gan.safetensors", Generator(config), Discriminator(config), None, {"classes": ["a", "b"]})
+    finally:
+        os.umask(previous)
+    for written in (path, sidecar_path(path), gan, sidecar_path(gan)):
+        assert stat.S_IMODE(written.stat().st_mode) == 0o666 & ~umask, written.name
+    assert load_bundle(path).sidecar["note"] == "after training"  # still a valid, verified bundle

@@ -300,3 +300,154 @@ def test_device_check_runs_every_command_line_on_the_cpu(tmp_path):
     assert first["detail"]["attributes"] > 0  # the caption (morphology) loss ran
     again = subprocess.run(cmd, capture_output=True, text=True, cwd=PROJECT_ROOT, env=ENV, timeout=120)
     assert again.returncode == 2 and "not an empty folder" in again.stderr
+
+
+@pytest.fixture
+def one_thread():
+    """In-process training on one torch thread: on a machine whose cores are busy, the default
+    thread count made these few tiny steps several times slower. Restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _train_in_process(tree, out, monkeypatch, *extra, stop_after: int = 0):
+    """training.train.main in this process (seconds, not a subprocess's start-up); with
+    `stop_after`, the run dies right after that epoch's checkpoint, as if killed."""
+    from training import train
+
+    real_close = train.close_epoch
+
+    def close_then_maybe_die(*args, **kwargs):
+        real_close(*args, **kwargs)
+        if args[5]["epoch"] == stop_after:  # args[5] is the training state
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "close_epoch", close_then_maybe_die)
+    argv = ["--data", str(tree), "--config", "tiny-test", "--batch-size", "8", "--out", str(out),
+            "--cache-dir", str(out.parent / "cache"), "--mixstyle", "0.5", *extra]
+    if stop_after:
+        with pytest.raises(KeyboardInterrupt):
+            train.main(argv)
+    else:
+        assert train.main(argv) == 0
+    return out
+
+
+def _tensors(value, prefix=""):
+    """{path: tensor} of every tensor nested in dicts and lists."""
+    if isinstance(value, torch.Tensor):
+        return {prefix: value}
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    return {k: v for key, item in items for k, v in _tensors(item, f"{prefix}/{key}").items()}
+
+
+def test_resume_after_a_kill_trains_the_same_weights_as_an_uninterrupted_run(tiny_tree, tmp_path, monkeypatch,
+                                                                              one_thread):
+    """The generator of augmentation, sampling and MixStyle was re-seeded at resume, so epoch 3
+    saw other random numbers than the run that never stopped (the audit: epoch 3 loss 2.4465 vs 2.4957)."""
+    straight = _train_in_process(tiny_tree, tmp_path / "straight", monkeypatch, "--epochs", "3")
+    killed = _train_in_process(tiny_tree, tmp_path / "killed", monkeypatch, "--epochs", "3", stop_after=2)
+    _train_in_process(tiny_tree, killed, monkeypatch, "--epochs", "3", "--resume")
+    a, b = (torch.load(run / "last.pt", weights_only=True) for run in (straight, killed))
+    assert a["epoch"] == b["epoch"] == 3
+    tensors_a, tensors_b = _tensors(a), _tensors(b)
+    assert tensors_a.keys() == tensors_b.keys() and any(k.startswith("/average") for k in tensors_a)
+    assert [k for k in tensors_a if not torch.equal(tensors_a[k], tensors_b[k])] == []
+    losses = [[json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+              for run in (straight, killed)]
+    assert losses[0] == losses[1]
+
+
+def _logged_epochs(out):
+    return [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_kill_between_metrics_and_checkpoint_leaves_no_duplicate_epoch_line(tiny_tree, tmp_path, monkeypatch,
+                                                                               one_thread):
+    """Epoch 3's metrics line was written, its checkpoint not: the resumed run trains epoch 3
+    again and must not log it twice. A fresh start in the folder drops the old run's lines."""
+    from training import train
+    from training.checkpointing import keep_metrics_up_to
+
+    real_save = train.save_checkpoint
+
+    def die_before_checkpoint_3(out, model, optimizer, average, state, *rest):
+        if state["epoch"] == 3:
+            raise KeyboardInterrupt
+        real_save(out, model, optimizer, average, state, *rest)
+
+    out = tmp_path / "run"
+    argv = ["--data", str(tiny_tree), "--config", "tiny-test", "--batch-size", "8", "--epochs", "3",
+            "--out", str(out), "--cache-dir", str(tmp_path / "cache")]
+    monkeypatch.setattr(train, "save_checkpoint", die_before_checkpoint_3)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(argv)
+    monkeypatch.undo()
+    assert _logged_epochs(out) == [1, 2, 3] and torch.load(out / "last.pt", weights_only=True)["epoch"] == 2
+    assert train.main([*argv, "--resume"]) == 0
+    assert _logged_epochs(out) == [1, 2, 3]
+    with open(out / "metrics.jsonl", "a") as handle:
+        handle.write('{"epoch": 4, "lo')  # a torn line (killed mid-write) goes too
+    keep_metrics_up_to(out / "metrics.jsonl", 3)
+    assert _logged_epochs(out) == [1, 2, 3]
+    assert train.main([*argv, "--epochs", "1"]) == 0  # no --resume: a new run
+    assert _logged_epochs(out) == [1]
+
+
+def _refused(capsys, argv) -> str:
+    """training.train.main(argv) in this process must exit 2 with one line on stderr; the line."""
+    from training import train
+
+    assert train.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_a_batch_larger_than_the_training_set_is_refused_before_training(tiny_tree, tmp_path, capsys):
+    """It trained 0 steps per epoch, logged loss 0.0 and exited 0."""
+    out = tmp_path / "run"
+    err = _refused(capsys, ["--data", str(tiny_tree), "--config", "tiny-test", "--batch-size", "500",
+                            "--out", str(out), "--cache-dir", str(tmp_path / "cache")])
+    assert "--batch-size 500" in err and "24 images" in err and "--batch-size 24 or less" in err
+    assert not out.exists()  # refused before anything was written
+
+
+def test_a_missing_data_folder_is_one_line_not_a_traceback(tmp_path, capsys):
+    err = _refused(capsys, ["--data", str(tmp_path / "nowhere"), "--config", "tiny-test", "--out", str(tmp_path / "run")])
+    assert "--data" in err and "nowhere: no such folder" in err
+
+
+def test_class_folders_are_read_as_class_keys_and_unknown_ones_are_named(tmp_path, capsys):
+    """Folders matching a key up to case, spaces and hyphens are read as that key (as the
+    evaluation CLI reads them); a folder matching none is refused by name with the valid keys
+    (a 'Classes without sentences' ValueError traceback before, after decoding every image)."""
+    tree = write_class_tree(tmp_path / "data", {"Neutrophil": 3, "lymphocyte": 2, "blast cells": 2}, size=16)
+    err = _refused(capsys, ["--data", str(tree), "--config", "tiny-test", "--batch-size", "2", "--out",
+                            str(tmp_path / "run"), "--cache-dir", str(tmp_path / "cache")])
+    assert str(tree / "blast cells") in err and "Neutrophil" not in err.split(" name no class")[0]
+    assert "neutrophil, " in err and "rename each to one of" in err
+
+    from training.run_inputs import load_items
+
+    shutil.rmtree(tree / "blast cells")
+    keys = {"neutrophil", "lymphocyte", "basophil"}
+    items = load_items([str(tree)], 0, ["Neutrophil=2"], 0, keys)
+    assert sorted(i.label for i in items) == ["lymphocyte"] * 2 + ["neutrophil"] * 2  # --cut read as a key too
+    assert "Neutrophil' read as class 'neutrophil'" in capsys.readouterr().out
+
+
+def test_resume_without_checkpoint_says_so_and_another_config_is_refused(tiny_tree, tmp_path, capsys, one_thread):
+    from training import train
+
+    out = tmp_path / "run"
+    argv = ["--data", str(tiny_tree), "--config", "tiny-test", "--batch-size", "8", "--epochs", "1",
+            "--out", str(out), "--cache-dir", str(tmp_path / "cache"), "--resume"]
+    assert train.main(argv) == 0  # started silently from scratch before
+    assert f"no checkpoint in {out}, starting from scratch" in capsys.readouterr().err
+    wider = json.loads((PROJECT_ROOT / "assets" / "model_configs" / "tiny-test.json").read_text())
+    (tmp_path / "wider.json").write_text(json.dumps({**wider, "name": "wider", "embed_dim": 48}))
+    err = _refused(capsys, [*argv, "--config", str(tmp_path / "wider.json")])  # a page of size mismatches before
+    assert "was made with config 'tiny-test'" in err and "embed_dim" in err and "--config tiny-test" in err

@@ -11,7 +11,9 @@
 * with --attributes (a WBCAtt val CSV), per attribute the lowest phrase confidence whose
   phrases reach --attribute-target-accuracy (training.calibrate_attributes).
 Honesty: val is split in two seeded halves; everything is fitted on one half and the
-numbers stored under "calibration.report" are measured on the other half.
+numbers stored under "calibration.report" are measured on the other half. A panel whose fit
+is degenerate (a temperature outside SANE_TEMPERATURE, or fewer than MIN_VAL_PER_CLASS val
+images of a class) is stored with "degenerate": true and its reasons, and a warning says so.
 """
 from __future__ import annotations
 
@@ -34,6 +36,13 @@ from training.attribute_eval import read_attribute_rows
 from training.calibrate_attributes import calibrate_attributes
 from training.dataset import decode_images
 from training.evaluation_utils import embed_uint8
+
+
+# A fit outside these is flagged, not stored silently. Logits are cosine x the learned scale
+# (up to 100), and a trained model's val temperature lies near 1; one far outside means the
+# fitting half carried almost no signal (a handful of images, or a model at chance).
+SANE_TEMPERATURE = (0.05, 20.0)
+MIN_VAL_PER_CLASS = 20  # val images of each class (half fit, half measure the report)
 
 
 def parse_args(argv=None):
@@ -107,6 +116,35 @@ def calibrate_panel(bundle, embeddings, labels, panel, fit, held_out, args) -> d
                        "accuracy_answered": round(float(correct[held_out][answered].float().mean()), 4)}}
 
 
+def degenerate_reasons(result: dict, counts: dict[str, int]) -> list[str]:
+    """Why a panel's fitted calibration should not be trusted (empty when nothing is wrong);
+    `counts` holds the val images of each of the panel's classes."""
+    reasons = []
+    low, high = SANE_TEMPERATURE
+    temperature = result["temperature"]
+    if not low <= temperature <= high:
+        effect = ("flattens every answer to about 1/K (all classes alike)" if temperature > high
+                  else "pushes every confidence to 0 or 1")
+        reasons.append(f"temperature {temperature:g} outside [{low:g}, {high:g}] {effect}")
+    few = {key: n for key, n in counts.items() if n < MIN_VAL_PER_CLASS}
+    if few:
+        listed = ", ".join(f"{key} {n}" for key, n in few.items())
+        reasons.append(f"fewer than {MIN_VAL_PER_CLASS} val images of {listed}")
+    return reasons
+
+
+def flag_degenerate(panel: str, result: dict, counts: dict[str, int]) -> None:
+    """Record in `result` whether the fit is degenerate, and warn on stderr in words for a user."""
+    reasons = degenerate_reasons(result, counts)
+    result["degenerate"] = bool(reasons)
+    if reasons:
+        result["degenerate_reasons"] = reasons
+        print(f"warning: the calibration of panel {panel} is degenerate ({'; '.join(reasons)}): its temperature "
+              f"and min_confidence {result['min_confidence']} are stored but not trustworthy, so the confidences "
+              "the app shows and its choice to answer or abstain rest on noise; calibrate on a val set with "
+              f"at least {MIN_VAL_PER_CLASS} images of every class", file=sys.stderr)
+
+
 def phrase_thresholds(bundle, rows: list[dict], args, previous: dict) -> dict:
     """{"attributes": thresholds, "attributes_report": ...} fitted on the WBCAtt `rows`; without
     rows, the ones of the `previous` calibration (recalibrating the panels alone keeps them)."""
@@ -145,6 +183,7 @@ def main(argv=None) -> int:
         order = torch.randperm(len(items), generator=torch.Generator().manual_seed(args.seed))
         fit, held_out = order[: len(order) // 2], order[len(order) // 2:]
         result = calibrate_panel(bundle, embeddings, [i.label for i in items], panel, fit, held_out, args)
+        flag_degenerate(panel, result, {key: sum(i.label == key for i in items) for key in bundle.panels[panel].keys})
         calibration["panels"][panel] = result
         print(panel, json.dumps(result), flush=True)
     calibration["out_of_scope"] = {"score": "Mahalanobis distance (shared within-class covariance, Ledoit-Wolf) "

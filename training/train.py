@@ -5,8 +5,8 @@
         --export assets/model/hemascribe_default.safetensors
 
 Runs unchanged under ``torchrun --nproc_per_node 2`` (DDP, gloo on CPU). A run folder
-holds config.json, metrics.jsonl and last.pt (weights, optimizer, epoch, config: resume
-with --resume); --export writes the safetensors model and its sidecar.
+holds config.json, metrics.jsonl and last.pt (weights, optimizer, epoch, config, random
+number states: resume with --resume, see training/checkpointing.py); --export writes the safetensors model and its sidecar.
 """
 from __future__ import annotations
 
@@ -29,12 +29,16 @@ from core.loss import attribute_matching_loss, bidirectional_contrastive_loss
 from core.model import DualEncoder
 from core.panels import load_attribute_phrases, load_panels
 from training.augment import AUGMENT_PRESETS, augment_batch
+from training.checkpointing import (gather_rng_states, keep_metrics_up_to, load_for_resume, resume_from,
+                                    save_checkpoint)
 from training.dataset import build_dataset, read_attribute_table
 from training.ema import WeightAverage
 from training.evaluation_utils import panel_accuracy
 from training.export_model import export
 from training.mixstyle import MixStyleHooks
 from training.distributed import rank_device, setup_distributed
+from training.run_inputs import (UsageError, as_class_keys, check_batch_size, check_paths, load_items,
+                                 scan_as_class_keys)
 from training.sampling import BALANCE_MODES, class_weights, epoch_indices, shard
 from training.text_features import SentenceFeatureCache
 
@@ -87,21 +91,6 @@ def seed_everything(seed: int) -> torch.Generator:
     np.random.seed(seed)
     torch.manual_seed(seed)
     return torch.Generator().manual_seed(seed)
-
-
-def load_items(folders: list[str], max_per_class: int, cuts: list[str], seed: int):
-    """Labelled images of all folders, optionally capped/cut per class (seeded)."""
-    items = [item for folder in folders for item in scan_class_folders(folder)]
-    limits = {c.split("=")[0]: int(c.split("=")[1]) for c in cuts}
-    rng = random.Random(seed)
-    by_class: dict[str, list] = {}
-    for item in items:
-        by_class.setdefault(item.label, []).append(item)
-    kept = []
-    for label, group in sorted(by_class.items()):
-        limit = limits.get(label, max_per_class or len(group))
-        kept.extend(sorted(rng.sample(group, min(limit, len(group))), key=lambda i: str(i.path)))
-    return kept
 
 
 def lr_at(step: int, total: int, base: float, warmup: int) -> float:
@@ -189,14 +178,16 @@ def train_one_epoch(model, objective, data, indices, features, optimizer, args, 
     return {k: v / max(1, steps) for k, v in sums.items()}
 
 
-def load_training_data(args, config, vocabulary: dict, rank: int):
+def load_training_data(args, config, panels, vocabulary: dict, rank: int, world: int):
     """Training items, class keys, the decoded training set, its synthetic mask and the val sets.
 
     Images are decoded once into memory (see training/dataset.py); caps and cuts apply to real
     images only, synthetic (GAN) images are added on top."""
     data_seed = args.seed if args.data_seed is None else args.data_seed
-    train_items = load_items(args.data, args.max_per_class, args.cut, data_seed)
-    train_items += [item for folder in args.synthetic for item in scan_class_folders(folder)]
+    keys = {key for panel in panels.values() for key in panel.keys}  # the classes with sentences
+    train_items = load_items(args.data, args.max_per_class, args.cut, data_seed, keys)
+    train_items += scan_as_class_keys(args.synthetic, keys, "--synthetic")
+    check_batch_size(len(train_items), args.batch_size, world, args.data)
     classes = sorted({item.label for item in train_items})
     attribute_table = read_attribute_table([(Path(c), Path(c).parent) for c in args.attributes])
     cache_size = int(config.image_size * 1.125)
@@ -205,27 +196,15 @@ def load_training_data(args, config, vocabulary: dict, rank: int):
     synthetic = torch.tensor([any(root in i.path.parents for root in synthetic_roots) for i in train_items])
     val_sets = []
     for folder in args.val:
-        items = [i for i in scan_class_folders(folder) if i.label in classes]
+        items = [i for i in as_class_keys(scan_class_folders(folder), keys)[0] if i.label in classes]
         val_sets.append((folder, build_dataset(items, classes, config.image_size, {}, vocabulary, Path(args.cache_dir))))
     if rank == 0:
         print(f"train: {len(train_items)} images, classes {class_counts(train_items)}", flush=True)
     return train_items, classes, train, synthetic, val_sets
 
 
-def resume_from(out: Path, model, optimizer, average, state: dict, generator, args) -> None:
-    """Continue from OUT/last.pt (weights, optimiser, weight average, epoch and step)."""
-    checkpoint = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
-    model.load_state_dict(checkpoint["model"])
-    optimizer.load_state_dict(checkpoint["optimizer"])
-    if average is not None and "average" in checkpoint:
-        average.load_state_dict(checkpoint["average"])
-    state.update(epoch=checkpoint["epoch"], step=checkpoint["step"])
-    generator.manual_seed(args.seed + state["rank"] + 1000 * state["epoch"])
-    print(f"resumed from epoch {state['epoch']}", flush=True)
-
-
 def close_epoch(model, average, optimizer, features, val_sets, state, losses, started, out, classes,
-                validate: bool = True) -> None:
+                rng_states: list[dict], validate: bool = True) -> None:
     """Rank 0 after each epoch: validate what will be exported (if `validate`), log, checkpoint atomically."""
     metrics = {"epoch": state["epoch"], "seconds": round(time.time() - started, 1), **losses,
                "logit_scale": float(model.scale().detach())}
@@ -237,10 +216,7 @@ def close_epoch(model, average, optimizer, features, val_sets, state, losses, st
     print(json.dumps(metrics), flush=True)
     with open(out / "metrics.jsonl", "a") as handle:
         handle.write(json.dumps(metrics) + "\n")
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": state["epoch"],
-                "step": state["step"], "config": model.config.to_dict(), "classes": classes,
-                **({"average": average.state_dict()} if average is not None else {})}, out / "last.tmp")
-    (out / "last.tmp").replace(out / "last.pt")
+    save_checkpoint(out, model, optimizer, average, state, classes, rng_states)
 
 
 def write_run_config(out: Path, args: argparse.Namespace, config, classes: list[str]) -> None:
@@ -249,21 +225,9 @@ def write_run_config(out: Path, args: argparse.Namespace, config, classes: list[
     (out / "config.json").write_text(json.dumps(record, indent=2))
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    rank, world = setup_distributed()
-    args.device = rank_device(args.device, world)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    generator = seed_everything(args.seed + rank)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    config = load_model_config(args.config)
-    panels, phrases = load_panels(), load_attribute_phrases()
-    vocabulary = {name: list(values) for name, values in phrases.items()}
-    train_items, classes, train, synthetic, val_sets = load_training_data(args, config, vocabulary, rank)
-
-    # ---- model, sentence features (frozen text tower, computed once), optimiser ----
+def build_model(config, panels, phrases, classes: list[str], generator, args, world: int):
+    """Model, weight average, sentence features (frozen text tower, computed once), the DDP-wrapped
+    objective and the optimiser."""
     model = DualEncoder(config).to(args.device)
     average = WeightAverage(model, args.ema) if args.ema > 0 else None  # before the text encoder loads: not copied
     if args.mixstyle > 0:  # after the weight average is copied: training-mode hooks on the live model only
@@ -273,13 +237,47 @@ def main(argv=None) -> int:
     if world > 1:
         objective = torch.nn.parallel.DistributedDataParallel(objective)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    return model, average, features, objective, optimizer
+
+
+def main(argv=None) -> int:
+    """Train; exit status 2 with one line on stderr for a mistake in the command line or the data."""
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+def run(args: argparse.Namespace) -> int:
+    """Train as the parsed command line says; 0 when done."""
+    check_paths(args)
+    rank, world = setup_distributed()
+    args.device = rank_device(args.device, world)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    generator = seed_everything(args.seed + rank)
+    try:
+        config = load_model_config(args.config)
+    except FileNotFoundError as error:  # the message lists the configs there are
+        raise UsageError(f"--config: {error}") from error
+    out = Path(args.out)
+    checkpoint = load_for_resume(out, config, args.config, rank) if args.resume else None
+    panels, phrases = load_panels(), load_attribute_phrases()
+    vocabulary = {name: list(values) for name, values in phrases.items()}
+    train_items, classes, train, synthetic, val_sets = load_training_data(args, config, panels, vocabulary, rank, world)
+    out.mkdir(parents=True, exist_ok=True)  # once the data is known to be usable
+    model, average, features, objective, optimizer = build_model(config, panels, phrases, classes, generator,
+                                                                 args, world)
     steps_per_epoch = (len(train_items) // world) // args.batch_size
     state = {"epoch": 0, "step": 0, "rank": rank, "total_steps": steps_per_epoch * args.epochs,
              "warmup": min(300, steps_per_epoch)}
-    if args.resume and (out / "last.pt").is_file():
-        resume_from(out, model, optimizer, average, state, generator, args)
+    if checkpoint is not None:
+        resume_from(checkpoint, out, model, optimizer, average, state, generator, args, world)
     weights = class_weights(train.labels, len(classes)).to(args.device) if args.balance == "reweight" else None
     if rank == 0:
+        keep_metrics_up_to(out / "metrics.jsonl", state["epoch"])
         write_run_config(out, args, config, classes)
 
     # ---- training loop: checkpoint and validate every epoch ----
@@ -289,9 +287,11 @@ def main(argv=None) -> int:
         losses = train_one_epoch(model, objective, train, indices, features, optimizer, args, state, generator,
                                  weights, average)
         state["epoch"] += 1
+        rng_states = gather_rng_states(generator, world)  # the states the next epoch starts from
         if rank == 0:
             validate = state["epoch"] % args.val_every == 0 or state["epoch"] == args.epochs
-            close_epoch(model, average, optimizer, features, val_sets, state, losses, started, out, classes, validate)
+            close_epoch(model, average, optimizer, features, val_sets, state, losses, started, out, classes,
+                        rng_states, validate)
 
     if rank == 0 and args.export:
         export(model, panels, phrases, train_items, args, out, average)

@@ -1,0 +1,138 @@
+"""The run folder's checkpoint, OUT/last.pt, and resuming from it.
+
+The checkpoint holds weights, optimiser, weight average, epoch, step, model config, classes
+and the random number generators' states of every process, so a run resumed after epoch k
+trains bit-identical weights to one that never stopped: augmentation, sampling, paraphrase
+choice and MixStyle all draw from the seeded torch.Generator, and re-seeding it at resume
+gave epoch k+1 other random numbers than the uninterrupted run. Everything is stored as
+tensors and plain types, so the file loads with ``torch.load(weights_only=True)`` (nothing
+is unpickled).
+"""
+from __future__ import annotations
+
+import json
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from core.config import ModelConfig
+from training.run_inputs import UsageError
+
+
+def rng_state(generator: torch.Generator) -> dict:
+    """This process's RNG states as tensors and plain types: the training generator, torch's
+    global CPU generator, Python's `random` and NumPy's global state. Today a training step
+    draws only from `generator`; the global ones are kept too so that code drawing from them
+    later (a dropout, a library augmentation) cannot silently break resuming. The CUDA
+    generators are not: nothing in a step draws from them (random numbers come from the CPU
+    generator, also on a GPU), and a GPU run resumed on another GPU count could not restore them."""
+    version, mt_state, gauss = random.getstate()
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    return {"generator": generator.get_state(), "torch": torch.get_rng_state(),
+            "python": {"version": version, "state": torch.tensor(mt_state, dtype=torch.int64), "gauss": gauss},
+            "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
+                      "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}}
+
+
+def restore_rng_state(generator: torch.Generator, state: dict) -> None:
+    """Undo `rng_state`: set every generator it saved to the saved state."""
+    generator.set_state(state["generator"])
+    torch.set_rng_state(state["torch"])
+    python = state["python"]
+    random.setstate((python["version"], tuple(int(x) for x in python["state"].tolist()), python["gauss"]))
+    numpy = state["numpy"]
+    np.random.set_state((numpy["kind"], numpy["keys"].numpy().astype(np.uint32), numpy["position"],
+                         numpy["has_gauss"], numpy["cached_gaussian"]))
+
+
+def gather_rng_states(generator: torch.Generator, world: int) -> list[dict]:
+    """Every rank's `rng_state`, index = rank (a collective: every rank calls it). Each DDP
+    rank has its own generator (seeded seed + rank), and only rank 0 writes the checkpoint."""
+    mine = rng_state(generator)
+    if world == 1:
+        return [mine]
+    states = [None] * world
+    dist.all_gather_object(states, mine)  # pickled between processes only, never to disk
+    return states
+
+
+def save_checkpoint(out: Path, model, optimizer, average, state: dict, classes: list[str],
+                    rng_states: list[dict]) -> None:
+    """Write OUT/last.pt atomically (temp file, then rename)."""
+    checkpoint = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": state["epoch"],
+                  "step": state["step"], "config": model.config.to_dict(), "classes": classes, "rng": rng_states}
+    if average is not None:
+        checkpoint["average"] = average.state_dict()
+    torch.save(checkpoint, out / "last.tmp")
+    (out / "last.tmp").replace(out / "last.pt")
+
+
+def check_same_config(out: Path, checkpoint: dict, config: ModelConfig, asked: str) -> None:
+    """UsageError unless the checkpoint was made with `config` (compared as ModelConfig, so
+    fields added since it was saved take their defaults): otherwise loading it fails with a
+    page of state_dict size mismatches."""
+    saved = ModelConfig.from_dict(checkpoint.get("config", {"name": "?"}))
+    if saved != config:
+        fields = [f for f, value in saved.to_dict().items() if config.to_dict()[f] != value]
+        raise UsageError(f"{out / 'last.pt'} was made with config {saved.name!r}, not --config {asked} "
+                         f"(they differ in {', '.join(fields)}); resume with --config {saved.name} "
+                         "or train into a new --out")
+
+
+def load_for_resume(out: Path, config: ModelConfig, asked: str, rank: int) -> dict | None:
+    """OUT/last.pt to resume from, checked against `config` before any data is decoded or model
+    built; None (and a line on stderr) when the run folder holds no checkpoint."""
+    if not (out / "last.pt").is_file():
+        if rank == 0:
+            # Not refused: a job script that may be preempted passes --resume on every launch,
+            # the first one included; the line keeps a mistyped --out from going unnoticed.
+            print(f"warning: no checkpoint in {out}, starting from scratch", file=sys.stderr, flush=True)
+        return None
+    checkpoint = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
+    check_same_config(out, checkpoint, config, asked)
+    return checkpoint
+
+
+def resume_from(checkpoint: dict, out: Path, model, optimizer, average, state: dict, generator, args,
+                world: int) -> None:
+    """Continue from `checkpoint` (`load_for_resume`): weights, optimiser, weight average, epoch,
+    step and this rank's random number generators."""
+    model.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    if average is not None and "average" in checkpoint:
+        average.load_state_dict(checkpoint["average"])
+    state.update(epoch=checkpoint["epoch"], step=checkpoint["step"])
+    saved = checkpoint.get("rng", [])
+    if len(saved) == world:
+        restore_rng_state(generator, saved[state["rank"]])
+    else:  # a checkpoint from before RNG states were saved, or another number of processes
+        generator.manual_seed(args.seed + state["rank"] + 1000 * state["epoch"])
+        if state["rank"] == 0:
+            print(f"warning: {out / 'last.pt'} holds no random number state for {world} process(es); "
+                  "re-seeded, so the resumed run will not repeat an uninterrupted one exactly", file=sys.stderr)
+    print(f"resumed from epoch {state['epoch']}", flush=True)
+
+
+def keep_metrics_up_to(path: Path, epoch: int) -> None:
+    """Drop the lines of OUT/metrics.jsonl after `epoch`, the epoch training starts from
+    (atomically: temp file, then rename). An epoch's metrics line is written before its
+    checkpoint, so a kill between the two leaves a line for an epoch the resumed run trains
+    again; a torn line (a kill mid-write) goes too. On a fresh start (epoch 0) the previous
+    run's lines go, as its last.pt is about to be overwritten and --export takes the final
+    metrics from the last line."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["epoch"] <= epoch:
+                kept.append(line + "\n")
+        except (ValueError, KeyError, TypeError):
+            continue
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    tmp.replace(path)

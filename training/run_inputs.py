@@ -1,0 +1,102 @@
+"""What `training.train` reads, checked before any work: the folders and files it is given,
+the class folders in them (read as class keys) and --cut.
+
+A mistake there is a `UsageError`: ``training.train`` prints its message as one line on
+stderr and exits with status 2, never with a traceback.
+"""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+from core.data import LabelledImage, scan_class_folders
+from training.evaluate import class_key_for_folder
+
+
+class UsageError(Exception):
+    """A mistake in the command line or the data layout; the message says what to change."""
+
+
+def check_paths(args) -> None:
+    """Every folder and file of the command line exists (else a UsageError naming it)."""
+    for flag, folders in (("--data", args.data), ("--val", args.val), ("--synthetic", args.synthetic)):
+        for folder in folders:
+            if not Path(folder).is_dir():
+                raise UsageError(f"{flag} {folder}: no such folder (expected a folder with a sub-folder per class)")
+    for path in args.attributes:
+        if not Path(path).is_file():
+            raise UsageError(f"--attributes {path}: no such file")
+
+
+def parse_cuts(cuts: list[str]) -> dict[str, int]:
+    """{class: N} from --cut CLASS=N arguments."""
+    limits = {}
+    for cut in cuts:
+        name, _, count = cut.partition("=")
+        if not name or not count.isdigit():
+            raise UsageError(f"--cut {cut!r}: expected CLASS=N, e.g. neutrophil=50")
+        limits[name] = int(count)
+    return limits
+
+
+def as_class_keys(items: list[LabelledImage], keys: set[str]) -> tuple[list[LabelledImage], dict[str, str]]:
+    """Items relabelled with the class key their folder name means, up to case, spaces and
+    hyphens, as the evaluation CLI reads folders ("Neutrophil" -> "neutrophil"), and {folder:
+    key} for the folders whose name was not exactly a key. Safe: a name is changed only when it
+    equals exactly one key once normalised, so no folder can land in a class it does not name."""
+    matched = {folder: class_key_for_folder(folder, keys) for folder in {item.label for item in items}}
+    renamed = {folder: key for folder, key in sorted(matched.items()) if folder != key}
+    return [LabelledImage(item.path, matched[item.label]) for item in items], renamed
+
+
+def scan_as_class_keys(folders: list[str], keys: set[str], flag: str = "--data") -> list[LabelledImage]:
+    """Images of every folder labelled with class keys (`as_class_keys`); a UsageError naming
+    every class folder that means no key, with the valid keys (training needs each class's
+    sentences, so an unknown folder cannot be trained)."""
+    items, unknown = [], []
+    for folder in folders:
+        found, renamed = as_class_keys(scan_class_folders(folder), keys)
+        unknown += [str(Path(folder) / label) for label in sorted({i.label for i in found}) if label not in keys]
+        for name, key in renamed.items():
+            print(f"folder {str(Path(folder) / name)!r} read as class {key!r}", flush=True)
+        items += found
+    if unknown:
+        raise UsageError(f"{flag}: class folder(s) {', '.join(unknown)} name no class of assets/panels.json; "
+                         f"rename each to one of {', '.join(sorted(keys))} (case, spaces and hyphens are ignored)")
+    return items
+
+
+def load_items(folders: list[str], max_per_class: int, cuts: list[str], seed: int,
+               keys: set[str] | None = None) -> list[LabelledImage]:
+    """Labelled images of all folders, optionally capped/cut per class (seeded). With `keys`,
+    folder names and --cut names are read as class keys (`scan_as_class_keys`)."""
+    if keys:
+        items = scan_as_class_keys(folders, keys)
+        limits = {class_key_for_folder(name, keys): n for name, n in parse_cuts(cuts).items()}
+    else:
+        items = [item for folder in folders for item in scan_class_folders(folder)]
+        limits = parse_cuts(cuts)
+    rng = random.Random(seed)
+    by_class: dict[str, list] = {}
+    for item in items:
+        by_class.setdefault(item.label, []).append(item)
+    kept = []
+    for label, group in sorted(by_class.items()):
+        limit = limits.get(label, max_per_class or len(group))
+        kept.extend(sorted(rng.sample(group, min(limit, len(group))), key=lambda i: str(i.path)))
+    return kept
+
+
+def check_batch_size(n_images: int, batch_size: int, world: int, folders: list[str]) -> None:
+    """Refuse a batch larger than the training images of one process. Refused rather than
+    shrunk: the contrastive loss takes its negatives from the batch, so the batch size is a
+    choice of objective, and a silently smaller batch would train another one than asked; a
+    last partial batch is dropped every epoch for the same reason (and keeps DDP ranks in
+    lockstep). With more images than that, every epoch has at least one full step."""
+    per_process = n_images // world
+    if n_images == 0:
+        raise UsageError(f"--data {' '.join(folders)}: no images found (expected DATA/<class>/<image files>)")
+    if batch_size < 1 or batch_size > per_process:
+        where = f" per process ({n_images} in all, {world} processes)" if world > 1 else ""
+        raise UsageError(f"--batch-size {batch_size}: the training set has {per_process} images{where}, so no "
+                         f"training step would run; use --batch-size {max(1, per_process)} or less")
