@@ -65,6 +65,23 @@ def test_balancing_sampler_counts():
     assert len({len(p) for p in parts}) == 1 and not set(parts[0].tolist()) & set(parts[1].tolist())
 
 
+def test_ddp_ranks_take_disjoint_slices_though_their_generators_differ():
+    from training.sampling import rank_epoch_indices
+
+    labels = torch.arange(100) % 4
+    world = 2
+    # each rank's training generator is seeded seed + rank, as training.train seeds them
+    ranks = [rank_epoch_indices(labels, "none", torch.Generator().manual_seed(7 + r), r, world, seed=7, epoch=3)
+             for r in range(world)]
+    assert not set(ranks[0].tolist()) & set(ranks[1].tolist())
+    assert sorted(ranks[0].tolist() + ranks[1].tolist()) == list(range(100))
+    later = rank_epoch_indices(labels, "none", torch.Generator().manual_seed(7), 0, world, seed=7, epoch=4)
+    assert not torch.equal(later, ranks[0])  # a new order every epoch
+    # one process: the training generator draws the order, as before (the shipped command's weights)
+    single = rank_epoch_indices(labels, "none", torch.Generator().manual_seed(7), 0, 1, seed=7, epoch=3)
+    assert torch.equal(single, epoch_indices(labels, "none", torch.Generator().manual_seed(7)))
+
+
 def _train(tree, out, *extra, launcher=(sys.executable, "-m")):
     cmd = [*launcher, "training.train", "--data", str(tree), "--val", str(tree), "--config", "tiny-test",
            "--epochs", "2", "--batch-size", "8", "--out", str(out), "--cache-dir", str(out / "cache"), *extra]

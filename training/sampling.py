@@ -7,7 +7,8 @@
 * ``gan``: real images once plus synthetic ones for minority classes (the synthetic images
   are appended to the dataset by the caller; the cap on their share per batch is enforced
   here).
-Under DDP every rank takes a disjoint, equally long slice of the same permutation.
+Under DDP every rank takes a disjoint, equally long slice of the same permutation
+(`rank_epoch_indices`).
 """
 from __future__ import annotations
 
@@ -45,3 +46,17 @@ def shard(indices: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
     """Rank's slice; every rank gets the same count so DDP steps stay in lockstep."""
     per_rank = len(indices) // world_size
     return indices[rank * per_rank:(rank + 1) * per_rank]
+
+
+def rank_epoch_indices(labels: torch.Tensor, mode: str, generator: torch.Generator, rank: int, world_size: int,
+                       seed: int, epoch: int, synthetic: torch.Tensor | None = None) -> torch.Tensor:
+    """This rank's images for `epoch`. With one process the training generator draws the order,
+    as it always has (the shipped model's command still trains it bit for bit). Under DDP the
+    ranks' training generators differ (seed + rank: each rank augments differently), so their
+    permutations would differ and the slices overlap, some images seen twice and others never;
+    the order is drawn instead from a generator seeded by `seed` and `epoch` alone, the same on
+    every rank and nothing to checkpoint."""
+    if world_size == 1:
+        return epoch_indices(labels, mode, generator, synthetic)
+    order = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return shard(epoch_indices(labels, mode, order, synthetic), rank, world_size)

@@ -39,7 +39,7 @@ from training.mixstyle import MixStyleHooks
 from training.distributed import rank_device, setup_distributed
 from training.run_inputs import (UsageError, as_class_keys, check_batch_size, check_paths, load_items,
                                  scan_as_class_keys)
-from training.sampling import BALANCE_MODES, class_weights, epoch_indices, shard
+from training.sampling import BALANCE_MODES, class_weights, rank_epoch_indices
 from training.text_features import SentenceFeatureCache
 
 
@@ -283,7 +283,8 @@ def run(args: argparse.Namespace) -> int:
     # ---- training loop: checkpoint and validate every epoch ----
     while state["epoch"] < args.epochs:
         started = time.time()
-        indices = shard(epoch_indices(train.labels, args.balance, generator, synthetic), rank, world)
+        indices = rank_epoch_indices(train.labels, args.balance, generator, rank, world, args.seed, state["epoch"],
+                                     synthetic)
         losses = train_one_epoch(model, objective, train, indices, features, optimizer, args, state, generator,
                                  weights, average)
         state["epoch"] += 1
