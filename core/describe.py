@@ -17,7 +17,7 @@ from PIL import Image
 from core.checkpoint import ModelBundle
 from core.imageio import prepare_image
 from core.preprocess import to_model_input
-from core.reliability import abstention_decision, content_problems, panel_probabilities
+from core.reliability import abstention_decision, content_problems, is_calibrated, panel_probabilities
 
 
 @dataclass(frozen=True)
@@ -130,7 +130,8 @@ def _describe_file(bundle: ModelBundle, path: str, panel: str | None) -> dict:
     return {"file": path, "ok": True, "panel": result.panel, "class": result.class_key,
             "sentence": result.sentence, "confidence": round(result.confidence, 4),
             "abstained": result.abstained, "abstain_reason": result.abstain_reason, "abstain_kind": result.abstain_kind,
-            "best_class": result.best_class, "notes": list(loaded.notes),
+            "best_class": result.best_class, "calibrated": is_calibrated(bundle, result.panel),
+            "notes": list(loaded.notes),
             "scores": {k: round(v, 4) for k, v in result.scores.items()}}
 
 
@@ -171,6 +172,9 @@ def _readable(record: dict) -> str:
         return f"{record['file']}: REFUSED - {record['error']}"
     if record["abstained"]:
         return f"{record['file']}: UNCERTAIN - {record['abstain_reason']}"
+    if not record["calibrated"]:
+        return (f"{record['file']}: {record['sentence']} (confidence {record['confidence']:.2f}, NOT calibrated: "
+                f"no abstention thresholds; run python -m training.calibrate)")
     return f"{record['file']}: {record['sentence']} (confidence {record['confidence']:.2f})"
 
 

@@ -9,9 +9,9 @@ Decisions worth knowing:
 * The decoder is chosen from the content, never from the extension; only formats in
   `ALLOWED_FORMATS` are decoded (MPO is how Pillow names many phone JPEGs).
 * The pixel count declared in the header is checked against ``max_pixels`` before any
-  pixel data is decoded. Pillow's own `Image.MAX_IMAGE_PIXELS` guard is kept as an
-  outer ceiling (its warning is turned into a refusal), so raising ``max_pixels`` above
-  Pillow's limit has no effect.
+  pixel data is decoded. Pillow's own `Image.MAX_IMAGE_PIXELS` guard stays as an outer
+  check (its warning is turned into a refusal) and is raised to ``max_pixels`` when that is
+  higher, so the setting, not Pillow's default of about 89 million, is the limit.
 * 16-bit, 32-bit and float images, grey or colour, are contrast-stretched from their own
   min-max range, not from the dtype range: microscopy cameras often fill only 10-14 bits of a
   16-bit container, and dividing by 65535 would give an almost black picture. Colour ones are
@@ -68,6 +68,8 @@ def load_image_bytes(data: bytes, file_name: str, *, max_bytes: int | None = Non
     max_bytes, max_pixels = upload_limits(max_bytes, max_pixels)
     data = bytes(data)  # accept bytearray / memoryview from upload widgets
     check_raw_bytes(data, name, max_bytes)
+    if Image.MAX_IMAGE_PIXELS is not None and max_pixels > Image.MAX_IMAGE_PIXELS:
+        Image.MAX_IMAGE_PIXELS = max_pixels  # only ever raised: our header check runs first
     with _decoding(name):
         image, original_size, notes = _decode(data, name, max_pixels, max_side, min_side)
     return LoadedImage(image=image, sha256=hashlib.sha256(data).hexdigest(),

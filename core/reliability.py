@@ -55,6 +55,14 @@ def _calibration(bundle: ModelBundle) -> dict:
     return bundle.sidecar.get("calibration", {})
 
 
+def is_calibrated(bundle: ModelBundle, panel: str) -> bool:
+    """Whether `training.calibrate` fitted this panel's temperature and thresholds on enough val
+    data (a fit flagged degenerate counts as none). Without it, confidences are raw softmax and
+    the model abstains only on blank or noise images."""
+    fitted = _calibration(bundle).get("panels", {}).get(panel)
+    return bool(fitted) and not fitted.get("degenerate", False)
+
+
 def panel_logits(bundle: ModelBundle, embedding: torch.Tensor, panel: str) -> torch.Tensor:
     """Uncalibrated logits: cosine to each class prototype times the learned scale."""
     return (bundle.prototypes[panel] @ embedding) * float(bundle.model.scale().detach())

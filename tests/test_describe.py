@@ -86,6 +86,7 @@ def test_describe_cli_good_and_broken_file(tiny_model_path, tmp_path):
     lines = [json.loads(line) for line in proc.stdout.splitlines()]
     assert proc.returncode == 1  # one file refused
     assert lines[0]["ok"] and lines[0]["panel"] == "blood_cells" and set(lines[0]["scores"])
+    assert lines[0]["calibrated"] is False  # a freshly trained model: raw softmax, no abstention thresholds
     assert not lines[1]["ok"] and "broken.jpg" in lines[1]["error"]
     assert "Traceback" not in proc.stderr
 
@@ -103,3 +104,16 @@ def test_unusable_setting_is_one_clear_line_not_a_traceback(tmp_path, monkeypatc
                           cwd=PROJECT_ROOT, timeout=120, env={**os.environ, f"HEMASCRIBE_{variable}": value})
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert f"HEMASCRIBE_{variable} must be a positive" in proc.stderr and repr(value) in proc.stderr
+
+
+def test_calibration_counts_only_when_fitted_and_not_degenerate():
+    from types import SimpleNamespace
+
+    from core.reliability import is_calibrated
+
+    fitted = {"calibration": {"panels": {"blood_cells": {"temperature": 0.9},
+                                         "b_all": {"temperature": 24434.0, "degenerate": True}}}}
+    bundle = SimpleNamespace(sidecar=fitted)
+    assert is_calibrated(bundle, "blood_cells")
+    assert not is_calibrated(bundle, "b_all") and not is_calibrated(bundle, "leukemia")
+    assert not is_calibrated(SimpleNamespace(sidecar={}), "blood_cells")

@@ -141,6 +141,17 @@ def test_a_data_folder_without_images_is_refused(tiny_model_path, tmp_path, caps
     assert f"no images found under {data} (expected one sub-folder per class" in err and len(err.splitlines()) == 1
 
 
+def test_a_data_folder_whose_images_all_fail_is_refused_with_the_first_reason(tiny_model_path, tmp_path, capsys):
+    data = tmp_path / "site"
+    (data / "neutrophil").mkdir(parents=True)
+    (data / "neutrophil" / "a.png").write_bytes(b"not a png")
+    (data / "neutrophil" / "b.jpg").write_bytes(b"")
+    code, metrics = run_evaluate(tiny_model_path, data, tmp_path)
+    err = capsys.readouterr().err
+    assert code == 2 and metrics is None and len(err.splitlines()) == 1
+    assert "none of the 2 images under" in err and "could be read" in err
+
+
 def test_mixed_panels_the_panel_holding_most_folders_wins_and_a_tie_is_refused(tiny_model_path, tmp_path, capsys):
     tied = write_class_tree(tmp_path / "tied", {"neutrophil": 1, "basophil": 1, "Pre-B": 1, "benign": 1})
     code, metrics = run_evaluate(tiny_model_path, tied, tmp_path)

@@ -154,6 +154,15 @@ def test_bomb_below_pillows_limit_is_refused_by_our_own_limit():
         load_image_bytes(data, "bomb.png")
 
 
+def test_max_pixels_above_pillows_default_is_the_limit(monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # restored after the test
+    data = png_with_header(10_000, 9_500)  # 95 MP: over Pillow's 89 MP default, under the 100 MP asked for
+    with pytest.raises(ImageRejected) as refused:
+        load_image_bytes(data, "scan.png", max_pixels=100_000_000)
+    assert "decompression bomb" not in str(refused.value)  # decoded as far as its stub data goes
+    assert "truncated or corrupted" in str(refused.value)
+
+
 def test_max_pixels_argument_and_setting(monkeypatch):
     data = encode(noise((100, 100)), "PNG")
     with pytest.raises(ImageRejected, match="decompression bomb"):

@@ -130,6 +130,9 @@ def evaluate(bundle, data_dir: str, panel: str | None, batch_size: int = 64) -> 
     panel = panel or infer_panel(bundle.panels, folders)
     classes = bundle.panels[panel].keys
     described, results, refused = describe_folder(bundle, items, panel, batch_size)
+    if not described:  # a table of None would read as a result
+        raise ValueError(f"none of the {len(refused)} images under {data_dir} could be read; the first: "
+                         f"{refused[0][1]}")
     known = [(i, r) for i, r in zip(described, results) if i.label in classes]
     unknown = [r for i, r in zip(described, results) if i.label not in classes]
     metrics = {"panel": panel, "data": str(data_dir),

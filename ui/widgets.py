@@ -16,6 +16,7 @@ import streamlit as st
 from core.checkpoint import ModelBundle
 from core.describe import Description, default_panel
 from core.panels import Panel
+from core.reliability import is_calibrated
 
 _MD_SPECIAL = frozenset(string.punctuation)
 DISCLAIMER = ("A teaching and review aid for blood-cell morphology, not a diagnostic device. "
@@ -60,7 +61,7 @@ def panel_select(bundle: ModelBundle, key: str) -> Panel:
 
 def panel_calibrated(bundle: ModelBundle, panel: Panel) -> bool:
     """Whether the panel's probabilities were calibrated on val (never for a panel without images)."""
-    return panel.validated and panel.name in bundle.sidecar.get("calibration", {}).get("panels", {})
+    return panel.validated and is_calibrated(bundle, panel.name)  # a degenerate fit counts as none
 
 
 def confidence_label(bundle: ModelBundle, panel: Panel) -> str:
