@@ -115,6 +115,9 @@ def load_bundle(path: Path | str, text_model_override: str | None = None) -> Mod
     path = Path(path)
     sidecar = _read_sidecar(path)
     actual = file_sha256(path)
+    if not sidecar.get("weights_sha256"):
+        raise ModelLoadError(f"Refusing to load {path.name}: its sidecar records no weights_sha256, so the "
+                             "weights cannot be verified (export the model again: python -m training.export_model).")
     if actual != sidecar.get("weights_sha256"):
         raise ModelLoadError(f"Refusing to load {path.name}: its sha256 {actual[:12]}... does not match "
                              f"the sidecar's {str(sidecar.get('weights_sha256'))[:12]}... "

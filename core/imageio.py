@@ -139,6 +139,8 @@ def load_image_path(path, *, max_bytes: int | None = None, max_pixels: int | Non
     name = safe_name(path.name)
     max_bytes, max_pixels = upload_limits(max_bytes, max_pixels)
     try:
+        if path.is_dir():
+            raise ImageRejected(f"{name}: this is a folder, not an image file.")
         if not path.is_file():
             raise ImageRejected(f"{name}: the file does not exist or is not a regular file.")
         check_size(path.stat().st_size, name, max_bytes)

@@ -32,6 +32,15 @@ def test_tampered_weights_are_refused(tmp_path):
         load_bundle(path)
 
 
+def test_sidecar_without_a_weights_hash_is_refused_as_unverifiable(tmp_path):
+    path = save_bundle(make_tiny_bundle(), tmp_path / "m.safetensors")
+    side = json.loads(sidecar_path(path).read_text())
+    del side["weights_sha256"]
+    sidecar_path(path).write_text(json.dumps(side))
+    with pytest.raises(ModelLoadError, match="records no weights_sha256, so the weights cannot be verified"):
+        load_bundle(path)
+
+
 def test_missing_sidecar_and_missing_file_are_clear(tmp_path):
     path = save_bundle(make_tiny_bundle(), tmp_path / "m.safetensors")
     sidecar_path(path).unlink()

@@ -209,7 +209,7 @@ def test_load_image_path_refuses_large_file_before_reading(tmp_path, monkeypatch
 def test_load_image_path_missing_file_and_directory(tmp_path):
     with pytest.raises(ImageRejected, match="does not exist"):
         load_image_path(tmp_path / "nope.png")
-    with pytest.raises(ImageRejected, match="not a regular file"):
+    with pytest.raises(ImageRejected, match="this is a folder, not an image file"):
         load_image_path(tmp_path)
 
 
