@@ -74,6 +74,25 @@ def _image_files(folder: Path, skip: set[str], root_real: str) -> list[Path]:
     return sorted(found)
 
 
+def class_key_for_folder(folder: str, keys: set[str]) -> str:
+    """The class key a folder name means: itself, or the key it equals up to case, spaces and
+    hyphens ("Early Pre-B" -> "early_pre_b"); the folder name when it matches none."""
+    if folder in keys:
+        return folder
+    normalised = "_".join(folder.strip().lower().replace("-", " ").split())
+    return normalised if normalised in keys else folder
+
+
+def as_class_keys(items: list[LabelledImage], keys: set[str]) -> tuple[list[LabelledImage], dict[str, str]]:
+    """Items relabelled with the class key their folder name means (`class_key_for_folder`), and
+    {folder: key} for the folders whose name was not exactly a key. Safe: a name is changed only
+    when it equals exactly one key once normalised, so no folder lands in a class it does not name.
+    Training and evaluation read folders this one way."""
+    matched = {folder: class_key_for_folder(folder, keys) for folder in {item.label for item in items}}
+    renamed = {folder: key for folder, key in sorted(matched.items()) if folder != key}
+    return [LabelledImage(item.path, matched[item.label]) for item in items], renamed
+
+
 def read_label_csv(csv_path: Path | str, root: Path | str | None = None,
                    path_column: str = "path", label_column: str = "label") -> list[LabelledImage]:
     """Images listed in a CSV file with a path column (relative to ``root``, default the

@@ -176,19 +176,24 @@ def _average_blocks(array: np.ndarray, step: int) -> np.ndarray:
     """(H, W, C) shrunk `step` times by averaging step x step blocks, same sample type.
     Averaging, not keeping every step-th pixel: a pattern finer than the step (granules,
     a sensor's mosaic) must come out as its mean, not as whichever phase the stride hits.
-    Float samples average their finite values (a NaN pixel must not blank its block)."""
+    Float samples average their finite values (a NaN pixel must not blank its block). Done in
+    strips of rows, so the extra memory stays a few tens of MB whatever the image's size."""
     if step == 1:
         return array
-    h, w = array.shape[0] // step * step, array.shape[1] // step * step
-    blocks = array[:h, :w].reshape(h // step, step, w // step, step, array.shape[-1])
-    if array.dtype.kind == "f":
-        finite = np.isfinite(blocks)
-        total = np.where(finite, blocks, 0).sum(axis=(1, 3), dtype=np.float64)
-        count = finite.sum(axis=(1, 3))
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return (total / count).astype(array.dtype)  # a block with no finite sample stays NaN
-    mean = blocks.mean(axis=(1, 3), dtype=np.float64)
-    return np.rint(mean).astype(array.dtype)
+    rows, cols, channels = array.shape[0] // step, array.shape[1] // step, array.shape[-1]
+    out = np.empty((rows, cols, channels), dtype=np.float32)  # exact enough for means of 16-bit samples
+    strip = max(1, (1 << 21) // max(1, cols * step * step * channels))  # block rows per ~2M samples
+    for top in range(0, rows, strip):
+        bottom = min(rows, top + strip)
+        blocks = array[top * step:bottom * step, :cols * step].reshape(bottom - top, step, cols, step, channels)
+        if array.dtype.kind == "f":
+            finite = np.isfinite(blocks)
+            total = np.where(finite, blocks, 0).sum(axis=(1, 3), dtype=np.float64)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                out[top:bottom] = total / finite.sum(axis=(1, 3))  # no finite sample: NaN
+        else:
+            out[top:bottom] = blocks.mean(axis=(1, 3), dtype=np.float64)
+    return out.astype(array.dtype, copy=False) if array.dtype.kind == "f" else np.rint(out, out=out).astype(array.dtype)
 
 
 def _opacity(alpha: np.ndarray) -> np.ndarray:

@@ -160,6 +160,13 @@ def update_index(bundle: ModelBundle, folder: Path | str, sources: list[Source],
         return index
 
 
+def stale_count(index: GalleryIndex, sources: list[Source]) -> int:
+    """How many of `sources` `update_index` would embed (new or changed), plus indexed files no
+    longer listed: 0 when the index is up to date. Stat-only, nothing decoded."""
+    listed = {src.path for src in sources}
+    return len(_plan(index, sources)[2]) + sum(item.path not in listed for item in index.items)
+
+
 def _plan(old: GalleryIndex, sources: list[Source]) -> tuple[list[int], list[GalleryItem], list[Source], dict]:
     """(old rows kept, their refreshed items, sources to embed, refusals still valid)."""
     previous = {item.path: row for row, item in enumerate(old.items)}

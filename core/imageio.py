@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import math
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -32,7 +31,8 @@ from PIL import Image, UnidentifiedImageError
 
 from . import deep_pixels
 from .upload_checks import (  # noqa: F401  (ImageRejected is this module's public error too)
-    SUPPORTED_TEXT, ImageRejected, check_raw_bytes, check_size, safe_name, short_reason, upload_limits,
+    SUPPORTED_TEXT, ImageRejected, check_dimensions, check_raw_bytes, check_size, fit_size, safe_name, short_reason,
+    upload_limits,
 )
 
 ALLOWED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "TIFF", "BMP", "GIF", "WEBP"})
@@ -69,7 +69,10 @@ def load_image_bytes(data: bytes, file_name: str, *, max_bytes: int | None = Non
     data = bytes(data)  # accept bytearray / memoryview from upload widgets
     check_raw_bytes(data, name, max_bytes)
     if Image.MAX_IMAGE_PIXELS is not None and max_pixels > Image.MAX_IMAGE_PIXELS:
-        Image.MAX_IMAGE_PIXELS = max_pixels  # only ever raised: our header check runs first
+        # Pillow refuses at open, before our header check, above its own ceiling: a setting asking
+        # for more raises that ceiling for this process (never lowered; every image we open is
+        # checked against the setting right after)
+        Image.MAX_IMAGE_PIXELS = max_pixels
     with _decoding(name):
         image, original_size, notes = _decode(data, name, max_pixels, max_side, min_side)
     return LoadedImage(image=image, sha256=hashlib.sha256(data).hexdigest(),
@@ -85,8 +88,10 @@ def prepare_image(img: Image.Image, *, max_pixels: int | None = None, max_side: 
     images themselves. Raises `ImageRejected`."""
     _, max_pixels = upload_limits(None, max_pixels)
     name = "image"
-    _check_dimensions(name, *img.size, max_pixels, min_side, max_side)
-    orientation = _orientation(img)
+    check_dimensions(name, *img.size, max_pixels, min_side, max_side)
+    # only an image straight from a file (it has a format) still needs its EXIF orientation: a
+    # derived one (transposed, converted) keeps the EXIF in its info but is already as shown
+    orientation = _orientation(img) if img.format else 1
     if img.mode == "RGB" and orientation == 1 and max(img.size) <= max_side and getattr(img, "n_frames", 1) == 1:
         return img, []  # already what the loader makes (the app's and CLI's images): no copy
     with _decoding(name):
@@ -166,7 +171,7 @@ def _decode(data: bytes, name: str, max_pixels: int, max_side: int, min_side: in
         raise ImageRejected(f"{name}: {fmt} images are not supported; use {SUPPORTED_TEXT}.")
     label = "JPEG" if fmt == "MPO" else fmt
     width, height = img.size
-    _check_dimensions(name, width, height, max_pixels, min_side, max_side)
+    check_dimensions(name, width, height, max_pixels, min_side, max_side)
     if fmt in ("PNG", "TIFF") and deep_pixels.is_deep_colour(img):
         return _decode_deep(data, img, name, label, max_pixels, max_side)
     if fmt == "PNG":
@@ -180,7 +185,7 @@ def _decode(data: bytes, name: str, max_pixels: int, max_side: int, min_side: in
     if label == "JPEG":
         # Let libjpeg decode at 1/2, 1/4 or 1/8 scale: a 6000x6000 photo never needs
         # to exist at full size in memory. draft() keeps both sides >= the target.
-        img.draft(img.mode, _fit_size((width, height), max_side))
+        img.draft(img.mode, fit_size((width, height), max_side))
     img.load()  # force the full decode now, so truncated data fails here
     rgb, mode_notes = _to_rgb(img, label)
     # Pillow's TIFF reader applied the orientation on load; other readers leave it to _oriented_fit.
@@ -192,19 +197,6 @@ def _displayed_size(img: Image.Image, orientation: int) -> tuple[int, int]:
     load applies) the orientation itself; other readers report the stored size."""
     width, height = img.size
     return (height, width) if orientation in (5, 6, 7, 8) and img.format != "TIFF" else (width, height)
-
-
-def _check_dimensions(name: str, width: int, height: int, max_pixels: int, min_side: int, max_side: int) -> None:
-    if width * height > max_pixels:  # header only: nothing decoded yet
-        raise ImageRejected(
-            f"{name}: the image declares {width}x{height} = {width * height:,} pixels, more "
-            f"than the limit of {max_pixels:,}; refused as a possible decompression bomb.")
-    if min(width, height) < min_side:
-        raise ImageRejected(f"{name}: the image is only {width}x{height} pixels; each side "
-                            f"must be at least {min_side} pixels.")
-    if min(_fit_size((width, height), max_side)) < min_side:  # a strip, not a cell or a field
-        raise ImageRejected(f"{name}: the image is {width}x{height} pixels, too long and narrow to "
-                            f"describe (a side may be at most {max_side // min_side} times the other).")
 
 
 def _fit(rgb: Image.Image, size: tuple[int, int], notes: list[str], max_side: int):
@@ -232,7 +224,7 @@ def _decode_tiff_pillow_cannot_open(data: bytes, name: str, max_pixels: int, max
     """Planar, floating-point colour or 16-bit grey+alpha TIFFs (see core.deep_pixels), same checks
     and result."""
     info = deep_pixels.tiff_header(data, max_pixels)
-    _check_dimensions(name, info.width, info.height, max_pixels, min_side, max_side)
+    check_dimensions(name, info.width, info.height, max_pixels, min_side, max_side)
     notes = _extension_notes(name, "TIFF")
     if info.pages > 1:
         notes.append(f"multi-page TIFF: first of {info.pages} frames used")
@@ -257,11 +249,6 @@ def _oriented_fit(rgb: Image.Image, displayed: tuple[int, int], orientation: int
     # again (prepare_image, Pillow's exif_transpose) would turn the upright image a second time.
     rgb.info.clear()
     return _fit(rgb, displayed, notes, max_side)
-
-
-def _fit_size(size: tuple[int, int], max_side: int) -> tuple[int, int]:
-    scale = min(1.0, max_side / max(size))
-    return max(1, math.ceil(size[0] * scale)), max(1, math.ceil(size[1] * scale))
 
 
 def _extension_notes(name: str, label: str) -> list[str]:

@@ -55,12 +55,18 @@ def _calibration(bundle: ModelBundle) -> dict:
     return bundle.sidecar.get("calibration", {})
 
 
+def _fitted(bundle: ModelBundle, panel: str) -> dict:
+    """The panel's temperature and thresholds from the sidecar; {} when none were fitted or the
+    fit was flagged degenerate (too little val data: its temperature and thresholds are noise)."""
+    fitted = _calibration(bundle).get("panels", {}).get(panel) or {}
+    return {} if fitted.get("degenerate", False) else fitted
+
+
 def is_calibrated(bundle: ModelBundle, panel: str) -> bool:
     """Whether `training.calibrate` fitted this panel's temperature and thresholds on enough val
-    data (a fit flagged degenerate counts as none). Without it, confidences are raw softmax and
-    the model abstains only on blank or noise images."""
-    fitted = _calibration(bundle).get("panels", {}).get(panel)
-    return bool(fitted) and not fitted.get("degenerate", False)
+    data (a fit flagged degenerate counts as none, and is not applied). Without it, confidences
+    are raw softmax and the model abstains only on blank or noise images."""
+    return bool(_fitted(bundle, panel))
 
 
 def panel_logits(bundle: ModelBundle, embedding: torch.Tensor, panel: str) -> torch.Tensor:
@@ -70,7 +76,7 @@ def panel_logits(bundle: ModelBundle, embedding: torch.Tensor, panel: str) -> to
 
 def panel_probabilities(bundle: ModelBundle, embedding: torch.Tensor, panel: str) -> list[float]:
     """Temperature-calibrated class probabilities within the panel."""
-    temperature = _calibration(bundle).get("panels", {}).get(panel, {}).get("temperature", 1.0)
+    temperature = _fitted(bundle, panel).get("temperature", 1.0)
     return torch.softmax(panel_logits(bundle, embedding, panel) / temperature, dim=-1).tolist()
 
 
@@ -138,7 +144,7 @@ def abstention_decision(bundle: ModelBundle, embedding: torch.Tensor, panel: str
     `content_problem` comes from `content_problems` on the model input."""
     if content_problem:
         return Decision(True, content_problem, math.inf, "content")
-    calibration = _calibration(bundle).get("panels", {}).get(panel, {})
+    calibration = _fitted(bundle, panel)
     spec = bundle.panels[panel]
     score = float(out_of_scope_scores(bundle, embedding[None], spec.keys)[0]) if bundle.centroids else 0.0
     if not spec.validated:

@@ -2,6 +2,7 @@
 and a file name that is safe to show; the limits come from the settings."""
 from __future__ import annotations
 
+import math
 import unicodedata
 from pathlib import PureWindowsPath
 
@@ -76,3 +77,26 @@ def check_raw_bytes(data: bytes, name: str, max_bytes: int) -> None:
         fmt = _ISO_BRANDS[data[8:12]]
         raise ImageRejected(f"{name}: {fmt} images are not supported; export the image as "
                             f"{SUPPORTED_TEXT}.")
+
+
+def check_dimensions(name: str, width: int, height: int, max_pixels: int, min_side: int, max_side: int) -> None:
+    """Refuse (ImageRejected) from the header's size alone: more pixels than `max_pixels`, a side
+    under `min_side`, or a strip too long and narrow to describe."""
+    if width * height > max_pixels:  # header only: nothing decoded yet
+        raise ImageRejected(
+            f"{name}: the image declares {width}x{height} = {width * height:,} pixels, more "
+            f"than the limit of {max_pixels:,}; refused as a possible decompression bomb.")
+    if min(width, height) < min_side:
+        raise ImageRejected(f"{name}: the image is only {width}x{height} pixels; each side "
+                            f"must be at least {min_side} pixels.")
+    # a strip, not a cell or a field: its short side would fall under min_side once the long side
+    # fits max_side (exact arithmetic: a rounded size could pass here and fail a later check)
+    if max(width, height) > max_side and min(width, height) * max_side < min_side * max(width, height):
+        raise ImageRejected(f"{name}: the image is {width}x{height} pixels, too long and narrow to "
+                            f"describe (a side may be at most {max_side // min_side} times the other).")
+
+
+def fit_size(size: tuple[int, int], max_side: int) -> tuple[int, int]:
+    """(width, height) scaled down so the longer side is at most `max_side` (rounded up)."""
+    scale = min(1.0, max_side / max(size))
+    return max(1, math.ceil(size[0] * scale)), max(1, math.ceil(size[1] * scale))

@@ -117,3 +117,21 @@ def test_calibration_counts_only_when_fitted_and_not_degenerate():
     assert is_calibrated(bundle, "blood_cells")
     assert not is_calibrated(bundle, "b_all") and not is_calibrated(bundle, "leukemia")
     assert not is_calibrated(SimpleNamespace(sidecar={}), "blood_cells")
+
+
+def test_a_degenerate_fit_is_not_applied(tiny_bundle, cell_image):
+    import dataclasses
+
+    from core.describe import embed_images
+    from core.reliability import panel_probabilities
+
+    embedding = embed_images(tiny_bundle, [cell_image])[0][0]
+    raw = panel_probabilities(tiny_bundle, embedding, "blood_cells")
+    fit = {"temperature": 24434.0, "min_confidence": 0.99, "out_of_scope_threshold": -1.0}
+    for degenerate, expect_raw in ((True, True), (False, False)):
+        sidecar = {**tiny_bundle.sidecar, "calibration": {"panels": {"blood_cells": {**fit, "degenerate": degenerate}}}}
+        bundle = dataclasses.replace(tiny_bundle, sidecar=sidecar)
+        probabilities = panel_probabilities(bundle, embedding, "blood_cells")
+        assert (probabilities == pytest.approx(raw)) == expect_raw
+        # the degenerate thresholds would refuse everything as out of scope; not applied, they refuse nothing
+        assert (describe(bundle, cell_image, "blood_cells").abstain_kind == "out_of_scope") == (not degenerate)

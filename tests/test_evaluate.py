@@ -7,10 +7,10 @@ import os
 
 import pytest
 
-from core.data import scan_class_folders
+from core.data import class_key_for_folder, scan_class_folders
 from core.panels import load_attribute_phrases
 from tests.conftest import draw_cell, write_class_tree
-from training.evaluate import class_key_for_folder, main as evaluate_main
+from training.evaluate import main as evaluate_main
 from training.metrics import classification_summary
 
 

@@ -104,6 +104,22 @@ def test_broken_files_are_skipped_counted_and_not_retried(tiny_bundle, tree, tmp
     assert again.stats["embedded"] == 0 and len(again.skipped) == 2 and sum(counted) == 5
 
 
+def test_stale_count_says_what_an_update_would_change(tiny_bundle, tree, tmp_path):
+    import dataclasses
+
+    from core.gallery import stale_count
+
+    (tree / "neutrophil" / "broken.png").write_bytes(b"not an image")
+    sources = scan_folder(tree)
+    index = update_index(tiny_bundle, tmp_path / "cache", sources)
+    assert stale_count(index, sources) == 0  # the unreadable file is known, not new
+    twice = sources + [dataclasses.replace(sources[0], key="sha256:" + "0" * 64)]  # listed again, another key
+    assert stale_count(index, twice) == 0  # the first listing counts, as the index reads it
+    draw_cell(64, seed=9).save(tree / "lymphocyte" / "new.png")
+    (tree / "neutrophil" / "neutrophil_0.png").unlink()
+    assert stale_count(index, scan_folder(tree)) == 2  # one new, one gone
+
+
 def test_exact_duplicate_is_its_own_top1(tiny_bundle, tree, tmp_path):
     index = update_index(tiny_bundle, tmp_path / "cache", scan_folder(tree))
     for row, item in enumerate(index.items):
@@ -134,7 +150,8 @@ def test_reviewed_cases_join_with_expert_labels(tiny_bundle, tree, tmp_path):
             path = uploads / f"{name}.png"
             path.parent.mkdir(exist_ok=True)
             draw_cell(64, seed=seed).save(path)
-            image = get_or_create_image(s, sha256=f"{seed:064x}", original_name=f"{name}.png", n_bytes=1,
+            sha = hashlib.sha256(path.read_bytes()).hexdigest()
+            image = get_or_create_image(s, sha256=sha, original_name=f"{name}.png", n_bytes=1,
                                         width=64, height=64, stored_path=f"{name}.png")
             prediction = add_prediction(s, image, model_id="m", weights_sha256="w", panel="blood_cells",
                                         class_key="neutrophil", sentence="s", confidence=0.9, abstained=False,
@@ -143,14 +160,12 @@ def test_reviewed_cases_join_with_expert_labels(tiny_bundle, tree, tmp_path):
                 add_feedback(s, prediction, verdict=verdict[0], reviewer="Dr T", corrected_class=verdict[1])
     samples = tmp_path / "samples"  # the GAN's drawings: "a" has the same bytes as synthetic_0.png
     samples.mkdir()
-    (samples / "synthetic_0.png").write_bytes(b"drawn")
-    (samples / "real_0.png").write_bytes(b"real")
-    drawn = synthetic_hashes(samples)
-    assert drawn == {hashlib.sha256(b"drawn").hexdigest()}
+    (samples / "synthetic_0.png").write_bytes((uploads / "a.png").read_bytes())
+    (samples / "real_0.png").write_bytes((uploads / "b.png").read_bytes())  # not named synthetic_*: kept
     with make_session() as s:
         reviewed = reviewed_sources(s, uploads)
         combined = list_sources(tree, uploads, s)
-        without_drawn = reviewed_sources(s, uploads, frozenset({f"{0:064x}"}))
+        without_drawn = list_sources(None, uploads, s, synthetic_hashes(samples))
     engine.dispose()
     assert [(r.name, r.label, r.verified) for r in reviewed] == [
         ("a.png", "neutrophil", True), ("b.png", "monocyte", True), ("c.png", None, False)]  # d: never reviewed

@@ -432,6 +432,19 @@ def test_a_batch_larger_than_the_training_set_is_refused_before_training(tiny_tr
     assert not out.exists()  # refused before anything was written
 
 
+def test_gan_balancing_counts_only_the_synthetic_images_an_epoch_draws(tmp_path, capsys):
+    """3 real + 100 drawn images: a 'gan' epoch draws 3 + 3 (the drawn share is capped at half),
+    so a batch of 8 would train nothing, although 103 images exist."""
+    from training.sampling import epoch_length
+
+    assert epoch_length(3, 100, "gan") == 6 and epoch_length(3, 100, "none") == 103
+    real = write_class_tree(tmp_path / "real", {"neutrophil": 3})
+    drawn = write_class_tree(tmp_path / "drawn", {"neutrophil": 100}, size=32)
+    err = _refused(capsys, ["--data", str(real), "--synthetic", str(drawn), "--balance", "gan", "--config",
+                            "tiny-test", "--batch-size", "8", "--out", str(tmp_path / "run")])
+    assert "--batch-size 8" in err and "6 images" in err
+
+
 def test_a_missing_data_folder_is_one_line_not_a_traceback(tmp_path, capsys):
     err = _refused(capsys, ["--data", str(tmp_path / "nowhere"), "--config", "tiny-test", "--out", str(tmp_path / "run")])
     assert "--data" in err and "nowhere: no such folder" in err

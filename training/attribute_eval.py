@@ -16,9 +16,8 @@ from core.describe import embed_images
 from core.imageio import ImageRejected, load_image_path
 from core.morphology import predict_attributes
 from training.dataset import annotated_value
-from training.metrics import per_class_report
+from training.metrics import per_class_report, print_first
 
-SHOWN_SKIPPED = 5  # rows printed; the JSON lists all of them
 
 
 @dataclass(frozen=True)
@@ -149,10 +148,7 @@ def print_attributes(a: dict) -> None:
     if skipped:
         reasons = Counter(s["reason"].split(":")[0] for s in skipped)
         print(f"  skipped CSV rows: {len(skipped)} ({', '.join(f'{r}: {k}' for r, k in sorted(reasons.items()))})")
-        for s in skipped[:SHOWN_SKIPPED]:
-            print(f"    line {s['line']}: {s['path'] or '(empty path)'}: {s['reason']}")
-        if len(skipped) > SHOWN_SKIPPED:
-            print(f"    ... and {len(skipped) - SHOWN_SKIPPED} more")
+        print_first([f"line {s['line']}: {s['path'] or '(empty path)'}: {s['reason']}" for s in skipped], "    ")
     for name, row in a["per_attribute"].items():
         unknown = row.get("unknown_values") or {}
         note = (f"  not scored, values the model does not know: "

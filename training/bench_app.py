@@ -31,13 +31,13 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from core.checkpoint import ModelLoadError, load_bundle  # noqa: E402
+from core.checkpoint import load_bundle  # noqa: E402
 from core.describe import default_panel, describe  # noqa: E402
 from core.explain import class_heatmap, overlay  # noqa: E402
 from core.imageio import load_image_bytes  # noqa: E402
 from core.settings import load_settings  # noqa: E402
 from core.store import make_engine, make_sessionmaker  # noqa: E402
-from training.bench_common import P95_RULE, nearest_rank, refuse_model  # noqa: E402
+from training.bench_common import P95_RULE, REFUSED, nearest_rank, refuse_model  # noqa: E402
 from ui.recording import record_prediction  # noqa: E402
 
 IMPORT_SECONDS = time.perf_counter() - T0
@@ -146,7 +146,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         summary = bench(args)
-    except ModelLoadError as error:
+    except REFUSED as error:
         return refuse_model(error)
     ok = (summary["describe"]["p95_ms"] <= TARGET_DESCRIBE_S * 1000
           and summary["explain"]["p95_ms"] <= TARGET_EXPLAIN_S * 1000)

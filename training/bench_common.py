@@ -1,10 +1,14 @@
 """What the benchmarks share: one percentile rule, said in their output, and a one-line refusal
-of a model that does not load (a tampered or missing model is a finding, not a crash)."""
+of a model that does not load or a setting that cannot be used (a finding, not a crash)."""
 from __future__ import annotations
 
 import sys
 
 from core.checkpoint import ModelLoadError
+from core.settings import SettingsError
+
+# what a benchmark refuses with one line: a model that does not load, a setting that cannot be used
+REFUSED = (ModelLoadError, SettingsError)
 
 # Nearest rank, not interpolation: the reported p95 is a latency that was actually measured, and
 # never below the true 95th percentile of the runs (the earlier sorted[int(0.95 n) - 1] read the
@@ -22,7 +26,7 @@ def nearest_rank(samples, q: int = 95) -> float:
     return ordered[rank - 1]
 
 
-def refuse_model(error: ModelLoadError) -> int:
-    """Print the load error as one line on stderr; the exit status for it (2, as the CLIs use)."""
+def refuse_model(error: Exception) -> int:
+    """Print a `REFUSED` error as one line on stderr; the exit status for it (2, as the CLIs use)."""
     print(f"error: {error}", file=sys.stderr)
     return 2

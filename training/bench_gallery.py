@@ -29,12 +29,12 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from core.checkpoint import ModelBundle, ModelLoadError, load_bundle  # noqa: E402
+from core.checkpoint import ModelBundle, load_bundle  # noqa: E402
 from core.gallery import (GalleryIndex, GalleryItem, load_index, save_index, search_image,  # noqa: E402
                           search_text, update_index)
 from core.gallery_sources import FOLDER, scan_folder  # noqa: E402
 from core.settings import load_settings  # noqa: E402
-from training.bench_common import P95_RULE, nearest_rank, refuse_model  # noqa: E402
+from training.bench_common import P95_RULE, REFUSED, nearest_rank, refuse_model  # noqa: E402
 
 IMPORT_SECONDS = time.perf_counter() - T0
 
@@ -122,7 +122,7 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     try:
         bundle, model_text = _bundle(args)
-    except ModelLoadError as error:
+    except REFUSED as error:
         return refuse_model(error)
     load_seconds = time.perf_counter() - started
     with tempfile.TemporaryDirectory() as tmp:

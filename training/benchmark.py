@@ -19,10 +19,10 @@ import time
 T0 = time.perf_counter()
 import torch  # noqa: E402
 
-from core.checkpoint import ModelLoadError, load_bundle  # noqa: E402
+from core.checkpoint import load_bundle  # noqa: E402
 from core.describe import describe, describe_batch  # noqa: E402
 from core.settings import load_settings  # noqa: E402
-from training.bench_common import P95_RULE, nearest_rank, refuse_model  # noqa: E402
+from training.bench_common import P95_RULE, REFUSED, nearest_rank, refuse_model  # noqa: E402
 
 IMPORT_SECONDS = time.perf_counter() - T0
 
@@ -51,7 +51,7 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     try:
         bundle = load_bundle(args.model or load_settings().model_path)
-    except ModelLoadError as error:
+    except REFUSED as error:
         return refuse_model(error)
     load_seconds = time.perf_counter() - started
     images = _images(args.images, 64)

@@ -220,7 +220,8 @@ def check_speed(steps: Steps, config: Path, n_images: int, epochs: int, large_ba
     per_class = max(1, n_images // len(SPEED_CLASSES))
     tree = draw_tree(steps.out / "data_speed", {name: per_class for name in SPEED_CLASSES}, size=108)
     timed = [(steps.device, epochs, None)] + ([("cpu", min(epochs, 2), None)] if steps.device != "cpu" else [])
-    timed += [(steps.device, epochs, large_batch)] if large_batch else []
+    if large_batch and steps.device != "cpu":  # a GPU user's batch; never more than the drawn images
+        timed.append((steps.device, epochs, min(large_batch, per_class * len(SPEED_CLASSES))))
     for where, n_epochs, batch_size in timed:
         run = steps.out / (f"speed_{where.replace(':', '_')}" + (f"_batch{batch_size}" if batch_size else ""))
         steps.run(run.name, train_args(tree, config, run, where, n_epochs, batch_size=batch_size),

@@ -34,12 +34,12 @@ from pathlib import Path
 import torch
 
 from core.checkpoint import ModelLoadError, load_bundle
-from core.data import LabelledImage, scan_class_folders
+from core.data import LabelledImage, as_class_keys, scan_class_folders
 from core.describe import describe_batch
 from core.imageio import ImageRejected, load_image_path
 from core.panels import best_panels
 from training.attribute_eval import evaluate_attributes, print_attributes, read_attribute_csv
-from training.metrics import classification_summary
+from training.metrics import classification_summary, print_first
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -87,22 +87,9 @@ def describe_folder(bundle, items, panel: str, batch_size: int):
     return described, results, refused
 
 
-def class_key_for_folder(folder: str, keys: set[str]) -> str:
-    """The class key a folder name means: itself, or the key it equals up to case, spaces and
-    hyphens ("Early Pre-B" -> "early_pre_b"); the folder name when it matches none."""
-    if folder in keys:
-        return folder
-    normalised = "_".join(folder.strip().lower().replace("-", " ").split())
-    return normalised if normalised in keys else folder
-
-
 def match_folders(bundle, items: list[LabelledImage]) -> tuple[list[LabelledImage], dict[str, str]]:
-    """Items relabelled with `class_key_for_folder` over every panel, and {folder: key} for the
-    folders whose name was not exactly a key."""
-    keys = {k for p in bundle.panels.values() for k in p.keys}
-    matched = {f: class_key_for_folder(f, keys) for f in {i.label for i in items}}
-    renamed = {f: k for f, k in sorted(matched.items()) if f != k}
-    return [LabelledImage(i.path, matched[i.label]) for i in items], renamed
+    """Items relabelled with the class keys of every panel (`core.data.as_class_keys`)."""
+    return as_class_keys(items, {k for p in bundle.panels.values() for k in p.keys})
 
 
 def infer_panel(panels: dict, folders: set[str]) -> str:
@@ -147,17 +134,11 @@ def evaluate(bundle, data_dir: str, panel: str | None, batch_size: int = 64) -> 
     return metrics
 
 
-SHOWN_REFUSED = 5  # enough to see what went wrong; the JSON (when written) lists them all
-
-
 def print_refused(refused: list[dict], json_path: str | None) -> None:
     """The first few refused files with their reasons; where the rest are, if anywhere."""
-    where = f"all in {json_path}" if json_path else "pass --json OUT to list all"
     print(f"refused files: {len(refused)} (not counted in n)")
-    for row in refused[:SHOWN_REFUSED]:
-        print(f"  {row['file']}: {row['error']}")
-    if len(refused) > SHOWN_REFUSED:
-        print(f"  ... and {len(refused) - SHOWN_REFUSED} more ({where})")
+    print_first([f"{row['file']}: {row['error']}" for row in refused],
+                rest=f"all in {json_path}" if json_path else "pass --json OUT to list all")
 
 
 def print_table(metrics: dict, json_path: str | None = None) -> None:

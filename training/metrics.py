@@ -53,3 +53,14 @@ def classification_summary(labels: list[str], predicted: list[str], confidences:
         "abstain_rate": round(sum(abstained) / n, 4) if n else None,
         "accuracy_answered": round(sum(answered) / len(answered), 4) if answered else None,
     }
+
+
+SHOWN = 5  # lines printed of a list the JSON holds in full: enough to see what went wrong
+
+
+def print_first(lines: list[str], indent: str = "  ", rest: str = "") -> None:
+    """The first SHOWN of `lines`, then "... and N more" (with `rest`, where the others are)."""
+    for line in lines[:SHOWN]:
+        print(indent + line)
+    if len(lines) > SHOWN:
+        print(f"{indent}... and {len(lines) - SHOWN} more" + (f" ({rest})" if rest else ""))

@@ -9,8 +9,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from core.data import LabelledImage, scan_class_folders
-from training.evaluate import class_key_for_folder
+from core.data import LabelledImage, as_class_keys, class_key_for_folder, scan_class_folders
 
 
 class UsageError(Exception):
@@ -39,17 +38,8 @@ def parse_cuts(cuts: list[str]) -> dict[str, int]:
     return limits
 
 
-def as_class_keys(items: list[LabelledImage], keys: set[str]) -> tuple[list[LabelledImage], dict[str, str]]:
-    """Items relabelled with the class key their folder name means, up to case, spaces and
-    hyphens, as the evaluation CLI reads folders ("Neutrophil" -> "neutrophil"), and {folder:
-    key} for the folders whose name was not exactly a key. Safe: a name is changed only when it
-    equals exactly one key once normalised, so no folder can land in a class it does not name."""
-    matched = {folder: class_key_for_folder(folder, keys) for folder in {item.label for item in items}}
-    renamed = {folder: key for folder, key in sorted(matched.items()) if folder != key}
-    return [LabelledImage(item.path, matched[item.label]) for item in items], renamed
-
-
-def scan_as_class_keys(folders: list[str], keys: set[str], flag: str = "--data") -> list[LabelledImage]:
+def scan_as_class_keys(folders: list[str], keys: set[str], flag: str = "--data",
+                       announce: bool = True) -> list[LabelledImage]:
     """Images of every folder labelled with class keys (`as_class_keys`); a UsageError naming
     every class folder that means no key, with the valid keys (training needs each class's
     sentences, so an unknown folder cannot be trained)."""
@@ -57,7 +47,7 @@ def scan_as_class_keys(folders: list[str], keys: set[str], flag: str = "--data")
     for folder in folders:
         found, renamed = as_class_keys(scan_class_folders(folder), keys)
         unknown += [str(Path(folder) / label) for label in sorted({i.label for i in found}) if label not in keys]
-        for name, key in renamed.items():
+        for name, key in renamed.items() if announce else ():  # once, not by every DDP rank
             print(f"folder {str(Path(folder) / name)!r} read as class {key!r}", flush=True)
         items += found
     if unknown:
@@ -67,11 +57,11 @@ def scan_as_class_keys(folders: list[str], keys: set[str], flag: str = "--data")
 
 
 def load_items(folders: list[str], max_per_class: int, cuts: list[str], seed: int,
-               keys: set[str] | None = None) -> list[LabelledImage]:
+               keys: set[str] | None = None, announce: bool = True) -> list[LabelledImage]:
     """Labelled images of all folders, optionally capped/cut per class (seeded). With `keys`,
     folder names and --cut names are read as class keys (`scan_as_class_keys`)."""
     if keys:
-        items = scan_as_class_keys(folders, keys)
+        items = scan_as_class_keys(folders, keys, announce=announce)
         limits = {class_key_for_folder(name, keys): n for name, n in parse_cuts(cuts).items()}
     else:
         items = [item for folder in folders for item in scan_class_folders(folder)]

@@ -24,6 +24,14 @@ def class_weights(labels: torch.Tensor, n_classes: int) -> torch.Tensor:
     return weights / weights[labels].mean()
 
 
+def epoch_length(n_real: int, n_synthetic: int, mode: str, max_synthetic_share: float = 0.5) -> int:
+    """How many images `epoch_indices` draws per epoch: every image, except that ``gan`` caps
+    the synthetic ones at `max_synthetic_share` of the epoch."""
+    if mode == "gan" and n_synthetic:
+        return n_real + min(n_synthetic, int(n_real * max_synthetic_share / (1 - max_synthetic_share)))
+    return n_real + n_synthetic
+
+
 def epoch_indices(labels: torch.Tensor, mode: str, generator: torch.Generator,
                   synthetic: torch.Tensor | None = None, max_synthetic_share: float = 0.5) -> torch.Tensor:
     """Image indices for one epoch (before sharding)."""

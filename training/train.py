@@ -24,7 +24,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from core.config import load_model_config
-from core.data import class_counts, scan_class_folders
+from core.data import as_class_keys, class_counts, scan_class_folders
 from core.loss import attribute_matching_loss, bidirectional_contrastive_loss
 from core.model import DualEncoder
 from core.panels import load_attribute_phrases, load_panels
@@ -37,9 +37,8 @@ from training.evaluation_utils import panel_accuracy
 from training.export_model import export
 from training.mixstyle import MixStyleHooks
 from training.distributed import rank_device, setup_distributed
-from training.run_inputs import (UsageError, as_class_keys, check_batch_size, check_paths, load_items,
-                                 scan_as_class_keys)
-from training.sampling import BALANCE_MODES, class_weights, rank_epoch_indices
+from training.run_inputs import UsageError, check_batch_size, check_paths, load_items, scan_as_class_keys
+from training.sampling import BALANCE_MODES, class_weights, epoch_length, rank_epoch_indices
 from training.text_features import SentenceFeatureCache
 
 
@@ -185,9 +184,10 @@ def load_training_data(args, config, panels, vocabulary: dict, rank: int, world:
     images only, synthetic (GAN) images are added on top."""
     data_seed = args.seed if args.data_seed is None else args.data_seed
     keys = {key for panel in panels.values() for key in panel.keys}  # the classes with sentences
-    train_items = load_items(args.data, args.max_per_class, args.cut, data_seed, keys)
-    train_items += scan_as_class_keys(args.synthetic, keys, "--synthetic")
-    check_batch_size(len(train_items), args.batch_size, world, args.data)
+    train_items = load_items(args.data, args.max_per_class, args.cut, data_seed, keys, announce=rank == 0)
+    drawn = scan_as_class_keys(args.synthetic, keys, "--synthetic", announce=rank == 0)
+    check_batch_size(epoch_length(len(train_items), len(drawn), args.balance), args.batch_size, world, args.data)
+    train_items += drawn
     classes = sorted({item.label for item in train_items})
     attribute_table = read_attribute_table([(Path(c), Path(c).parent) for c in args.attributes])
     cache_size = int(config.image_size * 1.125)
@@ -270,7 +270,8 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)  # once the data is known to be usable
     model, average, features, objective, optimizer = build_model(config, panels, phrases, classes, generator,
                                                                  args, world)
-    steps_per_epoch = (len(train_items) // world) // args.batch_size
+    n_drawn = int(synthetic.sum())
+    steps_per_epoch = (epoch_length(len(train_items) - n_drawn, n_drawn, args.balance) // world) // args.batch_size
     state = {"epoch": 0, "step": 0, "rank": rank, "total_steps": steps_per_epoch * args.epochs,
              "warmup": min(300, steps_per_epoch)}
     if checkpoint is not None:

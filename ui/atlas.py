@@ -12,7 +12,7 @@ import streamlit as st
 from PIL import Image
 
 from core.checkpoint import ModelBundle
-from core.gallery import GalleryIndex, Hit, GalleryItem, search_image, search_text, update_index
+from core.gallery import GalleryIndex, GalleryItem, Hit, search_image, search_text, stale_count, update_index
 from core.gallery_sources import REVIEWED
 from core.imageio import ImageRejected, load_image_bytes, load_image_path
 from ui import resources
@@ -55,9 +55,8 @@ def _no_gallery_message(gallery_dir: Path | None) -> str:
             "Add images (sub-folders named after a class give labels), then press Re-index.")
 
 
-def reindex(bundle: ModelBundle) -> GalleryIndex:
-    """List the sources and update the index on disk, with a progress bar."""
-    sources = resources.gallery_sources()
+def reindex(bundle: ModelBundle, sources: list) -> GalleryIndex:
+    """Update the index on disk from the listed `sources`, with a progress bar."""
     bar = st.progress(0.0, text=f"Indexing {len(sources)} gallery images...")
 
     def progress(done: int, total: int) -> None:
@@ -66,16 +65,6 @@ def reindex(bundle: ModelBundle) -> GalleryIndex:
     index = update_index(bundle, resources.gallery_folder(bundle), sources, progress)
     bar.empty()
     return index
-
-
-def out_of_date(index: GalleryIndex, sources: list) -> int:
-    """How many sources are new or changed since `index` was built, plus indexed files that are
-    gone (a file the index skipped as unreadable counts as known while it is unchanged)."""
-    indexed = {item.path: item.key for item in index.items}
-    known = {**indexed, **{path: entry.get("key") for path, entry in index.skipped.items()}}
-    new_or_changed = sum(known.get(src.path) != src.key for src in sources)
-    gone = len(indexed.keys() - {src.path for src in sources})
-    return new_or_changed + gone
 
 
 def gallery_section(bundle: ModelBundle) -> GalleryIndex | None:
@@ -88,14 +77,14 @@ def gallery_section(bundle: ModelBundle) -> GalleryIndex | None:
     clicked = st.button("Re-index gallery", key="atlas_reindex",
                         help="Embeds new or changed images only; removed images leave the index.")
     sources = resources.gallery_sources()  # stat only: cheap even for 20,000 files
-    changed = out_of_date(index, sources)
+    changed = stale_count(index, sources)
     # First visit, an indexing that was interrupted (its user left the page), or a few files
     # added, changed or removed since (embedding only those takes seconds): carry on.
     if clicked or index.updated_at is None or index.stats.get("pending") or 0 < changed <= AUTO_REINDEX_MAX:
         if index.updated_at is None and not sources:
             st.info(_no_gallery_message(current.gallery_dir))
             return None
-        index = reindex(bundle)
+        index = reindex(bundle, sources)
     elif changed:
         st.info(f"{changed} gallery images were added, changed or removed since the last index: press Re-index "
                 "to search them too.")
