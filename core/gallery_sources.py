@@ -99,6 +99,8 @@ def _latest_expert_classes(s: Session) -> dict[int, str | None]:
                      .order_by(F.created_at, F.id))
     latest: dict[int, str | None] = {}
     for image_id, verdict, model_class, corrected in rows:
+        if model_class is None and corrected is None:
+            continue  # a verdict on an abstention (e.g. on another panel) says nothing of the class
         latest[image_id] = expert_class(verdict, model_class, corrected)  # later rows overwrite
     return latest
 

@@ -156,7 +156,8 @@ def abstention_decision(bundle: ModelBundle, embedding: torch.Tensor, panel: str
         if nearest not in spec.keys:
             owner = next((p.title for p in bundle.panels.values() if nearest in p.keys), "another panel")
             return Decision(True, f"The image looks most like {_class_name(bundle, nearest)} ({owner}), which is "
-                                  f"outside the chosen panel '{spec.title}'.", score, "out_of_scope")
+                                  f"outside the chosen panel '{spec.title}', and is far from every cell type the "
+                                  "model learned.", score, "out_of_scope")
         return Decision(True, "This image does not look like the blood-cell images the model was trained on "
                               f"(out-of-scope score {score:.2f} above {calibration['out_of_scope_threshold']:.2f}).",
                         score, "out_of_scope")

@@ -78,21 +78,23 @@ def image_history(s: Session, sha256: str) -> list[dict]:
     return events
 
 
-def latest_verification(s: Session, image_id: int) -> dict | None:
-    """The most recent agree/disagree on this image (who, when, verdict, classes) or None."""
+def latest_verification(s: Session, image_id: int, panel: str | None = None) -> dict | None:
+    """The most recent agree/disagree on this image (who, when, verdict, classes, corrected
+    sentence) or None; with `panel`, only on that panel's predictions: "agrees with the model"
+    means the model's answer on the panel shown, not on another one."""
     F, P = st.FeedbackRecord, st.PredictionRecord
-    row = s.execute(
-        select(F, P.class_key).join(P, F.prediction_id == P.id)
-        .where(F.image_id == image_id, F.verdict.in_(DECIDED))
-        .order_by(F.created_at.desc(), F.id.desc()).limit(1)
-    ).first()
+    query = (select(F, P.class_key).join(P, F.prediction_id == P.id)
+             .where(F.image_id == image_id, F.verdict.in_(DECIDED)))
+    if panel is not None:
+        query = query.where(P.panel == panel)
+    row = s.execute(query.order_by(F.created_at.desc(), F.id.desc()).limit(1)).first()
     if row is None:
         return None
     f, model_class = row
     return {
         "feedback_id": f.id, "prediction_id": f.prediction_id, "reviewer": f.reviewer,
         "created_at": _utc(f.created_at), "verdict": f.verdict, "model_class": model_class,
-        "corrected_class": f.corrected_class,
+        "corrected_class": f.corrected_class, "corrected_sentence": f.corrected_sentence,
         "expert_class": expert_class(f.verdict, model_class, f.corrected_class),
     }
 

@@ -1,6 +1,7 @@
 """Feedback review: every expert opinion, agreement with the model, confusion, CSV export."""
 import streamlit as st
 
+from core.gallery_sources import synthetic_hashes
 from core.store import agreement_summary, expert_confusion, rows_to_csv
 from ui import resources, review, widgets
 
@@ -21,13 +22,19 @@ rows = review.load_rows(store)
 if rows is None:
     st.stop()
 
-summary = agreement_summary(rows)
+# Verdicts on the GAN's sample drawings are listed, but they are no evidence about the model
+drawn = synthetic_hashes(resources.settings().samples_dir)
+counted = [row for row in rows if row["sha256"] not in drawn]
+summary = agreement_summary(counted)
 rate = summary["agreement_rate"]
 c1, c2, c3, c4 = st.columns(4)
 c1.metric("Feedback rows", summary["n_feedback"])
 c2.metric("Agreement (agree / decided)", "n/a" if rate is None else f"{rate:.0%}")
 c3.metric("Disagree", summary["n_disagree"])
 c4.metric("Unsure (not counted)", summary["n_unsure"])
+if len(counted) < len(rows):
+    st.caption(f"{len(rows) - len(counted)} feedback rows on the GAN's synthetic sample images are listed below but "
+               "not counted in these figures, the per-class agreement or the expert-versus-model matrix.")
 
 st.subheader("Feedback")
 st.dataframe(review.rows_frame(rows), hide_index=True, key="review_table")
@@ -45,7 +52,7 @@ with left:
         st.caption("No feedback matches the filters.")
 with right:
     st.subheader("Expert versus model")
-    labels, matrix = expert_confusion(rows)
+    labels, matrix = expert_confusion(counted)
     if labels:
         st.plotly_chart(widgets.confusion_figure(labels, matrix), key="review_confusion")
     else:

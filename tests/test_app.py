@@ -231,6 +231,29 @@ def test_feedback_review_page(app_env):
     assert not any("missing" in w.value for w in at.warning)
 
 
+def test_a_verdict_shows_on_the_panel_it_was_given_on_only(app_env):
+    at = choose_sample(run_app())
+    set_reviewer(at, "Dr Panel")
+    feedback_widget("button", at, "agree").click().run()
+    assert any("Verified by Dr Panel" in m.value and "agrees" in m.value for m in at.success)
+    at.selectbox(key="describe_panel").select("b_all").run()
+    assert not at.exception, at.exception
+    assert not any("Verified by" in m.value for m in [*at.success, *at.warning])  # said of another answer
+    assert any(c.value == "Not verified by an expert yet." for c in at.caption)
+
+
+def test_verdicts_on_gan_drawings_are_listed_but_not_counted(app_env):
+    (app_env.samples / "synthetic_neutrophil_0.png").write_bytes(png_bytes(kind=1, seed=5))
+    at = choose_sample(run_app(), "synthetic_neutrophil_0.png")
+    set_reviewer(at, "Dr Synth")
+    feedback_widget("button", at, "agree").click().run()
+    at.switch_page(REVIEW_PAGE).run()
+    assert not at.exception, at.exception
+    assert list(frame_with(at, "feedback_id")["reviewer"]) == ["Dr Synth"]  # listed
+    assert any(m.label.startswith("Agreement") and m.value == "n/a" for m in at.metric)  # not counted
+    assert any("1 feedback rows on the GAN's synthetic sample images" in c.value for c in at.caption)
+
+
 def test_feedback_review_page_empty(app_env):
     at = AppTest.from_file(APP, default_timeout=180)
     at.switch_page(REVIEW_PAGE).run()

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from core.describe import describe, describe_batch, main as describe_main
+from core.describe import describe, describe_batch
 from core.settings import PROJECT_ROOT
 from tests.conftest import draw_cell
 

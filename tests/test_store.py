@@ -186,6 +186,23 @@ def test_feedback_validation(sm):
         _seed(sm, sha="a" * 64, class_key=None, abstained=False)
 
 
+def test_verification_is_per_panel_and_unsure_takes_no_class(sm):
+    image_id, on_cells = _seed(sm)  # the model said neutrophil on "wbc"
+    with sm.begin() as s:
+        image = s.get(ImageRecord, image_id)
+        on_other = add_prediction(s, image, model_id="m", weights_sha256="0" * 64, panel="leukemia", class_key=None,
+                                  sentence="Uncertain", confidence=0.5, abstained=True, abstain_reason="weak",
+                                  scores={}).id
+    _feedback(sm, on_cells, verdict="agree", reviewer="Dr A")
+    _feedback(sm, on_other, verdict="disagree", reviewer="Dr B")  # later, on another panel's abstention
+    with sm() as s:
+        assert latest_verification(s, image_id, "wbc")["verdict"] == "agree"
+        assert latest_verification(s, image_id, "leukemia")["verdict"] == "disagree"
+        assert latest_verification(s, image_id)["verdict"] == "disagree"  # without a panel: the latest
+    with pytest.raises(ValueError, match="a corrected class goes with 'disagree'"):
+        _feedback(sm, on_cells, verdict="unsure", reviewer="Dr C", corrected_class="monocyte")
+
+
 def test_feedback_table_filters_and_stats(sm):
     _, p1 = _seed(sm)
     _, p2 = _seed(sm, sha="b" * 64, class_key=None, abstained=True)

@@ -100,8 +100,9 @@ def render_summary(bundle: ModelBundle, panel: Panel, case: Case) -> None:
             st.success(md_escape(d.sentence))
             _render_morphology(bundle, panel, case)
         if scores_meaningless(d):
-            st.caption("No confidence and no scores are shown: the image is not a cell this panel describes, "
-                       "so they would mean nothing.")
+            st.caption("No confidence and no scores are shown: the model does not recognise the image as a cell "
+                       "of this panel, so they would mean nothing. It may still be one, imaged in a way the model "
+                       "has not learned (another lab's stain, scanner or zoom).")
         else:
             st.metric(confidence_label(bundle, panel), f"{d.confidence:.0%}")
         if not d.panel_validated:

@@ -9,7 +9,7 @@ from core.panels import Panel
 from core.store import PredictionRecord, add_feedback, image_history, latest_verification, store_error_message
 from ui.cases import Case
 from ui.resources import Store
-from ui.widgets import history_frame, md_escape, verification_text
+from ui.widgets import class_name, history_frame, md_escape, verification_text
 
 VERDICT_BUTTONS = (("agree", "Agree"), ("disagree", "Disagree"), ("unsure", "Unsure"))
 FORM_GENERATION = "describe_fb_generation_"  # + prediction id: how many feedbacks this session saved
@@ -83,22 +83,24 @@ def render_feedback(store: Store, panel: Panel, case: Case, reviewer: str) -> No
             st.session_state[generation] = st.session_state.get(generation, 0) + 1  # next run: an empty form
             st.session_state[f"{SAVED_MESSAGE}{case.prediction_id}"] = f"Saved: {verdict} by {md_escape(reviewer)}."
             st.rerun()
-    render_history(store, case.sha256, case.image_id)
+    render_history(store, case.sha256, case.image_id, panel)
 
 
-def render_history(store: Store, sha256: str, image_id: int | None) -> None:
-    """'Verified by X at T' (latest agree/disagree) and the history table in an expander."""
+def render_history(store: Store, sha256: str, image_id: int | None, panel: Panel | None = None) -> None:
+    """'Verified by X at T' (the latest agree/disagree on this panel's predictions of the image)
+    and the image's whole history in an expander."""
     try:
         with store.sessionmaker() as s:
-            verification = latest_verification(s, image_id) if image_id is not None else None
+            verification = (latest_verification(s, image_id, panel.name if panel else None)
+                            if image_id is not None else None)
             events = image_history(s, sha256)
     except SQLAlchemyError as error:
         st.warning(store_error_message(error, "the configured database"))
         return
-    text = verification_text(verification)
+    text = verification_text(verification, (lambda key: class_name(panel, key)) if panel else str)
     if text:  # green only when the expert agrees: a disagreement is no success
         (st.success if verification["verdict"] == "agree" else st.warning)(text)
     else:
         st.caption("Not verified by an expert yet.")
-    with st.expander(f"History of this image ({len(events)} events)"):
+    with st.expander(f"History of this image ({len(events)} event{'s' if len(events) != 1 else ''})"):
         st.dataframe(history_frame(events), hide_index=True)

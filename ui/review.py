@@ -9,6 +9,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 
 from core.imageio import ImageRejected, LoadedImage, load_image_bytes
+from core.panels import load_panels
 from core.store import VERDICTS, ImageRecord, feedback_table, store_error_message
 from ui.feedback import render_history
 from ui.resources import Store
@@ -97,4 +98,4 @@ def reopen_case(store: Store, upload_dir: Path, rows: list[dict]) -> None:
         # An abstention's top score may belong to an image that is no cell at all: not shown as a confidence.
         confidence = "" if row["abstained"] else f", confidence {row['confidence']:.0%}"
         st.caption(f"Model {md_escape(row['model_id'])}, panel {md_escape(row['panel'])}{confidence}")
-    render_history(store, row["sha256"], row["image_id"])
+    render_history(store, row["sha256"], row["image_id"], load_panels().get(row["panel"]))

@@ -84,8 +84,11 @@ def confidence_shown(description: Description) -> bool:
 
 
 def class_name(panel: Panel, key: str | None, missing: str = "Uncertain") -> str:
-    """The class's display name ('Immature granulocyte', not 'ig'); `missing` for None."""
-    return panel.cell_class(key).name if key else missing
+    """The class's display name ('Immature granulocyte', not 'ig'); `missing` for None, the key
+    itself for a key the panel does not hold."""
+    if not key:
+        return missing
+    return panel.cell_class(key).name if key in panel.keys else key
 
 
 def select_by_identity(label: str, options: list, key: str, format_func, *, placeholder: str | None = None,
@@ -159,15 +162,20 @@ def history_frame(events: list[dict]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["when", "event", "who", "verdict", "class", "text", "confidence", "panel"])
 
 
-def verification_text(verification: dict | None) -> str | None:
-    """'Verified by X at T: ...' for a latest_verification() result (Markdown-escaped)."""
+def verification_text(verification: dict | None, name=str) -> str | None:
+    """'Verified by X at T: ...' for a latest_verification() result (Markdown-escaped); `name`
+    turns a class key into what the page shows (e.g. `class_name` of the panel)."""
     if not verification:
         return None
     head = f"Verified by {md_escape(verification['reviewer'])} at {when(verification['created_at'])}"
     if verification["verdict"] == "agree":
         return f"{head}: agrees with the model."
-    expert = verification.get("expert_class")
-    return f"{head}: disagrees with the model" + (f"; expert class {md_escape(expert)}." if expert else ".")
+    text = f"{head}: disagrees with the model"
+    if verification.get("expert_class"):
+        text += f"; expert class {md_escape(name(verification['expert_class']))}"
+    if verification.get("corrected_sentence"):  # e.g. the class is right but the sentence is not
+        text += f"; the expert's sentence: \u201c{md_escape(verification['corrected_sentence'])}\u201d"
+    return text + "."
 
 
 def table_or_info(frame: pd.DataFrame | None, key: str, missing: str, caption: str) -> None:
