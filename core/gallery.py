@@ -161,10 +161,14 @@ def update_index(bundle: ModelBundle, folder: Path | str, sources: list[Source],
 
 
 def stale_count(index: GalleryIndex, sources: list[Source]) -> int:
-    """How many of `sources` `update_index` would embed (new or changed), plus indexed files no
-    longer listed: 0 when the index is up to date. Stat-only, nothing decoded."""
+    """How many of `sources` `update_index` would embed (new or changed) or relabel (an expert's
+    new verdict on an indexed case), plus indexed files no longer listed: 0 when the index is up
+    to date. Stat-only, nothing decoded."""
     listed = {src.path for src in sources}
-    return len(_plan(index, sources)[2]) + sum(item.path not in listed for item in index.items)
+    rows, items, todo, _ = _plan(index, sources)
+    relabelled = sum((item.label, item.verified) != (index.items[row].label, index.items[row].verified)
+                     for row, item in zip(rows, items))
+    return len(todo) + relabelled + sum(item.path not in listed for item in index.items)
 
 
 def _plan(old: GalleryIndex, sources: list[Source]) -> tuple[list[int], list[GalleryItem], list[Source], dict]:

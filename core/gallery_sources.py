@@ -121,5 +121,10 @@ def synthetic_hashes(samples_dir: Path | str) -> frozenset[str]:
     folder = Path(samples_dir)
     if not folder.is_dir():
         return frozenset()
-    return frozenset(hashlib.sha256(path.read_bytes()).hexdigest()
-                     for path in folder.glob("synthetic_*") if path.is_file())
+    hashes = set()
+    for path in folder.glob("synthetic_*"):
+        try:
+            hashes.add(hashlib.sha256(path.read_bytes()).hexdigest())
+        except OSError:  # unreadable: it cannot have been uploaded from here either
+            continue
+    return frozenset(hashes)

@@ -85,13 +85,15 @@ def prepare_image(img: Image.Image, *, max_pixels: int | None = None, max_side: 
     """An in-memory PIL image made what `load_image_bytes` makes of a file: the same size
     checks, first frame, EXIF orientation, 8-bit RGB (alpha over white, 16-bit / float grey
     stretched) and downscale; returns (rgb, notes). For callers of the describe API who open
-    images themselves. Raises `ImageRejected`."""
+    images themselves: an EXIF orientation tag still in the image is applied (turn images with
+    `ImageOps.exif_transpose`, never by hand). Raises `ImageRejected`."""
     _, max_pixels = upload_limits(None, max_pixels)
     name = "image"
     check_dimensions(name, *img.size, max_pixels, min_side, max_side)
-    # only an image straight from a file (it has a format) still needs its EXIF orientation: a
-    # derived one (transposed, converted) keeps the EXIF in its info but is already as shown
-    orientation = _orientation(img) if img.format else 1
+    # Image.open(...).convert("RGB") or .copy() keep the file's EXIF and are not upright yet, so the
+    # tag is always applied; a caller who turns an image by hand should use ImageOps.exif_transpose,
+    # which also removes the tag (the loader's own output carries none)
+    orientation = _orientation(img)
     if img.mode == "RGB" and orientation == 1 and max(img.size) <= max_side and getattr(img, "n_frames", 1) == 1:
         return img, []  # already what the loader makes (the app's and CLI's images): no copy
     with _decoding(name):

@@ -263,9 +263,9 @@ def add_feedback(s: Session, prediction: PredictionRecord, *, verdict: str, revi
     corrected_class = _clean_text(corrected_class, "corrected class", 100)
     if verdict == "agree" and corrected_class not in (None, prediction.class_key):
         raise ValueError("a corrected class contradicts 'agree'; choose 'disagree' instead")
-    if verdict == "unsure" and corrected_class is not None:  # it would read as a silent correction
-        raise ValueError("a corrected class goes with 'disagree'; for 'unsure', say what you suspect in the comment")
     corrected_sentence = _clean_text(corrected_sentence, "corrected sentence")
+    if verdict == "unsure" and (corrected_class is not None or corrected_sentence):  # a silent correction
+        raise ValueError("a correction goes with 'disagree'; for 'unsure', say what you suspect in the comment")
     if verdict == "disagree" and corrected_class is not None and corrected_class == prediction.class_key \
             and not corrected_sentence:
         # it would count as a disagreement and, in the expert-versus-model matrix, as agreement

@@ -78,15 +78,18 @@ def image_history(s: Session, sha256: str) -> list[dict]:
     return events
 
 
-def latest_verification(s: Session, image_id: int, panel: str | None = None) -> dict | None:
+def latest_verification(s: Session, image_id: int, panel: str | None = None,
+                        weights_sha256: str | None = None) -> dict | None:
     """The most recent agree/disagree on this image (who, when, verdict, classes, corrected
-    sentence) or None; with `panel`, only on that panel's predictions: "agrees with the model"
-    means the model's answer on the panel shown, not on another one."""
+    sentence) or None; with `panel` (and `weights_sha256`), only on the predictions of that panel
+    (and model): "agrees with the model" means the answer shown, not another panel's or model's."""
     F, P = st.FeedbackRecord, st.PredictionRecord
     query = (select(F, P.class_key).join(P, F.prediction_id == P.id)
              .where(F.image_id == image_id, F.verdict.in_(DECIDED)))
     if panel is not None:
         query = query.where(P.panel == panel)
+    if weights_sha256 is not None:
+        query = query.where(P.weights_sha256 == weights_sha256)
     row = s.execute(query.order_by(F.created_at.desc(), F.id.desc()).limit(1)).first()
     if row is None:
         return None

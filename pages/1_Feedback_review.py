@@ -33,8 +33,10 @@ c2.metric("Agreement (agree / decided)", "n/a" if rate is None else f"{rate:.0%}
 c3.metric("Disagree", summary["n_disagree"])
 c4.metric("Unsure (not counted)", summary["n_unsure"])
 if len(counted) < len(rows):
-    st.caption(f"{len(rows) - len(counted)} feedback rows on the GAN's synthetic sample images are listed below but "
-               "not counted in these figures, the per-class agreement or the expert-versus-model matrix.")
+    n_drawn = len(rows) - len(counted)
+    st.caption(f"{n_drawn} feedback row{'s' if n_drawn != 1 else ''} on the GAN's synthetic sample images "
+               f"{'are' if n_drawn != 1 else 'is'} listed below but not counted in these figures, the per-class "
+               "agreement or the expert-versus-model matrix.")
 
 st.subheader("Feedback")
 st.dataframe(review.rows_frame(rows), hide_index=True, key="review_table")

@@ -251,7 +251,7 @@ def test_verdicts_on_gan_drawings_are_listed_but_not_counted(app_env):
     assert not at.exception, at.exception
     assert list(frame_with(at, "feedback_id")["reviewer"]) == ["Dr Synth"]  # listed
     assert any(m.label.startswith("Agreement") and m.value == "n/a" for m in at.metric)  # not counted
-    assert any("1 feedback rows on the GAN's synthetic sample images" in c.value for c in at.caption)
+    assert any("1 feedback row on the GAN's synthetic sample images is listed" in c.value for c in at.caption)
 
 
 def test_feedback_review_page_empty(app_env):

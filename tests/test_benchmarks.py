@@ -42,12 +42,13 @@ def test_a_tampered_model_is_refused_with_one_line_and_exit_2(main, tampered_mod
 
 
 @pytest.mark.parametrize("main", [benchmark.main, bench_gallery.main, bench_app.main])
-def test_an_unusable_setting_is_refused_with_one_line(main, monkeypatch, capsys):
+def test_an_unusable_setting_is_refused_with_one_line(main, tiny_model_path, monkeypatch, capsys):
     monkeypatch.setenv("HEMASCRIBE_MAX_PIXELS", "lots")
     monkeypatch.delenv("HEMASCRIBE_MODEL", raising=False)
-    code = main([])
-    err = capsys.readouterr().err
-    assert code == 2 and len(err.splitlines()) == 1 and "HEMASCRIBE_MAX_PIXELS" in err
+    for args in ([], ["--model", str(tiny_model_path)]):  # the setting matters with --model too
+        code = main(args)
+        err = capsys.readouterr().err
+        assert code == 2 and len(err.splitlines()) == 1 and "HEMASCRIBE_MAX_PIXELS" in err
 
 
 def test_import_time_is_printed_beside_the_model_load(tiny_model_path, tmp_path, capsys, monkeypatch):

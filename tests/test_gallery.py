@@ -115,6 +115,8 @@ def test_stale_count_says_what_an_update_would_change(tiny_bundle, tree, tmp_pat
     assert stale_count(index, sources) == 0  # the unreadable file is known, not new
     twice = sources + [dataclasses.replace(sources[0], key="sha256:" + "0" * 64)]  # listed again, another key
     assert stale_count(index, twice) == 0  # the first listing counts, as the index reads it
+    verified = [dataclasses.replace(sources[0], label="monocyte", verified=True), *sources[1:]]
+    assert stale_count(index, verified) == 1  # an expert's new verdict: same file, new label
     draw_cell(64, seed=9).save(tree / "lymphocyte" / "new.png")
     (tree / "neutrophil" / "neutrophil_0.png").unlink()
     assert stale_count(index, scan_folder(tree)) == 2  # one new, one gone

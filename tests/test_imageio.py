@@ -192,15 +192,19 @@ def test_long_narrow_strip_is_refused_not_squashed_to_one_pixel():
     assert edge.size == (1024, 16) and prepare_image(edge)[0].size == (1024, 16)
 
 
-def test_prepare_image_turns_only_images_straight_from_a_file():
+def test_prepare_image_turns_what_still_carries_the_tag_and_nothing_twice():
+    from PIL import ImageOps
+
     exif = Image.Exif()
     exif[0x0112] = 6
     buffer = io.BytesIO()
     noise((100, 200)).save(buffer, "JPEG", exif=exif)  # stored 100 wide, shown 200 wide
     opened = Image.open(io.BytesIO(buffer.getvalue()))
     assert prepare_image(opened)[0].size == (200, 100)
-    upright = opened.transpose(Image.Transpose.ROTATE_270)  # turned by the caller; its info keeps the EXIF
-    assert prepare_image(upright)[0].size == (200, 100)
+    assert prepare_image(opened.convert("RGB"))[0].size == (200, 100)  # a converted copy keeps the tag
+    assert prepare_image(ImageOps.exif_transpose(opened))[0].size == (200, 100)  # turned, tag removed
+    loaded = load_image_bytes(buffer.getvalue(), "r.jpg").image
+    assert prepare_image(loaded)[0].size == (200, 100)  # the loader's output is upright and tag-free
 
 
 def test_file_larger_than_max_bytes_is_refused(monkeypatch):

@@ -199,8 +199,12 @@ def test_verification_is_per_panel_and_unsure_takes_no_class(sm):
         assert latest_verification(s, image_id, "wbc")["verdict"] == "agree"
         assert latest_verification(s, image_id, "leukemia")["verdict"] == "disagree"
         assert latest_verification(s, image_id)["verdict"] == "disagree"  # without a panel: the latest
-    with pytest.raises(ValueError, match="a corrected class goes with 'disagree'"):
+        assert latest_verification(s, image_id, "wbc", "0" * 64)["verdict"] == "agree"
+        assert latest_verification(s, image_id, "wbc", "1" * 64) is None  # another model's answer: not verified
+    with pytest.raises(ValueError, match="a correction goes with 'disagree'"):
         _feedback(sm, on_cells, verdict="unsure", reviewer="Dr C", corrected_class="monocyte")
+    with pytest.raises(ValueError, match="a correction goes with 'disagree'"):
+        _feedback(sm, on_cells, verdict="unsure", reviewer="Dr C", corrected_sentence="A monocyte?")
 
 
 def test_feedback_table_filters_and_stats(sm):

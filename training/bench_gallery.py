@@ -53,7 +53,8 @@ def _queries(n: int) -> list[str]:
 
 
 def _bundle(args) -> tuple[ModelBundle, str]:
-    path = Path(args.model or load_settings().model_path)
+    settings = load_settings()  # also with --model: loading images reads the upload limits
+    path = Path(args.model or settings.model_path)
     if path.is_file() and not args.config:
         return load_bundle(path), str(path)
     from core.config import load_model_config

@@ -50,7 +50,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     try:
-        bundle = load_bundle(args.model or load_settings().model_path)
+        settings = load_settings()  # also with --model: describing reads the upload limits
+        bundle = load_bundle(args.model or settings.model_path)
     except REFUSED as error:
         return refuse_model(error)
     load_seconds = time.perf_counter() - started

@@ -192,8 +192,8 @@ def load_training_data(args, config, panels, vocabulary: dict, rank: int, world:
     attribute_table = read_attribute_table([(Path(c), Path(c).parent) for c in args.attributes])
     cache_size = int(config.image_size * 1.125)
     train = build_dataset(train_items, classes, cache_size, attribute_table, vocabulary, Path(args.cache_dir))
-    synthetic_roots = [Path(s).resolve() for s in args.synthetic]
-    synthetic = torch.tensor([any(root in i.path.parents for root in synthetic_roots) for i in train_items])
+    drawn_paths = {item.path for item in drawn}  # the same set the batch check counted
+    synthetic = torch.tensor([item.path in drawn_paths for item in train_items])
     val_sets = []
     for folder in args.val:
         items = [i for i in as_class_keys(scan_class_folders(folder), keys)[0] if i.label in classes]
