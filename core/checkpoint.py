@@ -66,13 +66,22 @@ def file_sha256(path: Path | str) -> str:
     return digest.hexdigest()
 
 
-def write_safetensors(tensors: dict[str, torch.Tensor], path: Path | str, metadata: dict[str, str]) -> None:
-    """Write `tensors` as a safetensors file at `path`, created like any file of this process
-    (mode 0666 less the umask). safetensors' own ``save_file`` creates files 0600, so a
-    model exported for a team or a web server would be readable by its owner only; the bytes
-    are serialised in memory (a model is tens of MB) and written with a plain ``open``."""
-    with open(path, "wb") as handle:
-        handle.write(save(tensors, metadata=metadata))
+def publish_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str],
+                        sidecar: dict) -> dict:
+    """Write `tensors` as safetensors at `path` and `sidecar` (plus the weights' sha256) beside
+    it, each via a temp file and an atomic rename, weights first; returns the sidecar written.
+    The bytes are serialised in memory (a model is tens of MB), hashed there and written with a
+    plain ``open``: safetensors' own ``save_file`` creates files 0600, so a model exported for a
+    team or a web server would be readable by its owner only; these follow the umask."""
+    data = save(tensors, metadata=metadata)
+    sidecar = dict(sidecar, weights_sha256=hashlib.sha256(data).hexdigest())
+    tmp_weights = path.with_name(path.name + ".tmp")
+    tmp_weights.write_bytes(data)
+    tmp_sidecar = sidecar_path(path).with_name(sidecar_path(path).name + ".tmp")
+    tmp_sidecar.write_text(json.dumps(sidecar, indent=2))
+    os.replace(tmp_weights, path)
+    os.replace(tmp_sidecar, sidecar_path(path))
+    return sidecar
 
 
 def save_bundle(bundle: ModelBundle, path: Path | str) -> Path:
@@ -85,15 +94,9 @@ def save_bundle(bundle: ModelBundle, path: Path | str) -> Path:
     tensors.update({f"centroid.{k}": v.cpu().contiguous() for k, v in bundle.centroids.items()})
     if bundle.ood_precision is not None:
         tensors["ood.precision"] = bundle.ood_precision.cpu().contiguous()
-    tmp_weights = path.with_name(path.name + ".tmp")
-    write_safetensors(tensors, tmp_weights, metadata={"format": "hemascribe", "version": str(FORMAT_VERSION)})
-    sidecar = dict(bundle.sidecar, format_version=FORMAT_VERSION,
-                   config=bundle.model.config.to_dict(), weights_sha256=file_sha256(tmp_weights))
-    tmp_sidecar = sidecar_path(path).with_name(sidecar_path(path).name + ".tmp")
-    tmp_sidecar.write_text(json.dumps(sidecar, indent=2))
-    os.replace(tmp_weights, path)
-    os.replace(tmp_sidecar, sidecar_path(path))
-    bundle.sidecar = sidecar
+    bundle.sidecar = publish_safetensors(
+        path, tensors, {"format": "hemascribe", "version": str(FORMAT_VERSION)},
+        dict(bundle.sidecar, format_version=FORMAT_VERSION, config=bundle.model.config.to_dict()))
     return path
 
 

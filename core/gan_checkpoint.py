@@ -10,7 +10,6 @@ state for resuming lives in a separate torch file (plain tensors, loaded weights
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from core.checkpoint import ModelLoadError, file_sha256, sidecar_path, write_safetensors
+from core.checkpoint import ModelLoadError, file_sha256, publish_safetensors, sidecar_path
 from core.gan import Discriminator, GanConfig, Generator
 
 GAN_FORMAT = "hemascribe-gan"
@@ -58,14 +57,9 @@ def save_gan(path: Path | str, generator: Generator, discriminator: Discriminato
     tensors = {**_prefixed(generator, "g"), **_prefixed(discriminator, "d")}
     if ema is not None:
         tensors.update(_prefixed(ema, "g_ema"))
-    tmp = path.with_name(path.name + ".tmp")
-    write_safetensors(tensors, tmp, metadata={"format": GAN_FORMAT})
-    full = dict(sidecar, format=GAN_FORMAT, config=generator.config.to_dict(),
-                sampling_weights="g_ema" if ema is not None else "g", weights_sha256=file_sha256(tmp))
-    side_tmp = sidecar_path(path).with_name(sidecar_path(path).name + ".tmp")
-    side_tmp.write_text(json.dumps(full, indent=2))
-    os.replace(tmp, path)
-    os.replace(side_tmp, sidecar_path(path))
+    publish_safetensors(path, tensors, {"format": GAN_FORMAT},
+                        dict(sidecar, format=GAN_FORMAT, config=generator.config.to_dict(),
+                             sampling_weights="g_ema" if ema is not None else "g"))
     return path
 
 
