@@ -501,3 +501,14 @@ def test_review_table_shows_no_confidence_for_abstentions():
             {"feedback_id": 2, "created_at": None, "confidence": 0.91, "abstained": False}]
     frame = rows_frame(rows)
     assert frame["confidence"].isna().tolist() == [True, False] and frame["confidence"][1] == 0.91
+
+
+def test_case_morphology_is_computed_once_per_case(tiny_bundle, monkeypatch):
+    import ui.cases as cases
+    from core.imageio import load_image_bytes
+
+    calls = []
+    monkeypatch.setattr(cases, "describe_morphology", lambda bundle, image: calls.append(image) or ("s", []))
+    case = cases.Case("0" * 64, "a.png", load_image_bytes(png_bytes(), "a.png"))
+    assert cases.case_morphology(tiny_bundle, case) == cases.case_morphology(tiny_bundle, case) == ("s", [])
+    assert len(calls) == 1  # the summary and the Grad-CAM picker share one computation

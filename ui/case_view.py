@@ -8,12 +8,12 @@ import streamlit as st
 from core.checkpoint import ModelBundle
 from core.describe import Description
 from core.morphology import (
-    DEFAULT_PHRASE_THRESHOLD, describe_morphology, has_morphology, is_colourless, stated_phrase_accuracy,
+    DEFAULT_PHRASE_THRESHOLD, has_morphology, is_colourless, stated_phrase_accuracy,
 )
 from core.explain import overlay
 from core.panels import Panel
 from core.preprocess import square_resize
-from ui.cases import ATTRIBUTE_TARGET, Case, cached_heatmap
+from ui.cases import ATTRIBUTE_TARGET, Case, cached_heatmap, case_morphology
 from ui.widgets import (
     class_name, confidence_label, confidence_shown, md_escape, panel_calibrated, score_chart, scores_meaningless,
     select_by_identity,
@@ -68,7 +68,7 @@ def _render_morphology(bundle: ModelBundle, panel: Panel, case: Case) -> None:
         st.caption(f"No morphology phrases for {md_escape(panel.cell_class(class_key).name.lower())}s: "
                    "they were learned from the five mature white-cell types only (WBCAtt).")
         return
-    sentence, predictions = describe_morphology(bundle, case.loaded.image)
+    sentence, predictions = case_morphology(bundle, case)
     if not sentence:
         return
     st.write("Morphology: " + md_escape(sentence))
@@ -132,7 +132,7 @@ def render_explanation(bundle: ModelBundle, panel: Panel, case: Case, heatmaps: 
     default = keys.index(d.class_key or d.best_class)
     labels = {k: panel.cell_class(k).sentence for k in keys}
     if panel.name == "blood_cells" and has_morphology(d.class_key):  # morphology phrases can be explained too
-        for p in describe_morphology(bundle, case.loaded.image)[1]:
+        for p in case_morphology(bundle, case)[1]:
             target = f"{ATTRIBUTE_TARGET}{p.attribute}={p.value}"
             keys.append(target)
             labels[target] = f"Morphology, {p.attribute.replace('_', ' ')}: {p.label} ({p.confidence:.0%})"

@@ -22,6 +22,7 @@ from core.data import IMAGE_SUFFIXES
 from core.describe import Description, describe_batch
 from core.explain import attribute_heatmap, class_heatmap
 from core.imageio import ImageRejected, LoadedImage, load_image_bytes
+from core.morphology import describe_morphology
 from core.settings import Settings
 from core.store import store_error_message
 from ui.recording import record_prediction
@@ -56,6 +57,7 @@ class Case:
     prediction_id: int | None = None
     store_error: str | None = None  # why recording failed, if it did
     timings_ms: dict[str, float] = field(default_factory=dict)  # load / describe / store
+    morphology: tuple[str, list] | None = None  # (sentence, phrase predictions), see case_morphology
 
     @property
     def label(self) -> str:
@@ -167,6 +169,15 @@ def _record(store: Store, upload_dir: Path, data: bytes, case: Case) -> None:
 
 
 ATTRIBUTE_TARGET = "attr:"
+
+
+def case_morphology(bundle: ModelBundle, case: Case) -> tuple[str, list]:
+    """The case's morphology sentence and phrases (`describe_morphology`), computed once: the
+    summary and the Grad-CAM picker both show them, on every rerun. A case belongs to one model
+    (its cache key holds the weights), so the stored result cannot be another model's."""
+    if case.morphology is None:
+        case.morphology = describe_morphology(bundle, case.loaded.image)
+    return case.morphology
 
 
 def cached_heatmap(bundle: ModelBundle, case: Case, panel: str, class_key: str, cache: dict) -> np.ndarray:
