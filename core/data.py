@@ -12,6 +12,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from core.panels import class_key_for_label
+
 # what core.imageio decodes (it picks the decoder from the content; these only find the files)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".tif", ".tiff", ".bmp", ".dib", ".gif", ".webp"}
 
@@ -75,12 +77,11 @@ def _image_files(folder: Path, skip: set[str], root_real: str) -> list[Path]:
 
 
 def class_key_for_folder(folder: str, keys: set[str]) -> str:
-    """The class key a folder name means: itself, or the key it equals up to case, spaces and
-    hyphens ("Early Pre-B" -> "early_pre_b"); the folder name when it matches none."""
-    if folder in keys:
-        return folder
-    normalised = "_".join(folder.strip().lower().replace("-", " ").split())
-    return normalised if normalised in keys else folder
+    """The class key a folder name means: itself, or the one key it equals up to case, spaces
+    and hyphens ("Early Pre-B" -> "early_pre_b"; `core.panels.class_key_for_label`, without
+    the quiz's plurals and display names, so a training folder is read only by its key); the
+    folder name when it matches none."""
+    return class_key_for_label(folder, keys) or folder
 
 
 def as_class_keys(items: list[LabelledImage], keys: set[str]) -> tuple[list[LabelledImage], dict[str, str]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +43,44 @@ class Panel:
             if cell_class.key == key:
                 return cell_class
         raise KeyError(f"Class {key!r} is not in panel {self.name!r}")
+
+    def key_for_label(self, label: str | None) -> str | None:
+        """The class of this panel a folder or expert label names, as a person writes it:
+        'Neutrophils', 'early-pre-B', 'Immature granulocyte' (`class_key_for_label` with the
+        display names and plurals); None when it names none, or more than one."""
+        names = {c.key: [c.name] for c in self.classes}
+        return class_key_for_label(label, self.keys, names, plurals=True)
+
+
+def normalise_label(label: str) -> str:
+    """'  Early Pre-B ' -> 'early_pre_b': lower case, hyphens and runs of spaces as one underscore."""
+    return "_".join(label.strip().lower().replace("-", " ").split())
+
+
+def class_key_for_label(label: str | None, keys: Iterable[str], names: Mapping[str, Iterable[str]] | None = None,
+                        plurals: bool = False) -> str | None:
+    """The one class key `label` names, or None. The rule every reader of labels shares
+    (training and evaluation folders, quiz gallery labels):
+
+    - a label that is a key is that key;
+    - else the label, normalised (`normalise_label`), must equal the normalised form of exactly
+      one key, or of one of its `names` ({key: [display names]}): a label is never read as a
+      class it does not name, and one that could mean two classes means none;
+    - with `plurals`, and only when nothing matched as written, the same with a trailing "s"
+      dropped ('Neutrophils', 'IGs')."""
+    if not label:
+        return None
+    keys = list(keys)
+    if label in keys:
+        return label
+    forms = {key: {normalise_label(key)} | {normalise_label(n) for n in (names or {}).get(key, ())} for key in keys}
+    wanted = normalise_label(label)
+    candidates = [wanted, wanted[:-1]] if plurals and wanted.endswith("s") else [wanted]
+    for candidate in candidates:  # as written first, so a key ending in "s" is not lost to the plural rule
+        matches = [key for key in keys if candidate in forms[key]]
+        if matches:
+            return matches[0] if len(matches) == 1 else None
+    return None
 
 
 def panels_from_dict(data: dict) -> dict[str, Panel]:

@@ -186,3 +186,28 @@ def test_quiz_answered_cell_is_not_scored_again_after_a_panel_round_trip(env):
     assert at.session_state["quiz_round"] >= 1 and at.session_state["quiz_reveal"] is None
     assert not [s for s in at.selectbox if s.key == "quiz_choice_blood_cells_0"]
     assert at.metric[0].value.endswith("/ 1")
+
+
+def test_quiz_refuses_a_written_answer_without_morphology_words_then_scores_a_real_one(env):
+    """"no idea" lands on some class at a similarity as high as a real description's, so it is
+    refused by vocabulary: not scored, round not used up, the form left open to rewrite."""
+    at = AppTest.from_file(APP, default_timeout=180)
+    at.session_state["quiz_seed"] = 1234
+    at.switch_page(QUIZ_PAGE).run()
+    at.radio(key="quiz_mode").set_value("write").run()
+    at.text_area(key="quiz_text_0").input("no idea").run()
+    at.button(key="quiz_check").click().run()
+    assert not at.exception, at.exception
+    assert any("uses no morphology word the model knows" in w.value and "nucleus" in w.value for w in at.warning)
+    assert at.metric[0].value == "0 / 0"
+    assert at.session_state["quiz_answer"] is None and at.session_state["quiz_round"] == 0
+    assert not any("Nearest panel sentence:" in m.value for m in at.markdown)  # no reveal
+    assert not at.text_area(key="quiz_text_0").disabled and not at.button(key="quiz_check").disabled
+
+    at.text_area(key="quiz_text_0").input("large cell with bilobed nucleus").run()
+    at.button(key="quiz_check").click().run()
+    assert not at.exception, at.exception
+    assert at.metric[0].value in ("0 / 1", "1 / 1")
+    assert not any("uses no morphology word" in w.value for w in at.warning)
+    assert any("Nearest panel sentence:" in m.value for m in at.markdown)
+    assert at.session_state["quiz_answer"]["text"] == "large cell with bilobed nucleus"

@@ -4,7 +4,8 @@ label, the model's sentences and scores, Grad-CAM, morphology) and a running ses
 All state is per session, in plain `st.session_state` keys prefixed ``quiz_``. The draw is
 seeded per session and round, so a rerun (any widget change) never swaps the cell. Only
 cells whose label names a class of the chosen panel are scored; without labelled cells the
-quiz still runs, for practice, and says the answers are not scored.
+quiz still runs, for practice, and says the answers are not scored. A written answer that uses
+no morphology word the model knows (core.vocabulary) is refused, unscored, and can be rewritten.
 """
 from __future__ import annotations
 
@@ -22,13 +23,17 @@ from core.gallery import encode_query
 from core.gallery_sources import Source
 from core.imageio import ImageRejected, load_image_path
 from core.morphology import describe_morphology, has_morphology
-from core.panels import Panel
+from core.panels import Panel, load_attribute_phrases
+from core.vocabulary import EXAMPLES, morphology_vocabulary, morphology_words
 from ui import resources
 from ui.widgets import confidence_shown, md_escape, panel_calibrated, score_chart, scores_meaningless
 
 SEED, ROUND, SCORE = "quiz_seed", "quiz_round", "quiz_score"
 CELL, ANSWER, REVEAL = "quiz_cell", "quiz_answer", "quiz_reveal"
 TRIES = 5  # unreadable files drawn in a row before giving up on this round
+NO_MORPHOLOGY = (f"Your description uses no morphology word the model knows (e.g. {', '.join(EXAMPLES)}); "
+                 "rephrase it or choose a sentence.")
+PLACEHOLDER = "e.g. a large cell with a kidney-shaped nucleus"  # passes knows_words (tests/test_quiz_text.py)
 
 
 @dataclass(frozen=True)
@@ -49,28 +54,16 @@ def init_state() -> dict:
     return state[SCORE]
 
 
-def class_for_label(panel: Panel, label: str | None) -> str | None:
-    """The panel class a folder or expert label names ('Neutrophils', 'early-pre-B' ...)."""
-    if not label:
-        return None
-    wanted = label.strip().lower().replace("-", "_").replace(" ", "_")
-    for cell_class in panel.classes:
-        names = {cell_class.key.lower(), cell_class.name.lower().replace(" ", "_")}
-        if wanted in names or wanted.removesuffix("s") in names:
-            return cell_class.key
-    return None
-
-
 def pick_cell(panel: Panel, sources: list[Source], rng: random.Random, round_: int) -> QuizCell | None:
     """A random readable cell, from the labelled ones when there are any."""
-    labelled = [s for s in sources if class_for_label(panel, s.label)]
+    labelled = [s for s in sources if panel.key_for_label(s.label)]
     pool = labelled or sources
     for source in rng.sample(pool, min(len(pool), TRIES)):
         try:
             image = load_image_path(source.path).image
         except ImageRejected:
             continue
-        return QuizCell(source, image, class_for_label(panel, source.label), panel.name, round_)
+        return QuizCell(source, image, panel.key_for_label(source.label), panel.name, round_)
     return None
 
 
@@ -107,14 +100,25 @@ def answer_form(panel: Panel, answered: bool) -> tuple[str, str | None]:
                            placeholder="Choose a sentence")
         return mode, key
     text = st.text_area("Describe the cell in your own words", key=f"quiz_text_{round_}", max_chars=500,
-                        disabled=answered, placeholder="e.g. a large cell with a kidney-shaped nucleus")
+                        disabled=answered, placeholder=PLACEHOLDER)
     return mode, (text or "").strip() or None
 
 
-def check_answer(bundle: ModelBundle, panel: Panel, cell: QuizCell, mode: str, value: str) -> dict:
+def knows_words(bundle: ModelBundle, text: str) -> bool:
+    """Whether `text` uses a morphology word of the model's vocabulary: its panels' sentences
+    and the attribute phrases it was trained with (the shipped ones for an older sidecar)."""
+    phrases = bundle.sidecar.get("attribute_phrases") or load_attribute_phrases()
+    return bool(morphology_words(text, morphology_vocabulary(bundle.panels, phrases)))
+
+
+def check_answer(bundle: ModelBundle, panel: Panel, cell: QuizCell, mode: str, value: str) -> dict | None:
     """Score one answer and add it to the session score. Free text is matched to the
     nearest class of the panel: its prototype is the mean text embedding of the class's
-    sentences (core.bank), so this is the nearest panel sentence in the model's space."""
+    sentences (core.bank), so this is the nearest panel sentence in the model's space.
+    None, with nothing scored, for free text without a morphology word (`knows_words`): any
+    text lands on some class, so "no idea" would otherwise be scored, and sometimes correct."""
+    if mode == "write" and not knows_words(bundle, value):
+        return None
     similarity = None
     if mode == "write":
         similarities = bundle.prototypes[panel.name] @ encode_query(bundle, value)
@@ -211,7 +215,8 @@ def render_reveal(bundle: ModelBundle, panel: Panel, cell: QuizCell, answer: dic
 
 def play_round(bundle: ModelBundle, panel: Panel, cell: QuizCell) -> None:
     """The cell, the answer form and its check button, the reveal once answered, and the
-    Next cell button. An answer is scored once: the form locks after checking."""
+    Next cell button. An answer is scored once: the form locks after checking. A refused
+    written answer leaves the form open, to be rewritten."""
     show_cell(cell)
     answer = st.session_state.get(ANSWER)
     mode, value = answer_form(panel, answered=answer is not None)
@@ -222,6 +227,8 @@ def play_round(bundle: ModelBundle, panel: Panel, cell: QuizCell) -> None:
         else:
             with st.spinner("Checking..."):
                 answer = st.session_state[ANSWER] = check_answer(bundle, panel, cell, mode, value)
+            if answer is None:
+                st.warning(NO_MORPHOLOGY)
     if answer is not None:
         render_reveal(bundle, panel, cell, answer)
     st.button("Next cell", key="quiz_next", on_click=next_cell)

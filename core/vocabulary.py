@@ -1,0 +1,81 @@
+"""Does a free-text answer say anything about morphology? A vocabulary check, not a similarity.
+
+The text tower maps any string to some point, and the nearest class prototype of "no idea" or
+"asdf" is as close (0.76-0.95) as that of a real description (0.69-0.99, v12 model), so no
+similarity floor tells them apart. What does: whether the text uses a word the model was
+trained on. The vocabulary is the content words of the panels' sentences and paraphrases,
+class keys and display names, and the morphology phrases (``assets/attributes.json``), less
+`STOP_WORDS`. Pure functions: no model, no streamlit.
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+
+from core.panels import Panel
+
+# Words of the sentences that say nothing about how a cell looks, alone. Chosen against the
+# vocabulary itself (only words that occur in it matter): function words; "cell", "blood",
+# "white" (every quiz image is a blood cell); attribute *names* without a value ("shape",
+# "colour", "size": "irregular shape" still passes on "irregular"); bare intensity and
+# quantity words ("high", "light", "many", "little": "a little unsure" is no description,
+# "little cell" is rare next to "small cell"); verbs of arrangement ("filled", "covering");
+# numbers; and "no"/"not"/"without", which would let "no idea" through.
+STOP_WORDS = frozenset("""
+    a an the and or of with without to in is it its by than that this whose no not non all
+    cell cells blood white smear field type typical like looking lying among between sometimes
+    shape shaped size sized colour coloured color colored texture outline structure number
+    high low light lighter deep bright little many several more most very early open ground
+    present visible prominent inconspicuous obscured dispersed filled filling full packed
+    covering crowding hide overlying joined fast slow growing progression two three five
+""".split())
+
+# Spellings and irregular plurals a learner may use for a word of the vocabulary.
+VARIANTS = {"gray": "grey", "grayish": "greyish", "center": "centre", "leukemia": "leukaemia",
+            "leukemic": "leukaemic", "haematogones": "hematogones", "nucleolus": "nucleoli"}
+
+# Shown when an answer is refused: words every panel's sentences use.
+EXAMPLES = ("nucleus", "granules", "lobed", "cytoplasm")
+
+_WORD = re.compile(r"[^\W\d_]+")  # runs of letters, any script: "kidney-shaped" -> kidney, shaped
+
+
+def words(text: str) -> list[str]:
+    """Lower-case words of `text` (letters only; digits and punctuation split words)."""
+    return _WORD.findall(text.lower())
+
+
+def morphology_vocabulary(panels: Mapping[str, Panel] | Iterable[Panel],
+                          attribute_phrases: Mapping[str, Mapping[str, Iterable[str]]]) -> frozenset[str]:
+    """Content words the model knows: of every class's key, display name, sentence and
+    paraphrases, and of every morphology phrase, less `STOP_WORDS` and one-letter words."""
+    panel_list = panels.values() if isinstance(panels, Mapping) else panels
+    texts = [text for panel in panel_list for c in panel.classes
+             for text in (c.key.replace("_", " "), c.name, *c.all_sentences)]
+    texts += [phrase for values in attribute_phrases.values() for phrases in values.values() for phrase in phrases]
+    return frozenset(w for text in texts for w in words(text) if len(w) > 1 and w not in STOP_WORDS)
+
+
+def _forms(word: str) -> list[str]:
+    """The word, its spelling variant, and simple singular/plural forms ("lobe" -> "lobes",
+    "neutrophils" -> "neutrophil", "nuclei" stays)."""
+    word = VARIANTS.get(word, word)
+    forms = [word, word + "s"]
+    if word.endswith("s"):
+        forms.append(word[:-1])
+    if word.endswith("es"):
+        forms.append(word[:-2])
+    return forms
+
+
+def morphology_words(text: str, vocabulary: frozenset[str]) -> list[str]:
+    """The words of `text` that are in `vocabulary` (up to spelling variants and plurals), in
+    order, each once. Empty: the answer names nothing the model knows, and is not scored.
+    "a cell" -> []; "large cell with bilobed nucleus" -> ["large", "bilobed", "nucleus"]."""
+    found: list[str] = []
+    for word in words(text):
+        if word in STOP_WORDS or len(word) < 2 or word in found:
+            continue
+        if any(form in vocabulary for form in _forms(word)):
+            found.append(word)
+    return found

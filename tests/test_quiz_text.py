@@ -1,0 +1,73 @@
+"""The quiz's free-text vocabulary check (core.vocabulary) and the one rule that reads folder and
+expert labels as class keys (core.panels.class_key_for_label). Pure functions: no model."""
+from __future__ import annotations
+
+import pytest
+
+from core.data import class_key_for_folder
+from core.panels import class_key_for_label, load_attribute_phrases, load_panels
+from core.vocabulary import EXAMPLES, STOP_WORDS, morphology_vocabulary, morphology_words
+
+PANELS = load_panels()
+VOCABULARY = morphology_vocabulary(PANELS, load_attribute_phrases())
+
+REAL = ["large cell with bilobed nucleus", "orange granules", "small cell, big dark nucleus",
+        "segmented nucleus with three to five lobes and pale pink cytoplasm", "Neutrophils", "it's a monocyte",
+        "lymphoblast with prominent nucleolus", "gray cytoplasm with a few vacuoles", "high N:C ratio",
+        "a lobe-shaped nucleus", "immature granulocyte precursor", "Pre-B ALL"]
+NONSENSE = ["a cell", "cell", "Cells.", "no idea", "I don't know", "asdf", "?", "123", "", "a cat", "blood",
+            "not sure, sorry", "a white blood cell", "the cell in the picture"]
+
+
+@pytest.mark.parametrize("text", REAL)
+def test_real_descriptions_use_a_word_the_model_knows(text):
+    assert morphology_words(text, VOCABULARY)
+
+
+@pytest.mark.parametrize("text", NONSENSE)
+def test_answers_that_say_nothing_use_none(text):
+    assert morphology_words(text, VOCABULARY) == []
+
+
+def test_matched_words_are_listed_once_in_order_and_the_quiz_placeholder_passes():
+    from ui.quiz import NO_MORPHOLOGY, PLACEHOLDER
+
+    assert morphology_words("large cell with bilobed nucleus", VOCABULARY) == ["large", "bilobed", "nucleus"]
+    assert morphology_words("Nucleus, NUCLEUS and nuclei", VOCABULARY) == ["nucleus", "nuclei"]
+    assert morphology_words(PLACEHOLDER, VOCABULARY) == ["large", "kidney", "nucleus"]
+    # the words the refusal suggests are themselves known, and no stop word is in the vocabulary
+    assert all(morphology_words(word, VOCABULARY) for word in EXAMPLES)
+    assert all(word in NO_MORPHOLOGY for word in EXAMPLES)
+    assert not VOCABULARY & STOP_WORDS
+
+
+def test_vocabulary_comes_from_sentences_names_keys_and_phrases():
+    blood = morphology_vocabulary([PANELS["blood_cells"]], {})
+    assert {"neutrophil", "granulocyte", "kidney", "thrombocytes"} <= blood  # names, sentences, paraphrases
+    assert "uneven" not in blood and "uneven" in VOCABULARY  # only in attributes.json
+    assert {"hematogones", "lymphoblasts", "pre", "pro"} <= VOCABULARY  # b_all sentences and key parts
+
+
+def test_one_label_rule_for_folders_and_the_quiz():
+    keys = ["early_pre_b", "pro_b", "ig", "neutrophil"]
+    assert [class_key_for_label(x, keys) for x in ("Early Pre-B", " PRO_B ", "IG", "ig")] == [
+        "early_pre_b", "pro_b", "ig", "ig"]
+    # without the quiz's options, no plurals or display names: a training folder is read by its key only
+    assert [class_key_for_label(x, keys) for x in ("Neutrophils", "Pro B cells", "", None)] == [None] * 4
+    assert class_key_for_folder("Neutrophils", set(keys)) == "Neutrophils"
+    assert class_key_for_folder("early-pre-B", set(keys)) == "early_pre_b"
+    # a label two keys could mean is read as neither; a key ending in "s" is not lost to the plural rule
+    assert class_key_for_label("Pro B", ["pro_b", "Pro-B"]) is None
+    assert class_key_for_label("Blasts", ["blast", "blasts"], plurals=True) == "blasts"
+    assert class_key_for_label("Blasts", ["blast"], plurals=True) == "blast"
+
+
+def test_panel_reads_plurals_and_display_names():
+    blood, b_all = PANELS["blood_cells"], PANELS["b_all"]
+    assert blood.key_for_label("Neutrophils") == "neutrophil"
+    assert blood.key_for_label("Immature granulocytes") == "ig"
+    assert blood.key_for_label("IGs") == "ig"
+    assert b_all.key_for_label("early-pre-B") == "early_pre_b"
+    assert b_all.key_for_label("Benign (hematogones)") == "benign"
+    assert b_all.key_for_label("Pre-B ALL") == "pre_b"
+    assert blood.key_for_label("smudge") is None and blood.key_for_label(None) is None
