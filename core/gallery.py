@@ -166,9 +166,12 @@ def stale_count(index: GalleryIndex, sources: list[Source]) -> int:
     to date. Stat-only, nothing decoded."""
     listed = {src.path for src in sources}
     rows, items, todo, _ = _plan(index, sources)
-    relabelled = sum((item.label, item.verified) != (index.items[row].label, index.items[row].verified)
-                     for row, item in zip(rows, items))
+    relabelled = sum(_labels(item) != _labels(index.items[row]) for row, item in zip(rows, items))
     return len(todo) + relabelled + sum(item.path not in listed for item in index.items)
+
+
+def _labels(item: Source) -> tuple:
+    return item.label, item.verified, item.expert_labels
 
 
 def _plan(old: GalleryIndex, sources: list[Source]) -> tuple[list[int], list[GalleryItem], list[Source], dict]:

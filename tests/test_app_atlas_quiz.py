@@ -88,7 +88,7 @@ def test_atlas_text_query_and_more_like_this(env):
     scores = [float(c.split("**")[1]) for c in results]
     assert scores == sorted(scores, reverse=True)
     assert sum("(folder label)" in c for c in results) == 6
-    assert sum("neutrophil (expert-verified)" in c for c in results) == 1
+    assert sum("neutrophil (expert-verified, panel blood\\_cells)" in c for c in results) == 1
 
     at.button(key="atlas_more_text_0").click().run()
     assert not at.exception, at.exception

@@ -40,10 +40,15 @@ def thumbnail(path: str, key: str, size: int = 224) -> Image.Image | None:
 
 
 def label_text(item: GalleryItem) -> str:
-    """'monocyte (expert-verified)', 'neutrophil (folder label)' or 'no label' (escaped)."""
-    if item.label is None:
-        return "no expert label" if item.source == REVIEWED else "no label"
-    return md_escape(item.label) + (" (expert-verified)" if item.verified else " (folder label)")
+    """'neutrophil (folder label)', 'no label', or a reviewed case's expert label on each panel:
+    'benign (expert-verified, panel b_all); lymphocyte (expert-verified, panel blood_cells)'
+    (escaped). Each panel's label answers that panel's question; none replaces another."""
+    if item.source == REVIEWED:
+        if not item.expert_labels:
+            return "no expert label"
+        return "; ".join(f"{md_escape(label)} (expert-verified, panel {md_escape(panel)})"
+                         for panel, label in item.expert_labels)
+    return "no label" if item.label is None else md_escape(item.label) + " (folder label)"
 
 
 def _no_gallery_message(gallery_dir: Path | None) -> str:
