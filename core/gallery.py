@@ -42,7 +42,6 @@ FORMAT = 1
 MANIFEST = "manifest.json"
 BATCH = 32  # images per forward pass: bounded memory, and the progress bar moves
 COMMIT_EVERY = 1024  # new images embedded between two writes of the index
-LOAD_MAX_SIDE = 512  # decode size bound; the model sees far fewer pixels anyway
 _locks: dict[str, threading.Lock] = {}
 _locks_guard = threading.Lock()
 
@@ -166,9 +165,12 @@ def stale_count(index: GalleryIndex, sources: list[Source]) -> int:
     to date. Stat-only, nothing decoded."""
     listed = {src.path for src in sources}
     rows, items, todo, _ = _plan(index, sources)
-    relabelled = sum((item.label, item.verified) != (index.items[row].label, index.items[row].verified)
-                     for row, item in zip(rows, items))
+    relabelled = sum(_labels(item) != _labels(index.items[row]) for row, item in zip(rows, items))
     return len(todo) + relabelled + sum(item.path not in listed for item in index.items)
+
+
+def _labels(item: Source) -> tuple:
+    return item.label, item.verified, item.expert_labels
 
 
 def _plan(old: GalleryIndex, sources: list[Source]) -> tuple[list[int], list[GalleryItem], list[Source], dict]:
@@ -208,7 +210,10 @@ def _embed_sources(bundle: ModelBundle, todo: list[Source], progress, batch_size
         images, batch_items = [], []
         for src in todo[start:start + batch_size]:
             try:
-                loaded = load_image_path(src.path, max_side=LOAD_MAX_SIDE)
+                # the Describe page's loader with its own limits: a smaller max_side would also
+                # refuse narrow strips Describe accepts (the long-and-narrow limit is max_side /
+                # min_side), and the embedding is the one Describe computes for this file
+                loaded = load_image_path(src.path)
             except ImageRejected as error:
                 refused[src.path] = {"key": src.key, "reason": str(error)}
                 continue

@@ -9,8 +9,8 @@ then embeds only the files whose key changed. Keys:
 * reviewed cases: ``"sha256:<hex>"`` - their copies are content-addressed already.
 
 Labels: a file in ``<gallery>/<class>/...`` carries its parent folder's name (a folder label,
-as given by whoever assembled the folder); a reviewed case carries the class an expert
-vouched for (agree: the model's class; disagree: the corrected class), marked ``verified``.
+as given by whoever assembled the folder, whatever the panel); a reviewed case carries expert
+labels, one per panel (the rule: `_expert_labels`), and no folder label.
 """
 from __future__ import annotations
 
@@ -39,8 +39,20 @@ class Source:
     mtime_ns: int  # modification time, from stat()
     label: str | None  # class folder name or expert-verified class; None when unknown
     source: str  # FOLDER or REVIEWED
-    verified: bool  # True: the label is an expert's verdict from the feedback store
+    verified: bool  # True: the case has an expert's label on at least one panel
     name: str  # display name: path inside the gallery folder, or the original upload name
+    # ((panel, expert class), ...) sorted by panel; reviewed cases only (see `_expert_labels`)
+    expert_labels: tuple[tuple[str, str], ...] = ()
+
+    def __post_init__(self) -> None:
+        # the index manifest (JSON) hands the pairs back as lists: keep them tuples, so an
+        # unchanged item read back compares equal to the one listed now
+        object.__setattr__(self, "expert_labels", tuple((str(p), str(c)) for p, c in self.expert_labels))
+
+    def label_for(self, panel: str) -> str | None:
+        """The label that answers `panel`'s question: a reviewed case's expert class on that panel
+        (a verdict on another panel answers another question), a folder file's folder label."""
+        return dict(self.expert_labels).get(panel) if self.source == REVIEWED else self.label
 
 
 def scan_folder(root: Path | str) -> list[Source]:
@@ -69,14 +81,14 @@ def scan_folder(root: Path | str) -> list[Source]:
 
 
 def reviewed_sources(s: Session, upload_dir: Path | str, exclude: frozenset[str] = frozenset()) -> list[Source]:
-    """Stored copies of every image that has at least one feedback row, labelled with the
-    class of its latest agree/disagree (None when only 'unsure' or an uncorrected
-    disagree exists). Copies missing on disk, or pointing outside `upload_dir`, and images
-    whose sha256 is in `exclude` (see `synthetic_hashes`) are left out."""
+    """Stored copies of every image that has at least one feedback row, with its expert labels
+    per panel (`Source.expert_labels`; none when only 'unsure' or uncorrected disagreements exist).
+    Copies missing on disk, or pointing outside `upload_dir`, and images whose sha256 is in
+    `exclude` (see `synthetic_hashes`) are left out."""
     upload_dir = Path(upload_dir).resolve()
     reviewed = s.execute(select(ImageRecord).where(
         ImageRecord.id.in_(select(FeedbackRecord.image_id).distinct())).order_by(ImageRecord.id)).scalars().all()
-    labels = _latest_expert_classes(s)
+    labels = _expert_labels(s)
     out = []
     for image in reviewed:
         if image.sha256 in exclude:
@@ -85,24 +97,36 @@ def reviewed_sources(s: Session, upload_dir: Path | str, exclude: frozenset[str]
         if not path.is_relative_to(upload_dir) or not path.is_file():
             continue
         info = path.stat()
-        label = labels.get(image.id)
-        out.append(Source(str(path), f"sha256:{image.sha256}", info.st_size, info.st_mtime_ns, label,
-                          REVIEWED, label is not None, image.original_name or path.name))
+        per_panel = tuple(sorted(labels.get(image.id, {}).items()))
+        out.append(Source(str(path), f"sha256:{image.sha256}", info.st_size, info.st_mtime_ns, None, REVIEWED,
+                          bool(per_panel), image.original_name or path.name, per_panel))
     return out
 
 
-def _latest_expert_classes(s: Session) -> dict[int, str | None]:
-    """image id -> expert class of its latest decided verdict (one query for all images)."""
+def _expert_labels(s: Session) -> dict[int, dict[str, str]]:
+    """image id -> {panel: expert class}, one query for all images.
+
+    A panel asks one question (which blood cell; which B-ALL stage; which leukaemia), so each
+    panel keeps its own answer: a verdict given on one panel never relabels the image on
+    another (a lymphocyte verified on blood_cells stays one when a B-ALL verdict calls it
+    benign). Within a panel, verdicts are read oldest first, whichever model they answered
+    (the class is a fact about the cell, not about a model), and the latest one that names a
+    class wins: agree names the model's class, disagree its corrected class. A disagree that
+    names no class withdraws the label only when it rejects that very class; 'unsure', and any
+    verdict on an abstention that names no class, leave it as it is."""
     F, P = FeedbackRecord, PredictionRecord
-    rows = s.execute(select(F.image_id, F.verdict, P.class_key, F.corrected_class)
+    rows = s.execute(select(F.image_id, P.panel, F.verdict, P.class_key, F.corrected_class)
                      .join(P, F.prediction_id == P.id).where(F.verdict.in_(DECIDED))
                      .order_by(F.created_at, F.id))
-    latest: dict[int, str | None] = {}
-    for image_id, verdict, model_class, corrected in rows:
-        if model_class is None and corrected is None:
-            continue  # a verdict on an abstention (e.g. on another panel) says nothing of the class
-        latest[image_id] = expert_class(verdict, model_class, corrected)  # later rows overwrite
-    return latest
+    labels: dict[int, dict[str, str]] = {}
+    for image_id, panel, verdict, model_class, corrected in rows:
+        panel_labels = labels.setdefault(image_id, {})
+        named = expert_class(verdict, model_class, corrected)
+        if named is not None:
+            panel_labels[panel] = named  # later rows overwrite: the latest verdict of the panel wins
+        elif model_class is not None and panel_labels.get(panel) == model_class:
+            del panel_labels[panel]  # "not this class" of the very class held: no verified label now
+    return labels
 
 
 def list_sources(gallery_dir: Path | str | None, upload_dir: Path | str, session: Session | None = None,

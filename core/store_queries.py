@@ -129,7 +129,7 @@ def _table_row(f, p, i) -> dict:
         "model_class": p.class_key, "corrected_class": f.corrected_class,
         "expert_class": expert_class(f.verdict, p.class_key, f.corrected_class),
         "confidence": p.confidence, "panel": p.panel, "model_id": p.model_id,
-        "abstained": p.abstained, "sentence": p.sentence,
+        "weights_sha256": p.weights_sha256, "abstained": p.abstained, "sentence": p.sentence,
         "corrected_sentence": f.corrected_sentence, "comment": f.comment,
         "original_name": i.original_name, "sha256": i.sha256,
     }

@@ -11,8 +11,8 @@ widgets.model_sidebar(bundle)
 
 st.title("Atlas search")
 st.caption("Find cells in the gallery folder and among reviewed cases by a description in your own words, "
-           "or by an image. Labels marked expert-verified come from a reviewer's verdict; folder labels are "
-           "the names of the gallery's sub-folders.")
+           "or by an image. Labels marked expert-verified come from a reviewer's verdict on the panel named; "
+           "folder labels are the names of the gallery's sub-folders.")
 index = atlas.gallery_section(bundle)
 if index is None:
     st.stop()

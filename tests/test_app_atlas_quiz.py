@@ -88,7 +88,7 @@ def test_atlas_text_query_and_more_like_this(env):
     scores = [float(c.split("**")[1]) for c in results]
     assert scores == sorted(scores, reverse=True)
     assert sum("(folder label)" in c for c in results) == 6
-    assert sum("neutrophil (expert-verified)" in c for c in results) == 1
+    assert sum("neutrophil (expert-verified, panel blood\\_cells)" in c for c in results) == 1
 
     at.button(key="atlas_more_text_0").click().run()
     assert not at.exception, at.exception
@@ -131,6 +131,45 @@ def test_atlas_picks_up_a_few_new_files_without_reindex_and_asks_for_many(env, m
     at.run()
     assert any("2 gallery images were added, changed or removed" in i.value for i in at.info)
     assert any("7 images indexed" in c for c in captions(at))
+
+
+def strip_png(width: int, height: int) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), (200, 120, 150)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_atlas_shows_a_narrow_strip_describe_accepts_and_says_why_not_one_it_refuses(env, monkeypatch):
+    strip = env.gallery / "neutrophil" / "strip.png"
+    strip.write_bytes(strip_png(16, 1024))  # a side 64 times the other: the Describe page accepts it
+    at = open_page(ATLAS_PAGE)
+    assert any("7 images indexed" in c and "skipped" not in c for c in captions(at))
+    monkeypatch.setattr("ui.atlas.AUTO_REINDEX_MAX", 0)  # the index keeps the strip it had
+    strip.write_bytes(strip_png(17, 1089))  # replaced by one just past the limit, not re-indexed yet
+    at.text_input(key="atlas_query").input(QUERY).run()
+    assert not at.exception, at.exception
+    assert len([c for c in captions(at) if "similarity -" in c]) == 7
+    refused = [c for c in captions(at) if c.startswith("Not shown:")]
+    assert len(refused) == 1 and "too long and narrow" in refused[0] and "64 times" in refused[0]
+
+
+def test_thumbnail_is_square_for_what_describe_accepts_and_a_reason_otherwise(tmp_path):
+    from PIL import Image
+
+    from core.imageio import ImageRejected, load_image_path
+    from ui.atlas import thumbnail
+
+    (tmp_path / "strip.png").write_bytes(strip_png(16, 1024))
+    (tmp_path / "longer.png").write_bytes(strip_png(17, 1089))
+    tile = thumbnail(str(tmp_path / "strip.png"), "a")
+    assert isinstance(tile, Image.Image) and tile.size == (224, 224)  # padded: the grid keeps its rows
+    with pytest.raises(ImageRejected) as refused:
+        load_image_path(tmp_path / "longer.png")
+    assert thumbnail(str(tmp_path / "longer.png"), "b") == str(refused.value)  # Describe's own sentence
 
 
 def test_quiz_choose_then_write(env):

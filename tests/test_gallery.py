@@ -169,8 +169,9 @@ def test_reviewed_cases_join_with_expert_labels(tiny_bundle, tree, tmp_path):
         combined = list_sources(tree, uploads, s)
         without_drawn = list_sources(None, uploads, s, synthetic_hashes(samples))
     engine.dispose()
-    assert [(r.name, r.label, r.verified) for r in reviewed] == [
+    assert [(r.name, r.label_for("blood_cells"), r.verified) for r in reviewed] == [
         ("a.png", "neutrophil", True), ("b.png", "monocyte", True), ("c.png", None, False)]  # d: never reviewed
+    assert all(r.label is None for r in reviewed)  # expert labels are per panel, never a folder label
     assert [r.name for r in without_drawn] == ["b.png", "c.png"]  # an Agree on a drawn image verifies no cell
     assert all(r.source == REVIEWED and r.key.startswith("sha256:") for r in reviewed)
     assert len(combined) == 8
@@ -215,5 +216,29 @@ def test_a_verdict_on_an_abstention_does_not_clear_the_expert_label(tmp_path):
         add_feedback(s, on_cells, verdict="agree", reviewer="Dr T")
         add_feedback(s, on_leukaemia, verdict="disagree", reviewer="Dr T")  # later; names no class
     with make_session() as s:
-        assert [(r.label, r.verified) for r in reviewed_sources(s, uploads)] == [("monocyte", True)]
+        assert [(r.expert_labels, r.verified) for r in reviewed_sources(s, uploads)] == [
+            ((("blood_cells", "monocyte"),), True)]
     engine.dispose()
+
+
+def test_gallery_indexes_exactly_what_describe_accepts(tiny_bundle, tmp_path):
+    """One rule for long narrow strips, the Describe page's: a side at most 64 times the other
+    (the gallery decoded at 512 px and so refused anything over 32 times)."""
+    from PIL import Image
+
+    from core.imageio import ImageRejected
+
+    folder = tmp_path / "gallery" / "neutrophil"
+    folder.mkdir(parents=True)
+    for width, height in [(16, 1024), (1024, 16), (20, 1000), (17, 1088), (17, 1089), (15, 300), (300, 300)]:
+        Image.new("RGB", (width, height), (200, 120, 150)).save(folder / f"{width}x{height}.png")
+    sources = scan_folder(tmp_path / "gallery")
+    index = update_index(tiny_bundle, tmp_path / "cache", sources)
+    reasons = {}
+    for src in sources:
+        try:
+            load_image_path(src.path)
+        except ImageRejected as error:
+            reasons[src.path] = str(error)
+    assert {i.path for i in index.items} == {s.path for s in sources} - set(reasons)
+    assert len(index) == 5 and {p: e["reason"] for p, e in index.skipped.items()} == reasons

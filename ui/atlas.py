@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import streamlit as st
-from PIL import Image
+from PIL import Image, ImageOps
 
 from core.checkpoint import ModelBundle
 from core.gallery import GalleryIndex, GalleryItem, Hit, search_image, search_text, stale_count, update_index
@@ -27,23 +27,31 @@ EXAMPLE = "cell with a bilobed nucleus and orange granules"
 
 
 @st.cache_data(max_entries=512, show_spinner=False)
-def thumbnail(path: str, key: str, size: int = 224) -> Image.Image | None:
-    """A small copy of a gallery image (None when it cannot be read); `key` (size:mtime or
-    sha256) makes a changed file a new cache entry."""
+def thumbnail(path: str, key: str, size: int = 224) -> Image.Image | str:
+    """A square tile of a gallery image, at most `size` px (a long narrow strip is padded with
+    white, so it neither towers over the grid nor vanishes), or the sentence saying why the
+    image cannot be shown. `key` (size:mtime or sha256) makes a changed file a new cache entry."""
     del key  # part of the cache key only
     try:
-        image = load_image_path(path, max_side=size * 2).image
-    except ImageRejected:
-        return None
+        # the Describe page's loader with its own limits: a smaller max_side would refuse strips
+        # that Describe accepts (the long-and-narrow limit is max_side / min_side)
+        image = load_image_path(path).image
+    except ImageRejected as error:
+        return str(error)
     image.thumbnail((size, size))
-    return image
+    return ImageOps.pad(image, (max(image.size),) * 2, color="white")
 
 
 def label_text(item: GalleryItem) -> str:
-    """'monocyte (expert-verified)', 'neutrophil (folder label)' or 'no label' (escaped)."""
-    if item.label is None:
-        return "no expert label" if item.source == REVIEWED else "no label"
-    return md_escape(item.label) + (" (expert-verified)" if item.verified else " (folder label)")
+    """'neutrophil (folder label)', 'no label', or a reviewed case's expert label on each panel:
+    'benign (expert-verified, panel b_all); lymphocyte (expert-verified, panel blood_cells)'
+    (escaped). Each panel's label answers that panel's question; none replaces another."""
+    if item.source == REVIEWED:
+        if not item.expert_labels:
+            return "no expert label"
+        return "; ".join(f"{md_escape(label)} (expert-verified, panel {md_escape(panel)})"
+                         for panel, label in item.expert_labels)
+    return "no label" if item.label is None else md_escape(item.label) + " (folder label)"
 
 
 def _no_gallery_message(gallery_dir: Path | None) -> str:
@@ -124,8 +132,8 @@ def result_grid(hits: list[Hit], prefix: str) -> None:
         for offset, (column, hit) in enumerate(zip(st.columns(COLUMNS), hits[start:start + COLUMNS])):
             with column:
                 image = thumbnail(hit.item.path, hit.item.key)
-                if image is None:
-                    st.caption("(image no longer readable)")
+                if isinstance(image, str):  # e.g. changed or removed since it was indexed
+                    st.caption(f"Not shown: {md_escape(image)}")
                 else:
                     st.image(image, width="stretch")
                 st.caption(f"**{hit.similarity:.3f}** similarity - {label_text(hit.item)}")

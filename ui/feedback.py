@@ -83,16 +83,17 @@ def render_feedback(store: Store, panel: Panel, case: Case, reviewer: str) -> No
             st.session_state[generation] = st.session_state.get(generation, 0) + 1  # next run: an empty form
             st.session_state[f"{SAVED_MESSAGE}{case.prediction_id}"] = f"Saved: {verdict} by {md_escape(reviewer)}."
             st.rerun()
-    render_history(store, case.sha256, case.image_id, panel, case.description.weights_sha256)
+    render_history(store, case.sha256, case.image_id, panel.name, case.description.weights_sha256, panel)
 
 
-def render_history(store: Store, sha256: str, image_id: int | None, panel: Panel | None = None,
-                   weights_sha256: str | None = None) -> None:
-    """'Verified by X at T' (the latest agree/disagree on this panel's, and model's, predictions
-    of the image) and the image's whole history in an expander."""
+def render_history(store: Store, sha256: str, image_id: int | None, panel_name: str, weights_sha256: str,
+                   panel: Panel | None = None) -> None:
+    """'Verified by X at T' (the latest agree/disagree on the image's predictions by this panel
+    and these model weights: the description being shown, not another model's or panel's) and
+    the image's whole history in an expander. `panel` names the classes (raw keys without it)."""
     try:
         with store.sessionmaker() as s:
-            verification = (latest_verification(s, image_id, panel.name if panel else None, weights_sha256)
+            verification = (latest_verification(s, image_id, panel_name, weights_sha256)
                             if image_id is not None else None)
             events = image_history(s, sha256)
     except SQLAlchemyError as error:

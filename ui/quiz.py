@@ -20,7 +20,7 @@ from core.checkpoint import ModelBundle
 from core.describe import describe
 from core.explain import class_heatmap, overlay
 from core.gallery import encode_query
-from core.gallery_sources import Source
+from core.gallery_sources import REVIEWED, Source
 from core.imageio import ImageRejected, load_image_path
 from core.morphology import describe_morphology, has_morphology
 from core.panels import Panel, load_attribute_phrases
@@ -56,14 +56,15 @@ def init_state() -> dict:
 
 def pick_cell(panel: Panel, sources: list[Source], rng: random.Random, round_: int) -> QuizCell | None:
     """A random readable cell, from the labelled ones when there are any."""
-    labelled = [s for s in sources if panel.key_for_label(s.label)]
+    # label_for: a reviewed case answers this panel's question only with a verdict given on it
+    labelled = [s for s in sources if panel.key_for_label(s.label_for(panel.name))]
     pool = labelled or sources
     for source in rng.sample(pool, min(len(pool), TRIES)):
         try:
             image = load_image_path(source.path).image
         except ImageRejected:
             continue
-        return QuizCell(source, image, panel.key_for_label(source.label), panel.name, round_)
+        return QuizCell(source, image, panel.key_for_label(source.label_for(panel.name)), panel.name, round_)
     return None
 
 
@@ -156,10 +157,10 @@ def reveal_data(bundle: ModelBundle, panel: Panel, cell: QuizCell) -> dict:
 
 
 def _label_line(panel: Panel, cell: QuizCell) -> str:
-    label = cell.source.label
+    label = cell.source.label_for(cell.panel)
     if label is None:
         return "**Expert label:** none for this cell."
-    where = "expert-verified in the feedback store" if cell.source.verified else "gallery folder label"
+    where = "expert-verified in the feedback store" if cell.source.source == REVIEWED else "gallery folder label"
     if cell.expert_class is None:
         return f"**Label:** {md_escape(label)} ({where}; not a class of this panel, so not scored)."
     cell_class = panel.cell_class(cell.expert_class)

@@ -98,4 +98,7 @@ def reopen_case(store: Store, upload_dir: Path, rows: list[dict]) -> None:
         # An abstention's top score may belong to an image that is no cell at all: not shown as a confidence.
         confidence = "" if row["abstained"] else f", confidence {row['confidence']:.0%}"
         st.caption(f"Model {md_escape(row['model_id'])}, panel {md_escape(row['panel'])}{confidence}")
-    render_history(store, row["sha256"], row["image_id"], load_panels().get(row["panel"]))
+    # the verification of this row's description (its panel and model weights), as the Describe
+    # page shows it: a verdict on an older model's answer would read as agreeing with this one
+    render_history(store, row["sha256"], row["image_id"], row["panel"], row["weights_sha256"],
+                   load_panels().get(row["panel"]))
