@@ -5,15 +5,18 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import streamlit as st
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+from core.store import make_engine, make_sessionmaker  # noqa: E402
 from core.checkpoint import ModelBundle, load_bundle, save_bundle  # noqa: E402
 from core.config import load_model_config  # noqa: E402
 from core.model import DualEncoder  # noqa: E402
@@ -89,3 +92,23 @@ def cell_png_bytes(size: int = 96, kind: int = 0, seed: int = 0) -> bytes:
     buffer = io.BytesIO()
     draw_cell(size, kind=kind, seed=seed).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+@pytest.fixture
+def app_env(tiny_model_path, tmp_path, monkeypatch):
+    """Environment of one app: tiny model, fresh SQLite file, upload and sample folders."""
+    samples = tmp_path / "samples"
+    samples.mkdir()
+    for i in range(2):
+        (samples / f"cell_{i}.png").write_bytes(cell_png_bytes(96, kind=i, seed=i))
+    db_url = f"sqlite:///{tmp_path / 'feedback.sqlite'}"
+    monkeypatch.setenv("HEMASCRIBE_MODEL", str(tiny_model_path))
+    monkeypatch.setenv("HEMASCRIBE_DB_URL", db_url)
+    monkeypatch.setenv("HEMASCRIBE_UPLOAD_DIR", str(tmp_path / "uploads"))
+    monkeypatch.setenv("HEMASCRIBE_SAMPLES_DIR", str(samples))
+    st.cache_resource.clear()
+    engine = make_engine(db_url)
+    yield SimpleNamespace(db_url=db_url, samples=samples, uploads=tmp_path / "uploads",
+                          sessionmaker=make_sessionmaker(engine))
+    engine.dispose()
+    st.cache_resource.clear()

@@ -10,7 +10,7 @@ import pytest
 import streamlit as st
 from streamlit.testing.v1 import AppTest
 
-from core.store import ImageRecord, PredictionRecord, feedback_table, make_engine, make_sessionmaker
+from core.store import ImageRecord, PredictionRecord, feedback_table
 from tests.conftest import cell_png_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -21,26 +21,6 @@ CARD_PAGE = "pages/2_Model_card.py"
 
 def png_bytes(kind: int = 0, seed: int = 0) -> bytes:
     return cell_png_bytes(96, kind=kind, seed=seed)
-
-
-@pytest.fixture
-def app_env(tiny_model_path, tmp_path, monkeypatch):
-    """Environment of one app: tiny model, fresh SQLite file, upload and sample folders."""
-    samples = tmp_path / "samples"
-    samples.mkdir()
-    for i in range(2):
-        (samples / f"cell_{i}.png").write_bytes(png_bytes(kind=i, seed=i))
-    db_url = f"sqlite:///{tmp_path / 'feedback.sqlite'}"
-    monkeypatch.setenv("HEMASCRIBE_MODEL", str(tiny_model_path))
-    monkeypatch.setenv("HEMASCRIBE_DB_URL", db_url)
-    monkeypatch.setenv("HEMASCRIBE_UPLOAD_DIR", str(tmp_path / "uploads"))
-    monkeypatch.setenv("HEMASCRIBE_SAMPLES_DIR", str(samples))
-    st.cache_resource.clear()
-    engine = make_engine(db_url)
-    yield SimpleNamespace(db_url=db_url, samples=samples, uploads=tmp_path / "uploads",
-                          sessionmaker=make_sessionmaker(engine))
-    engine.dispose()
-    st.cache_resource.clear()
 
 
 def run_app() -> AppTest:

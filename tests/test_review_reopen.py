@@ -6,7 +6,7 @@ import hashlib
 
 from core.store import add_feedback, add_prediction, get_or_create_image
 from core.uploads import store_image_copy
-from tests.test_app import REVIEW_PAGE, app_env, picker, png_bytes, run_app  # noqa: F401  (app_env: fixture)
+from tests.test_app import REVIEW_PAGE, picker, png_bytes, run_app
 
 OLD, NEW = "a" * 64, "b" * 64  # weights sha256 of two models
 
