@@ -16,7 +16,8 @@ Decisions worth knowing:
   min-max range, not from the dtype range: microscopy cameras often fill only 10-14 bits of a
   16-bit container, and dividing by 65535 would give an almost black picture. Colour ones are
   decoded at full depth in `core.deep_pixels` (Pillow would keep only their high byte).
-* ``original_size`` is the full-resolution size as displayed, i.e. after EXIF rotation.
+* ``original_size`` is the full-resolution size as displayed, i.e. after EXIF rotation
+  (`core.orientation`).
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 from . import deep_pixels
+from .orientation import displayed_size, exif_orientation, oriented_fit
 from .upload_checks import (  # noqa: F401  (ImageRejected is this module's public error too)
     SUPPORTED_TEXT, ImageRejected, check_dimensions, check_raw_bytes, check_size, fit_size, safe_name, short_reason,
     upload_limits,
@@ -43,7 +45,6 @@ _EXTENSIONS = {
     ".webp": "WEBP",
 }
 _HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
-_ORIENTATION_TAG = 0x0112
 
 
 @dataclass(frozen=True)
@@ -93,15 +94,15 @@ def prepare_image(img: Image.Image, *, max_pixels: int | None = None, max_side: 
     # Image.open(...).convert("RGB") or .copy() keep the file's EXIF and are not upright yet, so the
     # tag is always applied; a caller who turns an image by hand should use ImageOps.exif_transpose,
     # which also removes the tag (the loader's own output carries none)
-    orientation = _orientation(img)
+    orientation = exif_orientation(img)
     if img.mode == "RGB" and orientation == 1 and max(img.size) <= max_side and getattr(img, "n_frames", 1) == 1:
         return img, []  # already what the loader makes (the app's and CLI's images): no copy
     with _decoding(name):
         label = img.format or "image"
         notes = _select_first_frame(img, img.format or "", label)
         rgb, mode_notes = _to_rgb(img, label)
-        rgb, _, notes = _oriented_fit(rgb, _displayed_size(img, orientation), orientation, notes + mode_notes,
-                                      max_side, already=img.format == "TIFF")
+        rgb, _, notes = oriented_fit(rgb, displayed_size(img, orientation), orientation, notes + mode_notes,
+                                     max_side, already=img.format == "TIFF")
     return rgb, notes
 
 
@@ -182,32 +183,16 @@ def _decode(data: bytes, name: str, max_pixels: int, max_side: int, min_side: in
         # because verify() leaves its image unusable).
         Image.open(io.BytesIO(data)).verify()
     notes = _extension_notes(name, label) + _select_first_frame(img, fmt, label)
-    orientation = _orientation(img)
-    displayed = _displayed_size(img, orientation)  # before draft() shrinks the JPEG
+    orientation = exif_orientation(img)
+    displayed = displayed_size(img, orientation)  # before draft() shrinks the JPEG
     if label == "JPEG":
         # Let libjpeg decode at 1/2, 1/4 or 1/8 scale: a 6000x6000 photo never needs
         # to exist at full size in memory. draft() keeps both sides >= the target.
         img.draft(img.mode, fit_size((width, height), max_side))
     img.load()  # force the full decode now, so truncated data fails here
     rgb, mode_notes = _to_rgb(img, label)
-    # Pillow's TIFF reader applied the orientation on load; other readers leave it to _oriented_fit.
-    return _oriented_fit(rgb, displayed, orientation, notes + mode_notes, max_side, already=fmt == "TIFF")
-
-
-def _displayed_size(img: Image.Image, orientation: int) -> tuple[int, int]:
-    """(width, height) once the orientation tag is applied. Pillow's TIFF reader reports (and on
-    load applies) the orientation itself; other readers report the stored size."""
-    width, height = img.size
-    return (height, width) if orientation in (5, 6, 7, 8) and img.format != "TIFF" else (width, height)
-
-
-def _fit(rgb: Image.Image, size: tuple[int, int], notes: list[str], max_side: int):
-    """Downscale to max_side (with a note); returns (rgb, original size, notes)."""
-    if max(rgb.size) > max_side:
-        rgb.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
-    if rgb.size != size:
-        notes.append(f"downscaled from {size[0]}x{size[1]} to {rgb.width}x{rgb.height}")
-    return rgb, size, notes
+    # Pillow's TIFF reader applied the orientation on load; other readers leave it to oriented_fit.
+    return oriented_fit(rgb, displayed, orientation, notes + mode_notes, max_side, already=fmt == "TIFF")
 
 
 def _decode_deep(data: bytes, img: Image.Image, name: str, label: str, max_pixels: int, max_side: int):
@@ -217,9 +202,9 @@ def _decode_deep(data: bytes, img: Image.Image, name: str, label: str, max_pixel
     notes = _extension_notes(name, label) + _select_first_frame(img, img.format, label)
     array, oriented = deep_pixels.decode_deep(data, label, keep_extra=info is None or info.alpha)
     rgb, depth_notes = deep_pixels.deep_to_rgb(array, label, max_side)
-    orientation = info.orientation if info else _orientation(img)
-    return _oriented_fit(rgb, _displayed_size(img, orientation), orientation, notes + depth_notes, max_side,
-                         already=oriented)
+    orientation = info.orientation if info else exif_orientation(img)
+    return oriented_fit(rgb, displayed_size(img, orientation), orientation, notes + depth_notes, max_side,
+                        already=oriented)
 
 
 def _decode_tiff_pillow_cannot_open(data: bytes, name: str, max_pixels: int, max_side: int, min_side: int):
@@ -234,23 +219,7 @@ def _decode_tiff_pillow_cannot_open(data: bytes, name: str, max_pixels: int, max
     rgb, depth_notes = deep_pixels.deep_to_rgb(array, "TIFF", max_side)
     swap = info.orientation in (5, 6, 7, 8)
     displayed = (info.height, info.width) if swap else (info.width, info.height)
-    return _oriented_fit(rgb, displayed, info.orientation, notes + depth_notes, max_side, already=oriented)
-
-
-_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
-              5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
-              8: Image.Transpose.ROTATE_90}  # EXIF orientation -> what displays it upright (as exif_transpose)
-
-
-def _oriented_fit(rgb: Image.Image, displayed: tuple[int, int], orientation: int, notes: list[str], max_side: int,
-                  already: bool = False):
-    if orientation in _TRANSPOSE:  # decoded from the stored layout (unless the decoder did it): orient it
-        rgb = rgb if already else rgb.transpose(_TRANSPOSE[orientation])
-        notes.append(f"rotated/flipped according to the EXIF orientation tag ({orientation})")
-    # The copy still carries the file's EXIF / XMP (orientation included): whoever reads the tag
-    # again (prepare_image, Pillow's exif_transpose) would turn the upright image a second time.
-    rgb.info.clear()
-    return _fit(rgb, displayed, notes, max_side)
+    return oriented_fit(rgb, displayed, info.orientation, notes + depth_notes, max_side, already=oriented)
 
 
 def _extension_notes(name: str, label: str) -> list[str]:
@@ -269,14 +238,6 @@ def _select_first_frame(img: Image.Image, fmt: str, label: str) -> list[str]:
     img.seek(0)
     kind = "multi-page" if label == "TIFF" else "animated"
     return [f"{kind} {label}: first of {n_frames} frames used"]
-
-
-def _orientation(img: Image.Image) -> int:
-    try:
-        value = int(img.getexif().get(_ORIENTATION_TAG, 1))
-    except Exception:  # malformed EXIF is common and must not block the image
-        return 1
-    return value if 1 <= value <= 8 else 1
 
 
 def _to_rgb(img: Image.Image, label: str) -> tuple[Image.Image, list[str]]:

@@ -106,16 +106,22 @@ def load_attribute_phrases(path: Path | str = ATTRIBUTES_FILE) -> dict[str, dict
     return {k: v for k, v in data.items() if not k.startswith("_")}
 
 
-def best_panels(panels: dict[str, Panel], class_keys: set[str]) -> list[str]:
-    """Names of the panels holding the most of `class_keys`: one name, several on a tie, none
-    when no panel holds any of them."""
+class PanelTieError(ValueError):
+    """Several panels hold equally many of the given classes; the message names them and asks for --panel."""
+
+
+def infer_panel(panels: dict[str, Panel], class_keys: set[str], what: str = "class folders") -> str | None:
+    """The panel holding the most of `class_keys` (so one holding all of them wins); None when no
+    panel holds any. The one rule of every command that infers a panel (evaluate, calibrate,
+    gan_quality). A tie raises `PanelTieError` naming the tied panels, which of the `what` (e.g.
+    "class folders") each holds, and --panel: a guess would count the other panel's classes as
+    unknown cells (evaluate) or score the wrong classes (calibrate, gan_quality), and would hang
+    on the panels file's order or sizes."""
     overlap = {name: len(class_keys & set(panel.keys)) for name, panel in panels.items()}
     most = max(overlap.values(), default=0)
-    return [name for name, n in overlap.items() if most and n == most]
-
-
-def panel_for_classes(panels: dict[str, Panel], class_keys: set[str]) -> str | None:
-    """The panel whose classes best cover `class_keys` (most overlap, ties: smaller panel).
-    Callers that must not guess on a tie (the evaluation contract) use `best_panels`."""
-    best = best_panels(panels, class_keys)
-    return min(best, key=lambda name: len(panels[name].keys)) if best else None
+    best = [name for name, n in overlap.items() if most and n == most]
+    if len(best) > 1:
+        held = "; ".join(f"{name}: {', '.join(sorted(class_keys & set(panels[name].keys)))}" for name in best)
+        raise PanelTieError(f"the {what} fit panels {' and '.join(best)} equally ({held}); "
+                            "pass --panel NAME to choose one")
+    return best[0] if best else None

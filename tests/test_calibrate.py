@@ -132,3 +132,29 @@ def test_degenerate_reasons_name_a_runaway_temperature_and_pass_a_sane_fit():
     assert len(reasons) == 1 and "temperature 24434 outside [0.05, 20]" in reasons[0] and "1/K" in reasons[0]
     assert "0 or 1" in calibrate.degenerate_reasons({"temperature": 0.01}, {"neutrophil": 50})[0]
     assert calibrate.degenerate_reasons({"temperature": 1.3}, {"neutrophil": 20, "lymphocyte": 41}) == []
+
+
+def test_calibrate_refuses_a_tie_between_panels_until_panel_names_one(tmp_path, capsys):
+    """The rule of training.evaluate: the old one silently took the smaller panel (b_all here), and
+    the fit then failed with a traceback after the centroids' pass."""
+    model = tmp_path / "model.safetensors"
+    save_bundle(make_tiny_bundle(), model)
+    before = load_bundle(model).sidecar
+    tied = write_class_tree(tmp_path / "tied", {"neutrophil": 2, "basophil": 2, "pre_b": 2, "benign": 2}, size=48)
+    common = ["--checkpoint", str(model), "--train", str(tied), "--cache-dir", str(tmp_path / "cache")]
+    assert calibrate.main([*common, "--val", str(tied)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and f"class folders of {tied} fit panels blood_cells and b_all equally" in err
+    assert "--panel" in err
+    assert not (tmp_path / "cache").exists()  # refused before any image was decoded
+    # --panel picks the panel; a folder of another panel's classes is still one line, not a traceback
+    assert calibrate.main([*common, "--val", str(tied), "--panel", "blood_cells"]) == 2
+    assert "benign, pre_b of" in capsys.readouterr().err
+    assert calibrate.main([*common, "--val", str(tied), str(tied), "--panel", "blood_cells"]) == 2
+    assert "one per --val folder" in capsys.readouterr().err
+    assert calibrate.main([*common, "--val", str(tied), "--panel", "blood"]) == 2
+    assert "Unknown panel 'blood'" in capsys.readouterr().err
+    assert load_bundle(model).sidecar == before  # nothing written
+    blood = write_class_tree(tmp_path / "blood", {"neutrophil": 4, "basophil": 4}, size=48)
+    assert calibrate.main([*common, "--val", str(blood), "--panel", "blood_cells"]) == 0
+    assert list(load_bundle(model).sidecar["calibration"]["panels"]) == ["blood_cells"]

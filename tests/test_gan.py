@@ -137,6 +137,23 @@ def test_quality_report_on_a_tiny_classifier(tmp_path, tiny_bundle):
     assert row["frechet"] >= 0 and result["overall"]["frechet_real_vs_real"] >= 0
 
 
+
+def test_quality_refuses_a_tie_between_panels_until_panel_names_one(tmp_path, tiny_model_path, capsys):
+    """The rule of training.evaluate: the old one silently scored against the smaller panel (b_all)."""
+    g, d = tiny(n_classes=2)
+    path = save_gan(tmp_path / "gan.safetensors", g, d, None, {"classes": ["basophil", "pre_b"], "step": 0})
+    real = write_class_tree(tmp_path / "real", {"basophil": 4, "pre_b": 4}, size=40)
+    argv = ["--checkpoint", str(path), "--classifier", str(tiny_model_path), "--real", str(real), "--n", "2",
+            "--json", str(tmp_path / "quality.json")]
+    assert gan_quality.main(argv) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "GAN's classes fit panels blood_cells and b_all equally" in err
+    assert "--panel" in err and not (tmp_path / "quality.json").exists()
+    assert gan_quality.main([*argv, "--panel", "b_all"]) == 0
+    result = json.loads((tmp_path / "quality.json").read_text())
+    assert result["panel"] == "b_all" and result["per_class"]["basophil"]["fidelity"] is None
+    assert 0 <= result["per_class"]["pre_b"]["fidelity"] <= 1
+
 def test_ablation_view_keeps_the_selected_real_images(tmp_path):
     data = write_class_tree(tmp_path / "data", {"basophil": 6, "lymphocyte": 9, "monocyte": 8}, size=24)
     items = load_items([str(data)], 7, ["basophil=2"], 1)

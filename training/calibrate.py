@@ -14,6 +14,10 @@ Honesty: val is split in two seeded halves; everything is fitted on one half and
 numbers stored under "calibration.report" are measured on the other half. A panel whose fit
 is degenerate (a temperature outside SANE_TEMPERATURE, or fewer than MIN_VAL_PER_CLASS val
 images of a class) is stored with "degenerate": true and its reasons, and a warning says so.
+Each --val folder holds one panel's classes: the panel --panel names (one per folder, in order),
+else the one its class folders fit, by training.evaluate's rule (`core.panels.infer_panel`). A tie
+between panels, a folder no panel holds, or a class folder outside the panel is one line on
+stderr and exit status 2, before any image is embedded and with nothing written.
 """
 from __future__ import annotations
 
@@ -29,7 +33,7 @@ from sklearn.covariance import LedoitWolf
 from core.checkpoint import load_bundle, save_bundle
 from core.data import LabelledImage, scan_class_folders
 from core.morphology import DEFAULT_PHRASE_THRESHOLD
-from core.panels import panel_for_classes
+from core.panels import infer_panel
 from core.reliability import (confidence_threshold_for_accuracy, expected_calibration_error,
                               fit_temperature, out_of_scope_scores)
 from training.attribute_eval import read_attribute_rows
@@ -50,6 +54,9 @@ def parse_args(argv=None):
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--train", nargs="+", required=True, help="training folders (for class centroids)")
     p.add_argument("--val", nargs="+", required=True, help="validation folders (one panel each)")
+    p.add_argument("--panel", nargs="+", default=None, metavar="NAME",
+                   help="panel of each --val folder, in order (default: inferred from its class folders, "
+                        "as training.evaluate does; a tie is refused)")
     p.add_argument("--target-accuracy", type=float, default=0.99)
     p.add_argument("--min-coverage", type=float, default=0.90)
     p.add_argument("--ood-coverage", type=float, default=0.99, help="share of val images accepted as in scope")
@@ -61,6 +68,36 @@ def parse_args(argv=None):
                    help="accuracy the phrases stated without '(?)' must reach")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
+
+
+def val_panels(bundle, args) -> list[tuple[list[LabelledImage], str]]:
+    """(images, panel) of every --val folder, before any image is embedded: the panel --panel
+    names or the one its class folders fit (`core.panels.infer_panel`, which refuses a tie). A
+    ValueError when that fails, for a folder without images, and for a class folder outside the
+    panel (the fit needs every image's class in it: a stray folder would stop the run with a
+    traceback after the centroids' long pass)."""
+    if args.panel and len(args.panel) != len(args.val):
+        raise ValueError(f"--panel names {len(args.panel)} panel(s) for {len(args.val)} --val folder(s); "
+                         "name one per --val folder, in order")
+    for name in args.panel or ():
+        if name not in bundle.panels:
+            raise ValueError(f"Unknown panel {name!r}; this model knows {sorted(bundle.panels)}")
+    sets = []
+    for k, folder in enumerate(args.val):
+        items = scan_class_folders(folder)
+        if not items:
+            raise ValueError(f"--val {folder}: no images found (expected one sub-folder per class)")
+        labels = {i.label for i in items}
+        panel = args.panel[k] if args.panel else infer_panel(bundle.panels, labels, f"class folders of {folder}")
+        if panel is None:
+            raise ValueError(f"no panel of this model holds any of the class folders of {folder} "
+                             f"({', '.join(sorted(labels))}); pass --panel")
+        outside = sorted(labels - set(bundle.panels[panel].keys))
+        if outside:
+            raise ValueError(f"the class folders {', '.join(outside)} of {folder} are not classes of panel "
+                             f"{panel}; give each --val folder the classes of one panel")
+        sets.append((items, panel))
+    return sets
 
 
 def embed_items(bundle, items, cache_dir) -> torch.Tensor:
@@ -171,14 +208,17 @@ def main(argv=None) -> int:
         print(f"error: {error} (paths are read relative to the CSV's folder)", file=sys.stderr)
         return 2
     bundle = load_bundle(args.checkpoint)
+    try:
+        val_sets = val_panels(bundle, args)
+    except ValueError as error:  # a tie, no panel, or a stray class folder: one line, nothing written
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     previous = bundle.sidecar.get("calibration", {})
     bundle.centroids, bundle.ood_precision = class_centroids(bundle, args.train, args.per_class, args.cache_dir,
                                                              args.seed)
     calibration = {"panels": {}, "method": __doc__.split("\n\n")[1].strip(),
                    "target_accuracy": args.target_accuracy, "min_coverage": args.min_coverage}
-    for folder in args.val:
-        items = scan_class_folders(folder)
-        panel = panel_for_classes(bundle.panels, {i.label for i in items})
+    for items, panel in val_sets:
         embeddings = embed_items(bundle, items, args.cache_dir)
         order = torch.randperm(len(items), generator=torch.Generator().manual_seed(args.seed))
         fit, held_out = order[: len(order) // 2], order[len(order) // 2:]

@@ -1,4 +1,4 @@
-"""The run folder's checkpoint, OUT/last.pt, and resuming from it.
+"""The run folder's checkpoint, OUT/last.pt, and resuming from it; its config.json and metrics.jsonl.
 
 The checkpoint holds weights, optimiser, weight average, epoch, step, model config, classes
 and the random number generators' states of every process, so a run resumed after epoch k
@@ -136,3 +136,9 @@ def keep_metrics_up_to(path: Path, epoch: int) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(kept))
     tmp.replace(path)
+
+
+def write_run_config(out: Path, args, config: ModelConfig, classes: list[str]) -> None:
+    """OUT/config.json: arguments, model config, classes and command line, for whoever reads the run."""
+    record = {"args": vars(args), "model": config.to_dict(), "classes": classes, "command": " ".join(sys.argv)}
+    (out / "config.json").write_text(json.dumps(record, indent=2))

@@ -37,7 +37,7 @@ from core.checkpoint import ModelLoadError, load_bundle
 from core.data import LabelledImage, as_class_keys, scan_class_folders
 from core.describe import describe_batch
 from core.imageio import ImageRejected, load_image_path
-from core.panels import best_panels
+from core.panels import infer_panel
 from training.attribute_eval import evaluate_attributes, print_attributes, read_attribute_csv
 from training.metrics import classification_summary, print_first
 
@@ -92,20 +92,6 @@ def match_folders(bundle, items: list[LabelledImage]) -> tuple[list[LabelledImag
     return as_class_keys(items, {k for p in bundle.panels.values() for k in p.keys})
 
 
-def infer_panel(panels: dict, folders: set[str]) -> str:
-    """The panel holding the most of the folder names (so one holding all of them wins). A tie
-    is refused: picking one would count the other panel's folders as unknown cells, and the
-    metrics would depend on the order of the panels file."""
-    best = best_panels(panels, folders)
-    if not best:
-        raise ValueError(f"No panel of this model holds any of the classes {sorted(folders)}; pass --panel")
-    if len(best) > 1:
-        held = "; ".join(f"{name}: {', '.join(sorted(folders & set(panels[name].keys)))}" for name in best)
-        raise ValueError(f"the class folders fit panels {' and '.join(best)} equally ({held}); "
-                         "pass --panel NAME to choose one")
-    return best[0]
-
-
 def evaluate(bundle, data_dir: str, panel: str | None, batch_size: int = 64) -> dict:
     """All metrics of the evaluation contract for one folder tree."""
     started = time.time()
@@ -114,7 +100,9 @@ def evaluate(bundle, data_dir: str, panel: str | None, batch_size: int = 64) -> 
         raise ValueError(f"no images found under {data_dir} (expected one sub-folder per class, named by "
                          f"class key, e.g. {Path(data_dir) / 'neutrophil'}/*.png)")
     folders = {item.label for item in items}
-    panel = panel or infer_panel(bundle.panels, folders)
+    panel = panel or infer_panel(bundle.panels, folders)  # a tie is refused there (PanelTieError)
+    if panel is None:
+        raise ValueError(f"No panel of this model holds any of the classes {sorted(folders)}; pass --panel")
     classes = bundle.panels[panel].keys
     described, results, refused = describe_folder(bundle, items, panel, batch_size)
     if not described:  # a table of None would read as a result

@@ -5,9 +5,11 @@
         --real PBC/val [--n 200] [--json runs/gan64/quality.json]
 
 * Fidelity: n images per class are generated (upsampled to 224 px like gan_sample) and
-  described by our classifier against the panel holding the GAN's classes; fidelity is the
-  share whose ``best_class`` is the class asked for (abstentions still have a best class,
-  and the abstain rate is reported beside it).
+  described by our classifier against --panel, else the panel holding the most of the GAN's
+  classes (training.evaluate's rule, `core.panels.infer_panel`: a tie is one line and exit
+  status 2 until --panel names one; with no panel holding any, no fidelity is scored); fidelity
+  is the share whose ``best_class`` is the class asked for (abstentions still have a best
+  class, and the abstain rate is reported beside it).
 * Frechet distance between generated and real images (REAL/<class>) in the embedding
   space of *our* image encoder, unit-normalised (the space where the classifier compares
   cosines), NOT Inception FID: its numbers are not comparable with published FIDs. The
@@ -32,7 +34,7 @@ from core.describe import describe_batch, embed_images
 from core.gan import generate, to_pil
 from core.gan_checkpoint import load_gan
 from core.imageio import ImageRejected, load_image_path
-from core.panels import panel_for_classes
+from core.panels import infer_panel
 
 NOTE = ("Frechet distance in the HemaScribe image encoder's unit-normalised embedding space, NOT Inception FID; "
         "compare it only with frechet_real_vs_real (same encoder, same sample size).")
@@ -44,7 +46,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--classifier", required=True, help="HemaScribe model (.safetensors, sidecar beside it)")
     p.add_argument("--real", required=True, help="folder with a subfolder per class (held-out images)")
     p.add_argument("--n", type=int, default=200, help="generated images per class")
-    p.add_argument("--panel", default=None, help="panel (default: the one holding the GAN's classes)")
+    p.add_argument("--panel", default=None,
+                   help="panel (default: the one holding the most of the GAN's classes; a tie is refused)")
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=64)
@@ -107,7 +110,7 @@ def assess_class(gan, bundle, panel: str | None, name: str, args) -> tuple[dict,
 
 def assess(gan, bundle, args) -> dict:
     """Per-class and pooled metrics as one JSON-ready dict."""
-    panel = args.panel or panel_for_classes(bundle.panels, set(gan.classes))
+    panel = args.panel or infer_panel(bundle.panels, set(gan.classes), "GAN's classes")  # a tie: PanelTieError
     per_class, fakes, halves_a, halves_b = {}, [], [], []
     for name in gan.classes:
         row, fake, (real_a, real_b) = assess_class(gan, bundle, panel, name, args)

@@ -1,5 +1,5 @@
 """What `training.train` reads, checked before any work: the folders and files it is given,
-the class folders in them (read as class keys) and --cut.
+the class folders in them (read as class keys), --cut, --batch-size and --config.
 
 A mistake there is a `UsageError`: ``training.train`` prints its message as one line on
 stderr and exits with status 2, never with a traceback.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+from core.config import ModelConfig, load_model_config
 from core.data import LabelledImage, as_class_keys, class_key_for_folder, scan_class_folders
 
 
@@ -77,12 +78,13 @@ def load_items(folders: list[str], max_per_class: int, cuts: list[str], seed: in
     return kept
 
 
-def check_batch_size(n_images: int, batch_size: int, world: int, folders: list[str]) -> None:
-    """Refuse a batch larger than the training images of one process. Refused rather than
-    shrunk: the contrastive loss takes its negatives from the batch, so the batch size is a
-    choice of objective, and a silently smaller batch would train another one than asked; a
-    last partial batch is dropped every epoch for the same reason (and keeps DDP ranks in
-    lockstep). With more images than that, every epoch has at least one full step."""
+def epoch_steps(n_images: int, batch_size: int, world: int, folders: list[str]) -> int:
+    """Full steps each process takes in an epoch of `n_images` (the length the sampler draws);
+    a UsageError for a batch larger than one process's share. Refused rather than shrunk: the
+    contrastive loss takes its negatives from the batch, so the batch size is a choice of
+    objective, and a silently smaller batch would train another one than asked; a last partial
+    batch is dropped every epoch for the same reason (and keeps DDP ranks in lockstep). So every
+    epoch that passes has at least one full step, and the schedule counts these steps."""
     per_process = n_images // world
     if n_images == 0:
         raise UsageError(f"--data {' '.join(folders)}: no images found (expected DATA/<class>/<image files>)")
@@ -90,3 +92,12 @@ def check_batch_size(n_images: int, batch_size: int, world: int, folders: list[s
         where = f" per process ({n_images} in all, {world} processes)" if world > 1 else ""
         raise UsageError(f"--batch-size {batch_size}: the training set has {per_process} images{where}, so no "
                          f"training step would run; use --batch-size {max(1, per_process)} or less")
+    return per_process // batch_size
+
+
+def model_config(name: str) -> ModelConfig:
+    """The model config --config names (a UsageError whose message lists the configs there are)."""
+    try:
+        return load_model_config(name)
+    except FileNotFoundError as error:
+        raise UsageError(f"--config: {error}") from error

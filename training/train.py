@@ -23,21 +23,20 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from core.config import load_model_config
 from core.data import as_class_keys, class_counts, scan_class_folders
 from core.loss import attribute_matching_loss, bidirectional_contrastive_loss
 from core.model import DualEncoder
 from core.panels import load_attribute_phrases, load_panels
 from training.augment import AUGMENT_PRESETS, augment_batch
 from training.checkpointing import (gather_rng_states, keep_metrics_up_to, load_for_resume, resume_from,
-                                    save_checkpoint)
+                                    save_checkpoint, write_run_config)
 from training.dataset import build_dataset, read_attribute_table
 from training.ema import WeightAverage
 from training.evaluation_utils import panel_accuracy
 from training.export_model import export
 from training.mixstyle import MixStyleHooks
 from training.distributed import rank_device, setup_distributed
-from training.run_inputs import UsageError, check_batch_size, check_paths, load_items, scan_as_class_keys
+from training.run_inputs import UsageError, check_paths, epoch_steps, load_items, model_config, scan_as_class_keys
 from training.sampling import BALANCE_MODES, class_weights, epoch_length, rank_epoch_indices
 from training.text_features import SentenceFeatureCache
 
@@ -178,7 +177,8 @@ def train_one_epoch(model, objective, data, indices, features, optimizer, args, 
 
 
 def load_training_data(args, config, panels, vocabulary: dict, rank: int, world: int):
-    """Training items, class keys, the decoded training set, its synthetic mask and the val sets.
+    """Training items, class keys, the decoded training set, its synthetic mask, the val sets and
+    the full steps each process takes per epoch.
 
     Images are decoded once into memory (see training/dataset.py); caps and cuts apply to real
     images only, synthetic (GAN) images are added on top."""
@@ -186,21 +186,25 @@ def load_training_data(args, config, panels, vocabulary: dict, rank: int, world:
     keys = {key for panel in panels.values() for key in panel.keys}  # the classes with sentences
     train_items = load_items(args.data, args.max_per_class, args.cut, data_seed, keys, announce=rank == 0)
     drawn = scan_as_class_keys(args.synthetic, keys, "--synthetic", announce=rank == 0)
-    check_batch_size(epoch_length(len(train_items), len(drawn), args.balance), args.batch_size, world, args.data)
     train_items += drawn
+    drawn_paths = {item.path for item in drawn}
+    synthetic = torch.tensor([item.path in drawn_paths for item in train_items])
+    # one epoch length, from the mask the sampler draws with: checked before any image is decoded,
+    # and the step count of the learning-rate schedule
+    n_synthetic = int(synthetic.sum())
+    epoch_images = epoch_length(len(train_items) - n_synthetic, n_synthetic, args.balance)
+    steps = epoch_steps(epoch_images, args.batch_size, world, args.data)
     classes = sorted({item.label for item in train_items})
     attribute_table = read_attribute_table([(Path(c), Path(c).parent) for c in args.attributes])
     cache_size = int(config.image_size * 1.125)
     train = build_dataset(train_items, classes, cache_size, attribute_table, vocabulary, Path(args.cache_dir))
-    drawn_paths = {item.path for item in drawn}  # the same set the batch check counted
-    synthetic = torch.tensor([item.path in drawn_paths for item in train_items])
     val_sets = []
     for folder in args.val:
         items = [i for i in as_class_keys(scan_class_folders(folder), keys)[0] if i.label in classes]
         val_sets.append((folder, build_dataset(items, classes, config.image_size, {}, vocabulary, Path(args.cache_dir))))
     if rank == 0:
         print(f"train: {len(train_items)} images, classes {class_counts(train_items)}", flush=True)
-    return train_items, classes, train, synthetic, val_sets
+    return train_items, classes, train, synthetic, val_sets, steps
 
 
 def close_epoch(model, average, optimizer, features, val_sets, state, losses, started, out, classes,
@@ -217,12 +221,6 @@ def close_epoch(model, average, optimizer, features, val_sets, state, losses, st
     with open(out / "metrics.jsonl", "a") as handle:
         handle.write(json.dumps(metrics) + "\n")
     save_checkpoint(out, model, optimizer, average, state, classes, rng_states)
-
-
-def write_run_config(out: Path, args: argparse.Namespace, config, classes: list[str]) -> None:
-    """The run folder's config.json: arguments, model config, classes and command line, for whoever reads the run."""
-    record = {"args": vars(args), "model": config.to_dict(), "classes": classes, "command": " ".join(sys.argv)}
-    (out / "config.json").write_text(json.dumps(record, indent=2))
 
 
 def build_model(config, panels, phrases, classes: list[str], generator, args, world: int):
@@ -242,9 +240,8 @@ def build_model(config, panels, phrases, classes: list[str], generator, args, wo
 
 def main(argv=None) -> int:
     """Train; exit status 2 with one line on stderr for a mistake in the command line or the data."""
-    args = parse_args(argv)
     try:
-        return run(args)
+        return run(parse_args(argv))
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -258,20 +255,16 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     generator = seed_everything(args.seed + rank)
-    try:
-        config = load_model_config(args.config)
-    except FileNotFoundError as error:  # the message lists the configs there are
-        raise UsageError(f"--config: {error}") from error
+    config = model_config(args.config)
     out = Path(args.out)
     checkpoint = load_for_resume(out, config, args.config, rank) if args.resume else None
     panels, phrases = load_panels(), load_attribute_phrases()
     vocabulary = {name: list(values) for name, values in phrases.items()}
-    train_items, classes, train, synthetic, val_sets = load_training_data(args, config, panels, vocabulary, rank, world)
+    train_items, classes, train, synthetic, val_sets, steps_per_epoch = load_training_data(
+        args, config, panels, vocabulary, rank, world)
     out.mkdir(parents=True, exist_ok=True)  # once the data is known to be usable
     model, average, features, objective, optimizer = build_model(config, panels, phrases, classes, generator,
                                                                  args, world)
-    n_drawn = int(synthetic.sum())
-    steps_per_epoch = (epoch_length(len(train_items) - n_drawn, n_drawn, args.balance) // world) // args.batch_size
     state = {"epoch": 0, "step": 0, "rank": rank, "total_steps": steps_per_epoch * args.epochs,
              "warmup": min(300, steps_per_epoch)}
     if checkpoint is not None:
