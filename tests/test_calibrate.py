@@ -158,3 +158,17 @@ def test_calibrate_refuses_a_tie_between_panels_until_panel_names_one(tmp_path, 
     blood = write_class_tree(tmp_path / "blood", {"neutrophil": 4, "basophil": 4}, size=48)
     assert calibrate.main([*common, "--val", str(blood), "--panel", "blood_cells"]) == 0
     assert list(load_bundle(model).sidecar["calibration"]["panels"]) == ["blood_cells"]
+
+
+def test_calibrate_refuses_two_val_folders_of_one_panel(tmp_path, capsys):
+    """A panel holds one calibration: the second folder's fit used to replace the first's silently."""
+    model = tmp_path / "model.safetensors"
+    save_bundle(make_tiny_bundle(), model)
+    first = write_class_tree(tmp_path / "a", {"neutrophil": 2, "basophil": 2}, size=48)
+    second = write_class_tree(tmp_path / "b", {"lymphocyte": 2, "monocyte": 2}, size=48)
+    args = ["--checkpoint", str(model), "--train", str(first), "--cache-dir", str(tmp_path / "cache"),
+            "--val", str(first), str(second)]
+    assert calibrate.main(args) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and f"{first} and {second} are both panel blood_cells" in err
+    assert not (tmp_path / "cache").exists()  # refused before any image was decoded

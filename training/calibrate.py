@@ -73,8 +73,8 @@ def parse_args(argv=None):
 def val_panels(bundle, args) -> list[tuple[list[LabelledImage], str]]:
     """(images, panel) of every --val folder, before any image is embedded: the panel --panel
     names or the one its class folders fit (`core.panels.infer_panel`, which refuses a tie). A
-    ValueError when that fails, for a folder without images, and for a class folder outside the
-    panel (the fit needs every image's class in it: a stray folder would stop the run with a
+    ValueError when that fails, for a folder without images, for two folders of one panel, and for
+    a class folder outside the panel (the fit needs every image's class in it: a stray folder would stop the run with a
     traceback after the centroids' long pass)."""
     if args.panel and len(args.panel) != len(args.val):
         raise ValueError(f"--panel names {len(args.panel)} panel(s) for {len(args.val)} --val folder(s); "
@@ -96,6 +96,10 @@ def val_panels(bundle, args) -> list[tuple[list[LabelledImage], str]]:
         if outside:
             raise ValueError(f"the class folders {', '.join(outside)} of {folder} are not classes of panel "
                              f"{panel}; give each --val folder the classes of one panel")
+        earlier = [f for f, (_, p) in zip(args.val, sets) if p == panel]
+        if earlier:  # a panel holds one calibration: the second fit would silently replace the first
+            raise ValueError(f"--val {earlier[0]} and {folder} are both panel {panel}; give one --val folder "
+                             "per panel (put all of a panel's class folders in one folder)")
         sets.append((items, panel))
     return sets
 
