@@ -125,3 +125,10 @@ def infer_panel(panels: dict[str, Panel], class_keys: set[str], what: str = "cla
         raise PanelTieError(f"the {what} fit panels {' and '.join(best)} equally ({held}); "
                             "pass --panel NAME to choose one")
     return best[0] if best else None
+
+
+def require_panel(panels: dict[str, Panel], name: str | None) -> None:
+    """A ValueError naming the known panels when `name` (a --panel option) is not one of them;
+    nothing for None (no panel named: the command infers one)."""
+    if name is not None and name not in panels:
+        raise ValueError(f"Unknown panel {name!r}; this model knows {sorted(panels)}")

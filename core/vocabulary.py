@@ -48,12 +48,17 @@ def words(text: str) -> list[str]:
 def morphology_vocabulary(panels: Mapping[str, Panel] | Iterable[Panel],
                           attribute_phrases: Mapping[str, Mapping[str, Iterable[str]]]) -> frozenset[str]:
     """Content words the model knows: of every class's key, display name, sentence and
-    paraphrases, and of every morphology phrase, less `STOP_WORDS` and one-letter words."""
-    panel_list = panels.values() if isinstance(panels, Mapping) else panels
+    paraphrases, and of every morphology phrase, less `STOP_WORDS` and one-letter words; a class
+    key that is a stop word ("all") is kept in capitals only ("ALL")."""
+    panel_list = list(panels.values() if isinstance(panels, Mapping) else panels)
     texts = [text for panel in panel_list for c in panel.classes
              for text in (c.key.replace("_", " "), c.name, *c.all_sentences)]
     texts += [phrase for values in attribute_phrases.values() for phrases in values.values() for phrase in phrases]
-    return frozenset(w for text in texts for w in words(text) if len(w) > 1 and w not in STOP_WORDS)
+    known = {w for text in texts for w in words(text) if len(w) > 1 and w not in STOP_WORDS}
+    # a class named by a stop word ("ALL", acute lymphoblastic leukaemia) counts only written in
+    # capitals, as hematologists write it: "ALL" names a class, "all of it" names nothing
+    keys = {c.key for panel in panel_list for c in panel.classes}
+    return frozenset(known | {key.upper() for key in keys if key in STOP_WORDS})
 
 
 def _forms(word: str) -> list[str]:
@@ -73,9 +78,10 @@ def morphology_words(text: str, vocabulary: frozenset[str]) -> list[str]:
     order, each once. Empty: the answer names nothing the model knows, and is not scored.
     "a cell" -> []; "large cell with bilobed nucleus" -> ["large", "bilobed", "nucleus"]."""
     found: list[str] = []
-    for word in words(text):
-        if word in STOP_WORDS or len(word) < 2 or word in found:
+    for token in _WORD.findall(text):
+        word = token.lower()
+        if word in found or len(word) < 2:
             continue
-        if any(form in vocabulary for form in _forms(word)):
+        if token in vocabulary or (word not in STOP_WORDS and any(form in vocabulary for form in _forms(word))):
             found.append(word)
     return found

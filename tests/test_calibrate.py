@@ -172,3 +172,37 @@ def test_calibrate_refuses_two_val_folders_of_one_panel(tmp_path, capsys):
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and f"{first} and {second} are both panel blood_cells" in err
     assert not (tmp_path / "cache").exists()  # refused before any image was decoded
+
+
+def test_calibrate_reads_class_folders_as_training_and_evaluation_do(tmp_path, capsys):
+    """"Neutrophil" is neutrophil, in --val and in --train (it used to be refused as no panel's
+    class, and in --train to end in a traceback after the centroids' pass)."""
+    model = tmp_path / "model.safetensors"
+    save_bundle(make_tiny_bundle(), model)
+    train = write_class_tree(tmp_path / "train", {"Neutrophil": 3, "Basophil": 3}, size=48)
+    val = write_class_tree(tmp_path / "val", {"Neutrophil": 4, "Basophil": 4}, size=48)
+    assert calibrate.main(["--checkpoint", str(model), "--train", str(train), "--val", str(val),
+                           "--cache-dir", str(tmp_path / "cache")]) == 0
+    bundle = load_bundle(model)
+    assert list(bundle.sidecar["calibration"]["panels"]) == ["blood_cells"]
+    assert set(bundle.centroids) == {"neutrophil", "basophil"}
+
+
+def test_calibrate_input_mistakes_are_one_line_before_any_image_is_decoded(tmp_path, capsys):
+    model = tmp_path / "model.safetensors"
+    save_bundle(make_tiny_bundle(), model)
+    before = load_bundle(model).sidecar
+    blood = write_class_tree(tmp_path / "blood", {"neutrophil": 2, "basophil": 2}, size=48)
+    b_all = write_class_tree(tmp_path / "b_all", {"pre_b": 2, "benign": 2}, size=48)
+    cache = ["--cache-dir", str(tmp_path / "cache")]
+    cases = {"Data folder not found": ["--train", str(tmp_path / "nowhere"), "--val", str(blood)],
+             "not found": ["--train", str(blood), "--val", str(tmp_path / "nowhere")],
+             "--train holds no class folder of panel blood_cells": ["--train", str(b_all), "--val", str(blood)]}
+    for expected, args in cases.items():
+        assert calibrate.main(["--checkpoint", str(model), *args, *cache]) == 2, expected
+        err = capsys.readouterr().err
+        assert len(err.splitlines()) == 1 and expected in err, err
+    assert calibrate.main(["--checkpoint", str(tmp_path / "missing.safetensors"), "--train", str(blood),
+                           "--val", str(blood), *cache]) == 2
+    assert len(capsys.readouterr().err.splitlines()) == 1
+    assert not (tmp_path / "cache").exists() and load_bundle(model).sidecar == before

@@ -137,7 +137,6 @@ def test_quality_report_on_a_tiny_classifier(tmp_path, tiny_bundle):
     assert row["frechet"] >= 0 and result["overall"]["frechet_real_vs_real"] >= 0
 
 
-
 def test_quality_refuses_a_tie_between_panels_until_panel_names_one(tmp_path, tiny_model_path, capsys):
     """The rule of training.evaluate: the old one silently scored against the smaller panel (b_all)."""
     g, d = tiny(n_classes=2)
@@ -153,6 +152,7 @@ def test_quality_refuses_a_tie_between_panels_until_panel_names_one(tmp_path, ti
     result = json.loads((tmp_path / "quality.json").read_text())
     assert result["panel"] == "b_all" and result["per_class"]["basophil"]["fidelity"] is None
     assert 0 <= result["per_class"]["pre_b"]["fidelity"] <= 1
+
 
 def test_ablation_view_keeps_the_selected_real_images(tmp_path):
     data = write_class_tree(tmp_path / "data", {"basophil": 6, "lymphocyte": 9, "monocyte": 8}, size=24)

@@ -6,7 +6,7 @@ import pytest
 
 from core.data import class_key_for_folder
 from core.panels import class_key_for_label, load_attribute_phrases, load_panels
-from core.vocabulary import EXAMPLES, STOP_WORDS, morphology_vocabulary, morphology_words
+from core.vocabulary import EXAMPLES, morphology_vocabulary, morphology_words
 
 PANELS = load_panels()
 VOCABULARY = morphology_vocabulary(PANELS, load_attribute_phrases())
@@ -30,15 +30,21 @@ def test_answers_that_say_nothing_use_none(text):
 
 
 def test_matched_words_are_listed_once_in_order_and_the_quiz_placeholder_passes():
-    from ui.quiz import NO_MORPHOLOGY, PLACEHOLDER
+    from ui.quiz import PLACEHOLDER
 
     assert morphology_words("large cell with bilobed nucleus", VOCABULARY) == ["large", "bilobed", "nucleus"]
     assert morphology_words("Nucleus, NUCLEUS and nuclei", VOCABULARY) == ["nucleus", "nuclei"]
     assert morphology_words(PLACEHOLDER, VOCABULARY) == ["large", "kidney", "nucleus"]
-    # the words the refusal suggests are themselves known, and no stop word is in the vocabulary
+    # the words the refusal suggests are themselves known
     assert all(morphology_words(word, VOCABULARY) for word in EXAMPLES)
-    assert all(word in NO_MORPHOLOGY for word in EXAMPLES)
-    assert not VOCABULARY & STOP_WORDS
+
+
+def test_a_class_named_by_a_stop_word_counts_in_capitals_only():
+    """ALL (acute lymphoblastic leukaemia) is a class of the leukemia panel; "all" is English."""
+    assert morphology_words("ALL", VOCABULARY) == ["all"]
+    assert morphology_words("Pre-B ALL", VOCABULARY) == ["pre", "all"]
+    assert morphology_words("CLL", VOCABULARY) == ["cll"]
+    assert morphology_words("all of it", VOCABULARY) == [] and morphology_words("All", VOCABULARY) == []
 
 
 def test_vocabulary_comes_from_sentences_names_keys_and_phrases():

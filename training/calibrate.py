@@ -16,8 +16,10 @@ is degenerate (a temperature outside SANE_TEMPERATURE, or fewer than MIN_VAL_PER
 images of a class) is stored with "degenerate": true and its reasons, and a warning says so.
 Each --val folder holds one panel's classes: the panel --panel names (one per folder, in order),
 else the one its class folders fit, by training.evaluate's rule (`core.panels.infer_panel`). A tie
-between panels, a folder no panel holds, or a class folder outside the panel is one line on
-stderr and exit status 2, before any image is embedded and with nothing written.
+between panels, a folder no panel holds, a class folder outside the panel, two folders of one
+panel, a missing folder, --train folders holding no class of a --val panel, or a model that does
+not load is one line on stderr and exit status 2, before any image is embedded and with nothing
+written. Class folders are read as training and evaluation read them ("Neutrophil" is neutrophil).
 """
 from __future__ import annotations
 
@@ -30,10 +32,10 @@ import torch
 import torch.nn.functional as F
 from sklearn.covariance import LedoitWolf
 
-from core.checkpoint import load_bundle, save_bundle
-from core.data import LabelledImage, scan_class_folders
+from core.checkpoint import ModelLoadError, load_bundle, save_bundle
+from core.data import LabelledImage, as_class_keys, scan_class_folders
 from core.morphology import DEFAULT_PHRASE_THRESHOLD
-from core.panels import infer_panel
+from core.panels import infer_panel, require_panel
 from core.reliability import (confidence_threshold_for_accuracy, expected_calibration_error,
                               fit_temperature, out_of_scope_scores)
 from training.attribute_eval import read_attribute_rows
@@ -70,6 +72,31 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def class_items(bundle, folders) -> list[LabelledImage]:
+    """The images of class folders, labelled with the class key each folder names, as training
+    and evaluation read them (`core.data.as_class_keys`: "Neutrophil" is neutrophil). A
+    FileNotFoundError for a missing folder."""
+    items = [i for f in folders for i in scan_class_folders(f)]
+    return as_class_keys(items, {k for p in bundle.panels.values() for k in p.keys})[0]
+
+
+def train_items(bundle, folders, val_sets) -> list[LabelledImage]:
+    """The --train images, checked before the long centroid pass: a ValueError when they hold no
+    class of a --val panel (its out-of-scope score would be infinite for every image, and the
+    fit would fail); a warning for each val class without training images (its cells will read
+    as out of scope)."""
+    items = class_items(bundle, folders)
+    seen = {i.label for i in items}
+    for val_items, panel in val_sets:
+        if not seen & set(bundle.panels[panel].keys):
+            raise ValueError(f"--train holds no class folder of panel {panel}; give its training folders")
+        missing = sorted({i.label for i in val_items} - seen)
+        if missing:
+            print(f"warning: no --train images of {', '.join(missing)} (panel {panel}): those cells will "
+                  "read as out of scope", file=sys.stderr)
+    return items
+
+
 def val_panels(bundle, args) -> list[tuple[list[LabelledImage], str]]:
     """(images, panel) of every --val folder, before any image is embedded: the panel --panel
     names or the one its class folders fit (`core.panels.infer_panel`, which refuses a tie). A
@@ -80,11 +107,10 @@ def val_panels(bundle, args) -> list[tuple[list[LabelledImage], str]]:
         raise ValueError(f"--panel names {len(args.panel)} panel(s) for {len(args.val)} --val folder(s); "
                          "name one per --val folder, in order")
     for name in args.panel or ():
-        if name not in bundle.panels:
-            raise ValueError(f"Unknown panel {name!r}; this model knows {sorted(bundle.panels)}")
+        require_panel(bundle.panels, name)
     sets = []
     for k, folder in enumerate(args.val):
-        items = scan_class_folders(folder)
+        items = class_items(bundle, [folder])
         if not items:
             raise ValueError(f"--val {folder}: no images found (expected one sub-folder per class)")
         labels = {i.label for i in items}
@@ -109,10 +135,9 @@ def embed_items(bundle, items, cache_dir) -> torch.Tensor:
     return embed_uint8(bundle.model, decode_images(items, bundle.model.config.image_size, Path(cache_dir)))
 
 
-def class_centroids(bundle, folders, per_class, cache_dir, seed) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Mean training-image embedding per class (a seeded sample of `per_class` images) and the
+def class_centroids(bundle, items, per_class, cache_dir, seed) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Mean training-image embedding per class (a seeded sample of `per_class` of `items`) and the
     precision matrix of the residuals around them (shrinkage chosen by Ledoit-Wolf, not tuned)."""
-    items = [i for f in folders for i in scan_class_folders(f)]
     generator = torch.Generator().manual_seed(seed)
     sample = []
     for label in sorted({i.label for i in items}):
@@ -211,14 +236,15 @@ def main(argv=None) -> int:
     except ValueError as error:  # no path column, or no listed image found: nothing to fit
         print(f"error: {error} (paths are read relative to the CSV's folder)", file=sys.stderr)
         return 2
-    bundle = load_bundle(args.checkpoint)
     try:
+        bundle = load_bundle(args.checkpoint)
         val_sets = val_panels(bundle, args)
-    except ValueError as error:  # a tie, no panel, or a stray class folder: one line, nothing written
+        training_images = train_items(bundle, args.train, val_sets)
+    except (ModelLoadError, ValueError, FileNotFoundError) as error:  # one line, nothing written
         print(f"error: {error}", file=sys.stderr)
         return 2
     previous = bundle.sidecar.get("calibration", {})
-    bundle.centroids, bundle.ood_precision = class_centroids(bundle, args.train, args.per_class, args.cache_dir,
+    bundle.centroids, bundle.ood_precision = class_centroids(bundle, training_images, args.per_class, args.cache_dir,
                                                              args.seed)
     calibration = {"panels": {}, "method": __doc__.split("\n\n")[1].strip(),
                    "target_accuracy": args.target_accuracy, "min_coverage": args.min_coverage}

@@ -37,7 +37,7 @@ from core.checkpoint import ModelLoadError, load_bundle
 from core.data import LabelledImage, as_class_keys, scan_class_folders
 from core.describe import describe_batch
 from core.imageio import ImageRejected, load_image_path
-from core.panels import infer_panel
+from core.panels import infer_panel, require_panel
 from training.attribute_eval import evaluate_attributes, print_attributes, read_attribute_csv
 from training.metrics import classification_summary, print_first
 
@@ -175,8 +175,7 @@ def main(argv=None) -> int:
         if args.json:  # refuse before the run, not after it
             check_json_target(args.json)
         bundle = load_bundle(args.checkpoint)
-        if args.panel and args.panel not in bundle.panels:
-            raise ValueError(f"Unknown panel {args.panel!r}; this model knows {sorted(bundle.panels)}")
+        require_panel(bundle.panels, args.panel)
         # the CSV is checked before the run: a header-only or attribute-less CSV is refused at once
         table = read_attribute_csv(args.attributes, args.data, list(bundle.attribute_prototypes)) \
             if args.attributes else None

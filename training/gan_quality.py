@@ -34,7 +34,7 @@ from core.describe import describe_batch, embed_images
 from core.gan import generate, to_pil
 from core.gan_checkpoint import load_gan
 from core.imageio import ImageRejected, load_image_path
-from core.panels import infer_panel
+from core.panels import infer_panel, require_panel
 
 NOTE = ("Frechet distance in the HemaScribe image encoder's unit-normalised embedding space, NOT Inception FID; "
         "compare it only with frechet_real_vs_real (same encoder, same sample size).")
@@ -151,8 +151,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         gan, bundle = load_gan(args.checkpoint), load_bundle(args.classifier)
-        if args.panel and args.panel not in bundle.panels:
-            raise ValueError(f"Unknown panel {args.panel!r}; this model knows {sorted(bundle.panels)}")
+        require_panel(bundle.panels, args.panel)
         result = assess(gan, bundle, args)
     except (ModelLoadError, ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
