@@ -95,6 +95,27 @@ MIN_CONTRAST = 0.01  # luminance std, images in [0, 1]
 MIN_NEIGHBOUR_CORRELATION = 0.5
 
 
+# The model reads the centre square of an image (core.preprocess.square_resize). Camera fields
+# are at most 16:9 (1.8) and cell crops near square; past 3:1 the square is under a third of the
+# image, a sliver rather than a cell: "a strip" is said instead of a confident sentence about it.
+MAX_DESCRIBED_ASPECT = 3.0
+
+
+def framing_problems(sizes: list[tuple[int, int]]) -> list[str | None]:
+    """For each image size (width, height) as described: why its centre square is no basis for a
+    description (a long narrow strip), or None."""
+    problems = []
+    for width, height in sizes:
+        side, long_side = min(width, height), max(width, height)
+        if long_side > MAX_DESCRIBED_ASPECT * side:
+            problems.append(f"The image is {long_side / side:.0f} times longer than wide ({width}x{height} px): "
+                            f"the model reads only its centre square ({side}x{side} px), too small a part to "
+                            "describe. Crop the image around one cell.")
+        else:
+            problems.append(None)
+    return problems
+
+
 def _neighbour_correlation(luminance: torch.Tensor) -> torch.Tensor:
     """(B,) mean Pearson correlation of horizontally and vertically adjacent pixels."""
     def correlation(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -2,7 +2,7 @@ import math
 
 import torch
 
-from core.describe import describe
+from core.describe import describe, describe_batch
 from core.reliability import (confidence_threshold_for_accuracy, expected_calibration_error, fit_temperature,
                               out_of_scope_scores)
 from tests.conftest import draw_cell, make_tiny_bundle
@@ -100,3 +100,20 @@ def test_blank_and_noise_images_are_refused_before_the_model_answers(tiny_bundle
     assert all(r.abstained and r.class_key is None and r.out_of_scope_score == math.inf for r in results)
     assert "blank" in results[0].abstain_reason and "noise" in results[1].abstain_reason
     assert [r.abstain_kind for r in results] == ["content", "content"]
+
+
+def test_a_long_narrow_strip_is_not_described_from_its_centre_square(tiny_bundle):
+    """A cell squeezed into 16 x 1024 px was described from a 16 px centre square at 92 %
+    (browser test, default model); past 3:1 the model says why it will not describe it."""
+    from core.reliability import MAX_DESCRIBED_ASPECT, framing_problems
+
+    cell = draw_cell(size=128)
+    tiny_bundle.sidecar["calibration"] = {"panels": {"blood_cells": {"min_confidence": 0.0}}}
+    strip, wide_field = cell.resize((16, 1024)), cell.resize((1920, 1080))
+    results = describe_batch(tiny_bundle, [strip, wide_field, cell], "blood_cells")
+    assert results[0].abstained and results[0].abstain_kind == "content" and results[0].class_key is None
+    assert "64 times longer than wide (16x1024 px)" in results[0].abstain_reason
+    assert "Crop the image around one cell" in results[0].abstain_reason
+    assert results[1].abstain_kind != "content" and results[2].abstain_kind != "content"  # 16:9 and square pass
+    assert framing_problems([(300, 100), (301, 100)]) == [None, framing_problems([(301, 100)])[0]]
+    assert framing_problems([(301, 100)])[0] is not None and MAX_DESCRIBED_ASPECT == 3.0
