@@ -34,6 +34,26 @@ STOP_WORDS = frozenset("""
 VARIANTS = {"gray": "grey", "grayish": "greyish", "center": "centre", "leukemia": "leukaemia",
             "leukemic": "leukaemic", "haematogones": "hematogones", "nucleolus": "nucleoli"}
 
+# Short forms hematologists write, expanded before the check and before the text tower reads the
+# answer (MiniLM does not know "PMN" is a neutrophil). Whole words only, any case.
+ABBREVIATIONS = {"mono": "monocyte", "lymph": "lymphocyte", "lympho": "lymphocyte", "pmn": "neutrophil",
+                 "poly": "neutrophil", "seg": "segmented neutrophil", "eo": "eosinophil", "eos": "eosinophil",
+                 "eosino": "eosinophil", "baso": "basophil", "nrbc": "erythroblast",
+                 "plt": "platelet", "meta": "metamyelocyte", "myelo": "myelocyte", "promyelo": "promyelocyte"}
+
+# Standard hematology terms the panels' sentences do not use but a learner may rightly write;
+# known words for the check (the text tower knows them from general text).
+EXTRA_TERMS = frozenset("""
+    myeloblast myeloblasts azurophilic hypersegmented hypogranular toxic granulation auer rods dohle
+    smudge reactive atypical cleaved hairy nucleolated haematogone haematogones erythrocyte erythrocytes
+""".split())
+
+# An answer that says what the cell is not ("not a neutrophil") is not scored: the nearest class
+# of "not a neutrophil" is the neutrophil. A negation up to NEGATION_REACH words before a class
+# word; "no granules" or "non-segmented" name no class and stay descriptions.
+NEGATIONS = frozenset({"not", "no", "never", "isn", "nor", "neither", "non"})
+NEGATION_REACH = 3
+
 # Shown when an answer is refused: words every panel's sentences use.
 EXAMPLES = ("nucleus", "granules", "lobed", "cytoplasm")
 
@@ -54,7 +74,7 @@ def morphology_vocabulary(panels: Mapping[str, Panel] | Iterable[Panel],
     texts = [text for panel in panel_list for c in panel.classes
              for text in (c.key.replace("_", " "), c.name, *c.all_sentences)]
     texts += [phrase for values in attribute_phrases.values() for phrases in values.values() for phrase in phrases]
-    known = {w for text in texts for w in words(text) if len(w) > 1 and w not in STOP_WORDS}
+    known = {w for text in texts for w in words(text) if len(w) > 1 and w not in STOP_WORDS} | EXTRA_TERMS
     # a class named by a stop word ("ALL", acute lymphoblastic leukaemia) counts only written in
     # capitals, as hematologists write it: "ALL" names a class, "all of it" names nothing
     keys = {c.key for panel in panel_list for c in panel.classes}
@@ -85,3 +105,34 @@ def morphology_words(text: str, vocabulary: frozenset[str]) -> list[str]:
         if token in vocabulary or (word not in STOP_WORDS and any(form in vocabulary for form in _forms(word))):
             found.append(word)
     return found
+
+
+def expand_abbreviations(text: str) -> str:
+    """`text` with the short forms of `ABBREVIATIONS` written out ("2 monos, PMN" -> "2 monocytes,
+    neutrophil"); a plural short form keeps its "s"."""
+    def full(match: re.Match) -> str:
+        token = match.group(0)
+        word = token.lower()
+        if word in ABBREVIATIONS:
+            return ABBREVIATIONS[word]
+        if word.endswith("s") and word[:-1] in ABBREVIATIONS:
+            return ABBREVIATIONS[word[:-1]] + "s"
+        return token
+    return _WORD.sub(full, text)
+
+
+def negated_classes(text: str, panels: Mapping[str, Panel] | Iterable[Panel]) -> list[str]:
+    """The class words `text` negates ("not a neutrophil", "isn't a lymphocyte" -> the class
+    word), in order; empty for an answer that says what the cell is."""
+    panel_list = list(panels.values() if isinstance(panels, Mapping) else panels)
+    class_words = {w for panel in panel_list for c in panel.classes for w in words(c.key.replace("_", " "))
+                   if len(w) > 1 and w not in STOP_WORDS} | {"granulocyte", "hematogone", "blast", "lymphoblast"}
+    tokens = words(expand_abbreviations(text))
+    negated = []
+    for i, token in enumerate(tokens):
+        if token not in NEGATIONS:
+            continue
+        for word in tokens[i + 1: i + 1 + NEGATION_REACH]:
+            if any(form in class_words for form in _forms(word)) and word not in negated:
+                negated.append(word)
+    return negated

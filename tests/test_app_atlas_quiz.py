@@ -193,8 +193,7 @@ def test_quiz_choose_then_write(env):
     answered = at.session_state["quiz_reveal"]["description"].class_key
     # morphology only for a white cell the model answered for (WBCAtt's five types)
     assert any("Morphology (model):" in m.value for m in at.markdown) == has_morphology(answered)
-    at.button(key="quiz_check").click().run()  # locked: no second score
-    assert at.metric[0].value in ("0 / 1", "1 / 1")
+    assert at.button(key="quiz_check").disabled  # locked at once: no second score
 
     at.button(key="quiz_next").click().run()
     at.radio(key="quiz_mode").set_value("write").run()
@@ -250,3 +249,19 @@ def test_quiz_refuses_a_written_answer_without_morphology_words_then_scores_a_re
     assert not any("uses no morphology word" in w.value for w in at.warning)
     assert any("Nearest panel sentence:" in m.value for m in at.markdown)
     assert at.session_state["quiz_answer"]["text"] == "large cell with bilobed nucleus"
+    # locked at once after checking: an edit now would be silently ignored
+    assert at.text_area(key="quiz_text_0").disabled and at.button(key="quiz_check").disabled
+
+
+def test_quiz_refuses_an_answer_that_says_what_the_cell_is_not(env):
+    """"not a neutrophil" lands on the neutrophil sentence, so it was scored correct on a neutrophil."""
+    at = AppTest.from_file(APP, default_timeout=180)
+    at.session_state["quiz_seed"] = 1234
+    at.switch_page(QUIZ_PAGE).run()
+    at.radio(key="quiz_mode").set_value("write").run()
+    at.text_area(key="quiz_text_0").input("not a neutrophil").run()
+    at.button(key="quiz_check").click().run()
+    assert not at.exception, at.exception
+    assert any("says what the cell is not (neutrophil)" in w.value for w in at.warning)
+    assert at.metric[0].value == "0 / 0" and at.session_state["quiz_answer"] is None
+    assert not at.text_area(key="quiz_text_0").disabled

@@ -6,7 +6,7 @@ import pytest
 
 from core.data import class_key_for_folder
 from core.panels import class_key_for_label, load_attribute_phrases, load_panels
-from core.vocabulary import EXAMPLES, morphology_vocabulary, morphology_words
+from core.vocabulary import EXAMPLES, expand_abbreviations, morphology_vocabulary, morphology_words, negated_classes
 
 PANELS = load_panels()
 VOCABULARY = morphology_vocabulary(PANELS, load_attribute_phrases())
@@ -77,3 +77,22 @@ def test_panel_reads_plurals_and_display_names():
     assert b_all.key_for_label("Benign (hematogones)") == "benign"
     assert b_all.key_for_label("Pre-B ALL") == "pre_b"
     assert blood.key_for_label("smudge") is None and blood.key_for_label(None) is None
+
+
+def test_short_forms_are_written_out_and_standard_terms_are_known():
+    """Browser test: "mono", "lymph", "PMN", "myeloblast", "toxic granulation" were refused."""
+    assert expand_abbreviations("2 Monos, a PMN and segs") == "2 monocytes, a neutrophil and segmented neutrophils"
+    assert expand_abbreviations("lymph; eos; NRBC") == "lymphocyte; eosinophil; erythroblast"
+    assert expand_abbreviations("monocytoid, seginal") == "monocytoid, seginal"  # whole words only
+    for text in ("mono", "lymph", "PMN", "myeloblast", "toxic granulation", "haematogone", "hypersegmented"):
+        assert morphology_words(expand_abbreviations(text), VOCABULARY), text
+
+
+def test_an_answer_saying_what_the_cell_is_not_is_found():
+    """Browser test: "not a neutrophil" was scored Correct on a neutrophil (its nearest class)."""
+    assert negated_classes("not a neutrophil", PANELS) == ["neutrophil"]
+    assert negated_classes("It isn't a lymphocyte", PANELS) == ["lymphocyte"]
+    assert negated_classes("neutrophil, not a mono", PANELS) == ["monocyte"]
+    for text in ("no granules, round nucleus", "non-segmented nucleus", "neutrophil without vacuoles",
+                 "not granular, a small lymphocyte with dense chromatin and no nucleolus"):
+        assert negated_classes(text, PANELS) == [], text

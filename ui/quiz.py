@@ -5,7 +5,8 @@ All state is per session, in plain `st.session_state` keys prefixed ``quiz_``. T
 seeded per session and round, so a rerun (any widget change) never swaps the cell. Only
 cells whose label names a class of the chosen panel are scored; without labelled cells the
 quiz still runs, for practice, and says the answers are not scored. A written answer that uses
-no morphology word the model knows (core.vocabulary) is refused, unscored, and can be rewritten.
+no morphology word the model knows, or says what the cell is not (core.vocabulary), is refused,
+unscored, and can be rewritten; short forms ("mono", "PMN", "eos") are written out first.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from core.gallery_sources import REVIEWED, Source
 from core.imageio import ImageRejected, load_image_path
 from core.morphology import describe_morphology, has_morphology
 from core.panels import Panel, load_attribute_phrases
-from core.vocabulary import EXAMPLES, morphology_vocabulary, morphology_words
+from core.vocabulary import EXAMPLES, expand_abbreviations, morphology_vocabulary, morphology_words, negated_classes
 from ui import resources
 from ui.widgets import confidence_shown, md_escape, panel_calibrated, score_chart, scores_meaningless
 
@@ -33,7 +34,9 @@ CELL, ANSWER, REVEAL = "quiz_cell", "quiz_answer", "quiz_reveal"
 TRIES = 5  # unreadable files drawn in a row before giving up on this round
 NO_MORPHOLOGY = (f"Your description uses no morphology word the model knows (e.g. {', '.join(EXAMPLES)}); "
                  "rephrase it or choose a sentence.")
-PLACEHOLDER = "e.g. a large cell with a kidney-shaped nucleus"  # passes knows_words (tests/test_quiz_text.py)
+NEGATED = ("Your answer says what the cell is not ({words}); the quiz scores what it is. Describe what you "
+           "see or choose a sentence.")
+PLACEHOLDER = "e.g. a large cell with a kidney-shaped nucleus"  # passes answer_problem (tests/test_quiz_text.py)
 
 
 @dataclass(frozen=True)
@@ -105,24 +108,29 @@ def answer_form(panel: Panel, answered: bool) -> tuple[str, str | None]:
     return mode, (text or "").strip() or None
 
 
-def knows_words(bundle: ModelBundle, text: str) -> bool:
-    """Whether `text` uses a morphology word of the model's vocabulary: its panels' sentences
-    and the attribute phrases it was trained with (the shipped ones for an older sidecar)."""
+def answer_problem(bundle: ModelBundle, text: str) -> str | None:
+    """Why a written answer cannot be scored, or None. Any text lands on some class, so an
+    answer is scored only when it uses a morphology word of the model's vocabulary (its panels'
+    sentences and the attribute phrases it was trained with; the shipped ones for an older
+    sidecar) and does not say what the cell is not ("not a neutrophil" lands on neutrophil)."""
     phrases = bundle.sidecar.get("attribute_phrases") or load_attribute_phrases()
-    return bool(morphology_words(text, morphology_vocabulary(bundle.panels, phrases)))
+    if not morphology_words(expand_abbreviations(text), morphology_vocabulary(bundle.panels, phrases)):
+        return NO_MORPHOLOGY
+    negated = negated_classes(text, bundle.panels)
+    if negated:
+        return NEGATED.format(words=", ".join(negated))
+    return None
 
 
-def check_answer(bundle: ModelBundle, panel: Panel, cell: QuizCell, mode: str, value: str) -> dict | None:
-    """Score one answer and add it to the session score. Free text is matched to the
-    nearest class of the panel: its prototype is the mean text embedding of the class's
-    sentences (core.bank), so this is the nearest panel sentence in the model's space.
-    None, with nothing scored, for free text without a morphology word (`knows_words`): any
-    text lands on some class, so "no idea" would otherwise be scored, and sometimes correct."""
-    if mode == "write" and not knows_words(bundle, value):
-        return None
+def check_answer(bundle: ModelBundle, panel: Panel, cell: QuizCell, mode: str, value: str) -> dict:
+    """Score one answer and add it to the session score. Free text (abbreviations written out,
+    `core.vocabulary.expand_abbreviations`; the caller refuses it first when `answer_problem`
+    says so) is matched to the nearest class of the panel: its prototype is the mean text
+    embedding of the class's sentences (core.bank), so this is the nearest panel sentence in the
+    model's space."""
     similarity = None
     if mode == "write":
-        similarities = bundle.prototypes[panel.name] @ encode_query(bundle, value)
+        similarities = bundle.prototypes[panel.name] @ encode_query(bundle, expand_abbreviations(value))
         best = int(similarities.argmax())
         chosen, similarity = panel.keys[best], float(similarities[best])
     else:
@@ -225,11 +233,12 @@ def play_round(bundle: ModelBundle, panel: Panel, cell: QuizCell) -> None:
     if st.button("Check my answer", key="quiz_check", type="primary", disabled=answer is not None):
         if value is None:
             st.warning("Choose a sentence or write a description first.")
+        elif mode == "write" and (problem := answer_problem(bundle, value)):
+            st.warning(problem)  # unscored; the form stays open to rewrite it
         else:
             with st.spinner("Checking..."):
-                answer = st.session_state[ANSWER] = check_answer(bundle, panel, cell, mode, value)
-            if answer is None:
-                st.warning(NO_MORPHOLOGY)
+                st.session_state[ANSWER] = check_answer(bundle, panel, cell, mode, value)
+            st.rerun()  # draw the form locked at once: an edit after checking would be ignored
     if answer is not None:
         render_reveal(bundle, panel, cell, answer)
     st.button("Next cell", key="quiz_next", on_click=next_cell)
