@@ -492,3 +492,16 @@ def test_case_morphology_is_computed_once_per_case(tiny_bundle, monkeypatch):
     case = cases.Case("0" * 64, "a.png", load_image_bytes(png_bytes(), "a.png"))
     assert cases.case_morphology(tiny_bundle, case) == cases.case_morphology(tiny_bundle, case) == ("s", [])
     assert len(calls) == 1  # the summary and the Grad-CAM picker share one computation
+
+
+def test_pages_show_a_long_narrow_strip_padded_to_a_square():
+    """A 16 x 1024 upload was drawn 260 x 16,640 px on the Describe page (browser test)."""
+    from PIL import Image
+
+    from ui.widgets import framed
+
+    strip = framed(Image.new("RGB", (16, 1024), (120, 40, 160)))
+    assert strip.size == (1024, 1024) and strip.getpixel((0, 0)) == (255, 255, 255)
+    assert strip.getpixel((512, 512)) == (120, 40, 160)
+    field = Image.new("RGB", (1920, 1080))
+    assert framed(field) is field  # a camera field (16:9) is shown as it is

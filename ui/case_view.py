@@ -15,8 +15,8 @@ from core.panels import Panel
 from core.preprocess import square_resize
 from ui.cases import ATTRIBUTE_TARGET, Case, cached_heatmap, case_morphology
 from ui.widgets import (
-    class_name, confidence_label, confidence_shown, md_escape, panel_calibrated, score_chart, scores_meaningless,
-    select_by_identity,
+    class_name, confidence_label, confidence_shown, framed, md_escape, panel_calibrated, score_chart,
+    scores_meaningless, select_by_identity,
 )
 
 
@@ -89,7 +89,7 @@ def render_summary(bundle: ModelBundle, panel: Panel, case: Case) -> None:
     st.subheader("Case")
     st.text(case.file_name)
     left, right = st.columns([1, 2])
-    left.image(case.loaded.image, width=260)
+    left.image(framed(case.loaded.image), width=260)
     with right:
         if d.abstained:
             st.warning("**Uncertain**: the model gives no sentence for this image.  \nReason: "
@@ -144,6 +144,6 @@ def render_explanation(bundle: ModelBundle, panel: Panel, case: Case, heatmaps: 
         heatmap = cached_heatmap(bundle, case, panel.name, class_key, heatmaps)
     left, right = st.columns(2)
     left.image(square_resize(case.loaded.image, 256), caption="Model input (centre crop)")
-    right.image(overlay(case.loaded.image, heatmap, opacity), caption="Grad-CAM overlay")
+    right.image(framed(overlay(case.loaded.image, heatmap, opacity)), caption="Grad-CAM overlay")
     st.caption("Warm colours mark regions that raise the similarity with this sentence. Grad-CAM is an aid "
                "to inspection, not proof of what the model reasoned.")

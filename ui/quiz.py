@@ -27,7 +27,7 @@ from core.morphology import describe_morphology, has_morphology
 from core.panels import Panel, load_attribute_phrases
 from core.vocabulary import EXAMPLES, expand_abbreviations, morphology_vocabulary, morphology_words, negated_classes
 from ui import resources
-from ui.widgets import confidence_shown, md_escape, panel_calibrated, score_chart, scores_meaningless
+from ui.widgets import confidence_shown, framed, md_escape, panel_calibrated, score_chart, scores_meaningless
 
 SEED, ROUND, SCORE = "quiz_seed", "quiz_round", "quiz_score"
 CELL, ANSWER, REVEAL = "quiz_cell", "quiz_answer", "quiz_reveal"
@@ -213,9 +213,9 @@ def render_reveal(bundle: ModelBundle, panel: Panel, cell: QuizCell, answer: dic
         st.caption("Phrases marked (?) are below the model's confidence threshold for that attribute.")
     left, right = st.columns(2)
     if scores_meaningless(d):  # no cell of this panel: nothing to show where it was seen
-        left.image(cell.image, caption="The cell")
+        left.image(framed(cell.image), caption="The cell")
     else:
-        left.image(overlay(cell.image, data["heatmap"]),
+        left.image(framed(overlay(cell.image, data["heatmap"])),
                    caption=f"Grad-CAM for: {panel.cell_class(data['top']).name}")
         right.plotly_chart(score_chart(d, panel, panel_calibrated(bundle, panel)), key="quiz_scores")
     st.caption("File: " + md_escape(cell.source.name) + ". Grad-CAM is an aid to inspection, not proof of "
@@ -253,4 +253,4 @@ def score_text() -> str:
 def show_cell(cell: QuizCell) -> None:
     """The whole image; its file name stays hidden until the reveal, since file and folder
     names often give the answer away."""
-    st.image(cell.image, caption="Which description fits this cell?", width=320)
+    st.image(framed(cell.image), caption="Which description fits this cell?", width=320)

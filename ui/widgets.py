@@ -12,6 +12,7 @@ from datetime import datetime
 import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
+from PIL import Image, ImageOps
 
 from core.checkpoint import ModelBundle
 from core.describe import Description, default_panel
@@ -185,3 +186,16 @@ def table_or_info(frame: pd.DataFrame | None, key: str, missing: str, caption: s
         return
     st.caption(caption)
     st.dataframe(frame, hide_index=True, key=key)
+
+
+MAX_SHOWN_ASPECT = 2.0  # wider or taller images are shown padded to a square
+
+
+def framed(image: Image.Image) -> Image.Image:
+    """The image as the pages show it: a long narrow strip padded with white to a square, so a
+    16 x 1024 upload neither towers 16,000 px down the page at a fixed width nor shrinks to a
+    line; other images unchanged."""
+    width, height = image.size
+    if max(width, height) <= MAX_SHOWN_ASPECT * min(width, height):
+        return image
+    return ImageOps.pad(image.convert("RGB"), (max(width, height),) * 2, color="white")
