@@ -37,7 +37,7 @@ class Source:
     key: str  # change detector: "<size>:<mtime_ns>" or "sha256:<hex>"
     size: int  # bytes, from stat()
     mtime_ns: int  # modification time, from stat()
-    label: str | None  # class folder name or expert-verified class; None when unknown
+    label: str | None  # class folder name; None when unknown, and for a reviewed case (see expert_labels)
     source: str  # FOLDER or REVIEWED
     verified: bool  # True: the case has an expert's label on at least one panel
     name: str  # display name: path inside the gallery folder, or the original upload name

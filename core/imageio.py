@@ -45,6 +45,11 @@ _EXTENSIONS = {
     ".webp": "WEBP",
 }
 _HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+# Default decode limits, the Describe page's: the longer side is shrunk to MAX_SIDE and a side
+# under MIN_SIDE is refused, so a strip may be at most MAX_SIDE / MIN_SIDE times the other side.
+# The atlas index records them (core.gallery): what it loaded under other limits is loaded again.
+MAX_SIDE = 1024
+MIN_SIDE = 16
 
 
 @dataclass(frozen=True)
@@ -58,8 +63,8 @@ class LoadedImage:
 
 
 def load_image_bytes(data: bytes, file_name: str, *, max_bytes: int | None = None,
-                     max_pixels: int | None = None, max_side: int = 1024,
-                     min_side: int = 16) -> LoadedImage:
+                     max_pixels: int | None = None, max_side: int = MAX_SIDE,
+                     min_side: int = MIN_SIDE) -> LoadedImage:
     """Validate and decode an uploaded image into a small RGB `LoadedImage`.
 
     ``max_bytes`` and ``max_pixels`` default to the settings (HEMASCRIBE_MAX_UPLOAD_MB,
@@ -81,8 +86,8 @@ def load_image_bytes(data: bytes, file_name: str, *, max_bytes: int | None = Non
                        notes=tuple(notes))
 
 
-def prepare_image(img: Image.Image, *, max_pixels: int | None = None, max_side: int = 1024,
-                  min_side: int = 16) -> tuple[Image.Image, list[str]]:
+def prepare_image(img: Image.Image, *, max_pixels: int | None = None, max_side: int = MAX_SIDE,
+                  min_side: int = MIN_SIDE) -> tuple[Image.Image, list[str]]:
     """An in-memory PIL image made what `load_image_bytes` makes of a file: the same size
     checks, first frame, EXIF orientation, 8-bit RGB (alpha over white, 16-bit / float grey
     stretched) and downscale; returns (rgb, notes). For callers of the describe API who open
@@ -137,7 +142,7 @@ def _decoding(name: str):
 
 
 def load_image_path(path, *, max_bytes: int | None = None, max_pixels: int | None = None,
-                    max_side: int = 1024, min_side: int = 16) -> LoadedImage:
+                    max_side: int = MAX_SIDE, min_side: int = MIN_SIDE) -> LoadedImage:
     """Read an image file and load it with `load_image_bytes`.
 
     The size is checked with stat() before reading, so an oversized file is refused

@@ -112,3 +112,28 @@ def app_env(tiny_model_path, tmp_path, monkeypatch):
                           sessionmaker=make_sessionmaker(engine))
     engine.dispose()
     st.cache_resource.clear()
+
+
+def write_format1_index(folder: Path, refuse: dict[str, str] | None = None) -> None:
+    """Rewrite the gallery index in `folder` as the code before format 2 wrote it (no decode
+    bound per entry, no limits per refusal; a reviewed case with one plain label, verified, and
+    no per-panel labels); the files of `refuse` (path -> reason) move from the rows to the
+    refusals, as the old 512 px bound refused strips over 32:1."""
+    refuse = refuse or {}
+    manifest = json.loads((folder / "manifest.json").read_text())
+    matrix = np.load(folder / manifest["matrix"])
+    keep = [row for row, entry in enumerate(manifest["items"]) if entry["path"] not in refuse]
+    items = []
+    for row in keep:
+        entry = dict(manifest["items"][row])
+        expert = entry.pop("expert_labels", ())
+        entry.pop("max_side", None)
+        if entry["source"] == "reviewed" and expert:
+            entry["label"], entry["verified"] = expert[-1][1], True  # the old single label
+        items.append(entry)
+    skipped = {entry["path"]: {"key": entry["key"], "reason": refuse[entry["path"]]}
+               for entry in manifest["items"] if entry["path"] in refuse}
+    (folder / manifest["matrix"]).unlink()
+    np.save(folder / "embeddings-format1.npy", matrix[keep])
+    manifest.update(format=1, matrix="embeddings-format1.npy", items=items, skipped=skipped)
+    (folder / "manifest.json").write_text(json.dumps(manifest))

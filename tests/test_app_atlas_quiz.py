@@ -55,9 +55,10 @@ def captions(at: AppTest) -> list[str]:
     return [c.value for c in at.caption]
 
 
-def add_reviewed_case(env, verdict: str = "agree") -> None:
-    """A stored upload with a prediction 'neutrophil' and one expert verdict."""
-    data = png_bytes(1, 42)
+def add_reviewed_case(env, verdict: str = "agree", seed: int = 42) -> None:
+    """A stored upload (a cell drawn with `seed`) with a prediction 'neutrophil' on the
+    blood_cells panel and one expert verdict."""
+    data = png_bytes(1, seed)
     sha = hashlib.sha256(data).hexdigest()
     stored = store_image_copy(env.uploads, sha, data, ".png")
     with env.sessionmaker.begin() as s:
@@ -124,13 +125,38 @@ def test_atlas_picks_up_a_few_new_files_without_reindex_and_asks_for_many(env, m
     assert not at.exception, at.exception
     assert any("7 images indexed" in c and "Unreadable files skipped: 1." in c for c in captions(at))
     at.run()  # the unreadable file is not retried on every rerun
-    assert not any("added, changed or removed" in i.value for i in at.info)
+    assert not any("added or changed" in i.value for i in at.info)
     monkeypatch.setattr("ui.atlas.AUTO_REINDEX_MAX", 1)
     for i in range(2):
         (env.gallery / "lymphocyte" / f"more_{i}.png").write_bytes(png_bytes(1, 20 + i))
     at.run()
-    assert any("2 gallery images were added, changed or removed" in i.value for i in at.info)
+    assert any("2 gallery images were added or changed" in i.value for i in at.info)
     assert any("7 images indexed" in c for c in captions(at))
+
+
+def test_atlas_applies_every_new_label_at_once_even_when_too_many_files_wait(env, monkeypatch):
+    """An index written before labels were kept per panel (format 1: one plain label per reviewed
+    case) shows each panel's expert label after the automatic update, whatever the number of
+    relabelled cases; only embedding is capped."""
+    from tests.conftest import write_format1_index
+
+    for seed in (42, 43):
+        add_reviewed_case(env, seed=seed)
+    at = open_page(ATLAS_PAGE)
+    assert any("8 images indexed" in c for c in captions(at))
+    write_format1_index(next(env.cache.iterdir()))
+    monkeypatch.setattr("ui.atlas.AUTO_REINDEX_MAX", 1)  # 2 relabelled cases and 2 new files: more than 1
+    for i in range(2):
+        (env.gallery / "lymphocyte" / f"more_{i}.png").write_bytes(png_bytes(1, 20 + i))
+    at.text_input(key="atlas_query").input(QUERY).run()
+    assert not at.exception, at.exception
+    results = [c for c in captions(at) if "similarity -" in c]
+    reviewed = [c for c in results if "expert" in c]
+    assert len(reviewed) == 2 and all("neutrophil (expert-verified, panel blood\\_cells)" in c for c in reviewed)
+    assert not any("no expert label" in c for c in captions(at))
+    assert any("2 gallery images were added or changed" in i.value for i in at.info)  # not embedded yet
+    assert any("8 images indexed" in c and "2 reviewed cases (2 with an expert-verified label)" in c
+               for c in captions(at))
 
 
 def strip_png(width: int, height: int) -> bytes:

@@ -12,7 +12,7 @@ import streamlit as st
 from PIL import Image, ImageOps
 
 from core.checkpoint import ModelBundle
-from core.gallery import GalleryIndex, GalleryItem, Hit, search_image, search_text, stale_count, update_index
+from core.gallery import GalleryIndex, GalleryItem, Hit, pending_work, search_image, search_text, update_index
 from core.gallery_sources import REVIEWED
 from core.imageio import ImageRejected, load_image_bytes, load_image_path
 from ui import resources
@@ -21,7 +21,7 @@ from ui.widgets import md_escape
 
 COLUMNS = 4  # result grid width
 PICK_MAX = 2000  # gallery images offered in the picker; "More like this" reaches the others
-AUTO_REINDEX_MAX = 50  # files added / changed / removed since the last index that are embedded on sight
+AUTO_REINDEX_MAX = 50  # files added or changed since the last index that are embedded on sight (labels: all)
 QUERY_ROW = "atlas_query_path"  # plain session key: the gallery image whose neighbours are shown
 EXAMPLE = "cell with a bilobed nucleus and orange granules"
 
@@ -85,17 +85,23 @@ def gallery_section(bundle: ModelBundle) -> GalleryIndex | None:
     clicked = st.button("Re-index gallery", key="atlas_reindex",
                         help="Embeds new or changed images only; removed images leave the index.")
     sources = resources.gallery_sources()  # stat only: cheap even for 20,000 files
-    changed = stale_count(index, sources)
+    to_embed, to_refresh = pending_work(index, sources)
     # First visit, an indexing that was interrupted (its user left the page), or a few files
-    # added, changed or removed since (embedding only those takes seconds): carry on.
-    if clicked or index.updated_at is None or index.stats.get("pending") or 0 < changed <= AUTO_REINDEX_MAX:
+    # added or changed since (embedding only those takes seconds): carry on.
+    if clicked or index.updated_at is None or index.stats.get("pending") or 0 < to_embed <= AUTO_REINDEX_MAX:
         if index.updated_at is None and not sources:
             st.info(_no_gallery_message(current.gallery_dir))
             return None
         index = reindex(bundle, sources)
-    elif changed:
-        st.info(f"{changed} gallery images were added, changed or removed since the last index: press Re-index "
-                "to search them too.")
+    else:
+        if to_refresh:
+            # New labels (an expert's verdicts; an index written before labels were kept per panel)
+            # and removed files need no embedding: applied whatever their number, so a label is never
+            # shown stale while many files wait for Re-index. Each panel's label comes from that panel.
+            index = update_index(bundle, resources.gallery_folder(bundle), sources, embed=False)
+        if to_embed:
+            st.info(f"{to_embed} gallery images were added or changed since the last index, or were read by an "
+                    "earlier version: press Re-index to embed them.")
     if not resources.get_store().available:
         st.caption("The feedback database is unavailable: reviewed cases are not in the gallery.")
     if not len(index):

@@ -18,7 +18,8 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.checkpoint import ModelBundle, ModelLoadError, load_bundle, sidecar_path
-from core.gallery import GalleryIndex, cache_folder, load_index, manifest_stamp
+from core.gallery import GalleryIndex, cache_folder, load_index
+from core.gallery_index import manifest_stamp
 from core.gallery_sources import Source, list_sources, synthetic_hashes
 from core.settings import Settings, SettingsError, load_settings
 from core.store import REVIEWER_MAX, StoreUnavailable, make_engine, make_sessionmaker
