@@ -89,7 +89,7 @@ def test_atlas_text_query_and_more_like_this(env):
     scores = [float(c.split("**")[1]) for c in results]
     assert scores == sorted(scores, reverse=True)
     assert sum("(folder label)" in c for c in results) == 6
-    assert sum("neutrophil (expert-verified, panel blood\\_cells)" in c for c in results) == 1
+    assert sum("Neutrophil (expert-verified, panel blood\\_cells)" in c for c in results) == 1
 
     at.button(key="atlas_more_text_0").click().run()
     assert not at.exception, at.exception
@@ -152,7 +152,7 @@ def test_atlas_applies_every_new_label_at_once_even_when_too_many_files_wait(env
     assert not at.exception, at.exception
     results = [c for c in captions(at) if "similarity -" in c]
     reviewed = [c for c in results if "expert" in c]
-    assert len(reviewed) == 2 and all("neutrophil (expert-verified, panel blood\\_cells)" in c for c in reviewed)
+    assert len(reviewed) == 2 and all("Neutrophil (expert-verified, panel blood\\_cells)" in c for c in reviewed)
     assert not any("no expert label" in c for c in captions(at))
     assert any("2 gallery images were added or changed" in i.value for i in at.info)  # not embedded yet
     assert any("8 images indexed" in c and "2 reviewed cases (2 with an expert-verified label)" in c

@@ -82,8 +82,8 @@ def test_per_panel_labels_reach_the_index_quiz_and_atlas(case, tiny_bundle, tmp_
     index = update_index(tiny_bundle, tmp_path / "cache", [source])
     reloaded = load_index(tmp_path / "cache", tiny_bundle.weights_sha256)
     assert reloaded.items == index.items and stale_count(reloaded, [source]) == 0  # JSON gives the pairs back
-    assert label_text(reloaded.items[0]) == ("benign (expert-verified, panel b\\_all); "
-                                             "lymphocyte (expert-verified, panel blood\\_cells)")
+    assert label_text(reloaded.items[0], load_panels()) == (
+        "Benign \\(hematogones\\) (expert-verified, panel b\\_all); Lymphocyte (expert-verified, panel blood\\_cells)")
     panels = load_panels()
     assert pick_cell(panels["blood_cells"], [source], random.Random(0), 0).expert_class == "lymphocyte"
     assert pick_cell(panels["b_all"], [source], random.Random(0), 0).expert_class == "benign"

@@ -12,12 +12,13 @@ import streamlit as st
 from PIL import Image, ImageOps
 
 from core.checkpoint import ModelBundle
+from core.panels import Panel
 from core.gallery import GalleryIndex, GalleryItem, Hit, pending_work, search_image, search_text, update_index
 from core.gallery_sources import REVIEWED
 from core.imageio import ImageRejected, load_image_bytes, load_image_path
 from ui import resources
 from ui.cases import UPLOAD_TYPES
-from ui.widgets import md_escape
+from ui.widgets import framed, md_escape
 
 COLUMNS = 4  # result grid width
 PICK_MAX = 2000  # gallery images offered in the picker; "More like this" reaches the others
@@ -42,16 +43,25 @@ def thumbnail(path: str, key: str, size: int = 224) -> Image.Image | str:
     return ImageOps.pad(image, (max(image.size),) * 2, color="white")
 
 
-def label_text(item: GalleryItem) -> str:
-    """'neutrophil (folder label)', 'no label', or a reviewed case's expert label on each panel:
-    'benign (expert-verified, panel b_all); lymphocyte (expert-verified, panel blood_cells)'
-    (escaped). Each panel's label answers that panel's question; none replaces another."""
+def label_text(item: GalleryItem, panels: dict[str, Panel]) -> str:
+    """'neutrophil (folder label)', 'no label', or a reviewed case's expert label on each panel,
+    by class name: 'Benign (hematogones) (expert-verified, panel b_all); Lymphocyte
+    (expert-verified, panel blood_cells)' (escaped). Each panel's label answers that panel's
+    question; none replaces another."""
     if item.source == REVIEWED:
         if not item.expert_labels:
             return "no expert label"
-        return "; ".join(f"{md_escape(label)} (expert-verified, panel {md_escape(panel)})"
+        return "; ".join(f"{md_escape(_class_name(panels, panel, label))} (expert-verified, panel {md_escape(panel)})"
                          for panel, label in item.expert_labels)
     return "no label" if item.label is None else md_escape(item.label) + " (folder label)"
+
+
+def _class_name(panels: dict[str, Panel], panel: str, key: str) -> str:
+    """The display name of a class; the key itself for a panel or class the model does not have."""
+    try:
+        return panels[panel].cell_class(key).name
+    except KeyError:
+        return key
 
 
 def _no_gallery_message(gallery_dir: Path | None) -> str:
@@ -132,7 +142,7 @@ def _more_like(path: str) -> None:
     st.session_state["atlas_pick"] = path
 
 
-def result_grid(hits: list[Hit], prefix: str) -> None:
+def result_grid(hits: list[Hit], prefix: str, panels: dict[str, Panel]) -> None:
     """Thumbnails with similarity, label and name; a 'More like this' button each."""
     for start in range(0, len(hits), COLUMNS):
         for offset, (column, hit) in enumerate(zip(st.columns(COLUMNS), hits[start:start + COLUMNS])):
@@ -142,7 +152,7 @@ def result_grid(hits: list[Hit], prefix: str) -> None:
                     st.caption(f"Not shown: {md_escape(image)}")
                 else:
                     st.image(image, width="stretch")
-                st.caption(f"**{hit.similarity:.3f}** similarity - {label_text(hit.item)}")
+                st.caption(f"**{hit.similarity:.3f}** similarity - {label_text(hit.item, panels)}")
                 st.caption(md_escape(hit.item.name))
                 st.button("More like this", key=f"atlas_more_{prefix}_{start + offset}",
                           on_click=_more_like, args=(hit.item.path,))
@@ -161,7 +171,7 @@ def text_search(bundle: ModelBundle, index: GalleryIndex) -> None:
         hits = search_text(bundle, index, query, k)
     st.caption("Similarity is the cosine between the query and each image in the model's shared space; "
                "it ranks images, it is not a probability.")
-    result_grid(hits, "text")
+    result_grid(hits, "text", bundle.panels)
 
 
 def _query_image(index: GalleryIndex) -> tuple[Image.Image | None, int | None]:
@@ -203,10 +213,10 @@ def image_search(bundle: ModelBundle, index: GalleryIndex) -> None:
     if image is None:
         return
     left, right = st.columns([1, 3])
-    left.image(image, caption="Query image", width=200)
+    left.image(framed(image), caption="Query image", width=200)
     with right:
         with st.spinner("Searching..."):
             hits = search_image(bundle, index, image, st.session_state.get("atlas_k", 12), exclude=row)
         if not hits:
             st.caption("No other image in the gallery.")
-    result_grid(hits, "image")
+    result_grid(hits, "image", bundle.panels)
