@@ -202,6 +202,12 @@ def test_feedback_review_page(app_env):
     table = frame_with(at, "feedback_id")
     assert list(table["reviewer"]) == ["Dr Review"]
     assert any(m.label.startswith("Agreement") and m.value == "100%" for m in at.metric)
+    assert not any("These figures pool" in c.value for c in at.caption)  # one model, one panel
+    at = choose_sample(at.switch_page("app.py").run())
+    at.selectbox(key="describe_panel").select("b_all").run()
+    feedback_widget("button", at, "agree").click().run()
+    at.switch_page(REVIEW_PAGE).run()
+    assert any("These figures pool 1 model(s) and 2 panel(s)" in c.value for c in at.caption)
     at.selectbox(key="review_verdict").select("disagree").run()
     assert not at.exception
     assert len(frame_with(at, "feedback_id")) == 0
@@ -478,9 +484,11 @@ def test_review_table_shows_no_confidence_for_abstentions():
     from ui.review import rows_frame
 
     rows = [{"feedback_id": 1, "created_at": None, "confidence": 0.795, "abstained": True},
-            {"feedback_id": 2, "created_at": None, "confidence": 0.91, "abstained": False}]
+            {"feedback_id": 2, "created_at": None, "confidence": 0.91, "abstained": False},
+            {"feedback_id": 3, "created_at": None, "confidence": 0.99876, "abstained": False}]
     frame = rows_frame(rows)
-    assert frame["confidence"].isna().tolist() == [True, False] and frame["confidence"][1] == 0.91
+    assert frame["confidence"].isna().tolist() == [True, False, False] and frame["confidence"][1] == 0.91
+    assert frame["confidence"][2] == 0.999  # one rounding for every row (0.995 next to 0.9988 before)
 
 
 def test_case_morphology_is_computed_once_per_case(tiny_bundle, monkeypatch):

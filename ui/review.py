@@ -50,7 +50,7 @@ def rows_frame(rows: list[dict]) -> pd.DataFrame:
     frame["created_at"] = [when(v) for v in frame["created_at"]]
     # An abstention's top score may belong to an image that is no cell at all, or to a panel
     # that was never validated: not a confidence, so not shown as one (the CSV keeps it).
-    frame["confidence"] = frame["confidence"].where(~frame["abstained"].astype(bool))
+    frame["confidence"] = frame["confidence"].where(~frame["abstained"].astype(bool)).round(3)
     return frame
 
 
