@@ -137,3 +137,19 @@ def write_format1_index(folder: Path, refuse: dict[str, str] | None = None) -> N
     np.save(folder / "embeddings-format1.npy", matrix[keep])
     manifest.update(format=1, matrix="embeddings-format1.npy", items=items, skipped=skipped)
     (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    """Counts the images the gallery passes to embed_images (what an index update embeds)."""
+    from core import gallery
+
+    calls = []
+    real = gallery.embed_images
+
+    def counting(bundle, images):
+        calls.append(len(images))
+        return real(bundle, images)
+
+    monkeypatch.setattr(gallery, "embed_images", counting)
+    return calls

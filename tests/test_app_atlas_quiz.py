@@ -252,16 +252,22 @@ def test_quiz_answered_cell_is_not_scored_again_after_a_panel_round_trip(env):
     assert at.metric[0].value.endswith("/ 1")
 
 
-def test_quiz_refuses_a_written_answer_without_morphology_words_then_scores_a_real_one(env):
-    """"no idea" lands on some class at a similarity as high as a real description's, so it is
-    refused by vocabulary: not scored, round not used up, the form left open to rewrite."""
+def write_first_answer(text: str) -> AppTest:
+    """The quiz with a seeded session, `text` written as the first round's answer and checked."""
     at = AppTest.from_file(APP, default_timeout=180)
     at.session_state["quiz_seed"] = 1234
     at.switch_page(QUIZ_PAGE).run()
     at.radio(key="quiz_mode").set_value("write").run()
-    at.text_area(key="quiz_text_0").input("no idea").run()
+    at.text_area(key="quiz_text_0").input(text).run()
     at.button(key="quiz_check").click().run()
     assert not at.exception, at.exception
+    return at
+
+
+def test_quiz_refuses_a_written_answer_without_morphology_words_then_scores_a_real_one(env):
+    """"no idea" lands on some class at a similarity as high as a real description's, so it is
+    refused by vocabulary: not scored, round not used up, the form left open to rewrite."""
+    at = write_first_answer("no idea")
     assert any("uses no morphology word the model knows" in w.value and "nucleus" in w.value for w in at.warning)
     assert at.metric[0].value == "0 / 0"
     assert at.session_state["quiz_answer"] is None and at.session_state["quiz_round"] == 0
@@ -281,13 +287,7 @@ def test_quiz_refuses_a_written_answer_without_morphology_words_then_scores_a_re
 
 def test_quiz_refuses_an_answer_that_says_what_the_cell_is_not(env):
     """"not a neutrophil" lands on the neutrophil sentence, so it was scored correct on a neutrophil."""
-    at = AppTest.from_file(APP, default_timeout=180)
-    at.session_state["quiz_seed"] = 1234
-    at.switch_page(QUIZ_PAGE).run()
-    at.radio(key="quiz_mode").set_value("write").run()
-    at.text_area(key="quiz_text_0").input("not a neutrophil").run()
-    at.button(key="quiz_check").click().run()
-    assert not at.exception, at.exception
+    at = write_first_answer("not a neutrophil")
     assert any("says what the cell is not (neutrophil)" in w.value for w in at.warning)
     assert at.metric[0].value == "0 / 0" and at.session_state["quiz_answer"] is None
     assert not at.text_area(key="quiz_text_0").disabled

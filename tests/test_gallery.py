@@ -8,26 +8,11 @@ import os
 import pytest
 import torch
 
-import core.gallery as gallery
 from core.gallery import cache_folder, load_index, search_image, search_text, update_index
 from core.gallery_sources import REVIEWED, list_sources, reviewed_sources, scan_folder, synthetic_hashes
 from core.imageio import load_image_path
 from core.store import add_feedback, add_prediction, get_or_create_image, make_engine, make_sessionmaker
 from tests.conftest import draw_cell, write_class_tree
-
-
-@pytest.fixture
-def counted(monkeypatch):
-    """Counts images passed to embed_images by the gallery."""
-    calls = []
-    real = gallery.embed_images
-
-    def counting(bundle, images):
-        calls.append(len(images))
-        return real(bundle, images)
-
-    monkeypatch.setattr(gallery, "embed_images", counting)
-    return calls
 
 
 @pytest.fixture
@@ -195,30 +180,6 @@ def test_gallery_finds_every_file_the_evaluation_scan_counts(tiny_bundle, tmp_pa
     assert {os.path.splitext(s.path)[1].lower() for s in sources} == IMAGE_SUFFIXES
     index = update_index(tiny_bundle, tmp_path / "cache", sources)
     assert len(index) == len(IMAGE_SUFFIXES) and index.stats["refused"] == 0
-
-
-def test_a_verdict_on_an_abstention_does_not_clear_the_expert_label(tmp_path):
-    engine = make_engine(f"sqlite:///{tmp_path / 'fb.sqlite'}")
-    make_session = make_sessionmaker(engine)
-    uploads = tmp_path / "uploads"
-    uploads.mkdir()
-    draw_cell(64).save(uploads / "m.png")
-    sha = hashlib.sha256((uploads / "m.png").read_bytes()).hexdigest()
-    with make_session.begin() as s:
-        image = get_or_create_image(s, sha256=sha, original_name="m.png", n_bytes=1, width=64, height=64,
-                                    stored_path="m.png")
-        on_cells = add_prediction(s, image, model_id="m", weights_sha256="w", panel="blood_cells",
-                                  class_key="monocyte", sentence="s", confidence=0.9, abstained=False,
-                                  abstain_reason=None, scores={"monocyte": 0.9})
-        on_leukaemia = add_prediction(s, image, model_id="m", weights_sha256="w", panel="leukemia", class_key=None,
-                                      sentence="Uncertain", confidence=0.5, abstained=True, abstain_reason="r",
-                                      scores={})
-        add_feedback(s, on_cells, verdict="agree", reviewer="Dr T")
-        add_feedback(s, on_leukaemia, verdict="disagree", reviewer="Dr T")  # later; names no class
-    with make_session() as s:
-        assert [(r.expert_labels, r.verified) for r in reviewed_sources(s, uploads)] == [
-            ((("blood_cells", "monocyte"),), True)]
-    engine.dispose()
 
 
 def test_gallery_indexes_exactly_what_describe_accepts(tiny_bundle, tmp_path):

@@ -88,3 +88,11 @@ def test_per_panel_labels_reach_the_index_quiz_and_atlas(case, tiny_bundle, tmp_
     assert pick_cell(panels["blood_cells"], [source], random.Random(0), 0).expert_class == "lymphocyte"
     assert pick_cell(panels["b_all"], [source], random.Random(0), 0).expert_class == "benign"
     assert pick_cell(panels["leukemia"], [source], random.Random(0), 0).expert_class is None  # not scored
+
+
+def test_a_verdict_on_an_abstention_does_not_clear_the_expert_label(case):
+    make_session, uploads, give = case
+    give("blood_cells", "monocyte", "agree")
+    give("leukemia", None, "disagree")  # later, on an abstention, and names no class
+    source = only_source(make_session, uploads)
+    assert (source.expert_labels, source.verified) == ((("blood_cells", "monocyte"),), True)

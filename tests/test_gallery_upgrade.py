@@ -11,27 +11,12 @@ import pytest
 import torch
 from PIL import Image
 
-import core.gallery as gallery
 from core.gallery import load_index, pending_work, update_index
 from core.gallery_sources import scan_folder
 from tests.conftest import draw_cell, write_class_tree, write_format1_index
 
 OLD_STRIP_REASON = ("strip.png: the image is 16x640 pixels, too long and narrow to describe (a side may be at "
                     "most 32 times the other).")
-
-
-@pytest.fixture
-def counted(monkeypatch):
-    """Counts images passed to embed_images by the gallery."""
-    calls = []
-    real = gallery.embed_images
-
-    def counting(bundle, images):
-        calls.append(len(images))
-        return real(bundle, images)
-
-    monkeypatch.setattr(gallery, "embed_images", counting)
-    return calls
 
 
 @pytest.fixture
