@@ -219,7 +219,7 @@ def test_quiz_choose_then_write(env):
     answered = at.session_state["quiz_reveal"]["description"].class_key
     # morphology only for a white cell the model answered for (WBCAtt's five types)
     assert any("Morphology (model):" in m.value for m in at.markdown) == has_morphology(answered)
-    assert at.button(key="quiz_check").disabled  # locked at once: no second score
+    assert not [b for b in at.button if b.key == "quiz_check"]  # the reveal replaced the form: no second score
 
     at.button(key="quiz_next").click().run()
     at.radio(key="quiz_mode").set_value("write").run()
@@ -281,8 +281,12 @@ def test_quiz_refuses_a_written_answer_without_morphology_words_then_scores_a_re
     assert not any("uses no morphology word" in w.value for w in at.warning)
     assert any("Nearest panel sentence:" in m.value for m in at.markdown)
     assert at.session_state["quiz_answer"]["text"] == "large cell with bilobed nucleus"
-    # locked at once after checking: an edit now would be silently ignored
-    assert at.text_area(key="quiz_text_0").disabled and at.button(key="quiz_check").disabled
+    # the reveal replaces the form at once: no box left to edit (its text would be ignored) and the
+    # answer shown is the one scored
+    assert not [t for t in at.text_area if t.key == "quiz_text_0"] and not [b for b in at.button if b.key == "quiz_check"]
+    assert any("**You wrote:** large cell with bilobed nucleus" in m.value for m in at.markdown)
+    at.button(key="quiz_next").click().run()
+    assert at.radio(key="quiz_mode").value == "write"  # a learner who writes keeps writing
 
 
 def test_quiz_refuses_an_answer_that_says_what_the_cell_is_not(env):
@@ -291,3 +295,10 @@ def test_quiz_refuses_an_answer_that_says_what_the_cell_is_not(env):
     assert any("says what the cell is not (neutrophil)" in w.value for w in at.warning)
     assert at.metric[0].value == "0 / 0" and at.session_state["quiz_answer"] is None
     assert not at.text_area(key="quiz_text_0").disabled
+
+
+def test_quiz_says_it_cannot_grade_terms_the_model_was_not_trained_on(env):
+    """"myeloblast" landed on the neutrophil sentence and was scored correct on a neutrophil."""
+    at = write_first_answer("myeloblast")
+    assert any("was not trained on the words myeloblast" in w.value for w in at.warning)
+    assert at.metric[0].value == "0 / 0" and at.session_state["quiz_answer"] is None

@@ -6,7 +6,8 @@ import pytest
 
 from core.data import class_key_for_folder
 from core.panels import class_key_for_label, load_attribute_phrases, load_panels
-from core.vocabulary import EXAMPLES, expand_abbreviations, morphology_vocabulary, morphology_words, negated_classes
+from core.vocabulary import (EXAMPLES, expand_abbreviations, morphology_vocabulary, morphology_words, negated_classes,
+                             ungrounded_terms)
 
 PANELS = load_panels()
 VOCABULARY = morphology_vocabulary(PANELS, load_attribute_phrases())
@@ -79,13 +80,21 @@ def test_panel_reads_plurals_and_display_names():
     assert blood.key_for_label("smudge") is None and blood.key_for_label(None) is None
 
 
-def test_short_forms_are_written_out_and_standard_terms_are_known():
-    """Browser test: "mono", "lymph", "PMN", "myeloblast", "toxic granulation" were refused."""
+def test_short_forms_and_spellings_are_read():
+    """Browser test: "mono", "lymph", "PMN" were refused as naming no morphology."""
     assert expand_abbreviations("2 Monos, a PMN and segs") == "2 monocytes, a neutrophil and segmented neutrophils"
     assert expand_abbreviations("lymph; eos; NRBC") == "lymphocyte; eosinophil; erythroblast"
     assert expand_abbreviations("monocytoid, seginal") == "monocytoid, seginal"  # whole words only
-    for text in ("mono", "lymph", "PMN", "myeloblast", "toxic granulation", "haematogone", "hypersegmented"):
+    for text in ("mono", "lymph", "PMN", "segs", "eos", "haematogone"):
         assert morphology_words(expand_abbreviations(text), VOCABULARY), text
+
+
+def test_terms_the_model_was_not_trained_on_are_named_not_graded():
+    """"myeloblast" landed on the neutrophil sentence and was scored correct on a neutrophil."""
+    for text in ("myeloblast", "toxic granulation", "hypersegmented"):
+        assert morphology_words(expand_abbreviations(text), VOCABULARY) == [], text
+    assert ungrounded_terms("Myeloblasts with Auer rods") == ["myeloblasts", "auer", "rods"]
+    assert ungrounded_terms("large cell, bilobed nucleus") == []
 
 
 def test_an_answer_saying_what_the_cell_is_not_is_found():

@@ -25,15 +25,19 @@ from core.gallery_sources import REVIEWED, Source
 from core.imageio import ImageRejected, load_image_path
 from core.morphology import describe_morphology, has_morphology
 from core.panels import Panel, load_attribute_phrases
-from core.vocabulary import EXAMPLES, expand_abbreviations, morphology_vocabulary, morphology_words, negated_classes
+from core.vocabulary import (EXAMPLES, expand_abbreviations, morphology_vocabulary, morphology_words, negated_classes,
+                             ungrounded_terms)
 from ui import resources
 from ui.widgets import confidence_shown, framed, md_escape, panel_calibrated, score_chart, scores_meaningless
 
 SEED, ROUND, SCORE = "quiz_seed", "quiz_round", "quiz_score"
 CELL, ANSWER, REVEAL = "quiz_cell", "quiz_answer", "quiz_reveal"
+LAST_MODE = "quiz_last_mode"
 TRIES = 5  # unreadable files drawn in a row before giving up on this round
 NO_MORPHOLOGY = (f"Your description uses no morphology word the model knows (e.g. {', '.join(EXAMPLES)}); "
                  "rephrase it or choose a sentence.")
+UNGROUNDED = ("The model was not trained on the words {words}, so it cannot grade them here: describe what you "
+              "see in the panel's words (e.g. nucleus, granules, lobed, cytoplasm) or choose a sentence.")
 NEGATED = ("Your answer says what the cell is not ({words}); the quiz scores what it is. Describe what you "
            "see or choose a sentence.")
 PLACEHOLDER = "e.g. a large cell with a kidney-shaped nucleus"  # passes answer_problem (tests/test_quiz_text.py)
@@ -93,18 +97,25 @@ def next_cell() -> None:
     st.session_state[CELL] = st.session_state[ANSWER] = st.session_state[REVEAL] = None
 
 
-def answer_form(panel: Panel, answered: bool) -> tuple[str, str | None]:
-    """Choose a sentence of the panel or write one; returns (mode, class key or text)."""
-    mode = st.radio("Your answer", ["choose", "write"], horizontal=True, key="quiz_mode", disabled=answered,
+def answer_form(panel: Panel) -> tuple[str, str | None]:
+    """Choose a sentence of the panel or write one; returns (mode, class key or text). Drawn only
+    until the round is answered: then the reveal shows the answer that was scored (a locked text
+    box could show another text than the one sent with the click)."""
+    modes = ["choose", "write"]
+    # the radio is not drawn while a round is revealed, so its state is dropped: the last mode
+    # is kept in a plain key, and a learner who writes keeps writing in the next round
+    mode = st.radio("Your answer", modes, horizontal=True, key="quiz_mode",
+                    index=modes.index(st.session_state.get(LAST_MODE, "choose")),
                     format_func={"choose": "Choose a sentence", "write": "Write your own description"}.get)
+    st.session_state[LAST_MODE] = mode
     round_ = st.session_state[ROUND]
     if mode == "choose":
-        key = st.selectbox("Which sentence describes this cell?", panel.keys, index=None, disabled=answered,
+        key = st.selectbox("Which sentence describes this cell?", panel.keys, index=None,
                            format_func=lambda k: panel.cell_class(k).sentence, key=f"quiz_choice_{panel.name}_{round_}",
                            placeholder="Choose a sentence")
         return mode, key
     text = st.text_area("Describe the cell in your own words", key=f"quiz_text_{round_}", max_chars=500,
-                        disabled=answered, placeholder=PLACEHOLDER)
+                        placeholder=PLACEHOLDER)
     return mode, (text or "").strip() or None
 
 
@@ -115,7 +126,8 @@ def answer_problem(bundle: ModelBundle, text: str) -> str | None:
     sidecar) and does not say what the cell is not ("not a neutrophil" lands on neutrophil)."""
     phrases = bundle.sidecar.get("attribute_phrases") or load_attribute_phrases()
     if not morphology_words(expand_abbreviations(text), morphology_vocabulary(bundle.panels, phrases)):
-        return NO_MORPHOLOGY
+        terms = ungrounded_terms(text)
+        return UNGROUNDED.format(words=", ".join(terms)) if terms else NO_MORPHOLOGY
     negated = negated_classes(text, bundle.panels)
     if negated:
         return NEGATED.format(words=", ".join(negated))
@@ -224,13 +236,22 @@ def render_reveal(bundle: ModelBundle, panel: Panel, cell: QuizCell, answer: dic
 
 def play_round(bundle: ModelBundle, panel: Panel, cell: QuizCell) -> None:
     """The cell, the answer form and its check button, the reveal once answered, and the
-    Next cell button. An answer is scored once: the form locks after checking. A refused
-    written answer leaves the form open, to be rewritten."""
+    Next cell button. An answer is scored once: the reveal replaces the form after checking. A
+    refused written answer leaves the form open, to be rewritten."""
     show_cell(cell)
     answer = st.session_state.get(ANSWER)
-    mode, value = answer_form(panel, answered=answer is not None)
+    if answer is None:
+        _ask(bundle, panel, cell)
+    else:
+        render_reveal(bundle, panel, cell, answer)
+    st.button("Next cell", key="quiz_next", on_click=next_cell)
+
+
+def _ask(bundle: ModelBundle, panel: Panel, cell: QuizCell) -> None:
+    """The answer form and its check button; a scored answer starts the reveal at once."""
+    mode, value = answer_form(panel)
     # Not disabled while empty: typed text only reaches the server with the click itself.
-    if st.button("Check my answer", key="quiz_check", type="primary", disabled=answer is not None):
+    if st.button("Check my answer", key="quiz_check", type="primary"):
         if value is None:
             st.warning("Choose a sentence or write a description first.")
         elif mode == "write" and (problem := answer_problem(bundle, value)):
@@ -238,10 +259,7 @@ def play_round(bundle: ModelBundle, panel: Panel, cell: QuizCell) -> None:
         else:
             with st.spinner("Checking..."):
                 st.session_state[ANSWER] = check_answer(bundle, panel, cell, mode, value)
-            st.rerun()  # draw the form locked at once: an edit after checking would be ignored
-    if answer is not None:
-        render_reveal(bundle, panel, cell, answer)
-    st.button("Next cell", key="quiz_next", on_click=next_cell)
+            st.rerun()  # the reveal replaces the form at once: an edit after checking would be ignored
 
 
 def score_text() -> str:
