@@ -108,9 +108,10 @@ def framing_problems(sizes: list[tuple[int, int]]) -> list[str | None]:
     for width, height in sizes:
         side, long_side = min(width, height), max(width, height)
         if long_side > MAX_DESCRIBED_ASPECT * side:
-            problems.append(f"The image is {long_side / side:.0f} times longer than wide ({width}x{height} px): "
-                            f"the model reads only its centre square ({side}x{side} px), too small a part to "
-                            "describe. Crop the image around one cell.")
+            # the ratio, not pixel sizes: those of a large upload are after its downscaling
+            problems.append(f"The image is {long_side / side:.1f} times longer than wide: the model reads only "
+                            f"its centre square, {side / long_side:.0%} of it, too small a part to describe. "
+                            "Crop the image around one cell.")
         else:
             problems.append(None)
     return problems

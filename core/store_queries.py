@@ -102,11 +102,12 @@ def latest_verification(s: Session, image_id: int, panel: str | None = None,
     }
 
 
-def feedback_table(s: Session, *, reviewer: str | None = None, verdict: str | None = None,
-                   panel: str | None = None, class_key: str | None = None) -> list[dict]:
+def feedback_table(s: Session, *, reviewer: str | None = None, verdict: str | None = None, panel: str | None = None,
+                   class_key: str | None = None, model_id: str | None = None) -> list[dict]:
     """One row per feedback with its prediction and image, oldest first.
 
-    Filters are exact matches; `class_key` filters on the model's class.
+    Filters are exact matches; `class_key` filters on the model's class, `model_id` on the model
+    that described the image.
     """
     F, P, I = st.FeedbackRecord, st.PredictionRecord, st.ImageRecord
     q = (select(F, P, I).join(P, F.prediction_id == P.id).join(I, F.image_id == I.id)
@@ -119,6 +120,8 @@ def feedback_table(s: Session, *, reviewer: str | None = None, verdict: str | No
         q = q.where(P.panel == panel)
     if class_key is not None:
         q = q.where(P.class_key == class_key)
+    if model_id is not None:
+        q = q.where(P.model_id == model_id)
     return [_table_row(f, p, i) for f, p, i in s.execute(q)]
 
 

@@ -34,8 +34,8 @@ c3.metric("Disagree", summary["n_disagree"])
 c4.metric("Unsure (not counted)", summary["n_unsure"])
 pooled = {"models": len({row["model_id"] for row in counted}), "panels": len({row["panel"] for row in counted})}
 if pooled["models"] > 1 or pooled["panels"] > 1:  # agreement with one model on one panel is what means something
-    st.caption(f"These figures pool {pooled['models']} model(s) and {pooled['panels']} panel(s); filter by panel, "
-               "and read the model column of the table, to compare like with like.")
+    st.caption(f"These figures pool {pooled['models']} model(s) and {pooled['panels']} panel(s); filter by model "
+               "and panel to compare like with like.")
 if len(counted) < len(rows):
     n_drawn = len(rows) - len(counted)
     st.caption(f"{n_drawn} feedback row{'s' if n_drawn != 1 else ''} on the GAN's synthetic sample images "
@@ -43,7 +43,8 @@ if len(counted) < len(rows):
                "agreement or the expert-versus-model matrix.")
 
 st.subheader("Feedback")
-st.dataframe(review.rows_frame(rows), hide_index=True, key="review_table")
+st.dataframe(review.rows_frame(rows), hide_index=True, key="review_table", column_config={
+    "confidence": st.column_config.NumberColumn("confidence", format="%.3f")})  # 0.9997 read "1"
 st.download_button("Download CSV", rows_to_csv(rows), file_name="hemascribe_feedback.csv", mime="text/csv",
                    key="review_csv", disabled=not rows)
 

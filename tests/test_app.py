@@ -208,6 +208,9 @@ def test_feedback_review_page(app_env):
     feedback_widget("button", at, "agree").click().run()
     at.switch_page(REVIEW_PAGE).run()
     assert any("These figures pool 1 model(s) and 2 panel(s)" in c.value for c in at.caption)
+    at.selectbox(key="review_model").select("tiny-test-random").run()  # the model filter
+    assert len(frame_with(at, "feedback_id")) == 2
+    at.selectbox(key="review_model").set_value(None).run()
     at.selectbox(key="review_verdict").select("disagree").run()
     assert not at.exception
     assert len(frame_with(at, "feedback_id")) == 0
@@ -513,3 +516,13 @@ def test_pages_show_a_long_narrow_strip_padded_to_a_square():
     assert strip.getpixel((512, 512)) == (120, 40, 160)
     field = Image.new("RGB", (1920, 1080))
     assert framed(field) is field  # a camera field (16:9) is shown as it is
+
+
+def test_folder_and_expert_labels_are_shown_by_class_name():
+    """The atlas read "pro_b (folder label)" next to "Pro-B ALL (expert-verified ...)"."""
+    from core.panels import load_panels
+    from ui.widgets import label_name
+
+    panels = load_panels()
+    assert label_name(panels, "pro_b") == "Pro-B ALL" and label_name(panels, "Neutrophils") == "Neutrophil"
+    assert label_name(panels, "smudge cells") == "smudge cells"  # names no class: shown as it is

@@ -302,3 +302,12 @@ def test_quiz_says_it_cannot_grade_terms_the_model_was_not_trained_on(env):
     at = write_first_answer("myeloblast")
     assert any("was not trained on the words myeloblast" in w.value for w in at.warning)
     assert at.metric[0].value == "0 / 0" and at.session_state["quiz_answer"] is None
+
+
+def test_atlas_does_not_search_with_a_strip_describe_would_not_describe(env):
+    """A 16 x 1024 query ranked immature granulocytes at 0.94 with no warning (browser test)."""
+    at = open_page(ATLAS_PAGE)
+    at.file_uploader(key="atlas_upload").set_value(("strip.png", strip_png(16, 1024), "image/png")).run()
+    assert not at.exception, at.exception
+    assert any("Not searched. The image is 64.0 times longer than wide" in w.value for w in at.warning)
+    assert not [c for c in captions(at) if "similarity -" in c]  # no neighbours listed

@@ -112,7 +112,8 @@ def test_a_long_narrow_strip_is_not_described_from_its_centre_square(tiny_bundle
     strip, wide_field = cell.resize((16, 1024)), cell.resize((1920, 1080))
     results = describe_batch(tiny_bundle, [strip, wide_field, cell], "blood_cells")
     assert results[0].abstained and results[0].abstain_kind == "content" and results[0].class_key is None
-    assert "64 times longer than wide (16x1024 px)" in results[0].abstain_reason
+    assert "64.0 times longer than wide: the model reads only its centre square, 2% of it" in results[0].abstain_reason
+    assert "3.2 times longer" in framing_problems([(320, 100)])[0]  # not "3 times": the limit is 3
     assert "Crop the image around one cell" in results[0].abstain_reason
     assert results[1].abstain_kind != "content" and results[2].abstain_kind != "content"  # 16:9 and square pass
     assert framing_problems([(300, 100), (301, 100)]) == [None, framing_problems([(301, 100)])[0]]

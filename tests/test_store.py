@@ -220,6 +220,7 @@ def test_feedback_table_filters_and_stats(sm):
         assert len(feedback_table(s, verdict="unsure")) == 1
         assert len(feedback_table(s, class_key="neutrophil")) == 2
         assert feedback_table(s, panel="rbc") == []
+        assert len(feedback_table(s, model_id="hemascribe-test")) == 4 and feedback_table(s, model_id="other") == []
     summary = agreement_summary(rows)
     assert (summary["n_feedback"], summary["n_decided"], summary["n_unsure"]) == (4, 3, 1)
     assert summary["agreement_rate"] == pytest.approx(1 / 3)

@@ -16,9 +16,10 @@ from core.panels import Panel
 from core.gallery import GalleryIndex, GalleryItem, Hit, pending_work, search_image, search_text, update_index
 from core.gallery_sources import REVIEWED
 from core.imageio import ImageRejected, load_image_bytes, load_image_path
+from core.reliability import framing_problems
 from ui import resources
 from ui.cases import UPLOAD_TYPES
-from ui.widgets import framed, md_escape
+from ui.widgets import framed, label_name, md_escape
 
 COLUMNS = 4  # result grid width
 PICK_MAX = 2000  # gallery images offered in the picker; "More like this" reaches the others
@@ -44,7 +45,7 @@ def thumbnail(path: str, key: str, size: int = 224) -> Image.Image | str:
 
 
 def label_text(item: GalleryItem, panels: dict[str, Panel]) -> str:
-    """'neutrophil (folder label)', 'no label', or a reviewed case's expert label on each panel,
+    """'Neutrophil (folder label)', 'no label', or a reviewed case's expert label on each panel,
     by class name: 'Benign (hematogones) (expert-verified, panel b_all); Lymphocyte
     (expert-verified, panel blood_cells)' (escaped). Each panel's label answers that panel's
     question; none replaces another."""
@@ -53,7 +54,7 @@ def label_text(item: GalleryItem, panels: dict[str, Panel]) -> str:
             return "no expert label"
         return "; ".join(f"{md_escape(_class_name(panels, panel, label))} (expert-verified, panel {md_escape(panel)})"
                          for panel, label in item.expert_labels)
-    return "no label" if item.label is None else md_escape(item.label) + " (folder label)"
+    return "no label" if item.label is None else md_escape(label_name(panels, item.label)) + " (folder label)"
 
 
 def _class_name(panels: dict[str, Panel], panel: str, key: str) -> str:
@@ -214,6 +215,10 @@ def image_search(bundle: ModelBundle, index: GalleryIndex) -> None:
         return
     left, right = st.columns([1, 3])
     left.image(framed(image), caption="Query image", width=200)
+    strip = framing_problems([image.size])[0]
+    if strip:  # the Describe page's rule: its centre square, all the model reads, is a sliver of it
+        right.warning(f"Not searched. {strip}")
+        return
     with right:
         with st.spinner("Searching..."):
             hits = search_image(bundle, index, image, st.session_state.get("atlas_k", 12), exclude=row)

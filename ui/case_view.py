@@ -126,7 +126,8 @@ def render_explanation(bundle: ModelBundle, panel: Panel, case: Case, heatmaps: 
     d = case.description
     st.subheader("Where the image supports a sentence (Grad-CAM)")
     if scores_meaningless(d):
-        st.caption("No Grad-CAM: the image is not a cell this panel describes.")
+        # the reason itself: a squeezed strip or a blank frame is not "no cell of this panel"
+        st.caption("No Grad-CAM: the model did not describe this image. " + md_escape(d.abstain_reason or ""))
         return
     keys = list(panel.keys)
     default = keys.index(d.class_key or d.best_class)

@@ -28,7 +28,7 @@ from core.panels import Panel, load_attribute_phrases
 from core.vocabulary import (EXAMPLES, expand_abbreviations, morphology_vocabulary, morphology_words, negated_classes,
                              ungrounded_terms)
 from ui import resources
-from ui.widgets import confidence_shown, framed, md_escape, panel_calibrated, score_chart, scores_meaningless
+from ui.widgets import confidence_shown, framed, label_name, md_escape, panel_calibrated, score_chart, scores_meaningless
 
 SEED, ROUND, SCORE = "quiz_seed", "quiz_round", "quiz_score"
 CELL, ANSWER, REVEAL = "quiz_cell", "quiz_answer", "quiz_reveal"
@@ -176,13 +176,14 @@ def reveal_data(bundle: ModelBundle, panel: Panel, cell: QuizCell) -> dict:
     return data
 
 
-def _label_line(panel: Panel, cell: QuizCell) -> str:
+def _label_line(panels: dict[str, Panel], panel: Panel, cell: QuizCell) -> str:
     label = cell.source.label_for(cell.panel)
     if label is None:
         return "**Expert label:** none for this cell."
     where = "expert-verified in the feedback store" if cell.source.source == REVIEWED else "gallery folder label"
     if cell.expert_class is None:
-        return f"**Label:** {md_escape(label)} ({where}; not a class of this panel, so not scored)."
+        return (f"**Label:** {md_escape(label_name(panels, label))} ({where}; not a class of "
+                "this panel, so not scored).")
     cell_class = panel.cell_class(cell.expert_class)
     return f"**Expert label:** {md_escape(cell_class.name)} ({where}).  \n{md_escape(cell_class.sentence)}"
 
@@ -205,7 +206,7 @@ def _verdict(panel: Panel, answer: dict) -> None:
 def render_reveal(bundle: ModelBundle, panel: Panel, cell: QuizCell, answer: dict) -> None:
     """Verdict, expert label, the model's sentences and scores, Grad-CAM and morphology."""
     _verdict(panel, answer)
-    st.markdown(_label_line(panel, cell))
+    st.markdown(_label_line(bundle.panels, panel, cell))
     with st.spinner("The model is looking at the cell..."):
         data = reveal_data(bundle, panel, cell)
     d = data["description"]

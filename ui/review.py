@@ -13,7 +13,7 @@ from core.panels import load_panels
 from core.store import VERDICTS, ImageRecord, feedback_table, store_error_message
 from ui.feedback import render_history
 from ui.resources import Store
-from ui.widgets import md_escape, select_by_identity, when
+from ui.widgets import framed, md_escape, select_by_identity, when
 
 TABLE_COLUMNS = ["feedback_id", "created_at", "reviewer", "verdict", "model_class", "expert_class",
                  "confidence", "panel", "abstained", "sentence", "corrected_sentence", "comment",
@@ -21,18 +21,19 @@ TABLE_COLUMNS = ["feedback_id", "created_at", "reviewer", "verdict", "model_clas
 
 
 def load_rows(store: Store) -> list[dict] | None:
-    """Filter widgets (reviewer, verdict, panel, class) and the matching feedback rows;
+    """Filter widgets (reviewer, verdict, panel, class, model) and the matching feedback rows;
     None (after a warning) when the database cannot be read."""
     try:
         with store.sessionmaker() as s:
             everything = feedback_table(s)
-            columns = st.columns(4)
+            columns = st.columns(5)
             chosen = {
                 "reviewer": _filter(columns[0], "Reviewer", {r["reviewer"] for r in everything}, "review_reviewer"),
                 "verdict": _filter(columns[1], "Verdict", set(VERDICTS), "review_verdict"),
                 "panel": _filter(columns[2], "Panel", {r["panel"] for r in everything}, "review_panel"),
                 "class_key": _filter(columns[3], "Model class",
                                      {r["model_class"] for r in everything if r["model_class"]}, "review_class"),
+                "model_id": _filter(columns[4], "Model", {r["model_id"] for r in everything}, "review_model"),
             }
             return feedback_table(s, **chosen)
     except SQLAlchemyError as error:
@@ -91,7 +92,7 @@ def reopen_case(store: Store, upload_dir: Path, rows: list[dict]) -> None:
     if isinstance(image, str):
         left.warning(image)
     else:
-        left.image(image.image, width=260)
+        left.image(framed(image.image), width=260)
     with right:
         st.text(row["original_name"])
         st.markdown("Model said: " + md_escape(row["sentence"]))

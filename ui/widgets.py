@@ -199,3 +199,13 @@ def framed(image: Image.Image) -> Image.Image:
     if max(width, height) <= MAX_SHOWN_ASPECT * min(width, height):
         return image
     return ImageOps.pad(image.convert("RGB"), (max(width, height),) * 2, color="white")
+
+
+def label_name(panels: dict[str, Panel], label: str) -> str:
+    """A folder or expert label as a class name ("pro_b" -> "Pro-B ALL"), from the first panel
+    with a class it names (`Panel.key_for_label`); the label itself when none has one."""
+    for panel in panels.values():
+        key = panel.key_for_label(label)
+        if key is not None:
+            return panel.cell_class(key).name
+    return label
