@@ -51,10 +51,12 @@ EXTRA_TERMS = frozenset("""
 """.split())
 
 # An answer that says what the cell is not ("not a neutrophil") is not scored: the nearest class
-# of "not a neutrophil" is the neutrophil. A negation up to NEGATION_REACH words before a class
-# word; "no granules" or "non-segmented" name no class and stay descriptions.
-NEGATIONS = frozenset({"not", "no", "never", "isn", "nor", "neither", "non"})
-NEGATION_REACH = 3
+# of "not a neutrophil" is the neutrophil (`negated_classes`).
+NEGATIONS = frozenset({"not", "no", "never", "nor", "neither", "isn't", "isnt", "aren't", "wasn't"})
+ARTICLES = frozenset({"a", "an", "the", "one"})
+# words with their apostrophe ("isn't"), hyphenated words as one ("non-segmented"), and each
+# punctuation mark as a token of its own, so that a negation never reaches past a comma
+_NEGATION_TOKEN = re.compile(r"[^\W\d_]+(?:['\u2019-][^\W\d_]+)*|[,;:.!?()]")
 
 # Shown when an answer is refused: words every panel's sentences use.
 EXAMPLES = ("nucleus", "granules", "lobed", "cytoplasm")
@@ -124,19 +126,25 @@ def expand_abbreviations(text: str) -> str:
 
 
 def negated_classes(text: str, panels: Mapping[str, Panel] | Iterable[Panel]) -> list[str]:
-    """The class words `text` negates ("not a neutrophil", "isn't a lymphocyte" -> the class
-    word), in order; empty for an answer that says what the cell is."""
+    """The class words `text` negates, in order: a negation right before a class name, with at
+    most an article between ("not a neutrophil", "isn't a lymphocyte", "neither neutrophil nor
+    eosinophil"); empty for an answer that says what the cell is. A negation reaches no further:
+    "no granules, lymphocyte", "not segmented, a lymphocyte" and "non-segmented neutrophil" (a
+    hyphenated "non-" is a modifier) describe the cell they name."""
     panel_list = list(panels.values() if isinstance(panels, Mapping) else panels)
-    class_words = {w for panel in panel_list for c in panel.classes for w in words(c.key.replace("_", " "))
-                   if len(w) > 1 and w not in STOP_WORDS} | {"granulocyte", "hematogone", "blast", "lymphoblast"}
-    tokens = words(expand_abbreviations(text))
+    # whole class keys only: "pre" of pre_b would make "no pre-B features" a negated class
+    class_words = {c.key for panel in panel_list for c in panel.classes
+                   if "_" not in c.key and c.key not in STOP_WORDS} | {"granulocyte", "hematogone", "blast",
+                                                                        "lymphoblast"}
+    tokens = _NEGATION_TOKEN.findall(expand_abbreviations(text).lower())
     negated = []
-    for i, token in enumerate(tokens):
-        if token not in NEGATIONS:
+    for i, token in enumerate(tokens[:-1]):
+        if token.replace("\u2019", "'") not in NEGATIONS:
             continue
-        for word in tokens[i + 1: i + 1 + NEGATION_REACH]:
-            if any(form in class_words for form in _forms(word)) and word not in negated:
-                negated.append(word)
+        after = tokens[i + 1: i + 3]
+        word = after[1] if after[0] in ARTICLES and len(after) > 1 else after[0]
+        if any(form in class_words for form in _forms(word)) and word not in negated:
+            negated.append(word)
     return negated
 
 

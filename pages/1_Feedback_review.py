@@ -32,10 +32,8 @@ c1.metric("Feedback rows", summary["n_feedback"])
 c2.metric("Agreement (agree / decided)", "n/a" if rate is None else f"{rate:.0%}")
 c3.metric("Disagree", summary["n_disagree"])
 c4.metric("Unsure (not counted)", summary["n_unsure"])
-pooled = {"models": len({row["model_id"] for row in counted}), "panels": len({row["panel"] for row in counted})}
-if pooled["models"] > 1 or pooled["panels"] > 1:  # agreement with one model on one panel is what means something
-    st.caption(f"These figures pool {pooled['models']} model(s) and {pooled['panels']} panel(s); filter by model "
-               "and panel to compare like with like.")
+if pooled := review.pooling_note(counted):
+    st.caption(pooled)
 if len(counted) < len(rows):
     n_drawn = len(rows) - len(counted)
     st.caption(f"{n_drawn} feedback row{'s' if n_drawn != 1 else ''} on the GAN's synthetic sample images "

@@ -526,3 +526,20 @@ def test_folder_and_expert_labels_are_shown_by_class_name():
     panels = load_panels()
     assert label_name(panels, "pro_b") == "Pro-B ALL" and label_name(panels, "Neutrophils") == "Neutrophil"
     assert label_name(panels, "smudge cells") == "smudge cells"  # names no class: shown as it is
+
+
+def test_a_strip_is_not_called_a_cell_imaged_another_way(app_env):
+    """Under the strip reason the page added "It may still be one, imaged in a way the model has
+    not learned": true of an unrecognised cell, not of a squeezed image (review)."""
+    import io
+
+    from tests.conftest import draw_cell
+
+    buffer = io.BytesIO()
+    draw_cell(size=128).resize((16, 1024)).save(buffer, format="PNG")
+    at = run_app()
+    at.file_uploader(key="describe_upload").set_value([("strip.png", buffer.getvalue(), "image/png")]).run()
+    assert not at.exception, at.exception
+    texts = [m.value for m in [*at.warning, *at.caption, *at.markdown]]
+    assert any("times longer than wide" in t for t in texts)
+    assert not any("It may still be one" in t for t in texts)

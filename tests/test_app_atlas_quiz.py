@@ -302,6 +302,10 @@ def test_quiz_says_it_cannot_grade_terms_the_model_was_not_trained_on(env):
     at = write_first_answer("myeloblast")
     assert any("was not trained on the words myeloblast" in w.value for w in at.warning)
     assert at.metric[0].value == "0 / 0" and at.session_state["quiz_answer"] is None
+    at.text_area(key="quiz_text_0").input("myeloblast with a large round nucleus").run()  # known words beside it
+    at.button(key="quiz_check").click().run()
+    assert any("was not trained on the words myeloblast" in w.value for w in at.warning)
+    assert at.metric[0].value == "0 / 0" and at.session_state["quiz_answer"] is None
 
 
 def test_atlas_does_not_search_with_a_strip_describe_would_not_describe(env):

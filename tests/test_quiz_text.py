@@ -102,6 +102,12 @@ def test_an_answer_saying_what_the_cell_is_not_is_found():
     assert negated_classes("not a neutrophil", PANELS) == ["neutrophil"]
     assert negated_classes("It isn't a lymphocyte", PANELS) == ["lymphocyte"]
     assert negated_classes("neutrophil, not a mono", PANELS) == ["monocyte"]
+    assert negated_classes("neither neutrophil nor eosinophil", PANELS) == ["neutrophil", "eosinophil"]
+    assert negated_classes("this isn\u2019t a neutrophil", PANELS) == ["neutrophil"]
+    # a negation reaches only the next word (or article and word), never past a comma (review)
     for text in ("no granules, round nucleus", "non-segmented nucleus", "neutrophil without vacuoles",
-                 "not granular, a small lymphocyte with dense chromatin and no nucleolus"):
+                 "not granular, a small lymphocyte with dense chromatin and no nucleolus",
+                 "small cell, round nucleus, no granules, lymphocyte", "dense nucleus, not segmented, lymphocyte",
+                 "round nucleus not lobed, a lymphocyte", "non-segmented neutrophil", "a non-seg neutrophil",
+                 "no nucleoli, mature lymphocyte", "no pre-B features, benign"):
         assert negated_classes(text, PANELS) == [], text

@@ -19,7 +19,7 @@ from core.imageio import ImageRejected, load_image_bytes, load_image_path
 from core.reliability import framing_problems
 from ui import resources
 from ui.cases import UPLOAD_TYPES
-from ui.widgets import framed, label_name, md_escape
+from ui.widgets import class_name, framed, label_name, md_escape
 
 COLUMNS = 4  # result grid width
 PICK_MAX = 2000  # gallery images offered in the picker; "More like this" reaches the others
@@ -52,17 +52,9 @@ def label_text(item: GalleryItem, panels: dict[str, Panel]) -> str:
     if item.source == REVIEWED:
         if not item.expert_labels:
             return "no expert label"
-        return "; ".join(f"{md_escape(_class_name(panels, panel, label))} (expert-verified, panel {md_escape(panel)})"
+        return "; ".join(f"{md_escape(class_name(panels[panel], label) if panel in panels else label)} (expert-verified, panel {md_escape(panel)})"
                          for panel, label in item.expert_labels)
     return "no label" if item.label is None else md_escape(label_name(panels, item.label)) + " (folder label)"
-
-
-def _class_name(panels: dict[str, Panel], panel: str, key: str) -> str:
-    """The display name of a class; the key itself for a panel or class the model does not have."""
-    try:
-        return panels[panel].cell_class(key).name
-    except KeyError:
-        return key
 
 
 def _no_gallery_message(gallery_dir: Path | None) -> str:

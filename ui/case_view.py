@@ -100,9 +100,12 @@ def render_summary(bundle: ModelBundle, panel: Panel, case: Case) -> None:
             st.success(md_escape(d.sentence))
             _render_morphology(bundle, panel, case)
         if scores_meaningless(d):
+            # for a blank frame, noise or a strip the reason above says it all; only an image the
+            # model does not recognise may still be a cell
+            maybe_a_cell = (" It may still be one, imaged in a way the model has not learned (another lab's "
+                            "stain, scanner or zoom).") if d.abstain_kind == "out_of_scope" else ""
             st.caption("No confidence and no scores are shown: the model does not recognise the image as a cell "
-                       "of this panel, so they would mean nothing. It may still be one, imaged in a way the model "
-                       "has not learned (another lab's stain, scanner or zoom).")
+                       "of this panel, so they would mean nothing." + maybe_a_cell)
         else:
             st.metric(confidence_label(bundle, panel), f"{d.confidence:.0%}")
         if not d.panel_validated:

@@ -40,7 +40,7 @@ UNGROUNDED = ("The model was not trained on the words {words}, so it cannot grad
               "see in the panel's words (e.g. nucleus, granules, lobed, cytoplasm) or choose a sentence.")
 NEGATED = ("Your answer says what the cell is not ({words}); the quiz scores what it is. Describe what you "
            "see or choose a sentence.")
-PLACEHOLDER = "e.g. a large cell with a kidney-shaped nucleus"  # passes answer_problem (tests/test_quiz_text.py)
+PLACEHOLDER = "e.g. a large cell with a kidney-shaped nucleus"  # passes the vocabulary check (tests/test_quiz_text.py)
 
 
 @dataclass(frozen=True)
@@ -123,11 +123,14 @@ def answer_problem(bundle: ModelBundle, text: str) -> str | None:
     """Why a written answer cannot be scored, or None. Any text lands on some class, so an
     answer is scored only when it uses a morphology word of the model's vocabulary (its panels'
     sentences and the attribute phrases it was trained with; the shipped ones for an older
-    sidecar) and does not say what the cell is not ("not a neutrophil" lands on neutrophil)."""
+    sidecar), no standard term the model was not trained on ("myeloblast"), and does not say
+    what the cell is not ("not a neutrophil" lands on neutrophil)."""
     phrases = bundle.sidecar.get("attribute_phrases") or load_attribute_phrases()
+    terms = ungrounded_terms(text)
+    if terms:  # whatever else the answer says, such a word steers its nearest sentence by chance
+        return UNGROUNDED.format(words=", ".join(terms))
     if not morphology_words(expand_abbreviations(text), morphology_vocabulary(bundle.panels, phrases)):
-        terms = ungrounded_terms(text)
-        return UNGROUNDED.format(words=", ".join(terms)) if terms else NO_MORPHOLOGY
+        return NO_MORPHOLOGY
     negated = negated_classes(text, bundle.panels)
     if negated:
         return NEGATED.format(words=", ".join(negated))

@@ -55,6 +55,16 @@ def rows_frame(rows: list[dict]) -> pd.DataFrame:
     return frame
 
 
+def pooling_note(rows: list[dict]) -> str | None:
+    """A caption when the rows' agreement figures pool several models or panels (agreement with
+    one model on one panel is what means something); None when they do not."""
+    models, panels = len({row["model_id"] for row in rows}), len({row["panel"] for row in rows})
+    if models <= 1 and panels <= 1:
+        return None
+    return (f"These figures pool {models} model(s) and {panels} panel(s); filter by model and panel to compare "
+            "like with like.")
+
+
 def stored_image(store: Store, upload_dir: Path, sha256: str) -> LoadedImage | str:
     """The stored copy of an image, decoded safely; or a sentence saying why not."""
     with store.sessionmaker() as s:
