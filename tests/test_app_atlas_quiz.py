@@ -300,11 +300,11 @@ def test_quiz_refuses_an_answer_that_says_what_the_cell_is_not(env):
 def test_quiz_says_it_cannot_grade_terms_the_model_was_not_trained_on(env):
     """"myeloblast" landed on the neutrophil sentence and was scored correct on a neutrophil."""
     at = write_first_answer("myeloblast")
-    assert any("was not trained on the words myeloblast" in w.value for w in at.warning)
+    assert any("was not trained on the word(s) myeloblast" in w.value for w in at.warning)
     assert at.metric[0].value == "0 / 0" and at.session_state["quiz_answer"] is None
     at.text_area(key="quiz_text_0").input("myeloblast with a large round nucleus").run()  # known words beside it
     at.button(key="quiz_check").click().run()
-    assert any("was not trained on the words myeloblast" in w.value for w in at.warning)
+    assert any("was not trained on the word(s) myeloblast" in w.value for w in at.warning)
     assert at.metric[0].value == "0 / 0" and at.session_state["quiz_answer"] is None
 
 

@@ -102,10 +102,13 @@ def render_summary(bundle: ModelBundle, panel: Panel, case: Case) -> None:
         if scores_meaningless(d):
             # for a blank frame, noise or a strip the reason above says it all; only an image the
             # model does not recognise may still be a cell
-            maybe_a_cell = (" It may still be one, imaged in a way the model has not learned (another lab's "
-                            "stain, scanner or zoom).") if d.abstain_kind == "out_of_scope" else ""
-            st.caption("No confidence and no scores are shown: the model does not recognise the image as a cell "
-                       "of this panel, so they would mean nothing." + maybe_a_cell)
+            if d.abstain_kind == "out_of_scope":
+                st.caption("No confidence and no scores are shown: the model does not recognise the image as a "
+                           "cell of this panel, so they would mean nothing. It may still be one, imaged in a way "
+                           "the model has not learned (another lab's stain, scanner or zoom).")
+            else:  # blank, noise or a strip: refused before any reading as a cell
+                st.caption("No confidence and no scores are shown: the model did not describe this image (reason "
+                           "above), so they would mean nothing.")
         else:
             st.metric(confidence_label(bundle, panel), f"{d.confidence:.0%}")
         if not d.panel_validated:

@@ -36,8 +36,8 @@ LAST_MODE = "quiz_last_mode"
 TRIES = 5  # unreadable files drawn in a row before giving up on this round
 NO_MORPHOLOGY = (f"Your description uses no morphology word the model knows (e.g. {', '.join(EXAMPLES)}); "
                  "rephrase it or choose a sentence.")
-UNGROUNDED = ("The model was not trained on the words {words}, so it cannot grade them here: describe what you "
-              "see in the panel's words (e.g. nucleus, granules, lobed, cytoplasm) or choose a sentence.")
+UNGROUNDED = ("The model was not trained on the word(s) {words}, so it cannot grade this answer: describe what "
+              "you see in the panel's words (e.g. nucleus, granules, lobed, cytoplasm) or choose a sentence.")
 NEGATED = ("Your answer says what the cell is not ({words}); the quiz scores what it is. Describe what you "
            "see or choose a sentence.")
 PLACEHOLDER = "e.g. a large cell with a kidney-shaped nucleus"  # passes the vocabulary check (tests/test_quiz_text.py)
