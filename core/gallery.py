@@ -31,6 +31,7 @@ from core.describe import embed_images
 from core.gallery_index import GalleryIndex, GalleryItem, Hit, load_index, write_index
 from core.gallery_sources import Source
 from core.imageio import MAX_SIDE, MIN_SIDE, ImageRejected, load_image_path
+from core.reliability import MAX_DESCRIBED_ASPECT, framing_problems
 from core.upload_checks import check_dimensions, upload_limits
 
 BATCH = 32  # images per forward pass: bounded memory, and the progress bar moves
@@ -48,14 +49,15 @@ def cache_folder(cache_dir: Path | str, weights_sha256: str, *sources: Path | st
 
 def load_limits() -> dict:
     """The limits the index loads files under: the Describe page's (decode bound, smallest side,
-    and the file size and pixel count of the settings). Recorded with each refusal, so a file
+    the file size and pixel count of the settings, and the longest strip it describes). Recorded with each refusal, so a file
     refused under other limits (an older version's 512 px bound refused strips over 32:1 that
     Describe accepts; a raised HEMASCRIBE_MAX_UPLOAD_MB) is tried again."""
     try:
         max_bytes, max_pixels = upload_limits(None, None)
     except ImageRejected:  # unreadable settings: every load is refused, and retried once they are fixed
         max_bytes = max_pixels = None
-    return {"max_side": MAX_SIDE, "min_side": MIN_SIDE, "max_bytes": max_bytes, "max_pixels": max_pixels}
+    return {"max_side": MAX_SIDE, "min_side": MIN_SIDE, "max_bytes": max_bytes, "max_pixels": max_pixels,
+            "max_aspect": MAX_DESCRIBED_ASPECT}
 
 
 def update_index(bundle: ModelBundle, folder: Path | str, sources: list[Source],
@@ -182,6 +184,8 @@ def _decodes_alike(path: str, max_side_then: int, limits: dict) -> bool:
             with Image.open(path) as image:
                 width, height = image.size
         check_dimensions("", width, height, limits["max_pixels"], limits["min_side"], limits["max_side"])
+        if framing_problems([(width, height)])[0]:  # indexed by an older version; refused now
+            return False
     except Exception:  # noqa: BLE001  (any failure means: let the loader decide)
         return False
     return max(width, height) <= min(max_side_then, limits["max_side"])
@@ -217,6 +221,10 @@ def _embed_sources(bundle: ModelBundle, todo: list[Source], progress, batch_size
                 loaded = load_image_path(src.path, max_side=MAX_SIDE, min_side=MIN_SIDE)
             except ImageRejected as error:
                 refused[src.path] = {"key": src.key, "reason": str(error), "limits": limits}
+                continue
+            strip = framing_problems([loaded.image.size])[0]
+            if strip:  # Describe would not describe it: no search hit, quiz cell or query of it either
+                refused[src.path] = {"key": src.key, "reason": f"{Path(src.path).name}: {strip}", "limits": limits}
                 continue
             images.append(loaded.image)
             batch_items.append(GalleryItem(**asdict(src), sha256=loaded.sha256, max_side=MAX_SIDE))

@@ -118,7 +118,8 @@ def write_format1_index(folder: Path, refuse: dict[str, str] | None = None) -> N
     """Rewrite the gallery index in `folder` as the code before format 2 wrote it (no decode
     bound per entry, no limits per refusal; a reviewed case with one plain label, verified, and
     no per-panel labels); the files of `refuse` (path -> reason) move from the rows to the
-    refusals, as the old 512 px bound refused strips over 32:1."""
+    refusals, or keep their refusal with that reason, as the old 512 px bound refused strips over
+    32:1."""
     refuse = refuse or {}
     manifest = json.loads((folder / "manifest.json").read_text())
     matrix = np.load(folder / manifest["matrix"])
@@ -131,8 +132,10 @@ def write_format1_index(folder: Path, refuse: dict[str, str] | None = None) -> N
         if entry["source"] == "reviewed" and expert:
             entry["label"], entry["verified"] = expert[-1][1], True  # the old single label
         items.append(entry)
-    skipped = {entry["path"]: {"key": entry["key"], "reason": refuse[entry["path"]]}
-               for entry in manifest["items"] if entry["path"] in refuse}
+    skipped = {path: {"key": entry["key"], "reason": refuse.get(path, entry["reason"])}
+               for path, entry in manifest["skipped"].items()}  # the old shape: no limits
+    skipped.update({entry["path"]: {"key": entry["key"], "reason": refuse[entry["path"]]}
+                    for entry in manifest["items"] if entry["path"] in refuse})
     (folder / manifest["matrix"]).unlink()
     np.save(folder / "embeddings-format1.npy", matrix[keep])
     manifest.update(format=1, matrix="embeddings-format1.npy", items=items, skipped=skipped)

@@ -543,4 +543,4 @@ def test_a_strip_is_not_called_a_cell_imaged_another_way(app_env):
     texts = [m.value for m in [*at.warning, *at.caption, *at.markdown]]
     assert any("times longer than wide" in t for t in texts)
     assert not any("It may still be one" in t for t in texts)
-    assert any("the model did not describe this image" in t for t in texts)
+    assert any("the model did not describe this image (reason above)" in t for t in texts)

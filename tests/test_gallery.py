@@ -182,24 +182,31 @@ def test_gallery_finds_every_file_the_evaluation_scan_counts(tiny_bundle, tmp_pa
     assert len(index) == len(IMAGE_SUFFIXES) and index.stats["refused"] == 0
 
 
-def test_gallery_indexes_exactly_what_describe_accepts(tiny_bundle, tmp_path):
-    """One rule for long narrow strips, the Describe page's: a side at most 64 times the other
-    (the gallery decoded at 512 px and so refused anything over 32 times)."""
+def test_gallery_indexes_exactly_what_describe_describes(tiny_bundle, tmp_path):
+    """The Describe page's rules, with its reasons: what its loader refuses (a side over 64 times
+    the other; the gallery once decoded at 512 px and refused anything over 32 times) and the
+    strips over 3:1 it does not describe (a text search ranked one among the cells)."""
+    from pathlib import Path
+
     from PIL import Image
 
     from core.imageio import ImageRejected
+    from core.reliability import framing_problems
 
     folder = tmp_path / "gallery" / "neutrophil"
     folder.mkdir(parents=True)
-    for width, height in [(16, 1024), (1024, 16), (20, 1000), (17, 1088), (17, 1089), (15, 300), (300, 300)]:
+    for width, height in [(16, 1024), (1024, 16), (17, 1089), (15, 300), (300, 300), (300, 100), (320, 100)]:
         Image.new("RGB", (width, height), (200, 120, 150)).save(folder / f"{width}x{height}.png")
     sources = scan_folder(tmp_path / "gallery")
     index = update_index(tiny_bundle, tmp_path / "cache", sources)
     reasons = {}
     for src in sources:
         try:
-            load_image_path(src.path)
+            size = load_image_path(src.path).image.size
         except ImageRejected as error:
             reasons[src.path] = str(error)
-    assert {i.path for i in index.items} == {s.path for s in sources} - set(reasons)
-    assert len(index) == 5 and {p: e["reason"] for p, e in index.skipped.items()} == reasons
+            continue
+        if framing_problems([size])[0]:
+            reasons[src.path] = f"{Path(src.path).name}: {framing_problems([size])[0]}"
+    assert {Path(i.path).name for i in index.items} == {"300x300.png", "300x100.png"}  # 3:1 is described
+    assert {p: e["reason"] for p, e in index.skipped.items()} == reasons and len(reasons) == 5

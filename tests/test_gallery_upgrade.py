@@ -21,8 +21,9 @@ OLD_STRIP_REASON = ("strip.png: the image is 16x640 pixels, too long and narrow 
 
 @pytest.fixture
 def tree(tmp_path):
-    """Three 64 px cells, a 600 px field (shrunk by a 512 px bound) and a 16 x 640 strip
-    (40:1, refused by a 512 px bound, accepted by Describe's 1024)."""
+    """Three 64 px cells, a 600 px field (shrunk by a 512 px bound) and a 16 x 640 strip (40:1:
+    refused by a 512 px bound as too narrow to decode; loaded under Describe's 1024, then refused
+    as a strip Describe does not describe)."""
     root = write_class_tree(tmp_path / "gallery", {"neutrophil": 3})
     draw_cell(600, seed=5).save(root / "neutrophil" / "large.png")
     Image.new("RGB", (16, 640), (200, 120, 150)).save(root / "neutrophil" / "strip.png")
@@ -34,8 +35,8 @@ def test_a_format1_index_is_upgraded_retrying_old_refusals_and_reembedding_only_
     folder = tmp_path / "cache"
     sources = scan_folder(tree)
     fresh = update_index(tiny_bundle, folder, sources)
-    assert len(fresh) == 5 and not fresh.skipped
     strip = str((tree / "neutrophil" / "strip.png").resolve())
+    assert len(fresh) == 4 and list(fresh.skipped) == [strip]
     write_format1_index(folder, refuse={strip: OLD_STRIP_REASON})
     old = load_index(folder, tiny_bundle.weights_sha256)
     assert len(old) == 4 and {i.max_side for i in old.items} == {512} and list(old.skipped) == [strip]
@@ -45,8 +46,9 @@ def test_a_format1_index_is_upgraded_retrying_old_refusals_and_reembedding_only_
 
     counted.clear()
     upgraded = update_index(tiny_bundle, folder, sources)
-    assert sum(counted) == 2 and upgraded.stats["embedded"] == 2 and upgraded.stats["reused"] == 3
-    assert strip in {i.path for i in upgraded.items} and upgraded.skipped == {}
+    assert sum(counted) == 1 and upgraded.stats["embedded"] == 1 and upgraded.stats["reused"] == 3
+    # retried under today's limits: loaded now, and refused with today's reason, not the old one
+    assert list(upgraded.skipped) == [strip] and "40.0 times longer than wide" in upgraded.skipped[strip]["reason"]
     assert {i.max_side for i in upgraded.items} == {1024}
     assert json.loads((folder / "manifest.json").read_text())["format"] == 2  # a format-1 reader ignores it
     before = {i.path: row for row, i in enumerate(fresh.items)}
@@ -56,18 +58,18 @@ def test_a_format1_index_is_upgraded_retrying_old_refusals_and_reembedding_only_
     reloaded = load_index(folder, tiny_bundle.weights_sha256)
     assert pending_work(reloaded, sources) == (0, 0)
     update_index(tiny_bundle, folder, sources)
-    assert sum(counted) == 2  # nothing retried twice
+    assert sum(counted) == 1  # nothing retried twice
 
 
 def test_a_refusal_is_retried_when_the_loader_limits_change(tiny_bundle, tree, tmp_path, counted, monkeypatch):
     folder = tmp_path / "cache"
     monkeypatch.setenv("HEMASCRIBE_MAX_PIXELS", "12000")  # the 600 x 600 field is over it
     index = update_index(tiny_bundle, folder, scan_folder(tree))
-    assert len(index) == 4 and len(index.skipped) == 1
+    assert len(index) == 3 and len(index.skipped) == 2  # the field, and the strip (refused as a strip)
     assert pending_work(index, scan_folder(tree)) == (0, 0)  # same file, same limits: not retried
     monkeypatch.delenv("HEMASCRIBE_MAX_PIXELS")
-    assert pending_work(index, scan_folder(tree)) == (1, 0)
-    assert len(update_index(tiny_bundle, folder, scan_folder(tree))) == 5
+    assert pending_work(index, scan_folder(tree)) == (2, 0)  # both refused under other limits
+    assert len(update_index(tiny_bundle, folder, scan_folder(tree))) == 4
 
 
 def test_labels_and_removals_are_applied_without_embedding(tiny_bundle, tree, tmp_path, counted):
@@ -81,7 +83,7 @@ def test_labels_and_removals_are_applied_without_embedding(tiny_bundle, tree, tm
     listed = [changed, relabelled, new, *sources[4:]]  # sources[2] and [3] removed
     assert pending_work(index, listed) == (2, 4)  # changed + new; two relabels, two removals
     updated = update_index(tiny_bundle, folder, listed, embed=False)
-    assert sum(counted) == 0 and len(updated) == 3
+    assert sum(counted) == 0 and len(updated) == 2 and list(updated.skipped) == [sources[4].path]  # the strip
     by_path = {i.path: i for i in updated.items}
     assert by_path[changed.path].label == "monocyte" and by_path[changed.path].key == sources[0].key
     assert by_path[relabelled.path].label == "basophil" and new.path not in by_path
@@ -117,4 +119,4 @@ def test_a_malformed_manifest_reads_as_an_empty_index(tiny_bundle, tree, tmp_pat
     (folder / "manifest.json").write_text(json.dumps(manifest if manifest else []))
     assert len(load_index(folder, tiny_bundle.weights_sha256)) == 0
     assert len(load_index(folder)) == 0
-    assert len(update_index(tiny_bundle, folder, scan_folder(tree))) == 5  # rebuilt, not stuck
+    assert len(update_index(tiny_bundle, folder, scan_folder(tree))) == 4  # rebuilt, not stuck

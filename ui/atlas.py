@@ -120,7 +120,7 @@ def _status_caption(index: GalleryIndex) -> None:
     text = (f"{len(index)} images indexed: {len(index) - reviewed} from the gallery folder, {reviewed} reviewed "
             f"cases ({verified} with an expert-verified label).")
     if index.skipped:
-        text += f" Unreadable files skipped: {len(index.skipped)}."
+        text += f" Files left out (unreadable, or a strip Describe would not describe): {len(index.skipped)}."
     if index.stats.get("embedded"):
         text += f" Last update embedded {index.stats['embedded']} new or changed images."
     st.caption(text)
