@@ -314,3 +314,16 @@ def test_atlas_does_not_search_with_a_strip_describe_would_not_describe(env):
     assert not at.exception, at.exception
     assert any("Not searched. The image is 64.0 times longer than wide" in w.value for w in at.warning)
     assert not [c for c in captions(at) if "similarity -" in c]  # no neighbours listed
+
+
+def test_the_quiz_never_draws_a_strip_describe_would_not_describe(tmp_path):
+    import random
+
+    from core.gallery_sources import scan_folder
+    from core.panels import load_panels
+    from ui.quiz import pick_cell
+
+    (tmp_path / "neutrophil").mkdir()
+    (tmp_path / "neutrophil" / "strip.png").write_bytes(strip_png(16, 1024))
+    sources = scan_folder(tmp_path)
+    assert len(sources) == 1 and pick_cell(load_panels()["blood_cells"], sources, random.Random(0), 0) is None
