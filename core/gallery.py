@@ -49,9 +49,10 @@ def cache_folder(cache_dir: Path | str, weights_sha256: str, *sources: Path | st
 
 def load_limits() -> dict:
     """The limits the index loads files under: the Describe page's (decode bound, smallest side,
-    the file size and pixel count of the settings, and the longest strip it describes). Recorded with each refusal, so a file
-    refused under other limits (an older version's 512 px bound refused strips over 32:1 that
-    Describe accepts; a raised HEMASCRIBE_MAX_UPLOAD_MB) is tried again."""
+    the file size and pixel count of the settings, and the longest strip it describes). Recorded
+    with each refusal, so a file refused under other limits (an older version's 512 px bound
+    refused strips over 32:1 that Describe loads; a raised HEMASCRIBE_MAX_UPLOAD_MB) is tried
+    again."""
     try:
         max_bytes, max_pixels = upload_limits(None, None)
     except ImageRejected:  # unreadable settings: every load is refused, and retried once they are fixed

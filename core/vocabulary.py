@@ -32,7 +32,8 @@ STOP_WORDS = frozenset("""
 
 # Spellings and irregular plurals a learner may use for a word of the vocabulary.
 VARIANTS = {"gray": "grey", "grayish": "greyish", "center": "centre", "leukemia": "leukaemia",
-            "leukemic": "leukaemic", "haematogones": "hematogones", "haematogone": "hematogone", "nucleolus": "nucleoli"}
+            "leukemic": "leukaemic", "haematogones": "hematogones", "haematogone": "hematogone",
+            "nucleolus": "nucleoli"}
 
 # Short forms hematologists write, expanded before the check and before the text tower reads the
 # answer (MiniLM does not know "PMN" is a neutrophil). Whole words only, any case.
