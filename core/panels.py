@@ -106,6 +106,11 @@ def load_attribute_phrases(path: Path | str = ATTRIBUTES_FILE) -> dict[str, dict
     return {k: v for k, v in data.items() if not k.startswith("_")}
 
 
+def all_class_keys(panels: dict[str, Panel]) -> set[str]:
+    """The class keys of every panel: the classes a data folder may be named after."""
+    return {key for panel in panels.values() for key in panel.keys}
+
+
 class PanelTieError(ValueError):
     """Several panels hold equally many of the given classes; the message names them and asks for --panel."""
 

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from sklearn.covariance import LedoitWolf
 
 from core.checkpoint import ModelLoadError, load_bundle, save_bundle
-from core.data import LabelledImage, as_class_keys, scan_class_folders
+from core.data import LabelledImage, scan_class_folders
 from core.morphology import DEFAULT_PHRASE_THRESHOLD
 from core.panels import infer_panel, require_panel
 from core.reliability import (confidence_threshold_for_accuracy, expected_calibration_error,
@@ -41,6 +41,7 @@ from core.reliability import (confidence_threshold_for_accuracy, expected_calibr
 from training.attribute_eval import read_attribute_rows
 from training.calibrate_attributes import calibrate_attributes
 from training.dataset import decode_images
+from training.evaluate import match_folders
 from training.evaluation_utils import embed_uint8
 
 
@@ -73,11 +74,10 @@ def parse_args(argv=None):
 
 
 def class_items(bundle, folders) -> list[LabelledImage]:
-    """The images of class folders, labelled with the class key each folder names, as training
-    and evaluation read them (`core.data.as_class_keys`: "Neutrophil" is neutrophil). A
+    """The images of class folders, labelled with the class key each folder names, as evaluation
+    reads them (`training.evaluate.match_folders`: "Neutrophil" is neutrophil). A
     FileNotFoundError for a missing folder."""
-    items = [i for f in folders for i in scan_class_folders(f)]
-    return as_class_keys(items, {k for p in bundle.panels.values() for k in p.keys})[0]
+    return match_folders(bundle, [i for f in folders for i in scan_class_folders(f)])[0]
 
 
 def train_items(bundle, folders, val_sets) -> list[LabelledImage]:
@@ -101,8 +101,8 @@ def val_panels(bundle, args) -> list[tuple[list[LabelledImage], str]]:
     """(images, panel) of every --val folder, before any image is embedded: the panel --panel
     names or the one its class folders fit (`core.panels.infer_panel`, which refuses a tie). A
     ValueError when that fails, for a folder without images, for two folders of one panel, and for
-    a class folder outside the panel (the fit needs every image's class in it: a stray folder would stop the run with a
-    traceback after the centroids' long pass)."""
+    a class folder outside the panel (the fit needs every image's class in it: a stray folder
+    would stop the run with a traceback after the centroids' long pass)."""
     if args.panel and len(args.panel) != len(args.val):
         raise ValueError(f"--panel names {len(args.panel)} panel(s) for {len(args.val)} --val folder(s); "
                          "name one per --val folder, in order")

@@ -37,7 +37,7 @@ from core.checkpoint import ModelLoadError, load_bundle
 from core.data import LabelledImage, as_class_keys, scan_class_folders
 from core.describe import describe_batch
 from core.imageio import ImageRejected, load_image_path
-from core.panels import infer_panel, require_panel
+from core.panels import all_class_keys, infer_panel, require_panel
 from training.attribute_eval import evaluate_attributes, print_attributes, read_attribute_csv
 from training.metrics import classification_summary, print_first
 
@@ -89,7 +89,7 @@ def describe_folder(bundle, items, panel: str, batch_size: int):
 
 def match_folders(bundle, items: list[LabelledImage]) -> tuple[list[LabelledImage], dict[str, str]]:
     """Items relabelled with the class keys of every panel (`core.data.as_class_keys`)."""
-    return as_class_keys(items, {k for p in bundle.panels.values() for k in p.keys})
+    return as_class_keys(items, all_class_keys(bundle.panels))
 
 
 def evaluate(bundle, data_dir: str, panel: str | None, batch_size: int = 64) -> dict:

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from core.data import as_class_keys, class_counts, scan_class_folders
 from core.loss import attribute_matching_loss, bidirectional_contrastive_loss
 from core.model import DualEncoder
-from core.panels import load_attribute_phrases, load_panels
+from core.panels import all_class_keys, load_attribute_phrases, load_panels
 from training.augment import AUGMENT_PRESETS, augment_batch
 from training.checkpointing import (gather_rng_states, keep_metrics_up_to, load_for_resume, resume_from,
                                     save_checkpoint, write_run_config)
@@ -183,7 +183,7 @@ def load_training_data(args, config, panels, vocabulary: dict, rank: int, world:
     Images are decoded once into memory (see training/dataset.py); caps and cuts apply to real
     images only, synthetic (GAN) images are added on top."""
     data_seed = args.seed if args.data_seed is None else args.data_seed
-    keys = {key for panel in panels.values() for key in panel.keys}  # the classes with sentences
+    keys = all_class_keys(panels)  # the classes with sentences
     train_items = load_items(args.data, args.max_per_class, args.cut, data_seed, keys, announce=rank == 0)
     drawn = scan_as_class_keys(args.synthetic, keys, "--synthetic", announce=rank == 0)
     train_items += drawn
