@@ -17,7 +17,7 @@ from PIL import Image
 from core.checkpoint import ModelBundle
 from core.imageio import prepare_image
 from core.preprocess import to_model_input
-from core.reliability import (abstention_decision, content_problems, framing_problems, is_calibrated,
+from core.reliability import (abstention_decision, content_problems, framing_problem, is_calibrated,
                               panel_probabilities)
 
 
@@ -89,7 +89,7 @@ def describe_batch(bundle: ModelBundle, images: list[Image.Image], panel: str | 
     embed_ms = (time.perf_counter() - started) * 1000 - checks_ms - prep_ms
     prep_ms += checks_ms
     results = []
-    framing = framing_problems([rgb.size for rgb, _ in prepared])
+    framing = [framing_problem(rgb.size) for rgb, _ in prepared]
     for embedding, content, strip, (_, notes) in zip(embeddings, content_problems(inputs), framing, prepared):
         problem = content or strip
         t0 = time.perf_counter()

@@ -31,7 +31,7 @@ from core.describe import embed_images
 from core.gallery_index import GalleryIndex, GalleryItem, Hit, load_index, write_index
 from core.gallery_sources import Source
 from core.imageio import MAX_SIDE, MIN_SIDE, ImageRejected, load_image_path
-from core.reliability import MAX_DESCRIBED_ASPECT, framing_problems
+from core.reliability import MAX_DESCRIBED_ASPECT, framing_problem
 from core.upload_checks import check_dimensions, upload_limits
 
 BATCH = 32  # images per forward pass: bounded memory, and the progress bar moves
@@ -185,7 +185,7 @@ def _decodes_alike(path: str, max_side_then: int, limits: dict) -> bool:
             with Image.open(path) as image:
                 width, height = image.size
         check_dimensions("", width, height, limits["max_pixels"], limits["min_side"], limits["max_side"])
-        if framing_problems([(width, height)])[0]:  # indexed by an older version; refused now
+        if framing_problem((width, height)):  # indexed by an older version; refused now
             return False
     except Exception:  # noqa: BLE001  (any failure means: let the loader decide)
         return False
@@ -223,7 +223,7 @@ def _embed_sources(bundle: ModelBundle, todo: list[Source], progress, batch_size
             except ImageRejected as error:
                 refused[src.path] = {"key": src.key, "reason": str(error), "limits": limits}
                 continue
-            strip = framing_problems([loaded.image.size])[0]
+            strip = framing_problem(loaded.image.size)
             if strip:  # Describe would not describe it: no search hit, quiz cell or query of it either
                 refused[src.path] = {"key": src.key, "reason": f"{Path(src.path).name}: {strip}", "limits": limits}
                 continue

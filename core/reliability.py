@@ -4,7 +4,7 @@ Questions answered in this order for every image:
 0. Is there an optical image at all? A blank frame (no contrast) or pixel noise (neighbouring
    pixels uncorrelated, which no microscope image at this sampling is) is refused before
    the model is asked; see `content_problems`. So is a strip longer than 3:1, whose centre
-   square (all the model reads) is a sliver of it; see `framing_problems`.
+   square (all the model reads) is a sliver of it; see `framing_problem`.
 1. Is the panel validated at all? A panel whose classes the model never saw an image of
    (the originating study's leukaemia sentences) always abstains, and says why.
 2. Is the image out of scope for the panel? Score: Mahalanobis distance in embedding space to
@@ -102,24 +102,20 @@ MIN_NEIGHBOUR_CORRELATION = 0.5
 MAX_DESCRIBED_ASPECT = 3.0
 
 
-def framing_problems(sizes: list[tuple[int, int]]) -> list[str | None]:
-    """For each image size (width, height) as described: why its centre square is no basis for a
-    description (a long narrow strip), or None."""
-    problems = []
-    for width, height in sizes:
-        side, long_side = min(width, height), max(width, height)
-        # one pixel of slack on the short side: downscaling a large upload rounds it down, so a
-        # 3000 x 1000 file arrives as 1024 x 341, just past 3:1
-        if long_side > MAX_DESCRIBED_ASPECT * (side + 1):
-            ratio = long_side / side
-            # the ratio, not pixel sizes (a large upload's are after its downscaling); never "3.0"
-            shown = f"{ratio:.1f}" if ratio >= MAX_DESCRIBED_ASPECT + 0.05 else f"{ratio:.2f}"
-            problems.append(f"The image is {shown} times longer than wide: the model reads only its centre "
-                            f"square, {side / long_side:.0%} of it, too small a part to describe. Crop the "
-                            "image around one cell.")
-        else:
-            problems.append(None)
-    return problems
+def framing_problem(size: tuple[int, int]) -> str | None:
+    """Why an image of `size` (width, height, as described) gives no basis for a description
+    from its centre square (a long narrow strip), or None."""
+    width, height = size
+    side, long_side = min(width, height), max(width, height)
+    # one pixel of slack on the short side: downscaling a large upload rounds it down, so a
+    # 3000 x 1000 file arrives as 1024 x 341, just past 3:1
+    if long_side <= MAX_DESCRIBED_ASPECT * (side + 1):
+        return None
+    ratio = long_side / side
+    # the ratio, not pixel sizes (a large upload's are after its downscaling); never "3.0"
+    shown = f"{ratio:.1f}" if ratio >= MAX_DESCRIBED_ASPECT + 0.05 else f"{ratio:.2f}"
+    return (f"The image is {shown} times longer than wide: the model reads only its centre square, "
+            f"{side / long_side:.0%} of it, too small a part to describe. Crop the image around one cell.")
 
 
 def _neighbour_correlation(luminance: torch.Tensor) -> torch.Tensor:

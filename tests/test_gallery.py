@@ -191,7 +191,7 @@ def test_gallery_indexes_exactly_what_describe_describes(tiny_bundle, tmp_path):
     from PIL import Image
 
     from core.imageio import ImageRejected
-    from core.reliability import framing_problems
+    from core.reliability import framing_problem
 
     folder = tmp_path / "gallery" / "neutrophil"
     folder.mkdir(parents=True)
@@ -206,7 +206,7 @@ def test_gallery_indexes_exactly_what_describe_describes(tiny_bundle, tmp_path):
         except ImageRejected as error:
             reasons[src.path] = str(error)
             continue
-        if framing_problems([size])[0]:
-            reasons[src.path] = f"{Path(src.path).name}: {framing_problems([size])[0]}"
+        if framing_problem(size):
+            reasons[src.path] = f"{Path(src.path).name}: {framing_problem(size)}"
     assert {Path(i.path).name for i in index.items} == {"300x300.png", "300x100.png"}  # 3:1 is described
     assert {p: e["reason"] for p, e in index.skipped.items()} == reasons and len(reasons) == 5

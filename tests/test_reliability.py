@@ -105,7 +105,7 @@ def test_blank_and_noise_images_are_refused_before_the_model_answers(tiny_bundle
 def test_a_long_narrow_strip_is_not_described_from_its_centre_square(tiny_bundle):
     """A cell squeezed into 16 x 1024 px was described from a 16 px centre square at 92 %
     (browser test, default model); past 3:1 the model says why it will not describe it."""
-    from core.reliability import MAX_DESCRIBED_ASPECT, framing_problems
+    from core.reliability import MAX_DESCRIBED_ASPECT, framing_problem
 
     cell = draw_cell(size=128)
     tiny_bundle.sidecar["calibration"] = {"panels": {"blood_cells": {"min_confidence": 0.0}}}
@@ -113,10 +113,10 @@ def test_a_long_narrow_strip_is_not_described_from_its_centre_square(tiny_bundle
     results = describe_batch(tiny_bundle, [strip, wide_field, cell], "blood_cells")
     assert results[0].abstained and results[0].abstain_kind == "content" and results[0].class_key is None
     assert "64.0 times longer than wide: the model reads only its centre square, 2% of it" in results[0].abstain_reason
-    assert "3.2 times longer" in framing_problems([(320, 100)])[0]  # not "3 times": the limit is 3
+    assert "3.2 times longer" in framing_problem((320, 100))  # not "3 times": the limit is 3
     assert "Crop the image around one cell" in results[0].abstain_reason
     assert results[1].abstain_kind != "content" and results[2].abstain_kind != "content"  # 16:9 and square pass
-    assert "3.04 times longer" in framing_problems([(304, 100)])[0]  # never "3.0"
+    assert "3.04 times longer" in framing_problem((304, 100))  # never "3.0"
     # an exact 3:1 file downscaled by the loader (3000 x 1000 -> 1024 x 341) is still described
-    assert framing_problems([(300, 100), (1024, 341), (303, 100)]) == [None, None, None]
+    assert [framing_problem(size) for size in [(300, 100), (1024, 341), (303, 100)]] == [None, None, None]
     assert MAX_DESCRIBED_ASPECT == 3.0

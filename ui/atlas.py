@@ -16,7 +16,7 @@ from core.panels import Panel
 from core.gallery import GalleryIndex, GalleryItem, Hit, pending_work, search_image, search_text, update_index
 from core.gallery_sources import REVIEWED
 from core.imageio import ImageRejected, load_image_bytes, load_image_path
-from core.reliability import framing_problems
+from core.reliability import framing_problem
 from ui import resources
 from ui.cases import UPLOAD_TYPES
 from ui.widgets import class_name, framed, label_name, md_escape
@@ -207,7 +207,7 @@ def image_search(bundle: ModelBundle, index: GalleryIndex) -> None:
         return
     left, right = st.columns([1, 3])
     left.image(framed(image), caption="Query image", width=200)
-    strip = framing_problems([image.size])[0]
+    strip = framing_problem(image.size)
     if strip:  # the Describe page's rule: its centre square, all the model reads, is a sliver of it
         right.warning(f"Not searched. {strip}")
         return

@@ -25,7 +25,7 @@ from core.gallery_sources import REVIEWED, Source
 from core.imageio import ImageRejected, load_image_path
 from core.morphology import describe_morphology, has_morphology
 from core.panels import Panel, load_attribute_phrases
-from core.reliability import framing_problems
+from core.reliability import framing_problem
 from core.vocabulary import (EXAMPLES, expand_abbreviations, morphology_vocabulary, morphology_words, negated_classes,
                              ungrounded_terms)
 from ui import resources
@@ -72,7 +72,7 @@ def pick_cell(panel: Panel, sources: list[Source], rng: random.Random, round_: i
             image = load_image_path(source.path).image
         except ImageRejected:
             continue
-        if framing_problems([image.size])[0]:  # a strip: the reveal could only say it is no cell
+        if framing_problem(image.size):  # a strip: the reveal could only say it is no cell
             continue
         return QuizCell(source, image, panel.key_for_label(source.label_for(panel.name)), panel.name, round_)
     return None
