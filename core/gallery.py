@@ -114,12 +114,6 @@ def pending_work(index: GalleryIndex, sources: list[Source]) -> tuple[int, int]:
     return len(plan.todo), refreshed + gone
 
 
-def stale_count(index: GalleryIndex, sources: list[Source]) -> int:
-    """How many changes `update_index` would make, embedding or not (see `pending_work`): 0 when
-    the index is up to date."""
-    return sum(pending_work(index, sources))
-
-
 @dataclass
 class _Plan:
     """What an update does with the index it found, given the sources listed now."""

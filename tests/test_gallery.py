@@ -89,22 +89,22 @@ def test_broken_files_are_skipped_counted_and_not_retried(tiny_bundle, tree, tmp
     assert again.stats["embedded"] == 0 and len(again.skipped) == 2 and sum(counted) == 5
 
 
-def test_stale_count_says_what_an_update_would_change(tiny_bundle, tree, tmp_path):
+def test_pending_work_says_what_an_update_would_change(tiny_bundle, tree, tmp_path):
     import dataclasses
 
-    from core.gallery import stale_count
+    from core.gallery import pending_work
 
     (tree / "neutrophil" / "broken.png").write_bytes(b"not an image")
     sources = scan_folder(tree)
     index = update_index(tiny_bundle, tmp_path / "cache", sources)
-    assert stale_count(index, sources) == 0  # the unreadable file is known, not new
+    assert sum(pending_work(index, sources)) == 0  # the unreadable file is known, not new
     twice = sources + [dataclasses.replace(sources[0], key="sha256:" + "0" * 64)]  # listed again, another key
-    assert stale_count(index, twice) == 0  # the first listing counts, as the index reads it
+    assert sum(pending_work(index, twice)) == 0  # the first listing counts, as the index reads it
     verified = [dataclasses.replace(sources[0], label="monocyte", verified=True), *sources[1:]]
-    assert stale_count(index, verified) == 1  # an expert's new verdict: same file, new label
+    assert sum(pending_work(index, verified)) == 1  # an expert's new verdict: same file, new label
     draw_cell(64, seed=9).save(tree / "lymphocyte" / "new.png")
     (tree / "neutrophil" / "neutrophil_0.png").unlink()
-    assert stale_count(index, scan_folder(tree)) == 2  # one new, one gone
+    assert sum(pending_work(index, scan_folder(tree))) == 2  # one new, one gone
 
 
 def test_exact_duplicate_is_its_own_top1(tiny_bundle, tree, tmp_path):
