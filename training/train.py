@@ -6,7 +6,8 @@
 
 Runs unchanged under ``torchrun --nproc_per_node 2`` (DDP, gloo on CPU). A run folder
 holds config.json, metrics.jsonl and last.pt (weights, optimizer, epoch, config, random
-number states: resume with --resume, see training/checkpointing.py); --export writes the safetensors model and its sidecar.
+number states: resume with --resume, see training/checkpointing.py); --export writes the
+safetensors model and its sidecar.
 """
 from __future__ import annotations
 

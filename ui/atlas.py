@@ -52,8 +52,8 @@ def label_text(item: GalleryItem, panels: dict[str, Panel]) -> str:
     if item.source == REVIEWED:
         if not item.expert_labels:
             return "no expert label"
-        return "; ".join(f"{md_escape(class_name(panels[panel], label) if panel in panels else label)} (expert-verified, panel {md_escape(panel)})"
-                         for panel, label in item.expert_labels)
+        return "; ".join(f"{md_escape(class_name(panels[panel], label) if panel in panels else label)} "
+                         f"(expert-verified, panel {md_escape(panel)})" for panel, label in item.expert_labels)
     return "no label" if item.label is None else md_escape(label_name(panels, item.label)) + " (folder label)"
 
 
