@@ -65,6 +65,6 @@ with right:
 
 st.subheader("Re-open a case")
 if rows:
-    review.reopen_case(store, resources.settings().upload_dir, rows)
+    review.reopen_case(store, resources.settings().upload_dir, rows, review.naming_panels(bundle))
 else:
     st.caption("Nothing to re-open.")

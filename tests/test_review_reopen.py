@@ -45,3 +45,24 @@ def test_reopened_case_shows_the_verification_of_its_own_model(app_env):
     assert any(c.value == "Not verified by an expert yet." for c in at.caption)
     verified = reopen(at, "Dr Old")  # the old model's own description keeps its verification
     assert len(verified) == 1 and "Verified by Dr Old" in verified[0] and "agrees" in verified[0]
+
+
+def test_reopened_cases_are_named_by_the_loaded_models_panels(tiny_bundle):
+    """The loaded model's sidecar names its classes (a custom model may name them otherwise
+    than the shipped panels); panels it lacks, and everything without a model, come from
+    the shipped file."""
+    from dataclasses import replace
+
+    from core.panels import load_panels
+    from ui.review import naming_panels
+
+    shipped = load_panels()
+    blood = shipped["blood_cells"]
+    renamed = replace(blood, classes=tuple(replace(c, name="Segmented neutrophil") if c.key == "neutrophil" else c
+                                           for c in blood.classes))
+    custom = {"blood_cells": renamed, "extra": replace(blood, name="extra", title="Extra")}
+    bundle = replace(tiny_bundle, panels=custom)
+    panels = naming_panels(bundle)
+    assert panels["blood_cells"].cell_class("neutrophil").name == "Segmented neutrophil"
+    assert panels["extra"] is custom["extra"] and panels["b_all"] == shipped["b_all"]
+    assert naming_panels(None)["blood_cells"].cell_class("neutrophil").name == blood.cell_class("neutrophil").name

@@ -9,7 +9,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 
 from core.imageio import ImageRejected, LoadedImage, load_image_bytes
-from core.panels import load_panels
+from core.panels import Panel, load_panels
 from core.store import VERDICTS, ImageRecord, feedback_table, store_error_message
 from ui.feedback import render_history
 from ui.resources import Store
@@ -83,8 +83,9 @@ def stored_image(store: Store, upload_dir: Path, sha256: str) -> LoadedImage | s
         return f"The stored copy cannot be shown: {md_escape(error)}"
 
 
-def reopen_case(store: Store, upload_dir: Path, rows: list[dict]) -> None:
-    """Pick a feedback row; show its stored image, what the model said and the history."""
+def reopen_case(store: Store, upload_dir: Path, rows: list[dict], panels: dict[str, Panel]) -> None:
+    """Pick a feedback row; show its stored image, what the model said and the history.
+    `panels` name the classes (the loaded model's, see `naming_panels`)."""
     by_id = {r["feedback_id"]: r for r in rows}
 
     def label(feedback_id: int) -> str:
@@ -112,4 +113,12 @@ def reopen_case(store: Store, upload_dir: Path, rows: list[dict]) -> None:
     # the verification of this row's description (its panel and model weights), as the Describe
     # page shows it: a verdict on an older model's answer would read as agreeing with this one
     render_history(store, row["sha256"], row["image_id"], row["panel"], row["weights_sha256"],
-                   load_panels().get(row["panel"]))
+                   panels.get(row["panel"]))
+
+
+def naming_panels(bundle) -> dict[str, Panel]:
+    """The panels that name a re-opened case's classes: the loaded model's (its sidecar may
+    name classes the shipped panels lack), completed by the shipped ones for panels it lacks
+    (a case stored under another model); the shipped ones alone when no model loads."""
+    shipped = load_panels()
+    return shipped if bundle is None else {**shipped, **bundle.panels}
