@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
+from core.atomic import atomic_write_bytes, atomic_write_text
 from core.config import ModelConfig
 from core.model import DualEncoder
 from core.panels import Panel, panels_from_dict
@@ -75,12 +75,8 @@ def publish_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: 
     team or a web server would be readable by its owner only; these follow the umask."""
     data = save(tensors, metadata=metadata)
     sidecar = dict(sidecar, weights_sha256=hashlib.sha256(data).hexdigest())
-    tmp_weights = path.with_name(path.name + ".tmp")
-    tmp_weights.write_bytes(data)
-    tmp_sidecar = sidecar_path(path).with_name(sidecar_path(path).name + ".tmp")
-    tmp_sidecar.write_text(json.dumps(sidecar, indent=2))
-    os.replace(tmp_weights, path)
-    os.replace(tmp_sidecar, sidecar_path(path))
+    atomic_write_bytes(path, data)
+    atomic_write_text(sidecar_path(path), json.dumps(sidecar, indent=2))
     return sidecar
 
 
@@ -154,7 +150,5 @@ def update_sidecar(weights_path: Path | str, updates: dict) -> dict:
     side = sidecar_path(weights_path)
     data = _read_sidecar(Path(weights_path))
     data.update(updates)
-    tmp = side.with_name(side.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, side)
+    atomic_write_text(side, json.dumps(data, indent=2))
     return data

@@ -22,15 +22,14 @@ new fields) from reading it: that reader sees an empty index and rebuilds its ow
 from __future__ import annotations
 
 import json
-import os
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 
+from core.atomic import atomic_write, atomic_write_text
 from core.gallery_sources import Source
 from core.imageio import MAX_SIDE
 
@@ -63,6 +62,11 @@ class GalleryIndex:
 
     def __len__(self) -> int:
         return len(self.items)
+
+    def row_of_content(self, sha256: str) -> int | None:
+        """The first row embedded from a file with these bytes (an upload that is already in
+        the gallery), or None."""
+        return next((row for row, item in enumerate(self.items) if sha256 and item.sha256 == sha256), None)
 
     def nearest(self, query: torch.Tensor, k: int, exclude: int | None = None) -> list[Hit]:
         """The k rows most similar to the (D,) unit `query`, best first; `exclude` drops a row
@@ -159,27 +163,14 @@ def write_index(folder: Path, index: GalleryIndex, matrix_changed: bool) -> None
     if matrix_changed or current is None:
         current = f"embeddings-{uuid.uuid4().hex[:12]}.npy"
         data = index.embeddings.numpy().astype(np.float16)
-        _atomic_write(folder / current, lambda handle: np.save(handle, data, allow_pickle=False))
+        atomic_write(folder / current, lambda handle: np.save(handle, data, allow_pickle=False))
     manifest = {"format": FORMAT, "weights_sha256": index.weights_sha256, "matrix": current,
                 "updated_at": index.updated_at, "stats": index.stats,
                 "items": [asdict(item) for item in index.items], "skipped": index.skipped}
-    _atomic_write(folder / MANIFEST, lambda handle: handle.write(json.dumps(manifest).encode()))
+    atomic_write_text(folder / MANIFEST, json.dumps(manifest))
     for stale in folder.glob("embeddings-*.npy"):
         if stale.name != current:
             stale.unlink(missing_ok=True)
-
-
-def _atomic_write(path: Path, write: Callable) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _current_matrix(folder: Path) -> str | None:

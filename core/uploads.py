@@ -6,11 +6,10 @@ extension, so a user's file name can never choose where it is written (or overwr
 from __future__ import annotations
 
 import hashlib
-import os
 import re
-import tempfile
 from pathlib import Path
 
+from .atomic import atomic_write_bytes
 from .data import IMAGE_SUFFIXES
 
 SAFE_EXTENSIONS = frozenset(IMAGE_SUFFIXES)  # what the loader decodes; anything else is stored as .bin
@@ -45,14 +44,5 @@ def store_image_copy(upload_dir: Path, sha256: str, data: bytes, ext: str) -> st
     if target.is_file() and target.stat().st_size == len(data):
         return rel  # content-addressed: same name means same bytes
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())  # the DB row may point at it right after: make it durable
-        os.replace(tmp, target)  # readers see the old state or the whole file, never half
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(target, data)  # readers see no file or the whole file, never half
     return rel

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from core.atomic import atomic_write, atomic_write_text
 from core.config import ModelConfig
 from training.run_inputs import UsageError
 
@@ -67,8 +68,7 @@ def save_checkpoint(out: Path, model, optimizer, average, state: dict, classes: 
                   "step": state["step"], "config": model.config.to_dict(), "classes": classes, "rng": rng_states}
     if average is not None:
         checkpoint["average"] = average.state_dict()
-    torch.save(checkpoint, out / "last.tmp")
-    (out / "last.tmp").replace(out / "last.pt")
+    atomic_write(out / "last.pt", lambda handle: torch.save(checkpoint, handle))
 
 
 def check_same_config(out: Path, checkpoint: dict, config: ModelConfig, asked: str) -> None:
@@ -133,9 +133,7 @@ def keep_metrics_up_to(path: Path, epoch: int) -> None:
                 kept.append(line + "\n")
         except (ValueError, KeyError, TypeError):
             continue
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(kept))
-    tmp.replace(path)
+    atomic_write_text(path, "".join(kept))
 
 
 def write_run_config(out: Path, args, config: ModelConfig, classes: list[str]) -> None:

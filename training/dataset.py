@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from core.atomic import atomic_write
 from core.data import LabelledImage
 from core.preprocess import to_uint8_array
 
@@ -49,10 +49,8 @@ def decode_images(items: list[LabelledImage], size: int, cache_dir: Path | None)
             array[i] = to_uint8_array(image, size)
     if cache:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        # one temp file per process: DDP ranks decode the same files and may finish together
-        tmp = cache.with_name(f"{cache.stem}.{os.getpid()}.tmp.npy")
-        np.save(tmp, array)
-        tmp.replace(cache)
+        # DDP ranks decode the same files and may finish together: each writes its own temp file
+        atomic_write(cache, lambda handle: np.save(handle, array))
     return torch.from_numpy(array)
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from core.atomic import atomic_write
 from core.data import class_counts, data_fingerprint
 from core.gan import (Discriminator, GanConfig, Generator, d_hinge_loss, g_hinge_loss, generate,
                       image_grid, standing_stats, update_ema)
@@ -152,9 +153,8 @@ def checkpoint(out: Path, nets, opts, step: int, args, classes, record, last_met
                "command": "python -m training.train_gan " + " ".join(sys.argv[1:])}
     path = save_gan(out / "gan.safetensors", g, d, ema, sidecar)
     sha = json.loads(path.with_suffix(".json").read_text())["weights_sha256"]
-    torch.save({"g": opts[0].state_dict(), "d": opts[1].state_dict(), "step": step, "weights_sha256": sha},
-               out / "optim.tmp")
-    (out / "optim.tmp").replace(out / "optim.pt")
+    optimizers = {"g": opts[0].state_dict(), "d": opts[1].state_dict(), "step": step, "weights_sha256": sha}
+    atomic_write(out / "optim.pt", lambda handle: torch.save(optimizers, handle))
     write_samples(sampler, classes, out, step, args.seed)
     g.train()
 
