@@ -6,6 +6,7 @@ Every shown string that comes from a file or a user (names, labels, queries) goe
 """
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import streamlit as st
@@ -175,11 +176,7 @@ def _query_image(index: GalleryIndex) -> tuple[Image.Image | None, int | None]:
         upload = st.file_uploader("Cell image", type=UPLOAD_TYPES, key="atlas_upload")
         if upload is None:
             return None, None
-        try:
-            return load_image_bytes(upload.getvalue(), upload.name).image, None
-        except ImageRejected as error:
-            st.error(md_escape(error))
-            return None, None
+        return _uploaded_query(index, upload.getvalue(), upload.name)
     rows = {item.path: row for row, item in enumerate(index.items)}
     options = [item.path for item in index.items[:PICK_MAX]]
     chosen = st.session_state.get(QUERY_ROW)
@@ -197,6 +194,21 @@ def _query_image(index: GalleryIndex) -> tuple[Image.Image | None, int | None]:
     except ImageRejected as error:
         st.error(md_escape(error))
         return None, None
+
+
+def _uploaded_query(index: GalleryIndex, data: bytes, name: str) -> tuple[Image.Image | None, int | None]:
+    """The uploaded image, and its gallery row when the gallery holds the same bytes (left out
+    of its own results like a picked gallery image: it would top them at similarity 1.000)."""
+    try:
+        image = load_image_bytes(data, name).image
+    except ImageRejected as error:
+        st.error(md_escape(error))
+        return None, None
+    row = index.row_of_content(hashlib.sha256(data).hexdigest())
+    if row is not None:
+        st.caption(f"This image is in the gallery as {md_escape(index.items[row].name)}; it is left out of "
+                   "its own results.")
+    return image, row
 
 
 def image_search(bundle: ModelBundle, index: GalleryIndex) -> None:
