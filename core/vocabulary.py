@@ -53,7 +53,13 @@ EXTRA_TERMS = frozenset("""
 
 # An answer that says what the cell is not ("not a neutrophil") is not scored: the nearest class
 # of "not a neutrophil" is the neutrophil (`negated_classes`).
-NEGATIONS = frozenset({"not", "no", "never", "nor", "neither", "isn't", "isnt", "aren't", "wasn't"})
+NEGATIONS = frozenset({"not", "no", "never", "nor", "neither", "isn't", "isnt", "aren't", "wasn't", "doesn't",
+                       "doesnt", "don't", "dont", "can't", "cant", "cannot", "unlike", "instead"})
+# verbs a negation reaches through to its class word: "doesn't look like a neutrophil", "cannot
+# be a monocyte", "does not seem to be a lymphocyte", "instead of a blast"
+NEGATION_FILLERS = frozenset({"look", "looks", "like", "resemble", "resembles", "seem", "seems", "appear",
+                              "appears", "to", "be", "of"})
+MAX_FILLERS = 4
 ARTICLES = frozenset({"a", "an", "the", "one"})
 # words with their apostrophe ("isn't"), hyphenated words as one ("non-segmented"), and each
 # punctuation mark as a token of its own, so that a negation never reaches past a comma
@@ -129,7 +135,8 @@ def expand_abbreviations(text: str) -> str:
 def negated_classes(text: str, panels: Mapping[str, Panel] | Iterable[Panel]) -> list[str]:
     """The class words `text` negates, in order: a negation right before a class name, with at
     most an article between ("not a neutrophil", "isn't a lymphocyte", "neither neutrophil nor
-    eosinophil"); empty for an answer that says what the cell is. A negation reaches no further:
+    eosinophil"), or verbs of resemblance ("doesn't look like a monocyte", "cannot be a blast",
+    "unlike a lymphocyte"); empty for an answer that says what the cell is. A negation reaches no further:
     "no granules, lymphocyte", "not segmented, a lymphocyte" and "non-segmented neutrophil" (a
     hyphenated "non-" is a modifier) describe the cell they name."""
     panel_list = list(panels.values() if isinstance(panels, Mapping) else panels)
@@ -142,11 +149,21 @@ def negated_classes(text: str, panels: Mapping[str, Panel] | Iterable[Panel]) ->
     for i, token in enumerate(tokens[:-1]):
         if token.replace("\u2019", "'") not in NEGATIONS:
             continue
-        after = tokens[i + 1: i + 3]
-        word = after[1] if after[0] in ARTICLES and len(after) > 1 else after[0]
-        if any(form in class_words for form in _forms(word)) and word not in negated:
+        word = _negated_word(tokens[i + 1:])
+        if word and any(form in class_words for form in _forms(word)) and word not in negated:
             negated.append(word)
     return negated
+
+
+def _negated_word(after: list[str]) -> str | None:
+    """The word a negation reaches in the tokens `after` it: past a few verbs of resemblance
+    (`NEGATION_FILLERS`) and one article, never past punctuation or any other word."""
+    position = 0
+    while position < min(len(after), MAX_FILLERS) and after[position] in NEGATION_FILLERS:
+        position += 1
+    if position < len(after) and after[position] in ARTICLES:
+        position += 1
+    return after[position] if position < len(after) else None
 
 
 def ungrounded_terms(text: str) -> list[str]:

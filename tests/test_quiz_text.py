@@ -104,10 +104,18 @@ def test_an_answer_saying_what_the_cell_is_not_is_found():
     assert negated_classes("neutrophil, not a mono", PANELS) == ["monocyte"]
     assert negated_classes("neither neutrophil nor eosinophil", PANELS) == ["neutrophil", "eosinophil"]
     assert negated_classes("this isn\u2019t a neutrophil", PANELS) == ["neutrophil"]
+    # through verbs of resemblance (a leftover of the review: these were scored)
+    assert negated_classes("doesn't look like a neutrophil", PANELS) == ["neutrophil"]
+    assert negated_classes("it does not seem to be a lymphocyte", PANELS) == ["lymphocyte"]
+    assert negated_classes("cannot be a monocyte, granules too coarse", PANELS) == ["monocyte"]
+    assert negated_classes("unlike a neutrophil, the nucleus is round", PANELS) == ["neutrophil"]
+    assert negated_classes("a lymphocyte instead of a blast", PANELS) == ["blast"]
     # a negation reaches only the next word (or article and word), never past a comma (review)
     for text in ("no granules, round nucleus", "non-segmented nucleus", "neutrophil without vacuoles",
                  "not granular, a small lymphocyte with dense chromatin and no nucleolus",
                  "small cell, round nucleus, no granules, lymphocyte", "dense nucleus, not segmented, lymphocyte",
                  "round nucleus not lobed, a lymphocyte", "non-segmented neutrophil", "a non-seg neutrophil",
-                 "no nucleoli, mature lymphocyte", "no pre-B features, benign"):
+                 "no nucleoli, mature lymphocyte", "no pre-B features, benign",
+                 "doesn't look granular, a lymphocyte", "does not look like much, neutrophil",
+                 "cannot see granules, lymphocyte"):
         assert negated_classes(text, PANELS) == [], text
