@@ -89,6 +89,8 @@ def gallery_section(bundle: ModelBundle) -> GalleryIndex | None:
     clicked = st.button("Re-index gallery", key="atlas_reindex",
                         help="Embeds new or changed images only; removed images leave the index.")
     sources = resources.gallery_sources()  # stat only: cheap even for 20,000 files
+    # a plan outside the folder lock, to decide what to do; update_index plans again under the
+    # lock, since another session may have updated the index in between (stats only: cheap)
     to_embed, to_refresh = pending_work(index, sources)
     # First visit, an indexing that was interrupted (its user left the page), or a few files
     # added or changed since (embedding only those takes seconds): carry on.
