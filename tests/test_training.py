@@ -65,6 +65,29 @@ def test_balancing_sampler_counts():
     assert len({len(p) for p in parts}) == 1 and not set(parts[0].tolist()) & set(parts[1].tolist())
 
 
+def test_panel_oversample_balances_classes_within_panels_in_proportion_to_their_images():
+    """Panel A: 3 classes, 120 images; panel B: 2 classes, 10 images. `oversample` gives B two
+    fifths of the epoch (its 2 of 5 classes); panel_oversample its 10 of 130 images, still split
+    equally between its classes, as A's 120 are between A's three."""
+    from core.panels import load_panels
+    from training.sampling import class_groups, draw_weights
+
+    labels = torch.tensor([0] * 100 + [1] * 10 + [2] * 10 + [3] * 5 + [4] * 5)
+    groups = torch.tensor([0, 0, 0, 1, 1])
+    chance = draw_weights(labels, "panel_oversample", groups)
+    chance = chance / chance.sum()
+    per_class = torch.stack([chance[labels == c].sum() for c in range(5)])
+    assert per_class.tolist() == pytest.approx([120 / 130 / 3] * 3 + [10 / 130 / 2] * 2)
+    plain = draw_weights(labels, "oversample")
+    assert float(plain[labels >= 3].sum() / plain.sum()) == pytest.approx(2 / 5)
+    drawn = epoch_indices(labels, "panel_oversample", torch.Generator().manual_seed(0), groups=groups)
+    assert len(drawn) == 130 and int((labels[drawn] >= 3).sum()) < 25
+    with pytest.raises(ValueError, match="groups"):
+        draw_weights(labels, "panel_oversample")
+    panels = load_panels()  # panels in name order: b_all (0), blood_cells (1), leukemia (2)
+    assert class_groups(["benign", "neutrophil", "pro_b", "ig"], panels).tolist() == [0, 1, 0, 1]
+
+
 def test_ddp_ranks_take_disjoint_slices_though_their_generators_differ():
     from training.sampling import rank_epoch_indices
 

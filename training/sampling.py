@@ -2,6 +2,9 @@
 
 * ``none``: every image once, shuffled;
 * ``oversample``: classes drawn with equal probability (minority images repeat);
+* ``panel_oversample``: classes drawn with equal probability within their panel, each panel in
+  proportion to its images: a small panel of a few classes (B-ALL: 4 classes, 17 % of the images)
+  takes its share of the epoch, not a third of it as under ``oversample`` with 12 classes;
 * ``reweight``: every image once, but the loss of each image weighted by the inverse of its
   class frequency (returned by `class_weights`);
 * ``gan``: real images once plus synthetic ones for minority classes (the synthetic images
@@ -12,9 +15,20 @@ Under DDP every rank takes a disjoint, equally long slice of the same permutatio
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 
-BALANCE_MODES = ("none", "reweight", "oversample", "gan")
+from core.panels import Panel
+
+BALANCE_MODES = ("none", "reweight", "oversample", "panel_oversample", "gan")
+
+
+def class_groups(classes: list[str], panels: Mapping[str, Panel]) -> torch.Tensor:
+    """(n_classes,) the index of each class's panel, panels in name order (a class of two
+    panels belongs to the first): the groups ``panel_oversample`` balances within."""
+    names = sorted(panels)
+    return torch.tensor([next(i for i, name in enumerate(names) if key in panels[name].keys) for key in classes])
 
 
 def class_weights(labels: torch.Tensor, n_classes: int) -> torch.Tensor:
@@ -33,13 +47,13 @@ def epoch_length(n_real: int, n_synthetic: int, mode: str, max_synthetic_share: 
 
 
 def epoch_indices(labels: torch.Tensor, mode: str, generator: torch.Generator,
-                  synthetic: torch.Tensor | None = None, max_synthetic_share: float = 0.5) -> torch.Tensor:
-    """Image indices for one epoch (before sharding)."""
+                  synthetic: torch.Tensor | None = None, max_synthetic_share: float = 0.5,
+                  groups: torch.Tensor | None = None) -> torch.Tensor:
+    """Image indices for one epoch (before sharding); `groups` (see `class_groups`) for
+    ``panel_oversample``."""
     n = labels.shape[0]
-    if mode == "oversample":
-        n_classes = int(labels.max()) + 1
-        per_image = (1.0 / torch.bincount(labels, minlength=n_classes).float())[labels]
-        return torch.multinomial(per_image, n, replacement=True, generator=generator)
+    if mode in ("oversample", "panel_oversample"):
+        return torch.multinomial(draw_weights(labels, mode, groups), n, replacement=True, generator=generator)
     if mode == "gan" and synthetic is not None and synthetic.any():
         real = torch.nonzero(~synthetic).squeeze(1)
         fake = torch.nonzero(synthetic).squeeze(1)
@@ -50,6 +64,23 @@ def epoch_indices(labels: torch.Tensor, mode: str, generator: torch.Generator,
     return torch.randperm(n, generator=generator)
 
 
+def draw_weights(labels: torch.Tensor, mode: str, groups: torch.Tensor | None = None) -> torch.Tensor:
+    """(N,) each image's chance to be drawn (unnormalised): 1 / its class count under
+    ``oversample``; under ``panel_oversample`` that, times its panel's images over its panel's
+    classes with images, so every panel draws its share of the images and its classes equally."""
+    n_classes = int(labels.max()) + 1
+    counts = torch.bincount(labels, minlength=n_classes).float()
+    per_class = 1.0 / counts.clamp(min=1)
+    if mode == "panel_oversample":
+        if groups is None:
+            raise ValueError("panel_oversample needs the classes' panels (groups)")
+        groups = groups[:n_classes]
+        for group in groups.unique():
+            members = (groups == group) & (counts > 0)
+            per_class[members] *= counts[members].sum() / members.sum()
+    return per_class[labels]
+
+
 def shard(indices: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
     """Rank's slice; every rank gets the same count so DDP steps stay in lockstep."""
     per_rank = len(indices) // world_size
@@ -57,7 +88,8 @@ def shard(indices: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
 
 
 def rank_epoch_indices(labels: torch.Tensor, mode: str, generator: torch.Generator, rank: int, world_size: int,
-                       seed: int, epoch: int, synthetic: torch.Tensor | None = None) -> torch.Tensor:
+                       seed: int, epoch: int, synthetic: torch.Tensor | None = None,
+                       groups: torch.Tensor | None = None) -> torch.Tensor:
     """This rank's images for `epoch`. With one process the training generator draws the order,
     as it always has (the shipped model's command still trains it bit for bit). Under DDP the
     ranks' training generators differ (seed + rank: each rank augments differently), so their
@@ -65,6 +97,6 @@ def rank_epoch_indices(labels: torch.Tensor, mode: str, generator: torch.Generat
     the order is drawn instead from a generator seeded by `seed` and `epoch` alone, the same on
     every rank and nothing to checkpoint."""
     if world_size == 1:
-        return epoch_indices(labels, mode, generator, synthetic)
+        return epoch_indices(labels, mode, generator, synthetic, groups=groups)
     order = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return shard(epoch_indices(labels, mode, order, synthetic), rank, world_size)
+    return shard(epoch_indices(labels, mode, order, synthetic, groups=groups), rank, world_size)

@@ -38,7 +38,7 @@ from training.export_model import export
 from training.mixstyle import MixStyleHooks
 from training.distributed import rank_device, setup_distributed
 from training.run_inputs import UsageError, check_paths, epoch_steps, load_items, model_config, scan_as_class_keys
-from training.sampling import BALANCE_MODES, class_weights, epoch_length, rank_epoch_indices
+from training.sampling import BALANCE_MODES, class_groups, class_weights, epoch_length, rank_epoch_indices
 from training.text_features import SentenceFeatureCache
 
 
@@ -271,6 +271,7 @@ def run(args: argparse.Namespace) -> int:
     if checkpoint is not None:
         resume_from(checkpoint, out, model, optimizer, average, state, generator, args, world)
     weights = class_weights(train.labels, len(classes)).to(args.device) if args.balance == "reweight" else None
+    groups = class_groups(classes, panels)
     if rank == 0:
         keep_metrics_up_to(out / "metrics.jsonl", state["epoch"])
         write_run_config(out, args, config, classes)
@@ -279,7 +280,7 @@ def run(args: argparse.Namespace) -> int:
     while state["epoch"] < args.epochs:
         started = time.time()
         indices = rank_epoch_indices(train.labels, args.balance, generator, rank, world, args.seed, state["epoch"],
-                                     synthetic)
+                                     synthetic, groups)
         losses = train_one_epoch(model, objective, train, indices, features, optimizer, args, state, generator,
                                  weights, average)
         state["epoch"] += 1
