@@ -42,6 +42,9 @@ AUGMENT_PRESETS = {
     # strong, with the zoom-in of wide_zoom only: separates the zoom question from wide_zoom's milder colour
     "strong_zoom": AugmentConfig(zoom=(0.5, 1.5)),
     "mild": AugmentConfig(zoom=(0.85, 1.2), hue=0.08, gain=0.06, saturation=(0.85, 1.15), optics_share=0.15, grey_p=0.0),
+    # mild's zoom and optics with strong's colour: a final phase that fits the home lab's scale and
+    # sharpness but not its stain (a mild ending cost the other lab's eosinophils, run v15)
+    "mild_geometry": AugmentConfig(zoom=(0.85, 1.2), optics_share=0.15),
 }
 
 
