@@ -15,7 +15,7 @@ from core.loss import bidirectional_contrastive_loss
 from core.model import DualEncoder
 from core.settings import PROJECT_ROOT
 from tests.conftest import draw_cell, write_class_tree
-from training.augment import augment_batch
+from training.augment import AUGMENT_PRESETS, augment_batch
 from training.sampling import class_weights, epoch_indices, shard
 
 ENV = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "PYTHONPATH": str(PROJECT_ROOT)}
@@ -46,6 +46,17 @@ def test_augmentation_shapes_and_range():
     generator = torch.Generator().manual_seed(1)
     out = augment_batch(torch.randint(0, 256, (5, 3, 48, 48), dtype=torch.uint8), 32, generator)
     assert out.shape == (5, 3, 32, 32) and out.min() >= 0 and out.max() <= 1 and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("preset", sorted(AUGMENT_PRESETS))
+def test_every_augmentation_preset_keeps_shapes_range_and_its_colour(preset):
+    """Each preset a command line can name runs; mild_geometry keeps strong's colour changes."""
+    generator = torch.Generator().manual_seed(2)
+    out = augment_batch(torch.full((4, 3, 40, 40), 128, dtype=torch.uint8), 32, generator, AUGMENT_PRESETS[preset])
+    assert out.shape == (4, 3, 32, 32) and out.min() >= 0 and out.max() <= 1 and torch.isfinite(out).all()
+    geometry, strong, mild = (AUGMENT_PRESETS[k] for k in ("mild_geometry", "strong", "mild"))
+    assert (geometry.hue, geometry.gain, geometry.saturation) == (strong.hue, strong.gain, strong.saturation)
+    assert (geometry.zoom, geometry.optics_share) == (mild.zoom, mild.optics_share)
 
 
 def test_balancing_sampler_counts():
