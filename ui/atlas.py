@@ -6,7 +6,6 @@ Every shown string that comes from a file or a user (names, labels, queries) goe
 """
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import streamlit as st
@@ -202,15 +201,15 @@ def _uploaded_query(index: GalleryIndex, data: bytes, name: str) -> tuple[Image.
     """The uploaded image, and its gallery row when the gallery holds the same bytes (left out
     of its own results like a picked gallery image: it would top them at similarity 1.000)."""
     try:
-        image = load_image_bytes(data, name).image
+        loaded = load_image_bytes(data, name)
     except ImageRejected as error:
         st.error(md_escape(error))
         return None, None
-    row = index.row_of_content(hashlib.sha256(data).hexdigest())
+    row = index.row_of_content(loaded.sha256)  # the hash of the uploaded bytes, as the index keeps it
     if row is not None:
         st.caption(f"This image is in the gallery as {md_escape(index.items[row].name)}; it is left out of "
                    "its own results.")
-    return image, row
+    return loaded.image, row
 
 
 def image_search(bundle: ModelBundle, index: GalleryIndex) -> None:
