@@ -356,6 +356,36 @@ def test_feedback_fields_belong_to_their_case_and_survive_a_refused_click(app_en
         [(first, "disagree", "monocyte", "typed for the first"), (second, "agree", None, None)])
 
 
+def test_unsent_feedback_text_survives_opening_another_case(app_env):
+    """What a reviewer typed for a case and did not send yet is still there after looking at
+    another case (Streamlit drops the state of widgets a run does not draw), and only there."""
+    at = run_app()
+    files = [("a.png", png_bytes(0, 1), "image/png"), ("b.png", png_bytes(1, 2), "image/png")]
+    at.file_uploader(key="describe_upload").set_value(files).run()
+    set_reviewer(at, "Dr Draft")
+    first = at.text[0].value
+    feedback_widget("selectbox", at, "class").select("monocyte").run()
+    feedback_widget("text_input", at, "sentence").input("a folded nucleus").run()
+    feedback_widget("text_area", at, "comment").input("typed, not sent").run()
+    box = picker(at)
+    box.select_index(1 - box.index).run()
+    assert at.text[0].value != first
+    assert feedback_widget("text_area", at, "comment").value == ""  # the other case's own empty form
+    assert feedback_widget("selectbox", at, "class").value is None
+    box = picker(at)
+    box.select_index(1 - box.index).run()
+    assert at.text[0].value == first
+    assert feedback_widget("selectbox", at, "class").value == "monocyte"
+    assert feedback_widget("text_input", at, "sentence").value == "a folded nucleus"
+    assert feedback_widget("text_area", at, "comment").value == "typed, not sent"
+    feedback_widget("button", at, "disagree").click().run()
+    assert not at.exception, at.exception
+    with app_env.sessionmaker() as s:
+        rows = feedback_table(s)
+    assert [(r["original_name"], r["verdict"], r["corrected_class"], r["corrected_sentence"], r["comment"])
+            for r in rows] == [(first, "disagree", "monocyte", "a folded nucleus", "typed, not sent")]
+
+
 def test_open_case_stays_the_same_image_when_the_panel_changes(app_env):
     at = run_app()
     files = [(f"c{i}.png", png_bytes(i % 2, 20 + i), "image/png") for i in range(3)]

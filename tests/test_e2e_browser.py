@@ -112,30 +112,53 @@ def go_to_page(page, name: str) -> None:
     page.get_by_role("heading", name=name).wait_for()
 
 
-def describe_sample_and_agree(page, url: str, reviewer: str) -> str:
-    """Pick a sample, wait for its description, name the reviewer, click Agree; returns the
-    text of the sentence or Uncertain box."""
-    from playwright.sync_api import expect
-
-    page.goto(url)
-    page.get_by_role("heading", name="Describe blood-cell images").wait_for()
-    page.get_by_text("Sample images", exact=True).click()
+def open_sample(page, name: str) -> None:
+    """Pick a sample image on the Describe page and wait for its feedback section."""
     picker = page.get_by_test_id("stSelectbox").filter(has_text="Sample image")
     picker.click()
-    page.get_by_role("option", name="cell_0.png").click()
+    page.get_by_role("option", name=name).click()
     page.get_by_role("heading", name="Expert feedback").wait_for()
-    alerts = page.get_by_test_id("stAlert").all_inner_texts()
+
+
+def enabled_button(page, label: str):
+    """The feedback button `label` once enabled. While the script reruns, Streamlit may keep the
+    stale (disabled) button on screen beside the new one: wait for the stale one to go."""
+    from playwright.sync_api import expect
+
+    button = page.locator("button:enabled").filter(has_text=re.compile(f"^{label}$"))
+    button.wait_for()
+    expect(page.get_by_role("button", name=label, exact=True)).to_have_count(1)
+    return button
+
+
+def name_reviewer(page, reviewer: str) -> None:
     reviewer_box = page.get_by_role("textbox", name="Reviewer name")
     reviewer_box.fill(reviewer)
     reviewer_box.press("Enter")
-    # While the script reruns, Streamlit may keep the stale (disabled) button on screen
-    # beside the new one: wait for the enabled one and for the stale one to go.
-    enabled_agree = page.locator("button:enabled").filter(has_text=re.compile(r"^Agree$"))
-    enabled_agree.wait_for()
-    expect(page.get_by_role("button", name="Agree", exact=True)).to_have_count(1)
-    enabled_agree.click()
+    enabled_button(page, "Agree")
+
+
+def describe_sample_and_agree(page, url: str, reviewer: str) -> str:
+    """Pick a sample, wait for its description, name the reviewer, click Agree; returns the
+    text of the sentence or Uncertain box."""
+    page.goto(url)
+    page.get_by_role("heading", name="Describe blood-cell images").wait_for()
+    page.get_by_text("Sample images", exact=True).click()
+    open_sample(page, "cell_0.png")
+    alerts = page.get_by_test_id("stAlert").all_inner_texts()
+    name_reviewer(page, reviewer)
+    enabled_button(page, "Agree").click()
     page.get_by_text(re.compile(f"Verified by {re.escape(reviewer)}")).wait_for()
     return "\n".join(alerts)
+
+
+def stored_feedback(db_url: str) -> list[dict]:
+    engine = make_engine(db_url)
+    try:
+        with make_sessionmaker(engine)() as s:
+            return feedback_table(s)
+    finally:
+        engine.dispose()
 
 
 def test_describe_agree_and_screenshots(server, page):
@@ -148,13 +171,7 @@ def test_describe_agree_and_screenshots(server, page):
     settle(page)
     page.screenshot(path=str(SCREENSHOTS / "describe.png"), full_page=True)
 
-    engine = make_engine(db_url)
-    try:
-        with make_sessionmaker(engine)() as s:
-            rows = feedback_table(s)
-    finally:
-        engine.dispose()
-    assert [(r["verdict"], r["reviewer"]) for r in rows] == [("agree", "Dr E2E")]
+    assert [(r["verdict"], r["reviewer"]) for r in stored_feedback(db_url)] == [("agree", "Dr E2E")]
 
     go_to_page(page, "Feedback review")
     page.get_by_role("heading", name="Expert versus model").wait_for()
@@ -169,3 +186,27 @@ def test_describe_agree_and_screenshots(server, page):
     page.get_by_text("not measured", exact=False).first.wait_for()
     settle(page, charts=False)
     page.screenshot(path=str(SCREENSHOTS / "model_card.png"), full_page=True)
+
+
+def test_typed_feedback_is_kept_across_cases_and_sent_with_the_click(server, page):
+    """Text typed for a case survives opening another one, and text still in the box (typed,
+    never confirmed with Enter or a click elsewhere) is sent with the button clicked next."""
+    from playwright.sync_api import expect
+
+    url, db_url = server
+    page.goto(url)
+    page.get_by_text("Sample images", exact=True).click()
+    open_sample(page, "cell_0.png")
+    name_reviewer(page, "Dr Typist")
+    page.get_by_role("textbox", name="Comment (optional)").fill("kept while away")
+    page.get_by_role("textbox", name="Reviewer name").click()  # leave the box: the draft is sent
+    open_sample(page, "cell_1.png")
+    expect(page.get_by_role("textbox", name="Comment (optional)")).to_have_value("")
+    open_sample(page, "cell_0.png")
+    expect(page.get_by_role("textbox", name="Comment (optional)")).to_have_value("kept while away")
+    page.get_by_role("textbox", name="Or a corrected sentence (for Disagree)").fill("A monocyte with a folded nucleus.")
+    enabled_button(page, "Disagree").click()
+    page.get_by_text("Saved: disagree").wait_for()
+    rows = stored_feedback(db_url)
+    assert [(r["original_name"], r["verdict"], r["corrected_sentence"], r["comment"]) for r in rows] == [
+        ("cell_0.png", "disagree", "A monocyte with a folded nucleus.", "kept while away")]

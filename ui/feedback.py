@@ -14,6 +14,7 @@ from ui.widgets import class_name, history_frame, md_escape, verification_text
 VERDICT_BUTTONS = (("agree", "Agree"), ("disagree", "Disagree"), ("unsure", "Unsure"))
 FORM_GENERATION = "describe_fb_generation_"  # + prediction id: how many feedbacks this session saved
 SAVED_MESSAGE = "describe_fb_saved_"  # + prediction id: the confirmation shown after the rerun
+DRAFT = "describe_fb_draft_"  # + image, panel, model: the fields as last typed, kept while another case is open
 
 
 def save_feedback(store: Store, prediction_id: int, verdict: str, reviewer: str, *,
@@ -35,22 +36,47 @@ def _form_suffix(prediction_id: int) -> str:
     return f"{prediction_id}_{st.session_state.get(f'{FORM_GENERATION}{prediction_id}', 0)}"
 
 
+def _draft_key(panel: Panel, case: Case) -> str:
+    """Session key of a case's unsent fields: the image, panel and model rather than the
+    prediction, because an image opened again after its input was closed (another sample
+    picked, the upload cleared) is described and recorded anew, and the draft is still its."""
+    return f"{DRAFT}{case.sha256}_{panel.name}_{case.description.weights_sha256}"
+
+
+def _keep_draft(draft_key: str, suffix: str, field: str) -> None:
+    """on_change: copy a field into a plain session key. Streamlit drops a widget's state in a run
+    that does not draw it, so without this, opening another case would discard what was typed."""
+    st.session_state.setdefault(draft_key, {})[field] = st.session_state[f"describe_fb_{field}_{suffix}"]
+
+
+def _field_key(draft_key: str, suffix: str, field: str) -> str:
+    """The widget key of one field, re-filled from its draft when the case is opened again."""
+    key = f"describe_fb_{field}_{suffix}"
+    draft = st.session_state.get(draft_key, {})
+    if key not in st.session_state and field in draft:
+        st.session_state[key] = draft[field]
+    return key
+
+
 def _form(panel: Panel, case: Case, reviewer: str) -> tuple[str | None, dict]:
-    """The feedback form; returns (clicked verdict or None, its fields). Not cleared on submit:
-    a refused click keeps what the reviewer typed."""
-    suffix = _form_suffix(case.prediction_id)
-    with st.form(f"describe_feedback_{suffix}", clear_on_submit=False, border=True):
+    """The feedback fields and buttons; returns (clicked verdict or None, the fields). Plain
+    widgets, not an st.form: a form sends nothing until a button is clicked, so text typed for a
+    case would be lost when another case is opened. A refused click keeps what was typed."""
+    suffix, draft = _form_suffix(case.prediction_id), _draft_key(panel, case)
+    with st.container(border=True):
         st.caption("If you disagree, say what the cell is (a class of the panel, or your own sentence). "
-                   "What you type is sent with the button you click; opening another case first discards it.")
+                   "What you type is sent with the button you click, and kept for this case until then.")
         corrected = st.selectbox("Correct class (for Disagree)", panel.keys, index=None, placeholder="-",
-                                 format_func=lambda k: panel.cell_class(k).name, key=f"describe_fb_class_{suffix}")
-        sentence = st.text_input("Or a corrected sentence (for Disagree)", key=f"describe_fb_sentence_{suffix}",
-                                 max_chars=1000)
-        comment = st.text_area("Comment (optional)", key=f"describe_fb_comment_{suffix}", max_chars=5000, height=80)
+                                 format_func=lambda k: panel.cell_class(k).name, key=_field_key(draft, suffix, "class"),
+                                 on_change=_keep_draft, args=(draft, suffix, "class"))
+        sentence = st.text_input("Or a corrected sentence (for Disagree)", key=_field_key(draft, suffix, "sentence"),
+                                 max_chars=1000, on_change=_keep_draft, args=(draft, suffix, "sentence"))
+        comment = st.text_area("Comment (optional)", key=_field_key(draft, suffix, "comment"), max_chars=5000, height=80,
+                               on_change=_keep_draft, args=(draft, suffix, "comment"))
         clicked = None
         for column, (verdict, label) in zip(st.columns(len(VERDICT_BUTTONS)), VERDICT_BUTTONS):
-            if column.form_submit_button(label, key=f"describe_fb_{verdict}_{suffix}", disabled=not reviewer,
-                                         type="primary" if verdict == "agree" else "secondary"):
+            if column.button(label, key=f"describe_fb_{verdict}_{suffix}", disabled=not reviewer,
+                             type="primary" if verdict == "agree" else "secondary"):
                 clicked = verdict
     return clicked, {"corrected_class": corrected, "corrected_sentence": sentence, "comment": comment}
 
@@ -79,6 +105,7 @@ def render_feedback(store: Store, panel: Panel, case: Case, reviewer: str) -> No
         except SQLAlchemyError as error:
             st.error(store_error_message(error, "the configured database"))
         else:
+            st.session_state.pop(_draft_key(panel, case), None)
             generation = f"{FORM_GENERATION}{case.prediction_id}"
             st.session_state[generation] = st.session_state.get(generation, 0) + 1  # next run: an empty form
             st.session_state[f"{SAVED_MESSAGE}{case.prediction_id}"] = f"Saved: {verdict} by {md_escape(reviewer)}."
