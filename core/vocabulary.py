@@ -54,12 +54,18 @@ EXTRA_TERMS = frozenset("""
 # An answer that says what the cell is not ("not a neutrophil") is not scored: the nearest class
 # of "not a neutrophil" is the neutrophil (`negated_classes`).
 NEGATIONS = frozenset({"not", "no", "never", "nor", "neither", "isn't", "isnt", "aren't", "wasn't", "doesn't",
-                       "doesnt", "don't", "dont", "can't", "cant", "cannot", "unlike", "instead"})
+                       "doesnt", "don't", "dont", "can't", "cant", "cannot", "unlike", "instead",
+                       "without"})
 # verbs a negation reaches through to its class word: "doesn't look like a neutrophil", "cannot
 # be a monocyte", "does not seem to be a lymphocyte", "instead of a blast"
 NEGATION_FILLERS = frozenset({"look", "looks", "like", "resemble", "resembles", "seem", "seems", "appear",
                               "appears", "to", "be", "of"})
 MAX_FILLERS = 4
+# ... and through a comparison anywhere later in its clause: "not lobulated like a neutrophil", "no
+# granules as in an eosinophil", "not as big as a monocyte", "without the granules of a basophil".
+# A clause ends at punctuation or a contrasting conjunction ("not lobed but a neutrophil").
+COMPARISONS = frozenset({"like", "as", "than", "of"})
+CLAUSE_ENDS = frozenset({"but", "so", "rather", "yet", "though", "although", "whereas"})
 ARTICLES = frozenset({"a", "an", "the", "one"})
 # words with their apostrophe ("isn't"), hyphenated words as one ("non-segmented"), and each
 # punctuation mark as a token of its own, so that a negation never reaches past a comma
@@ -136,7 +142,8 @@ def negated_classes(text: str, panels: Mapping[str, Panel] | Iterable[Panel]) ->
     """The class words `text` negates, in order: a negation right before a class name, with at
     most an article between ("not a neutrophil", "isn't a lymphocyte", "neither neutrophil nor
     eosinophil"), or verbs of resemblance ("doesn't look like a monocyte", "cannot be a blast",
-    "unlike a lymphocyte"); empty for an answer that says what the cell is. A negation reaches no further:
+    "unlike a lymphocyte"), or a comparison later in its clause ("not lobulated like a neutrophil");
+    empty for an answer that says what the cell is. A negation reaches no further:
     "no granules, lymphocyte", "not segmented, a lymphocyte" and "non-segmented neutrophil" (a
     hyphenated "non-" is a modifier) describe the cell they name."""
     panel_list = list(panels.values() if isinstance(panels, Mapping) else panels)
@@ -149,9 +156,10 @@ def negated_classes(text: str, panels: Mapping[str, Panel] | Iterable[Panel]) ->
     for i, token in enumerate(tokens[:-1]):
         if token.replace("\u2019", "'") not in NEGATIONS:
             continue
-        word = _negated_word(tokens[i + 1:])
-        if word and any(form in class_words for form in _forms(word)) and word not in negated:
-            negated.append(word)
+        for word in (_negated_word(tokens[i + 1:]), *_compared_words(tokens[i + 1:])):
+            word = word and re.sub(r"['\u2019]s$", "", word)  # "a monocyte's" -> monocyte
+            if word and any(form in class_words for form in _forms(word)) and word not in negated:
+                negated.append(word)
     return negated
 
 
@@ -164,6 +172,22 @@ def _negated_word(after: list[str]) -> str | None:
     if position < len(after) and after[position] in ARTICLES:
         position += 1
     return after[position] if position < len(after) else None
+
+
+def _compared_words(after: list[str]) -> list[str]:
+    """The words right after a comparison (`COMPARISONS`, then an optional article, possibly
+    "in": "as in an eosinophil") in the clause that `after` begins."""
+    found = []
+    for i, token in enumerate(after):
+        if not token[0].isalpha() or token in CLAUSE_ENDS:
+            break
+        if token in COMPARISONS:
+            rest = after[i + 1:i + 4]
+            rest = rest[1:] if rest[:1] == ["in"] else rest
+            rest = rest[1:] if rest[:1] and rest[0] in ARTICLES else rest
+            if rest:
+                found.append(rest[0])
+    return found
 
 
 def ungrounded_terms(text: str) -> list[str]:

@@ -110,6 +110,12 @@ def test_an_answer_saying_what_the_cell_is_not_is_found():
     assert negated_classes("cannot be a monocyte, granules too coarse", PANELS) == ["monocyte"]
     assert negated_classes("unlike a neutrophil, the nucleus is round", PANELS) == ["neutrophil"]
     assert negated_classes("a lymphocyte instead of a blast", PANELS) == ["blast"]
+    # through a comparison later in the clause (a leftover of session 10: these were scored)
+    assert negated_classes("not lobulated like a neutrophil", PANELS) == ["neutrophil"]
+    assert negated_classes("no granules as in an eosinophil", PANELS) == ["eosinophil"]
+    assert negated_classes("nucleus not as folded as a monocyte's", PANELS) == ["monocyte"]
+    assert negated_classes("without the dark granules of a basophil", PANELS) == ["basophil"]
+    assert negated_classes("chromatin not denser than a lymphocyte", PANELS) == ["lymphocyte"]
     # a negation reaches only the next word (or article and word), never past a comma (review)
     for text in ("no granules, round nucleus", "non-segmented nucleus", "neutrophil without vacuoles",
                  "not granular, a small lymphocyte with dense chromatin and no nucleolus",
@@ -117,5 +123,7 @@ def test_an_answer_saying_what_the_cell_is_not_is_found():
                  "round nucleus not lobed, a lymphocyte", "non-segmented neutrophil", "a non-seg neutrophil",
                  "no nucleoli, mature lymphocyte", "no pre-B features, benign",
                  "doesn't look granular, a lymphocyte", "does not look like much, neutrophil",
-                 "cannot see granules, lymphocyte"):
+                 "cannot see granules, lymphocyte", "not lobulated, like a lymphocyte",
+                 "not lobed but as round as a lymphocyte", "no granules; like a lymphocyte",
+                 "no vacuoles so like a lymphocyte", "no granules in this lymphocyte"):
         assert negated_classes(text, PANELS) == [], text
