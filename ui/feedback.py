@@ -71,8 +71,8 @@ def _form(panel: Panel, case: Case, reviewer: str) -> tuple[str | None, dict]:
                                  on_change=_keep_draft, args=(draft, suffix, "class"))
         sentence = st.text_input("Or a corrected sentence (for Disagree)", key=_field_key(draft, suffix, "sentence"),
                                  max_chars=1000, on_change=_keep_draft, args=(draft, suffix, "sentence"))
-        comment = st.text_area("Comment (optional)", key=_field_key(draft, suffix, "comment"), max_chars=5000, height=80,
-                               on_change=_keep_draft, args=(draft, suffix, "comment"))
+        comment = st.text_area("Comment (optional)", key=_field_key(draft, suffix, "comment"), max_chars=5000,
+                               height=80, on_change=_keep_draft, args=(draft, suffix, "comment"))
         clicked = None
         for column, (verdict, label) in zip(st.columns(len(VERDICT_BUTTONS)), VERDICT_BUTTONS):
             if column.button(label, key=f"describe_fb_{verdict}_{suffix}", disabled=not reviewer,
