@@ -44,9 +44,11 @@ class SentenceSimilarityTarget:
 # cell, no better than a uniform map (0.28); s3 0.39, s2 (12 x 12) 0.51, s1 0.55. s2's map also
 # depends most on the sentence (correlation with the runner-up sentence's map 0.08; s1 0.19).
 # Re-measured on the v9 model: s4 0.29, s3 0.41, s2 0.56, s1 0.55 (correlations 0.13, 0.16, 0.14, 0.23).
-# v12 (the default since it replaced v9): s4 0.24, s3 0.48, s2 0.56, s1 0.58 (correlations 0.38, 0.42,
-# 0.28, 0.34): s1 is now marginally more central, s2 still depends most on the sentence, so s2 stays.
-CAM_STAGE = -3
+# v12: s4 0.24, s3 0.48, s2 0.56, s1 0.58 (correlations 0.38, 0.42, 0.28, 0.34): s1 marginally more
+# central, s2 still most dependent on the sentence, so s2 stayed. v18 (the default since session 11):
+# s4 0.24, s3 0.49, s2 0.52, s1 0.55 (correlations 0.40, 0.45, 0.39, 0.36): s1 (24 x 24 at 96 px) now
+# leads on both, by small margins, so the maps come from s1.
+CAM_STAGE = -4
 
 
 def target_layers(bundle: ModelBundle, stage: int = CAM_STAGE) -> list[nn.Module]:
