@@ -204,7 +204,8 @@ def test_typed_feedback_is_kept_across_cases_and_sent_with_the_click(server, pag
     expect(page.get_by_role("textbox", name="Comment (optional)")).to_have_value("")
     open_sample(page, "cell_0.png")
     expect(page.get_by_role("textbox", name="Comment (optional)")).to_have_value("kept while away")
-    page.get_by_role("textbox", name="Or a corrected sentence (for Disagree)").fill("A monocyte with a folded nucleus.")
+    sentence_box = page.get_by_role("textbox", name="Or a corrected sentence (for Disagree)")
+    sentence_box.fill("A monocyte with a folded nucleus.")  # not confirmed: the click must send it
     enabled_button(page, "Disagree").click()
     page.get_by_text("Saved: disagree").wait_for()
     rows = stored_feedback(db_url)
