@@ -43,10 +43,10 @@ def _draft_key(panel: Panel, case: Case) -> str:
     return f"{DRAFT}{case.sha256}_{panel.name}_{case.description.weights_sha256}"
 
 
-def _keep_draft(draft_key: str, suffix: str, field: str) -> None:
+def _keep_draft(draft_key: str, widget_key: str, field: str) -> None:
     """on_change: copy a field into a plain session key. Streamlit drops a widget's state in a run
     that does not draw it, so without this, opening another case would discard what was typed."""
-    st.session_state.setdefault(draft_key, {})[field] = st.session_state[f"describe_fb_{field}_{suffix}"]
+    st.session_state.setdefault(draft_key, {})[field] = st.session_state[widget_key]
 
 
 def _field_key(draft_key: str, suffix: str, field: str) -> str:
@@ -63,16 +63,17 @@ def _form(panel: Panel, case: Case, reviewer: str) -> tuple[str | None, dict]:
     widgets, not an st.form: a form sends nothing until a button is clicked, so text typed for a
     case would be lost when another case is opened. A refused click keeps what was typed."""
     suffix, draft = _form_suffix(case.prediction_id), _draft_key(panel, case)
+    keys = {field: _field_key(draft, suffix, field) for field in ("class", "sentence", "comment")}
     with st.container(border=True):
         st.caption("If you disagree, say what the cell is (a class of the panel, or your own sentence). "
                    "What you type is sent with the button you click, and kept for this case until then.")
         corrected = st.selectbox("Correct class (for Disagree)", panel.keys, index=None, placeholder="-",
-                                 format_func=lambda k: panel.cell_class(k).name, key=_field_key(draft, suffix, "class"),
-                                 on_change=_keep_draft, args=(draft, suffix, "class"))
-        sentence = st.text_input("Or a corrected sentence (for Disagree)", key=_field_key(draft, suffix, "sentence"),
-                                 max_chars=1000, on_change=_keep_draft, args=(draft, suffix, "sentence"))
-        comment = st.text_area("Comment (optional)", key=_field_key(draft, suffix, "comment"), max_chars=5000,
-                               height=80, on_change=_keep_draft, args=(draft, suffix, "comment"))
+                                 format_func=lambda k: panel.cell_class(k).name, key=keys["class"],
+                                 on_change=_keep_draft, args=(draft, keys["class"], "class"))
+        sentence = st.text_input("Or a corrected sentence (for Disagree)", key=keys["sentence"],
+                                 max_chars=1000, on_change=_keep_draft, args=(draft, keys["sentence"], "sentence"))
+        comment = st.text_area("Comment (optional)", key=keys["comment"], max_chars=5000,
+                               height=80, on_change=_keep_draft, args=(draft, keys["comment"], "comment"))
         clicked = None
         for column, (verdict, label) in zip(st.columns(len(VERDICT_BUTTONS)), VERDICT_BUTTONS):
             if column.button(label, key=f"describe_fb_{verdict}_{suffix}", disabled=not reviewer,
