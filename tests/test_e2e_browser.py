@@ -126,7 +126,7 @@ def enabled_button(page, label: str):
     from playwright.sync_api import expect
 
     button = page.locator("button:enabled").filter(has_text=re.compile(f"^{label}$"))
-    button.wait_for()
+    expect(button).to_have_count(1)  # not wait_for(): it fails at once while a stale enabled twin is shown
     expect(page.get_by_role("button", name=label, exact=True)).to_have_count(1)
     return button
 
