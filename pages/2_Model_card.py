@@ -20,7 +20,10 @@ st.subheader("Targets and how this model measures up")
 st.dataframe(model_card.targets_frame(bundle), hide_index=True, key="card_targets")
 st.caption("Measured on the validation splits with the evaluation command; rows marked NO are targets this model "
            "does not reach. The accuracy of the answered cases is over all of val at the shipped thresholds; the "
-           "calibration table below gives it again on the half of val not used to fit them.")
+           "calibration table below gives it again on the half of val not used to fit them. The 95 % interval "
+           "(bootstrap over val images) is how far the value moves with the draw of images alone; where a "
+           "target lies inside it, val cannot tell whether the model meets it. Cells of one patient are not "
+           "independent, so the true spread is wider.")
 
 st.subheader("Identity")
 st.text(f"Model id:        {bundle.model_id}\nWeights sha256:  {bundle.weights_sha256 or 'not recorded'}")

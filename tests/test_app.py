@@ -269,11 +269,14 @@ def test_model_card_targets_say_which_are_met():
     from ui.model_card import targets_frame
 
     sidecar = {"metrics": {"pbc_val": {"accuracy": 0.958, "macro_f1": 0.952, "ece": 0.009, "abstain_rate": 0.092,
-                                       "accuracy_answered": 0.984, "attributes": {"mean_accuracy": 0.95}},
+                                       "accuracy_answered": 0.984, "attributes": {"mean_accuracy": 0.95},
+                                       "intervals": {"accuracy": [0.9484, 0.9671]}},
                            "bccd_wbc_other_lab": {"accuracy": 0.446, "abstain_rate": 0.92}},
                "reliability": {"blood_cells": {"out_of_scope": {"photos": {"auroc": 0.999}, "blank": {"auroc": 0.94}}}}}
     frame = targets_frame(SimpleNamespace(sidecar=sidecar)).set_index("target")
     assert frame.loc["PBC accuracy (8 cell types)", "met"] == "NO"
+    assert frame.loc["PBC accuracy (8 cell types)", "95 % interval (bootstrap)"] == "0.948 - 0.967"
+    assert frame.loc["PBC macro-F1", "95 % interval (bootstrap)"] == ""  # an evaluation without intervals
     assert frame.loc["PBC calibration error (ECE)", "met"] == "yes"
     assert frame.loc["B-ALL accuracy", "met"] == "not measured"
     row = frame.loc["PBC accuracy of the answered cases, at coverage"]

@@ -219,3 +219,30 @@ def test_json_under_a_file_or_an_unwritable_folder_is_refused_before_the_run(tin
                           "--json", str(readonly / "new" / "out.json")])
     assert code == 2 and "cannot be written" in capsys.readouterr().err
     assert not (readonly / "new").exists()
+
+
+def test_bootstrap_intervals_match_the_binomial_spread_and_repeat_exactly():
+    from training.metrics import bootstrap_intervals
+
+    labels = ["a", "b"] * 200
+    predicted = [y if i % 10 else ("b" if y == "a" else "a") for i, y in enumerate(labels)]  # 360 of 400 right
+    intervals = bootstrap_intervals(labels, predicted, [False] * 400, ["a", "b"])
+    low, high = intervals["accuracy"]
+    # normal approximation: 0.9 +- 1.96 * sqrt(0.9 * 0.1 / 400) = 0.871 .. 0.929
+    assert abs(low - 0.871) < 0.01 and abs(high - 0.929) < 0.01
+    assert low < 0.9 < high and intervals["macro_f1"][0] < 0.9 < intervals["macro_f1"][1]
+    assert intervals == bootstrap_intervals(labels, predicted, [False] * 400, ["a", "b"])  # seeded
+    wider = bootstrap_intervals(labels[:40], predicted[:40], [False] * 40, ["a", "b"])["accuracy"]
+    assert wider[1] - wider[0] > 2 * (high - low)  # 10x fewer images: about 3x the width
+
+
+def test_bootstrap_intervals_of_perfect_abstaining_and_tiny_sets():
+    from training.metrics import bootstrap_intervals
+
+    perfect = bootstrap_intervals(["a", "b", "c"] * 10, ["a", "b", "c"] * 10, [False] * 30, ["a", "b", "c"])
+    assert perfect["accuracy"] == [1.0, 1.0] and perfect["macro_f1"] == [1.0, 1.0]
+    silent = bootstrap_intervals(["a", "b"] * 5, ["a", "a"] * 5, [True] * 10, ["a", "b"])
+    assert silent["accuracy_answered"] is None and silent["accuracy"][0] < 0.5 < silent["accuracy"][1]
+    assert bootstrap_intervals(["a"], ["a"], [False], ["a"]) is None
+    summary = classification_summary(["a", "b"] * 5, ["a", "a"] * 5, [0.9] * 10, [False] * 10, ["a", "b"])
+    assert summary["intervals"]["accuracy"][0] <= summary["accuracy"] <= summary["intervals"]["accuracy"][1]

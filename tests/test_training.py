@@ -175,7 +175,7 @@ def test_train_cli_checkpoints_resumes_exports_and_evaluates(tiny_tree, tmp_path
     assert proc.returncode == 0, proc.stderr[-2000:]
     metrics = json.loads(report.read_text())
     for key in ("n", "accuracy", "macro_f1", "per_class", "confusion", "ece", "abstain_rate", "accuracy_answered",
-                "unknown", "seconds"):
+                "intervals", "unknown", "seconds"):
         assert key in metrics
     assert metrics["panel"] == "blood_cells" and metrics["n"] == 24
     assert metrics["unknown"]["n"] == 4 and 0 <= metrics["unknown"]["flagged_rate"] <= 1
@@ -318,6 +318,17 @@ def test_torchrun_ranks_take_their_own_gpu_only_when_there_are_several(monkeypat
     assert distributed.rank_device("cpu", 4) == "cpu"
     monkeypatch.setattr(distributed.torch.cuda, "device_count", lambda: 1)
     assert distributed.rank_device("cuda", 2) == "cuda" and chosen == [1]  # ranks share the one GPU
+
+
+@pytest.mark.parametrize("native, requested, expected", [(True, "auto", "bf16"), (False, "auto", "fp32"),
+                                                         (False, "bf16", "bf16"), (True, "fp32", "fp32")])
+def test_auto_precision_takes_bf16_only_where_the_cpu_computes_it(monkeypatch, native, requested, expected):
+    from training import distributed
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    assert distributed.resolve_precision(requested, "cpu") == expected
+    assert distributed.resolve_precision("auto", "mps") == "fp32"  # no check for other devices: the safe one
 
 
 def test_device_check_configs_swap_the_text_tower_for_a_relative_folder(tmp_path, monkeypatch):

@@ -1,4 +1,4 @@
-"""Process group and device of one training process under torchrun (CPU gloo by default)."""
+"""Process group, device and number format of one training process under torchrun (CPU gloo by default)."""
 from __future__ import annotations
 
 import os
@@ -24,3 +24,22 @@ def rank_device(device: str, world: int) -> str:
         torch.cuda.set_device(index)
         return f"cuda:{index}"
     return device
+
+
+def native_bf16(device: str) -> bool:
+    """Whether `device` computes bf16 in hardware: a CUDA GPU that supports it, or a CPU with
+    AVX-512 BF16 or AMX. Elsewhere PyTorch emulates bf16, and a training step under bf16 autocast
+    took 14x as long as in fp32 (regnetx_004, 96 px, batch 64, an AVX2-only AMD EPYC, 2 threads)."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if torch.device(device).type != "cpu":
+        return False
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private, so looked up with care
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+def resolve_precision(requested: str, device: str) -> str:
+    """"bf16" or "fp32" for `--precision` ("auto": bf16 where `native_bf16(device)`, else fp32)."""
+    if requested != "auto":
+        return requested
+    return "bf16" if native_bf16(device) else "fp32"

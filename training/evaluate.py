@@ -12,10 +12,12 @@ panel are *unknown* cells: `unknown.flagged_rate` is the share of them the model
 as a known class (it abstained), by the same rule the app uses.
 
 `accuracy` is over every image that loads, using the top class even where the model abstained;
-`accuracy_answered` only over the ones it answered. `macro_f1` averages F1 over the panel's
-classes that have images in DIR; `macro_f1_with_predicted` also over the classes predicted for
-some image but absent from DIR (scikit-learn's default, lower when the model names classes that
-are not there). Files that cannot be read are listed under `refused` and not counted in `n`.
+`accuracy_answered` only over the ones it answered; `intervals` holds their 95 %
+percentile-bootstrap intervals and macro-F1's (images resampled; seeded, so a rerun prints the
+same). `macro_f1` averages F1 over the panel's classes that have images in DIR;
+`macro_f1_with_predicted` also over the classes predicted for some image but absent from DIR
+(scikit-learn's default, lower when the model names classes that are not there). Files that
+cannot be read are listed under `refused` and not counted in `n`.
 
 Exit status 2, with one line on stderr and nothing written, when the run cannot give a result:
 a model that does not load, an unknown --panel, a DIR with no image in any class folder, or a
@@ -60,8 +62,8 @@ def record_in_sidecar(checkpoint: str, name: str, metrics: dict, command: str) -
     sidecar["metrics"][name]."""
     from core.checkpoint import load_sidecar, update_sidecar
 
-    keep = ("panel", "n", "accuracy", "macro_f1", "ece", "abstain_rate", "accuracy_answered", "unknown",
-            "per_class", "attributes", "seconds")
+    keep = ("panel", "n", "accuracy", "macro_f1", "ece", "abstain_rate", "accuracy_answered", "intervals",
+            "unknown", "per_class", "attributes", "seconds")
     summary = {k: metrics[k] for k in keep if k in metrics}
     if "skipped_rows" in summary.get("attributes", {}):  # like `refused`: a count, not every file name
         summary["attributes"] = {**summary["attributes"], "skipped_rows": len(summary["attributes"]["skipped_rows"])}
@@ -133,6 +135,7 @@ def print_table(metrics: dict, json_path: str | None = None) -> None:
     """Readable summary on stdout; `json_path` is where the full metrics were written, if at all."""
     print(f"panel {metrics['panel']}  n={metrics['n']}  accuracy={metrics['accuracy']}  macro-F1={metrics['macro_f1']}  "
           f"ECE={metrics['ece']}  abstain={metrics['abstain_rate']}  accuracy(answered)={metrics['accuracy_answered']}")
+    print_intervals(metrics.get("intervals"))
     if metrics.get("macro_f1_with_predicted") not in (None, metrics["macro_f1"]):
         print(f"macro-F1 counting predicted classes absent from DIR: {metrics['macro_f1_with_predicted']}")
     for folder, key in metrics.get("folders_matched", {}).items():
@@ -148,6 +151,16 @@ def print_table(metrics: dict, json_path: str | None = None) -> None:
     if "attributes" in metrics:
         print_attributes(metrics["attributes"])
     print(f"seconds {metrics['seconds']}")
+
+
+def print_intervals(intervals: dict | None) -> None:
+    """One line: the bootstrap intervals of `training.metrics.bootstrap_intervals`, if any."""
+    if not intervals:
+        return
+    shown = [f"{name}=[{low:.3f}, {high:.3f}]" for name, (low, high) in
+             ((k, intervals[k]) for k in ("accuracy", "macro_f1", "accuracy_answered") if intervals.get(k))]
+    print(f"{intervals['level']:.0%} intervals ({intervals['method']}, {intervals['resamples']} resamples; images "
+          f"of one patient are not independent, so read them as a lower bound on the spread): " + "  ".join(shown))
 
 
 def check_json_target(path: str) -> None:

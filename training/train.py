@@ -36,7 +36,7 @@ from training.ema import WeightAverage
 from training.evaluation_utils import panel_accuracy
 from training.export_model import export
 from training.mixstyle import MixStyleHooks
-from training.distributed import rank_device, setup_distributed
+from training.distributed import rank_device, resolve_precision, setup_distributed
 from training.run_inputs import UsageError, check_paths, epoch_steps, load_items, model_config, scan_as_class_keys
 from training.sampling import BALANCE_MODES, class_groups, class_weights, epoch_length, rank_epoch_indices
 from training.text_features import SentenceFeatureCache
@@ -74,8 +74,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--val-every", type=int, default=1,
                    help="validate every N epochs and after the last (validation changes no weights)")
     p.add_argument("--ema", type=float, default=0.999, help="weight-average decay per step (0: off)")
-    p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
-                   help="bf16 autocast roughly halves CPU step time on CPUs with bf16 support")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                   help="bf16 autocast roughly halves step time where the hardware computes bf16 (AVX-512 "
+                        "BF16 or AMX CPUs, recent GPUs) and is many times slower where it is emulated; "
+                        "auto: bf16 where native, else fp32")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-seed", type=int, default=None,
                    help="seed of the --cut/--max-per-class selection (default --seed); fix it to vary only training")
@@ -253,6 +255,10 @@ def run(args: argparse.Namespace) -> int:
     check_paths(args)
     rank, world = setup_distributed()
     args.device = rank_device(args.device, world)
+    requested, args.precision = args.precision, resolve_precision(args.precision, args.device)
+    if rank == 0 and requested == "auto":  # the run's config.json records the resolved one
+        print(f"precision: {args.precision} (auto: {'native' if args.precision == 'bf16' else 'no native'} "
+              f"bf16 on {args.device})", flush=True)
     if args.threads:
         torch.set_num_threads(args.threads)
     generator = seed_everything(args.seed + rank)
