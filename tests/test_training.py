@@ -160,6 +160,8 @@ def test_train_cli_checkpoints_resumes_exports_and_evaluates(tiny_tree, tmp_path
     assert json.loads((out / "config.json").read_text())["classes"] == ["lymphocyte", "neutrophil"]
     sidecar = json.loads((tmp_path / "m.json").read_text())
     assert sidecar["training"]["data_counts"] == {"lymphocyte": 12, "neutrophil": 12} and sidecar["weights_sha256"]
+    from training.distributed import resolve_precision
+    assert sidecar["training"]["precision"] == resolve_precision("auto", "cpu")  # resolved, not "auto"
     resumed = _train(tiny_tree, out, "--resume", "--epochs", "3")
     assert resumed.returncode == 0 and "resumed from epoch 2" in resumed.stdout
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 3

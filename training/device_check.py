@@ -172,7 +172,8 @@ def check_training(steps: Steps, tree: Path, attributes: Path, config: Path) -> 
     """Steps 1-3: train (with captions), resume, export on the device; fp32 variant; the same run on the CPU."""
     out, device = steps.out, steps.device
     run, cpu = out / "train_device", out / "train_cpu"
-    first = ("--balance", "reweight", "--attributes", str(attributes))
+    # bf16 named, not left to --precision auto: the check compares bf16 on the device with bf16 on the CPU
+    first = ("--precision", "bf16", "--balance", "reweight", "--attributes", str(attributes))
     steps.run("train_bf16_reweight_captions", train_args(tree, config, run, device, 2, *first),
               lambda _: metrics_lines(run)[-1])
     steps.run("resume_and_export",

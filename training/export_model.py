@@ -33,6 +33,7 @@ def export(model: DualEncoder, panels, phrases, train_items, args, out: Path, av
         "training": {"command": "python -m training.train " + " ".join(sys.argv[1:]),
                      "data_counts": class_counts(train_items), "data_sha256": data_fingerprint(train_items),
                      "epochs": args.epochs, "seed": args.seed, "balance": args.balance,
+                     "precision": args.precision,  # resolved: `auto` differs between machines
                      "final_epoch_metrics": metrics[-1] if metrics else {}},
         "text_model_sha256": text_weights_sha256(model.sentence_encoder().folder),
     }
