@@ -41,6 +41,7 @@ if repeats:
 ordered = case_view.doubtful_first(described)
 if not ordered:
     st.stop()
+case_view.warn_if_another_lab(bundle, panel, ordered)
 if len(ordered) > 1:
     st.subheader(f"{len(ordered)} images described (most doubtful first)")
     case_view.results_table(panel, ordered)

@@ -159,15 +159,27 @@ def main(argv=None) -> int:
     if args.panel and args.panel not in bundle.panels:
         print(f"error: unknown panel {args.panel!r}; choose from {sorted(bundle.panels)}", file=sys.stderr)
         return 2
-    failures = 0
+    failures, kinds = 0, []
     for path in args.images:
         record = _describe_file(bundle, path, args.panel)
         # A file name that is not valid UTF-8 reaches Python as lone surrogates, which strict
         # JSON readers reject: show the undecodable bytes as U+FFFD instead.
         record["file"] = path.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
         failures += not record["ok"]
+        if record["ok"]:
+            kinds.append(record["abstain_kind"])
         print(json.dumps(record) if args.json else _readable(record), flush=True)
+    _note_another_lab(bundle, args.panel or default_panel(bundle), kinds)
     return 1 if failures else 0
+
+
+def _note_another_lab(bundle: ModelBundle, panel: str, abstain_kinds: list) -> None:
+    """On stderr (stdout keeps one record per file): the batch-level lab check, `core.site_shift`."""
+    from core.site_shift import batch_shift, home_out_of_scope_rate, shift_message
+
+    notice = batch_shift(abstain_kinds, home_out_of_scope_rate(bundle.sidecar, panel))
+    if notice is not None:
+        print("note: " + shift_message(notice, bundle.sidecar), file=sys.stderr)
 
 
 def _readable(record: dict) -> str:

@@ -577,3 +577,26 @@ def test_a_strip_is_not_called_a_cell_imaged_another_way(app_env):
     assert any("times longer than wide" in t for t in texts)
     assert not any("It may still be one" in t for t in texts)
     assert any("the model did not describe this image (reason above)" in t for t in texts)
+
+
+@pytest.mark.parametrize("threshold, warned", [(-1e9, True), (1e9, False)])
+def test_a_batch_refused_as_out_of_scope_is_said_to_look_like_another_lab(app_env, tmp_path, monkeypatch,
+                                                                           threshold, warned):
+    from core.checkpoint import save_bundle
+    from tests.conftest import make_tiny_bundle
+
+    bundle = make_tiny_bundle()
+    bundle.sidecar["calibration"] = {"panels": {"blood_cells": {"temperature": 1.0, "min_confidence": 0.0,
+                                                                "out_of_scope_threshold": threshold}},
+                                     "out_of_scope": {"coverage_on_val": 0.99}}
+    save_bundle(bundle, tmp_path / "shift.safetensors")
+    monkeypatch.setenv("HEMASCRIBE_MODEL", str(tmp_path / "shift.safetensors"))
+    st.cache_resource.clear()
+    at = run_app()
+    files = [(f"c{i}.png", png_bytes(i % 3, i), "image/png") for i in range(6)]
+    at.file_uploader(key="describe_upload").set_value(files).run()
+    assert not at.exception, at.exception
+    notices = [w.value for w in at.warning if "unlike the training lab" in w.value]
+    assert len(notices) == int(warned)
+    if warned:
+        assert "6 of these 6 images were not recognised" in notices[0]

@@ -135,3 +135,23 @@ def test_a_degenerate_fit_is_not_applied(tiny_bundle, cell_image):
         assert (probabilities == pytest.approx(raw)) == expect_raw
         # the degenerate thresholds would refuse everything as out of scope; not applied, they refuse nothing
         assert (describe(bundle, cell_image, "blood_cells").abstain_kind == "out_of_scope") == (not degenerate)
+
+
+@pytest.mark.parametrize("threshold, noted", [(-1e9, True), (1e9, False)])
+def test_describe_cli_notes_a_batch_that_looks_like_another_lab_on_stderr(tmp_path, capsys, threshold, noted):
+    from core.checkpoint import save_bundle
+    from core.describe import main
+    from tests.conftest import make_tiny_bundle
+
+    bundle = make_tiny_bundle()
+    bundle.sidecar["calibration"] = {"panels": {"blood_cells": {"temperature": 1.0, "out_of_scope_threshold": threshold}},
+                                     "out_of_scope": {"coverage_on_val": 0.99}}
+    save_bundle(bundle, tmp_path / "m.safetensors")
+    files = []
+    for i in range(5):
+        draw_cell(64, kind=i % 3, seed=i).save(tmp_path / f"c{i}.png")
+        files.append(str(tmp_path / f"c{i}.png"))
+    assert main([*files, "--model", str(tmp_path / "m.safetensors"), "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert len(out.splitlines()) == 5 and all(json.loads(line)["ok"] for line in out.splitlines())
+    assert ("note: 5 of these 5 images were not recognised" in err) == noted

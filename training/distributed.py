@@ -38,8 +38,13 @@ def native_bf16(device: str) -> bool:
     return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
 
-def resolve_precision(requested: str, device: str) -> str:
-    """"bf16" or "fp32" for `--precision` ("auto": bf16 where `native_bf16(device)`, else fp32)."""
+def resolve_precision(requested: str, device: str, announce: bool = False) -> str:
+    """"bf16" or "fp32" for `--precision` ("auto": bf16 where `native_bf16(device)`, else fp32);
+    with `announce`, an automatic choice is printed with its reason."""
     if requested != "auto":
         return requested
-    return "bf16" if native_bf16(device) else "fp32"
+    chosen = "bf16" if native_bf16(device) else "fp32"
+    if announce:
+        print(f"precision: {chosen} (auto: {'native' if chosen == 'bf16' else 'no native'} bf16 on {device})",
+              flush=True)
+    return chosen

@@ -255,10 +255,7 @@ def run(args: argparse.Namespace) -> int:
     check_paths(args)
     rank, world = setup_distributed()
     args.device = rank_device(args.device, world)
-    requested, args.precision = args.precision, resolve_precision(args.precision, args.device)
-    if rank == 0 and requested == "auto":  # the run's config.json records the resolved one
-        print(f"precision: {args.precision} (auto: {'native' if args.precision == 'bf16' else 'no native'} "
-              f"bf16 on {args.device})", flush=True)
+    args.precision = resolve_precision(args.precision, args.device, announce=rank == 0)  # config.json: resolved
     if args.threads:
         torch.set_num_threads(args.threads)
     generator = seed_everything(args.seed + rank)

@@ -13,6 +13,7 @@ from core.morphology import (
 from core.explain import overlay
 from core.panels import Panel
 from core.preprocess import square_resize
+from core.site_shift import batch_shift, home_out_of_scope_rate, shift_message
 from ui.cases import ATTRIBUTE_TARGET, Case, cached_heatmap, case_morphology
 from ui.widgets import (
     class_name, confidence_label, confidence_shown, framed, md_escape, panel_calibrated, score_chart,
@@ -41,6 +42,16 @@ def results_table(panel: Panel, cases: list[Case]) -> None:
     st.dataframe(frame, hide_index=True, key="describe_results", column_config={
         "confidence": st.column_config.ProgressColumn("confidence", format="%.2f", min_value=0.0, max_value=1.0),
         "sentence": st.column_config.TextColumn("sentence", width="large")})
+
+
+def warn_if_another_lab(bundle: ModelBundle, panel: Panel, cases: list[Case]) -> None:
+    """A warning above the results when the batch's out-of-scope refusals are improbable for the
+    training lab's images (`core.site_shift`): its answers then deserve less trust than their
+    confidence says."""
+    notice = batch_shift([c.description.abstain_kind for c in cases if c.description is not None],
+                         home_out_of_scope_rate(bundle.sidecar, panel.name))
+    if notice is not None:
+        st.warning("**These images look unlike the training lab's.** " + shift_message(notice, bundle.sidecar))
 
 
 def pick_case(panel: Panel, cases: list[Case]) -> Case:

@@ -29,7 +29,10 @@ LIMITS = [
     "It is **not a diagnostic device** and has no regulatory clearance; never use it to decide on a patient's care.",
     "It describes one cell per image, chosen from the sentences of a panel; it cannot say anything outside them.",
     "It was trained on images from few hospitals: other stains, scanners and zooms lower its accuracy "
-    "(measured on BCCD, an image set from another site).",
+    "(measured on BCCD, an image set from another site). When an upload of several images has many refused "
+    "as unlike any trained cell, the Describe page says the batch looks like another lab's and that its "
+    "answers deserve less trust (how often it warns on home-lab and other-lab batches is measured by "
+    "`python -m training.site_shift_report`; README).",
     "Panels marked *not validated* were never trained or tested on images of their classes.",
     "Grad-CAM overlays show where the image raised a sentence's score; they are not proof of reasoning.",
 ]

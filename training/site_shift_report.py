@@ -1,0 +1,91 @@
+"""How often the batch-level lab check (`core.site_shift`) warns, on home and other-lab images.
+
+    python -m training.site_shift_report --checkpoint PATH --home PBC/val [--other bccd_wbc] \
+        [--panel blood_cells] [--sizes 5 10 20 50] [--draws 2000] [--json OUT]
+
+Every image of each folder tree is described once; then `--draws` random batches of each size
+are drawn (without replacement within a batch, seeded) and the check is applied to each. Printed:
+the share of home batches it warns on (false alarms: the home val was partly used to fit the
+out-of-scope threshold, so this is optimistic) and of other-lab batches (detections), with the
+out-of-scope share of each set and the accuracy of the answers the model gave on each.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from core.checkpoint import ModelLoadError, load_bundle
+from core.data import as_class_keys, scan_class_folders
+from core.panels import all_class_keys
+from core.site_shift import batch_shift, home_out_of_scope_rate
+from training.evaluate import describe_folder
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--home", required=True, help="class folders from the training lab (e.g. its val split)")
+    p.add_argument("--other", default=None, help="class folders from another lab (none: false alarms only)")
+    p.add_argument("--panel", default="blood_cells")
+    p.add_argument("--sizes", nargs="+", type=int, default=[5, 10, 20, 50])
+    p.add_argument("--draws", type=int, default=2000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None)
+    return p.parse_args(argv)
+
+
+def abstain_kinds_and_answers(bundle, folder: str, panel: str) -> tuple[list, list[bool]]:
+    """Per image: the abstain kind (None when answered) and whether an answer was right."""
+    items, _ = as_class_keys(scan_class_folders(folder), all_class_keys(bundle.panels))
+    described, results, _ = describe_folder(bundle, items, panel, 64)
+    kinds = [r.abstain_kind for r in results]
+    right = [r.class_key == item.label for item, r in zip(described, results) if not r.abstained]
+    return kinds, right
+
+
+def warning_rate(kinds: list, home_rate: float, size: int, draws: int, rng: np.random.Generator) -> float | None:
+    """Share of `draws` random batches of `size` images on which the check warns."""
+    if len(kinds) < size:
+        return None
+    warned = sum(batch_shift([kinds[i] for i in rng.choice(len(kinds), size, replace=False)], home_rate) is not None
+                 for _ in range(draws))
+    return round(warned / draws, 4)
+
+
+@torch.no_grad()
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        bundle = load_bundle(args.checkpoint)
+    except ModelLoadError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    home_rate = home_out_of_scope_rate(bundle.sidecar, args.panel)
+    if home_rate is None:
+        print(f"error: panel {args.panel} has no fitted out-of-scope threshold (run training.calibrate)", file=sys.stderr)
+        return 2
+    report = {"panel": args.panel, "home_rate": home_rate, "draws": args.draws, "sets": {}}
+    for role, folder in (("home", args.home), ("other", args.other)) if args.other else (("home", args.home),):
+        kinds, right = abstain_kinds_and_answers(bundle, folder, args.panel)
+        rng = np.random.default_rng(args.seed)
+        report["sets"][role] = {
+            "folder": folder, "n": len(kinds),
+            "out_of_scope_share": round(sum(k == "out_of_scope" for k in kinds) / len(kinds), 4),
+            "answered": len(right), "accuracy_answered": round(sum(right) / len(right), 4) if right else None,
+            "warning_rate": {str(size): warning_rate(kinds, home_rate, size, args.draws, rng) for size in args.sizes}}
+        row = report["sets"][role]
+        print(f"{role:6s} {folder}: n={row['n']} out-of-scope {row['out_of_scope_share']:.3f}, answered "
+              f"{row['answered']} ({row['accuracy_answered']} right); warns on batches of "
+              + ", ".join(f"{size}: {rate}" for size, rate in row["warning_rate"].items()))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
