@@ -159,7 +159,7 @@ def main(argv=None) -> int:
     if args.panel and args.panel not in bundle.panels:
         print(f"error: unknown panel {args.panel!r}; choose from {sorted(bundle.panels)}", file=sys.stderr)
         return 2
-    failures, kinds = 0, []
+    failures, kinds = 0, {}  # by path: a file named twice counts once in the batch check
     for path in args.images:
         record = _describe_file(bundle, path, args.panel)
         # A file name that is not valid UTF-8 reaches Python as lone surrogates, which strict
@@ -167,9 +167,9 @@ def main(argv=None) -> int:
         record["file"] = path.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
         failures += not record["ok"]
         if record["ok"]:
-            kinds.append(record["abstain_kind"])
+            kinds[path] = record["abstain_kind"]
         print(json.dumps(record) if args.json else _readable(record), flush=True)
-    _note_another_lab(bundle, args.panel or default_panel(bundle), kinds)
+    _note_another_lab(bundle, args.panel or default_panel(bundle), list(kinds.values()))
     return 1 if failures else 0
 
 
@@ -179,7 +179,7 @@ def _note_another_lab(bundle: ModelBundle, panel: str, abstain_kinds: list) -> N
 
     notice = batch_shift(abstain_kinds, home_out_of_scope_rate(bundle.sidecar, panel))
     if notice is not None:
-        print("note: " + shift_message(notice, bundle.sidecar), file=sys.stderr)
+        print("note: " + shift_message(notice, bundle.sidecar, panel), file=sys.stderr)
 
 
 def _readable(record: dict) -> str:

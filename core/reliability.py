@@ -176,14 +176,15 @@ def abstention_decision(bundle: ModelBundle, embedding: torch.Tensor, panel: str
     if score > calibration.get("out_of_scope_threshold", math.inf):
         similarities = centroid_similarities(bundle, embedding)  # only to name the nearest class
         nearest = max(similarities, key=similarities.get)
+        reason = ("This image does not look like the blood-cell images the model was trained on "
+                  f"(out-of-scope score {score:.2f} above {calibration['out_of_scope_threshold']:.2f}).")
         if nearest not in spec.keys:
             owner = next((p.title for p in bundle.panels.values() if nearest in p.keys), "another panel")
-            return Decision(True, f"The image looks most like {_class_name(bundle, nearest)} ({owner}), which is "
-                                  f"outside the chosen panel '{spec.title}', and is far from every cell type the "
-                                  "model learned.", score, "out_of_scope")
-        return Decision(True, "This image does not look like the blood-cell images the model was trained on "
-                              f"(out-of-scope score {score:.2f} above {calibration['out_of_scope_threshold']:.2f}).",
-                        score, "out_of_scope")
+            # say "nearest", not "looks like": for another lab's normal cell the nearest type can be
+            # another panel's (a neutrophil nearest to hematogones), which must not read as a finding
+            reason += (f" The nearest type it knows, though still far, is {_class_name(bundle, nearest)} of another "
+                       f"panel ({owner}): if the image belongs to that panel, choose it.")
+        return Decision(True, reason, score, "out_of_scope")
     min_confidence = calibration.get("min_confidence", 0.0)
     if max(probabilities) < min_confidence:
         ranked = sorted(zip(probabilities, (c.name for c in spec.classes)), reverse=True)[:2]

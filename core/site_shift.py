@@ -18,7 +18,7 @@ import math
 from dataclasses import dataclass
 from typing import Iterable
 
-ALPHA = 1e-3  # a false alarm on about 1 in 1,000 home batches at most (binomial model)
+ALPHA = 1e-3  # under the binomial model at the home rate: a false alarm on at most 1 in 1,000 batches
 MIN_IMAGES = 5  # fewer images cannot make a count improbable enough to warn on
 
 
@@ -32,21 +32,31 @@ class ShiftNotice:
 
 
 def home_out_of_scope_rate(sidecar: dict, panel: str) -> float | None:
-    """The share of the training lab's val cells the out-of-scope threshold refuses (1 - the
-    coverage it was fitted at), or None when the panel has no fitted, non-degenerate threshold."""
+    """The share of the training lab's val cells the out-of-scope threshold refuses: the larger of
+    its nominal rate (1 - the coverage it was fitted at, on one half of val) and the rate measured
+    on the other half (`training.calibrate`'s report; B-ALL's is about twice the nominal 0.01);
+    None when the panel has no fitted, non-degenerate threshold."""
     calibration = sidecar.get("calibration") or {}
     fitted = (calibration.get("panels") or {}).get(panel) or {}
     coverage = (calibration.get("out_of_scope") or {}).get("coverage_on_val")
     if fitted.get("degenerate") or fitted.get("out_of_scope_threshold") is None or coverage is None:
         return None
-    return max(1.0 - float(coverage), 1e-4)  # a zero rate would make any single refusal "impossible"
+    measured = (fitted.get("report") or {}).get("out_of_scope_rate", 0.0)
+    return max(1.0 - float(coverage), float(measured), 1e-4)  # a zero rate would make one refusal "impossible"
 
 
 def binomial_tail(k: int, n: int, p: float) -> float:
-    """P(X >= k) for X ~ Binomial(n, p), exact."""
+    """P(X >= k) for X ~ Binomial(n, p), summed in log space (binomial coefficients of large
+    batches do not fit in a float)."""
     if k <= 0:
         return 1.0
-    return min(1.0, sum(math.comb(n, i) * p ** i * (1 - p) ** (n - i) for i in range(k, n + 1)))
+    if k > n:
+        return 0.0
+    log_p, log_q = math.log(p), math.log1p(-p)
+    terms = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * log_p + (n - i) * log_q
+             for i in range(k, n + 1)]
+    top = max(terms)
+    return min(1.0, math.exp(top) * sum(math.exp(t - top) for t in terms))
 
 
 def batch_shift(abstain_kinds: Iterable[str | None], home_rate: float | None, alpha: float = ALPHA,
@@ -63,16 +73,18 @@ def batch_shift(abstain_kinds: Iterable[str | None], home_rate: float | None, al
     return ShiftNotice(flagged, len(read), home_rate, tail) if tail < alpha else None
 
 
-def shift_message(notice: ShiftNotice, sidecar: dict) -> str:
+def shift_message(notice: ShiftNotice, sidecar: dict, panel: str) -> str:
     """What a reviewer should know about such a batch, with the other-lab numbers the model's
-    own evaluation measured (sidecar metrics), where it has them."""
-    text = (f"{notice.flagged} of these {notice.read} images were not recognised as cells of this panel; about "
-            f"{notice.home_rate:.0%} of the training lab's cells are refused that way, so this batch most likely "
-            f"comes from another lab, stain, scanner or zoom. The confidences were fitted on the training lab: on "
+    own evaluation measured on `panel` (sidecar metrics), where it has them."""
+    text = (f"{notice.flagged} of these {notice.read} images were not recognised as cells of this panel, against "
+            f"about {notice.home_rate:.1%} of the training lab's own cells. Most likely the batch comes from another "
+            f"lab, stain, scanner or zoom; it may also hold cells this panel does not cover (abnormal cells, or "
+            f"another panel's cell types: check the panel chosen). The confidences were fitted on the training lab: on "
             f"images like these, the sentences the model does give are less reliable than they say.")
     metrics = sidecar.get("metrics") or {}
     other, home = metrics.get("bccd_wbc_other_lab") or {}, metrics.get("pbc_val") or {}
-    if other.get("accuracy_answered") is not None and home.get("accuracy_answered") is not None:
+    measured_here = other.get("panel") == panel == home.get("panel")  # BCCD is white cells: blood_cells only
+    if measured_here and other.get("accuracy_answered") is not None and home.get("accuracy_answered") is not None:
         text += (f" Measured on another lab's white cells (BCCD): {other['accuracy_answered']:.0%} of the answers "
                  f"were right, against {home['accuracy_answered']:.0%} at home. Check each sentence against the "
                  f"slide.")

@@ -145,9 +145,12 @@ def _rate(agree: int, disagree: int) -> float | None:
 def agreement_summary(rows: list[dict]) -> dict:
     """Agreement rate among agree+disagree (unsure excluded), overall and per model class.
 
-    Rates are None where nothing was decided; abstentions count under '(abstained)'.
+    The overall rate is over the cases the model answered: an Agree on an Uncertain case agrees
+    that it should not answer, which says nothing of its sentences. Verdicts on abstentions count
+    under '(abstained)' (and `n_on_abstentions`). Rates are None where nothing was decided.
     """
     verdicts = Counter(r["verdict"] for r in rows)
+    on_answers = Counter(r["verdict"] for r in rows if r["model_class"])
     per: dict[str, Counter] = {}
     for r in rows:
         per.setdefault(r["model_class"] or ABSTAINED_LABEL, Counter())[r["verdict"]] += 1
@@ -160,7 +163,8 @@ def agreement_summary(rows: list[dict]) -> dict:
         "n_feedback": len(rows), "n_agree": verdicts["agree"],
         "n_disagree": verdicts["disagree"], "n_unsure": verdicts["unsure"],
         "n_decided": verdicts["agree"] + verdicts["disagree"],
-        "agreement_rate": _rate(verdicts["agree"], verdicts["disagree"]),
+        "agreement_rate": _rate(on_answers["agree"], on_answers["disagree"]),
+        "n_on_abstentions": sum(1 for r in rows if not r["model_class"]),
         "per_class": per_class,
     }
 

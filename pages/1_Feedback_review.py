@@ -29,9 +29,12 @@ summary = agreement_summary(counted)
 rate = summary["agreement_rate"]
 c1, c2, c3, c4 = st.columns(4)
 c1.metric("Feedback rows", summary["n_feedback"])
-c2.metric("Agreement (agree / decided)", "n/a" if rate is None else f"{rate:.0%}")
+c2.metric("Agreement with its sentences (agree / decided)", "n/a" if rate is None else f"{rate:.0%}")
 c3.metric("Disagree", summary["n_disagree"])
 c4.metric("Unsure (not counted)", summary["n_unsure"])
+if summary["n_on_abstentions"]:
+    st.caption(f"Agreement counts the cases the model answered; the {summary['n_on_abstentions']} verdict(s) on "
+               "cases it left Uncertain are in the '(abstained)' row of the per-class table.")
 if pooled := review.pooling_note(counted):
     st.caption(pooled)
 if len(counted) < len(rows):

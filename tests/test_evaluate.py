@@ -246,3 +246,17 @@ def test_bootstrap_intervals_of_perfect_abstaining_and_tiny_sets():
     assert bootstrap_intervals(["a"], ["a"], [False], ["a"]) is None
     summary = classification_summary(["a", "b"] * 5, ["a", "a"] * 5, [0.9] * 10, [False] * 10, ["a", "b"])
     assert summary["intervals"]["accuracy"][0] <= summary["accuracy"] <= summary["intervals"]["accuracy"][1]
+
+
+def test_bootstrap_intervals_in_several_chunks_and_unknown_names_never_match():
+    from training.metrics import bootstrap_intervals
+
+    labels = ["a", "b", "c"] * 400  # 1200 images x 2000 resamples: split into chunks
+    predicted = [y if i % 5 else "a" for i, y in enumerate(labels)]
+    intervals = bootstrap_intervals(labels, predicted, [False] * 1200, ["a", "b", "c"], resamples=2000)
+    summary = classification_summary(labels, predicted, [0.9] * 1200, [False] * 1200, ["a", "b", "c"])
+    for name in ("accuracy", "macro_f1"):
+        low, high = intervals[name]
+        assert low < summary[name] < high and high - low < 0.06
+    unknown = bootstrap_intervals(["x", "y"] * 5, ["z", "w"] * 5, [False] * 10, ["a"])
+    assert unknown["accuracy"] == [0.0, 0.0]  # names outside the panel are not "right" for matching

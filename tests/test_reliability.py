@@ -120,3 +120,18 @@ def test_a_long_narrow_strip_is_not_described_from_its_centre_square(tiny_bundle
     # an exact 3:1 file downscaled by the loader (3000 x 1000 -> 1024 x 341) is still described
     assert [framing_problem(size) for size in [(300, 100), (1024, 341), (303, 100)]] == [None, None, None]
     assert MAX_DESCRIBED_ASPECT == 3.0
+
+
+def test_an_image_nearest_to_another_panels_type_is_not_said_to_look_like_it():
+    from core.describe import embed_images
+
+    bundle = make_tiny_bundle()
+    image = draw_cell()
+    embedding = embed_images(bundle, [image])[0][0]
+    bundle.centroids = {key: -embedding for key in bundle.centroids}
+    bundle.centroids["benign"] = embedding  # a B-ALL type is the nearest; the panel chosen is blood_cells
+    bundle.sidecar["calibration"] = {"panels": {"blood_cells": {"out_of_scope_threshold": -1.0}}}
+    reason = describe(bundle, image, "blood_cells").abstain_reason
+    assert reason.startswith("This image does not look like the blood-cell images the model was trained on")
+    assert "nearest type it knows, though still far, is Benign" in reason and "choose it" in reason
+    assert "looks most like" not in reason

@@ -8,6 +8,13 @@ from core.site_shift import ShiftNotice, batch_shift, binomial_tail, home_out_of
 HOME = 0.01
 
 
+def test_large_batches_do_not_overflow():
+    assert batch_shift(["out_of_scope"] * 2 + [None] * 1998, HOME) is None  # 2000 images, P ~ 1
+    assert batch_shift(["out_of_scope"] * 60 + [None] * 1940, HOME) is not None  # three times the home rate
+    assert math.isclose(binomial_tail(30, 2000, 0.01), 0.02126, rel_tol=1e-3)
+    assert binomial_tail(6, 5, 0.5) == 0.0
+
+
 def test_binomial_tail_is_exact():
     assert binomial_tail(0, 5, 0.3) == 1.0
     assert math.isclose(binomial_tail(5, 5, 0.5), 1 / 32)
@@ -19,7 +26,7 @@ def test_many_out_of_scope_refusals_in_a_batch_warn_and_a_few_do_not():
     notice = batch_shift(["out_of_scope"] * 4 + [None], HOME)
     assert notice == ShiftNotice(4, 5, HOME, binomial_tail(4, 5, HOME))
     assert batch_shift(["out_of_scope"] + [None] * 19, HOME) is None  # one in 20: ordinary at home
-    assert batch_shift(["out_of_scope"] * 3 + [None] * 17, HOME) is None  # three in 20: P = 0.0010, just above
+    assert batch_shift(["out_of_scope"] * 2 + [None] * 18, HOME) is None  # two in 20: P = 0.017
     assert batch_shift(["out_of_scope"] * 4 + [None] * 16, HOME) is not None  # four in 20: P = 0.00004
     assert batch_shift(["out_of_scope"] * 4, HOME) is None  # too few images to tell
     assert batch_shift(["weak"] * 10, HOME) is None  # weak matches are not a sign of another lab
@@ -37,6 +44,8 @@ def test_home_rate_comes_from_a_fitted_panel_only():
         return {"calibration": {"panels": {"blood_cells": fit}, "out_of_scope": {"coverage_on_val": 0.99}}}
 
     assert math.isclose(home_out_of_scope_rate(sidecar({"out_of_scope_threshold": 17.3}), "blood_cells"), 0.01)
+    measured = {"out_of_scope_threshold": 14.7, "report": {"out_of_scope_rate": 0.023}}
+    assert math.isclose(home_out_of_scope_rate(sidecar(measured), "blood_cells"), 0.023)  # the larger one
     assert home_out_of_scope_rate(sidecar({"out_of_scope_threshold": 17.3, "degenerate": True}), "blood_cells") is None
     assert home_out_of_scope_rate(sidecar({"temperature": 0.8}), "blood_cells") is None
     assert home_out_of_scope_rate(sidecar({"out_of_scope_threshold": 17.3}), "b_all") is None
@@ -45,8 +54,10 @@ def test_home_rate_comes_from_a_fitted_panel_only():
 
 def test_the_message_quotes_the_measured_other_lab_accuracy_where_there_is_one():
     notice = ShiftNotice(7, 10, HOME, 1e-12)
-    plain = shift_message(notice, {})
-    assert plain.startswith("7 of these 10 images") and "BCCD" not in plain
-    measured = {"metrics": {"bccd_wbc_other_lab": {"accuracy_answered": 0.6849},
-                            "pbc_val": {"accuracy_answered": 0.9846}}}
-    assert "68% of the answers were right, against 98% at home" in shift_message(notice, measured)
+    plain = shift_message(notice, {}, "blood_cells")
+    assert plain.startswith("7 of these 10 images") and "1.0% of the training lab's" in plain and "BCCD" not in plain
+    assert "check the panel chosen" in plain  # abnormal cells or the wrong panel are named too
+    measured = {"metrics": {"bccd_wbc_other_lab": {"panel": "blood_cells", "accuracy_answered": 0.6849},
+                            "pbc_val": {"panel": "blood_cells", "accuracy_answered": 0.9846}}}
+    assert "68% of the answers were right, against 98% at home" in shift_message(notice, measured, "blood_cells")
+    assert "BCCD" not in shift_message(notice, measured, "b_all")  # white-cell numbers say nothing of B-ALL

@@ -223,7 +223,8 @@ def test_feedback_table_filters_and_stats(sm):
         assert len(feedback_table(s, model_id="hemascribe-test")) == 4 and feedback_table(s, model_id="other") == []
     summary = agreement_summary(rows)
     assert (summary["n_feedback"], summary["n_decided"], summary["n_unsure"]) == (4, 3, 1)
-    assert summary["agreement_rate"] == pytest.approx(1 / 3)
+    assert summary["agreement_rate"] == pytest.approx(1 / 2)  # on the answered case only
+    assert summary["n_on_abstentions"] == 2
     assert summary["per_class"]["neutrophil"]["agreement_rate"] == pytest.approx(0.5)
     assert summary["per_class"]["(abstained)"]["n"] == 2
     labels, matrix = expert_confusion(rows)

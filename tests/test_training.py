@@ -333,6 +333,33 @@ def test_auto_precision_takes_bf16_only_where_the_cpu_computes_it(monkeypatch, n
     assert distributed.resolve_precision("auto", "mps") == "fp32"  # no check for other devices: the safe one
 
 
+@pytest.mark.parametrize("major, expected", [(7, "fp32"), (8, "bf16"), (9, "bf16")])
+def test_auto_precision_on_a_gpu_takes_bf16_from_ampere_on(monkeypatch, major, expected):
+    from training import distributed
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (major, 0))
+    assert distributed.resolve_precision("auto", "cuda:1") == expected  # V100 (7.0) emulates bf16
+
+
+def test_resuming_in_another_precision_says_the_run_will_differ(tmp_path, capsys):
+    from argparse import Namespace
+
+    from training.checkpointing import resume_from
+
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    checkpoint = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": 1, "step": 3,
+                  "rng": [], "precision": "bf16"}
+    state = {"rank": 0, "epoch": 0, "step": 0}
+    resume_from(checkpoint, tmp_path, model, optimizer, None, state, torch.Generator(),
+                Namespace(seed=0, precision="fp32"), 1)
+    assert "began in bf16 and resumes in fp32" in capsys.readouterr().err and state["epoch"] == 1
+    resume_from(checkpoint, tmp_path, model, optimizer, None, state, torch.Generator(),
+                Namespace(seed=0, precision="bf16"), 1)
+    assert "resumes in" not in capsys.readouterr().err
+
+
 def test_device_check_configs_swap_the_text_tower_for_a_relative_folder(tmp_path, monkeypatch):
     from transformers import BertConfig, BertModel
 

@@ -179,6 +179,7 @@ def calibrate_panel(bundle, embeddings, labels, panel, fit, held_out, args) -> d
                        "ece_after": round(expected_calibration_error(confidence[held_out], correct[held_out]), 4),
                        "accuracy": round(float(correct[held_out].float().mean()), 4),
                        "coverage": round(float(answered.float().mean()), 4),
+                       "out_of_scope_rate": round(1 - float(in_scope[held_out].float().mean()), 4),
                        "accuracy_answered": round(float(correct[held_out][answered].float().mean()), 4)}}
 
 

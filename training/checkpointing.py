@@ -65,7 +65,8 @@ def save_checkpoint(out: Path, model, optimizer, average, state: dict, classes: 
                     rng_states: list[dict]) -> None:
     """Write OUT/last.pt atomically (temp file, then rename)."""
     checkpoint = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": state["epoch"],
-                  "step": state["step"], "config": model.config.to_dict(), "classes": classes, "rng": rng_states}
+                  "step": state["step"], "config": model.config.to_dict(), "classes": classes, "rng": rng_states,
+                  "precision": state.get("precision")}
     if average is not None:
         checkpoint["average"] = average.state_dict()
     atomic_write(out / "last.pt", lambda handle: torch.save(checkpoint, handle))
@@ -114,6 +115,10 @@ def resume_from(checkpoint: dict, out: Path, model, optimizer, average, state: d
         if state["rank"] == 0:
             print(f"warning: {out / 'last.pt'} holds no random number state for {world} process(es); "
                   "re-seeded, so the resumed run will not repeat an uninterrupted one exactly", file=sys.stderr)
+    began = checkpoint.get("precision")  # None: a checkpoint from before it was recorded
+    if began and began != args.precision and state["rank"] == 0:  # e.g. --precision auto on another machine
+        print(f"warning: the run began in {began} and resumes in {args.precision}, so it will not repeat an "
+              f"uninterrupted run; pass --precision {began} to keep it", file=sys.stderr)
     print(f"resumed from epoch {state['epoch']}", flush=True)
 
 

@@ -30,8 +30,8 @@ def native_bf16(device: str) -> bool:
     """Whether `device` computes bf16 in hardware: a CUDA GPU that supports it, or a CPU with
     AVX-512 BF16 or AMX. Elsewhere PyTorch emulates bf16, and a training step under bf16 autocast
     took 14x as long as in fp32 (regnetx_004, 96 px, batch 64, an AVX2-only AMD EPYC, 2 threads)."""
-    if torch.device(device).type == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if torch.device(device).type == "cuda":  # is_bf16_supported() also counts emulation (pre-Ampere GPUs)
+        return torch.cuda.is_available() and torch.cuda.get_device_capability(torch.device(device))[0] >= 8
     if torch.device(device).type != "cpu":
         return False
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private, so looked up with care

@@ -155,10 +155,10 @@ def print_table(metrics: dict, json_path: str | None = None) -> None:
 
 def print_intervals(intervals: dict | None) -> None:
     """One line: the bootstrap intervals of `training.metrics.bootstrap_intervals`, if any."""
-    if not intervals:
+    shown = [f"{name}=[{intervals[name][0]:.3f}, {intervals[name][1]:.3f}]"
+             for name in ("accuracy", "macro_f1", "accuracy_answered") if (intervals or {}).get(name)]
+    if not shown:
         return
-    shown = [f"{name}=[{low:.3f}, {high:.3f}]" for name, (low, high) in
-             ((k, intervals[k]) for k in ("accuracy", "macro_f1", "accuracy_answered") if intervals.get(k))]
     print(f"{intervals['level']:.0%} intervals ({intervals['method']}, {intervals['resamples']} resamples; images "
           f"of one patient are not independent, so read them as a lower bound on the spread): " + "  ".join(shown))
 

@@ -70,15 +70,15 @@ def bootstrap_intervals(labels: list[str], predicted: list[str], abstained: list
     if n < 2:
         return None
     index = {key: i for i, key in enumerate(classes)}
-    outside = len(classes)  # labels and predictions that are not classes of the panel
-    truth = np.array([index.get(y, outside) for y in labels])
-    guess = np.array([index.get(p, outside) for p in predicted])
+    n_classes = len(classes)  # labels and predictions outside `classes` get indices past them, distinct
+    truth = np.array([index.get(y, n_classes) for y in labels])  # so that an unknown label and an
+    guess = np.array([index.get(p, n_classes + 1) for p in predicted])  # unknown prediction never match
     answered = ~np.array(abstained, dtype=bool)
     rng = np.random.default_rng(seed)
     scores: dict[str, list] = {"accuracy": [], "macro_f1": [], "accuracy_answered": []}
     for chunk in np.array_split(np.arange(resamples), max(1, resamples * n // 2_000_000)):  # bounded memory
         draws = rng.integers(0, n, size=(len(chunk), n))
-        for name, values in _resampled_scores(truth[draws], guess[draws], answered[draws], outside).items():
+        for name, values in _resampled_scores(truth[draws], guess[draws], answered[draws], n_classes).items():
             scores[name].append(values)
     tail = 100 * (1 - level) / 2
     intervals = {"level": level, "resamples": resamples, "method": "percentile bootstrap over images"}
@@ -93,19 +93,21 @@ def bootstrap_intervals(labels: list[str], predicted: list[str], abstained: list
 def _resampled_scores(truth: np.ndarray, guess: np.ndarray, answered: np.ndarray, n_classes: int) -> dict:
     """Accuracy, macro-F1 and answered accuracy of each row of (resamples, n) class indices."""
     correct = truth == guess
-    true_pos = _row_counts(np.where(correct, truth, n_classes), n_classes)
+    true_pos = _row_counts(np.where(correct, truth, n_classes), n_classes)  # n_classes: dropped below
     support, called = _row_counts(truth, n_classes), _row_counts(guess, n_classes)
     f1 = 2 * true_pos / np.maximum(support + called, 1)  # = 2PR / (P + R); 0 where nothing matched
     has_support = support > 0
     n_answered = answered.sum(1)
+    answered_right = (correct & answered).sum(1) / np.maximum(n_answered, 1)
     return {"accuracy": correct.mean(1),
             "macro_f1": (f1 * has_support).sum(1) / np.maximum(has_support.sum(1), 1),
-            "accuracy_answered": np.where(n_answered > 0, (correct & answered).sum(1) / np.maximum(n_answered, 1), np.nan)}
+            "accuracy_answered": np.where(n_answered > 0, answered_right, np.nan)}
 
 
 def _row_counts(indices: np.ndarray, n_classes: int) -> np.ndarray:
-    """(rows, n_classes) counts of each class index per row; the index n_classes is dropped."""
-    rows, width = indices.shape[0], n_classes + 1
+    """(rows, n_classes) counts of each class index per row; indices n_classes and n_classes + 1
+    (outside the classes) are dropped."""
+    rows, width = indices.shape[0], n_classes + 2
     flat = (np.arange(rows)[:, None] * width + indices).ravel()
     return np.bincount(flat, minlength=rows * width).reshape(rows, width)[:, :n_classes]
 

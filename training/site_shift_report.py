@@ -43,6 +43,8 @@ def abstain_kinds_and_answers(bundle, folder: str, panel: str) -> tuple[list, li
     """Per image: the abstain kind (None when answered) and whether an answer was right."""
     items, _ = as_class_keys(scan_class_folders(folder), all_class_keys(bundle.panels))
     described, results, _ = describe_folder(bundle, items, panel, 64)
+    if not results:
+        raise ValueError(f"no image under {folder} could be described (expected one sub-folder per class)")
     kinds = [r.abstain_kind for r in results]
     right = [r.class_key == item.label for item, r in zip(described, results) if not r.abstained]
     return kinds, right
@@ -67,11 +69,16 @@ def main(argv=None) -> int:
         return 2
     home_rate = home_out_of_scope_rate(bundle.sidecar, args.panel)
     if home_rate is None:
-        print(f"error: panel {args.panel} has no fitted out-of-scope threshold (run training.calibrate)", file=sys.stderr)
+        print(f"error: panel {args.panel} has no fitted out-of-scope threshold (run training.calibrate)",
+              file=sys.stderr)
         return 2
     report = {"panel": args.panel, "home_rate": home_rate, "draws": args.draws, "sets": {}}
     for role, folder in (("home", args.home), ("other", args.other)) if args.other else (("home", args.home),):
-        kinds, right = abstain_kinds_and_answers(bundle, folder, args.panel)
+        try:
+            kinds, right = abstain_kinds_and_answers(bundle, folder, args.panel)
+        except (ValueError, FileNotFoundError) as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
         rng = np.random.default_rng(args.seed)
         report["sets"][role] = {
             "folder": folder, "n": len(kinds),

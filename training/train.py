@@ -270,7 +270,7 @@ def run(args: argparse.Namespace) -> int:
     model, average, features, objective, optimizer = build_model(config, panels, phrases, classes, generator,
                                                                  args, world)
     state = {"epoch": 0, "step": 0, "rank": rank, "total_steps": steps_per_epoch * args.epochs,
-             "warmup": min(300, steps_per_epoch)}
+             "warmup": min(300, steps_per_epoch), "precision": args.precision}
     if checkpoint is not None:
         resume_from(checkpoint, out, model, optimizer, average, state, generator, args, world)
     weights = class_weights(train.labels, len(classes)).to(args.device) if args.balance == "reweight" else None

@@ -51,7 +51,8 @@ def warn_if_another_lab(bundle: ModelBundle, panel: Panel, cases: list[Case]) ->
     notice = batch_shift([c.description.abstain_kind for c in cases if c.description is not None],
                          home_out_of_scope_rate(bundle.sidecar, panel.name))
     if notice is not None:
-        st.warning("**These images look unlike the training lab's.** " + shift_message(notice, bundle.sidecar))
+        st.warning("**These images look unlike the training lab's.** "
+                   + shift_message(notice, bundle.sidecar, panel.name))
 
 
 def pick_case(panel: Panel, cases: list[Case]) -> Case:
@@ -62,7 +63,9 @@ def pick_case(panel: Panel, cases: list[Case]) -> Case:
     def label(sha: str) -> str:
         i, c = by_sha[sha]
         d = c.description
-        score = f" ({d.confidence:.0%})" if confidence_shown(d) else ""
+        # an abstention's percentage is its best match's, not how uncertain it is: say so
+        score = (f" (best match {d.confidence:.0%})" if d.abstained else f" ({d.confidence:.0%})") \
+            if confidence_shown(d) else ""
         return f"{i + 1}. {c.file_name} - {class_name(panel, d.class_key)}{score}"
 
     chosen = select_by_identity("Open a case", list(by_sha), "describe_open_case", label)
