@@ -89,6 +89,12 @@ def test_calibrate_cli_writes_every_threshold_into_the_sidecar(tmp_path):
     panel = calibration["panels"]["blood_cells"]
     assert panel["temperature"] > 0 and 0 <= panel["min_confidence"] <= 1
     assert panel["report"]["n_held_out"] == 16
+    from core.site_shift import home_out_of_scope_rate
+    held_out_rate = panel["report"]["out_of_scope_rate"]  # a share of the 16 held-out images
+    assert 0 <= held_out_rate <= 1 and round(held_out_rate * 16, 3) == round(held_out_rate * 16)
+    assert home_out_of_scope_rate({"calibration": calibration}, "blood_cells") is None  # 4 images a class: degenerate
+    trusted = {**calibration, "panels": {"blood_cells": {**panel, "degenerate": False}}}
+    assert home_out_of_scope_rate({"calibration": trusted}, "blood_cells") == max(0.01, held_out_rate)
     assert set(calibration["attributes"]) == set(load_attribute_phrases())
     assert all(0 < t <= 1 for t in calibration["attributes"].values())
     json.dumps(calibration)  # the sidecar stays plain JSON
