@@ -438,6 +438,7 @@ def test_blank_image_gets_no_closest_sentence_confidence_or_chart(app_env):
     captions = [c.value for c in at.caption]
     assert not any("Closest sentence" in c for c in captions)
     assert any("No confidence and no scores" in c for c in captions)
+    assert any(c.startswith("The model gave no sentence for this image: Agree means") for c in captions)
 
 
 def review_two_samples() -> AppTest:

@@ -65,6 +65,9 @@ def _form(panel: Panel, case: Case, reviewer: str) -> tuple[str | None, dict]:
     suffix, draft = _form_suffix(case.prediction_id), _draft_key(panel, case)
     keys = {field: _field_key(draft, suffix, field) for field in ("class", "sentence", "comment")}
     with st.container(border=True):
+        if case.description is not None and case.description.abstained:  # else Agree reads as "agree with what?"
+            st.caption("The model gave no sentence for this image: Agree means it was right not to answer; "
+                       "Disagree, with the class or a sentence, says what the cell is.")
         st.caption("If you disagree, say what the cell is (a class of the panel, or your own sentence). "
                    "What you type is sent with the button you click, and kept for this case until then.")
         corrected = st.selectbox("Correct class (for Disagree)", panel.keys, index=None, placeholder="-",
