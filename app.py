@@ -44,7 +44,7 @@ if not ordered:
 case_view.warn_if_another_lab(bundle, panel, ordered)
 if len(ordered) > 1:
     st.subheader(f"{len(ordered)} images described (most doubtful first)")
-    case_view.results_table(panel, ordered)
+    case_view.results_table(bundle, panel, ordered)
     case = case_view.pick_case(panel, ordered)
 else:
     case = ordered[0]

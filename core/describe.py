@@ -19,6 +19,7 @@ from core.imageio import prepare_image
 from core.preprocess import to_model_input
 from core.reliability import (abstention_decision, content_problems, framing_problem, is_calibrated,
                               panel_probabilities)
+from core.typicality import is_atypical, typicality_band
 
 
 @dataclass(frozen=True)
@@ -130,7 +131,10 @@ def _describe_file(bundle: ModelBundle, path: str, panel: str | None) -> dict:
     except ImageRejected as error:
         return {"file": path, "ok": False, "error": str(error)}
     result = describe(bundle, loaded.image, panel)
+    band = typicality_band(bundle.sidecar, result.panel)
     return {"file": path, "ok": True, "panel": result.panel, "class": result.class_key,
+            "atypical": is_atypical(result.out_of_scope_score, result.abstained, band),
+            "atypical_accuracy": band["accuracy_above"] if band else None,
             "sentence": result.sentence, "confidence": round(result.confidence, 4),
             "abstained": result.abstained, "abstain_reason": result.abstain_reason, "abstain_kind": result.abstain_kind,
             "best_class": result.best_class, "calibrated": is_calibrated(bundle, result.panel),
@@ -190,7 +194,11 @@ def _readable(record: dict) -> str:
     if not record["calibrated"]:
         return (f"{record['file']}: {record['sentence']} (confidence {record['confidence']:.2f}, NOT calibrated: "
                 f"no abstention thresholds; run python -m training.calibrate)")
-    return f"{record['file']}: {record['sentence']} (confidence {record['confidence']:.2f})"
+    text = f"{record['file']}: {record['sentence']} (confidence {record['confidence']:.2f})"
+    if record["atypical"]:  # core.typicality
+        text += (f" - ATYPICAL image: answers like it were right {record['atypical_accuracy']:.0%} of the time on "
+                 "the training lab's held-out cells, less on other labs'")
+    return text
 
 
 if __name__ == "__main__":

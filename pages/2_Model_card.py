@@ -61,7 +61,9 @@ if calibration:
     st.dataframe(model_card.flat_metrics(calibration), hide_index=True, key="card_calibration")
     st.caption("Temperature and thresholds are fitted on one seeded half of val; 'ece_before' / 'ece_after' are "
                "measured on the other half, so a model that was already calibrated can come out slightly worse "
-               "(the temperature fitted on one half over-corrects the other a little).")
+               "(the temperature fitted on one half over-corrects the other a little). 'typicality' is the band of "
+               "the most atypical tenth of answered val cells (out-of-scope score above its threshold): answers in "
+               "it are marked atypical, with 'accuracy_above' (their accuracy on the held-out half) beside them.")
 else:
     st.info("Not calibrated: confidences are the raw softmax and no abstention thresholds are set.")
 diagram = model_card.first_existing(model_card.RELIABILITY_DIAGRAMS)

@@ -606,3 +606,29 @@ def test_a_batch_refused_as_out_of_scope_is_said_to_look_like_another_lab(app_en
     assert len(notices) == int(warned)
     if warned:
         assert "6 of these 6 images were not recognised" in notices[0]
+
+
+@pytest.mark.parametrize("threshold, flagged", [(-1e9, True), (1e9, False)])
+def test_an_atypical_answer_says_how_often_such_answers_were_right(app_env, tmp_path, monkeypatch, threshold,
+                                                                   flagged):
+    from core.checkpoint import save_bundle
+    from tests.conftest import make_tiny_bundle
+
+    bundle = make_tiny_bundle()
+    band = {"threshold": threshold, "share": 0.1, "n_held_out_above": 96, "accuracy_above": 0.9375,
+            "n_held_out_below": 723, "accuracy_below": 0.9848}
+    bundle.sidecar["calibration"] = {"panels": {"blood_cells": {"temperature": 1.0, "min_confidence": 0.0,
+                                                                "out_of_scope_threshold": 1e9, "typicality": band}},
+                                     "out_of_scope": {"coverage_on_val": 0.99}}
+    save_bundle(bundle, tmp_path / "typical.safetensors")
+    monkeypatch.setenv("HEMASCRIBE_MODEL", str(tmp_path / "typical.safetensors"))
+    st.cache_resource.clear()
+    at = run_app()
+    files = [("a.png", png_bytes(0, 1), "image/png"), ("b.png", png_bytes(1, 2), "image/png")]
+    at.file_uploader(key="describe_upload").set_value(files).run()
+    assert not at.exception, at.exception
+    notes = [w.value for w in at.warning if w.value.startswith("**Atypical image.**")]
+    assert len(notes) == int(flagged)  # the open case only
+    if flagged:
+        assert "right 94% of the time (the rest 98%)" in notes[0]
+    assert list(frame_with(at, "atypical")["atypical"]) == [flagged, flagged]

@@ -88,7 +88,7 @@ def test_calibrate_cli_writes_every_threshold_into_the_sidecar(tmp_path):
     calibration = load_bundle(model).sidecar["calibration"]
     panel = calibration["panels"]["blood_cells"]
     assert panel["temperature"] > 0 and 0 <= panel["min_confidence"] <= 1
-    assert panel["report"]["n_held_out"] == 16
+    assert panel["report"]["n_held_out"] == 16 and "typicality" in panel  # None: too few answers to fit a band
     from core.site_shift import home_out_of_scope_rate
     held_out_rate = panel["report"]["out_of_scope_rate"]  # a share of the 16 held-out images
     assert 0 <= held_out_rate <= 1 and round(held_out_rate * 16, 3) == round(held_out_rate * 16)

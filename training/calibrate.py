@@ -7,7 +7,8 @@
 * per panel: a temperature (NLL on val) and the lowest confidence whose answered cases
   reach --target-accuracy while answering at least --min-coverage;
 * per panel, an out-of-scope threshold: the distance to the panel's nearest class centroid
-  below which --ood-coverage of the panel's val images fall;
+  below which --ood-coverage of the panel's val images fall, and the band of the most atypical
+  answered images below it (core.typicality);
 * with --attributes (a WBCAtt val CSV), per attribute the lowest phrase confidence whose
   phrases reach --attribute-target-accuracy (training.calibrate_attributes).
 Honesty: val is split in two seeded halves; everything is fitted on one half and the
@@ -38,6 +39,7 @@ from core.morphology import DEFAULT_PHRASE_THRESHOLD
 from core.panels import infer_panel, require_panel
 from core.reliability import (confidence_threshold_for_accuracy, expected_calibration_error,
                               fit_temperature, out_of_scope_scores)
+from core.typicality import fit_typicality
 from training.attribute_eval import read_attribute_rows
 from training.calibrate_attributes import calibrate_attributes
 from training.dataset import decode_images
@@ -171,9 +173,11 @@ def calibrate_panel(bundle, embeddings, labels, panel, fit, held_out, args) -> d
     needed = min(1.0, args.min_coverage * len(fit) / max(1, len(fit_in)))
     threshold = confidence_threshold_for_accuracy(confidence[fit_in], correct[fit_in], args.target_accuracy, needed)
     raw_conf = torch.softmax(logits, dim=-1).max(dim=-1).values
-    answered = in_scope[held_out] & (confidence[held_out] >= threshold)
+    answered_all = in_scope & (confidence >= threshold)
+    answered = answered_all[held_out]
     return {"temperature": round(temperature, 4), "min_confidence": round(threshold, 4),
             "out_of_scope_threshold": round(ood_threshold, 4),
+            "typicality": fit_typicality(scores, correct, answered_all, fit, held_out),
             "report": {"n_held_out": int(len(held_out)),
                        "ece_before": round(expected_calibration_error(raw_conf[held_out], correct[held_out]), 4),
                        "ece_after": round(expected_calibration_error(confidence[held_out], correct[held_out]), 4),

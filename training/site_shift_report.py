@@ -1,4 +1,5 @@
-"""How often the batch-level lab check (`core.site_shift`) warns, on home and other-lab images.
+"""How often the batch-level lab check (`core.site_shift`) warns, on home and other-lab images, and
+how many answers the atypical-answer note (`core.typicality`) marks there.
 
     python -m training.site_shift_report --checkpoint PATH --home PBC/val [--other bccd_wbc] \
         [--panel blood_cells] [--sizes 5 10 20 50] [--draws 2000] [--json OUT]
@@ -23,6 +24,7 @@ from core.checkpoint import ModelLoadError, load_bundle
 from core.data import as_class_keys, scan_class_folders
 from core.panels import all_class_keys
 from core.site_shift import batch_shift, home_out_of_scope_rate
+from core.typicality import is_atypical, typicality_band
 from training.evaluate import describe_folder
 
 
@@ -39,15 +41,30 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def abstain_kinds_and_answers(bundle, folder: str, panel: str) -> tuple[list, list[bool]]:
-    """Per image: the abstain kind (None when answered) and whether an answer was right."""
+def abstain_kinds_and_answers(bundle, folder: str, panel: str) -> tuple[list, list[bool], list[bool | None]]:
+    """Per image: the abstain kind (None when answered); per answer: whether it was right and
+    whether it was atypical (`core.typicality`; None without a fitted band)."""
     items, _ = as_class_keys(scan_class_folders(folder), all_class_keys(bundle.panels))
     described, results, _ = describe_folder(bundle, items, panel, 64)
     if not results:
         raise ValueError(f"no image under {folder} could be described (expected one sub-folder per class)")
+    band = typicality_band(bundle.sidecar, panel)
     kinds = [r.abstain_kind for r in results]
-    right = [r.class_key == item.label for item, r in zip(described, results) if not r.abstained]
-    return kinds, right
+    answers = [(item, r) for item, r in zip(described, results) if not r.abstained]
+    right = [r.class_key == item.label for item, r in answers]
+    atypical = [is_atypical(r.out_of_scope_score, False, band) for _, r in answers]
+    return kinds, right, atypical
+
+
+def typicality_summary(right: list[bool], atypical: list[bool | None]) -> dict:
+    """Share of the answers flagged atypical and the accuracy of both groups (None where empty)."""
+    if not right or atypical[0] is None:
+        return {}
+    flagged = [r for r, a in zip(right, atypical) if a]
+    rest = [r for r, a in zip(right, atypical) if not a]
+    return {"atypical_share_of_answers": round(len(flagged) / len(right), 4),
+            "accuracy_atypical": round(sum(flagged) / len(flagged), 4) if flagged else None,
+            "accuracy_typical": round(sum(rest) / len(rest), 4) if rest else None}
 
 
 def warning_rate(kinds: list, home_rate: float, size: int, draws: int, rng: np.random.Generator) -> float | None:
@@ -75,7 +92,7 @@ def main(argv=None) -> int:
     report = {"panel": args.panel, "home_rate": home_rate, "draws": args.draws, "sets": {}}
     for role, folder in (("home", args.home), ("other", args.other)) if args.other else (("home", args.home),):
         try:
-            kinds, right = abstain_kinds_and_answers(bundle, folder, args.panel)
+            kinds, right, atypical = abstain_kinds_and_answers(bundle, folder, args.panel)
         except (ValueError, FileNotFoundError) as error:
             print(f"error: {error}", file=sys.stderr)
             return 2
@@ -84,11 +101,15 @@ def main(argv=None) -> int:
             "folder": folder, "n": len(kinds),
             "out_of_scope_share": round(sum(k == "out_of_scope" for k in kinds) / len(kinds), 4),
             "answered": len(right), "accuracy_answered": round(sum(right) / len(right), 4) if right else None,
-            "warning_rate": {str(size): warning_rate(kinds, home_rate, size, args.draws, rng) for size in args.sizes}}
+            "warning_rate": {str(size): warning_rate(kinds, home_rate, size, args.draws, rng) for size in args.sizes},
+            **typicality_summary(right, atypical)}
         row = report["sets"][role]
         print(f"{role:6s} {folder}: n={row['n']} out-of-scope {row['out_of_scope_share']:.3f}, answered "
               f"{row['answered']} ({row['accuracy_answered']} right); warns on batches of "
               + ", ".join(f"{size}: {rate}" for size, rate in row["warning_rate"].items()))
+        if "atypical_share_of_answers" in row:
+            print(f"       answers marked atypical: {row['atypical_share_of_answers']:.3f} (right "
+                  f"{row['accuracy_atypical']}; the others {row['accuracy_typical']})")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
     return 0

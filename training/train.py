@@ -75,9 +75,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="validate every N epochs and after the last (validation changes no weights)")
     p.add_argument("--ema", type=float, default=0.999, help="weight-average decay per step (0: off)")
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
-                   help="bf16 autocast roughly halves step time where the hardware computes bf16 (AVX-512 "
-                        "BF16 or AMX CPUs, recent GPUs) and is many times slower where it is emulated; "
-                        "auto: bf16 where native, else fp32")
+                   help="auto: bf16 autocast where the hardware computes bf16, else fp32 (see distributed.py)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-seed", type=int, default=None,
                    help="seed of the --cut/--max-per-class selection (default --seed); fix it to vary only training")

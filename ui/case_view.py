@@ -14,6 +14,7 @@ from core.explain import overlay
 from core.panels import Panel
 from core.preprocess import square_resize
 from core.site_shift import batch_shift, home_out_of_scope_rate, shift_message
+from core.typicality import atypical_note, is_atypical, typicality_band
 from ui.cases import ATTRIBUTE_TARGET, Case, cached_heatmap, case_morphology
 from ui.widgets import (
     class_name, confidence_label, confidence_shown, framed, md_escape, panel_calibrated, score_chart,
@@ -33,11 +34,14 @@ def _shown_confidence(d: Description) -> float | None:
     return round(d.confidence, 4) if confidence_shown(d) else None
 
 
-def results_table(panel: Panel, cases: list[Case]) -> None:
-    """One row per described image: file, class, sentence, confidence (where it is one), abstained."""
+def results_table(bundle: ModelBundle, panel: Panel, cases: list[Case]) -> None:
+    """One row per described image: file, class, sentence, confidence (where it is one), abstained,
+    and whether an answer is atypical of the training images (`core.typicality`; blank where not fitted)."""
+    band = typicality_band(bundle.sidecar, panel.name)
     frame = pd.DataFrame([{
         "file": c.file_name, "class": class_name(panel, c.description.class_key, "(uncertain)"), "sentence": c.label,
         "confidence": _shown_confidence(c.description), "abstained": c.description.abstained,
+        "atypical": is_atypical(c.description.out_of_scope_score, c.description.abstained, band),
     } for c in cases])
     st.dataframe(frame, hide_index=True, key="describe_results", column_config={
         "confidence": st.column_config.ProgressColumn("confidence", format="%.2f", min_value=0.0, max_value=1.0),
@@ -125,6 +129,9 @@ def render_summary(bundle: ModelBundle, panel: Panel, case: Case) -> None:
                            "above), so they would mean nothing.")
         else:
             st.metric(confidence_label(bundle, panel), f"{d.confidence:.0%}")
+            band = typicality_band(bundle.sidecar, panel.name)
+            if is_atypical(d.out_of_scope_score, d.abstained, band):
+                st.warning("**Atypical image.** " + atypical_note(band))
         if not d.panel_validated:
             st.caption("This panel is not validated: the sentence and the scores are not evidence of anything.")
         for note in case.loaded.notes:

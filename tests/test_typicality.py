@@ -1,0 +1,99 @@
+"""The atypical-answer band (core.typicality) and the command that adds it to a calibrated model."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from core.typicality import atypical_note, fit_typicality, is_atypical, typicality_band
+from tests.conftest import make_tiny_bundle, write_class_tree
+
+BAND = {"threshold": 8.0, "share": 0.1, "n_held_out_above": 96, "accuracy_above": 0.9375,
+        "n_held_out_below": 723, "accuracy_below": 0.9848}
+
+
+def test_band_is_fitted_on_one_half_and_measured_on_the_other():
+    n = 1000
+    scores = torch.arange(n, dtype=torch.float32)  # the score rises with the index ...
+    correct = scores < 900  # ... and every error lies in the top tenth
+    answered = torch.ones(n, dtype=torch.bool)
+    answered[::50] = False  # abstentions neither fit nor count
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+    band = fit_typicality(scores, correct, answered, order[:500], order[500:])
+    assert 860 < band["threshold"] < 940  # about the 90th percentile of the fit half's answered scores
+    assert band["accuracy_below"] > 0.97 and band["accuracy_above"] < 0.3
+    held_answered = int(answered[order[500:]].sum())
+    assert band["n_held_out_above"] + band["n_held_out_below"] == held_answered
+
+
+def test_no_band_from_too_few_answers():
+    scores, correct = torch.rand(40), torch.ones(40, dtype=torch.bool)
+    answered = torch.ones(40, dtype=torch.bool)
+    order = torch.randperm(40)
+    assert fit_typicality(scores, correct, answered, order[:20], order[20:]) is None  # 2 held out above
+
+
+def test_atypical_only_for_answers_above_a_fitted_band():
+    assert is_atypical(9.0, False, BAND) is True and is_atypical(7.0, False, BAND) is False
+    assert is_atypical(9.0, True, BAND) is None  # an abstention has no answer to qualify
+    assert is_atypical(9.0, False, None) is None
+    sidecar = {"calibration": {"panels": {"blood_cells": {"typicality": BAND}, "b_all": {"typicality": BAND,
+                                                                                          "degenerate": True}}}}
+    assert typicality_band(sidecar, "blood_cells") == BAND
+    assert typicality_band(sidecar, "b_all") is None and typicality_band({}, "blood_cells") is None
+    note = atypical_note(BAND)
+    assert "than 90% of the answered ones" in note and "right 94% of the time (the rest 98%)" in note
+
+
+def _calibrated_tiny(tmp_path, calibration: dict):
+    from core.checkpoint import save_bundle
+
+    bundle = make_tiny_bundle()
+    bundle.sidecar["calibration"] = calibration
+    path = tmp_path / "tiny.safetensors"
+    save_bundle(bundle, path)
+    return path
+
+
+def test_typicality_command_adds_the_band_and_leaves_the_weights(tmp_path, capsys):
+    from core.checkpoint import load_bundle
+    from training.typicality import main
+
+    fit = {"temperature": 1.0, "min_confidence": 0.0, "out_of_scope_threshold": 1e9}
+    path = _calibrated_tiny(tmp_path, {"panels": {"blood_cells": fit}, "out_of_scope": {"coverage_on_val": 0.99}})
+    weights = path.read_bytes()
+    keys = make_tiny_bundle().panels["blood_cells"].keys
+    val = write_class_tree(tmp_path / "val", {k: 30 for k in keys}, size=40)
+    assert main(["--checkpoint", str(path), "--val", str(val)]) == 0
+    band = load_bundle(path).sidecar["calibration"]["panels"]["blood_cells"]["typicality"]
+    assert band["n_held_out_above"] + band["n_held_out_below"] == 120  # every held-out image answered
+    assert path.read_bytes() == weights and json.loads(capsys.readouterr().out.split(" ", 1)[1]) == band
+
+
+def test_typicality_command_refuses_an_uncalibrated_panel(tmp_path, capsys):
+    from training.typicality import main
+
+    path = _calibrated_tiny(tmp_path, {})
+    sidecar = path.with_suffix(".json").read_text()
+    keys = make_tiny_bundle().panels["blood_cells"].keys
+    val = write_class_tree(tmp_path / "val", {k: 3 for k in keys}, size=40)
+    assert main(["--checkpoint", str(path), "--val", str(val)]) == 2
+    assert "no fitted, non-degenerate calibration" in capsys.readouterr().err
+    assert path.with_suffix(".json").read_text() == sidecar  # nothing written
+
+
+@pytest.mark.parametrize("threshold, flagged", [(-1e9, True), (1e9, False)])
+def test_describe_cli_marks_atypical_answers(tmp_path, capsys, threshold, flagged):
+    from core.describe import main
+    from tests.conftest import draw_cell
+
+    fit = {"temperature": 1.0, "min_confidence": 0.0, "out_of_scope_threshold": 1e9,
+           "typicality": {**BAND, "threshold": threshold}}
+    path = _calibrated_tiny(tmp_path, {"panels": {"blood_cells": fit}, "out_of_scope": {"coverage_on_val": 0.99}})
+    draw_cell(64).save(tmp_path / "cell.png")
+    assert main([str(tmp_path / "cell.png"), "--model", str(path), "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert not record["abstained"] and record["atypical"] is flagged and record["atypical_accuracy"] == 0.9375
+    assert main([str(tmp_path / "cell.png"), "--model", str(path)]) == 0
+    assert ("ATYPICAL image: answers like it were right 94%" in capsys.readouterr().out) == flagged
