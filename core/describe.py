@@ -132,9 +132,9 @@ def _describe_file(bundle: ModelBundle, path: str, panel: str | None) -> dict:
         return {"file": path, "ok": False, "error": str(error)}
     result = describe(bundle, loaded.image, panel)
     band = typicality_band(bundle.sidecar, result.panel)
-    return {"file": path, "ok": True, "panel": result.panel, "class": result.class_key,
-            "atypical": is_atypical(result.out_of_scope_score, result.abstained, band),
-            "atypical_accuracy": band["accuracy_above"] if band else None,
+    atypical = is_atypical(result.out_of_scope_score, result.abstained, band)
+    return {"file": path, "ok": True, "panel": result.panel, "class": result.class_key, "atypical": atypical,
+            "atypical_accuracy": band["accuracy_above"] if atypical else None,
             "sentence": result.sentence, "confidence": round(result.confidence, 4),
             "abstained": result.abstained, "abstain_reason": result.abstain_reason, "abstain_kind": result.abstain_kind,
             "best_class": result.best_class, "calibrated": is_calibrated(bundle, result.panel),
@@ -197,7 +197,7 @@ def _readable(record: dict) -> str:
     text = f"{record['file']}: {record['sentence']} (confidence {record['confidence']:.2f})"
     if record["atypical"]:  # core.typicality
         text += (f" - ATYPICAL image: answers like it were right {record['atypical_accuracy']:.0%} of the time on "
-                 "the training lab's held-out cells, less on other labs'")
+                 "the training lab's held-out cells; on other labs' images it can be far lower")
     return text
 
 

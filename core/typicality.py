@@ -5,9 +5,10 @@ the images far from every cell type. Below that threshold it still carries infor
 default model (v18), the most atypical tenth of its answers on PBC val were right 93 % of the time
 against 99 % for the rest, and 72 of the 73 cells it answered from another lab (BCCD) lay in that
 band, right 69 % of the time at a mean confidence of 0.97 (`training.site_shift_report`). A
-confidence fitted at home cannot say this; a note on the answer can. `training.calibrate` fits the band on one half of val (the score
-above which the most atypical `ATYPICAL_SHARE` of the answered cells lie) and measures the accuracy
-above and below it on the other half; the app and the describe CLI show the note for answers above it.
+confidence fitted at home cannot say this; a note on the answer can. `training.calibrate` fits the
+band on one half of val (the score above which the most atypical `ATYPICAL_SHARE` of the answered
+cells lie) and measures the accuracy above and below it on the other half; the app and the describe
+CLI show the note for answers above it, with that accuracy and how many answers it rests on.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ def fit_typicality(scores: torch.Tensor, correct: torch.Tensor, answered: torch.
     """The band's threshold, fitted on the answered `fit` rows, and the accuracy of the answered
     `held_out` rows above and below it; None when too few answered rows to fit or to measure."""
     fit_scores = scores[fit][answered[fit]]
-    if len(fit_scores) < 2 / share:
+    if len(fit_scores) < 2 / share:  # else the quantile is the top score or one below it: no band
         return None
     threshold = float(torch.quantile(fit_scores.float(), 1 - share))
     kept = held_out[answered[held_out]]
@@ -51,8 +52,11 @@ def is_atypical(out_of_scope_score: float, abstained: bool, band: dict | None) -
 
 
 def atypical_note(band: dict) -> str:
-    """What an answer in the band means, with the accuracies measured on held-out home val cells."""
-    return (f"Less typical of the training images than {1 - band['share']:.0%} of the answered ones. On the "
-            f"training lab's held-out cells, answers this atypical were right {band['accuracy_above']:.0%} of the "
-            f"time (the rest {band['accuracy_below']:.0%}); on another lab's images it can be far lower, whatever "
-            f"the confidence says.")
+    """What an answer in the band means, with the accuracies measured on held-out home val cells
+    and the number of answers the first rests on (a small band's accuracy is rough)."""
+    n_above = band["n_held_out_above"]
+    right = round(band["accuracy_above"] * n_above)
+    return (f"Less typical than {round(10 * (1 - band['share']))} in 10 of the training lab's cells the model "
+            f"answers. On the training lab's held-out cells, answers this atypical were right "
+            f"{band['accuracy_above']:.0%} of the time ({right} of {n_above}; the rest {band['accuracy_below']:.0%}); "
+            f"on another lab's images it can be far lower, whatever the confidence says.")

@@ -630,5 +630,28 @@ def test_an_atypical_answer_says_how_often_such_answers_were_right(app_env, tmp_
     notes = [w.value for w in at.warning if w.value.startswith("**Atypical image.**")]
     assert len(notes) == int(flagged)  # the open case only
     if flagged:
-        assert "right 94% of the time (the rest 98%)" in notes[0]
+        assert "right 94% of the time (90 of 96; the rest 98%)" in notes[0]
+        assert picker(at).options[0].endswith(", atypical")
     assert list(frame_with(at, "atypical")["atypical"]) == [flagged, flagged]
+
+
+def test_atypical_answers_are_listed_right_after_the_abstentions():
+    from dataclasses import replace
+
+    from core.describe import describe
+    from tests.conftest import draw_cell, make_tiny_bundle
+    from ui.case_view import doubtful_first
+    from ui.cases import Case
+
+    base = describe(make_tiny_bundle(), draw_cell(), "blood_cells")
+
+    def case(name, **changes):
+        return Case(sha256=name, file_name=name, description=replace(base, **changes))
+
+    typical = case("typical", abstained=False, abstain_kind=None, confidence=0.6, out_of_scope_score=1.0)
+    atypical = case("atypical", abstained=False, abstain_kind=None, confidence=0.99, out_of_scope_score=9.0)
+    weak = case("weak", abstained=True, abstain_kind="weak", confidence=0.5, out_of_scope_score=1.0)
+    band = {"threshold": 8.0, "share": 0.1, "n_held_out_above": 96, "accuracy_above": 0.9375,
+            "n_held_out_below": 723, "accuracy_below": 0.9848}
+    assert [c.file_name for c in doubtful_first([typical, atypical, weak], band)] == ["weak", "atypical", "typical"]
+    assert [c.file_name for c in doubtful_first([typical, atypical, weak])] == ["weak", "typical", "atypical"]

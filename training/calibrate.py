@@ -251,7 +251,7 @@ def main(argv=None) -> int:
     previous = bundle.sidecar.get("calibration", {})
     bundle.centroids, bundle.ood_precision = class_centroids(bundle, training_images, args.per_class, args.cache_dir,
                                                              args.seed)
-    calibration = {"panels": {}, "method": __doc__.split("\n\n")[1].strip(),
+    calibration = {"panels": {}, "method": __doc__.split("\n\n")[1].strip(), "seed": args.seed,  # of the halves
                    "target_accuracy": args.target_accuracy, "min_coverage": args.min_coverage}
     for items, panel in val_sets:
         embeddings = embed_items(bundle, items, args.cache_dir)

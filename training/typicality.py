@@ -30,7 +30,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--val", nargs="+", required=True, help="validation folders (one panel each)")
     p.add_argument("--panel", nargs="+", default=None, metavar="NAME")
-    p.add_argument("--seed", type=int, default=0, help="the seed training.calibrate split val with")
+    p.add_argument("--seed", type=int, default=None,
+                   help="the seed training.calibrate split val with (default: the one the sidecar records, else 0)")
     return p.parse_args(argv)
 
 
@@ -57,7 +58,12 @@ def main(argv=None) -> int:
         for _, panel in val_sets:
             if not is_calibrated(bundle, panel):
                 raise ValueError(f"panel {panel} has no fitted, non-degenerate calibration: run training.calibrate")
-        bands = {panel: panel_band(bundle, items, panel, args.seed) for items, panel in val_sets}
+        recorded = bundle.sidecar["calibration"].get("seed")
+        if args.seed is not None and recorded is not None and args.seed != recorded:
+            raise ValueError(f"--seed {args.seed}: the model was calibrated with seed {recorded}, whose halves "
+                             "the band must use (else its held-out accuracy is partly measured on the fit half)")
+        seed = recorded if args.seed is None and recorded is not None else (args.seed or 0)
+        bands = {panel: panel_band(bundle, items, panel, seed) for items, panel in val_sets}
     except (ModelLoadError, ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

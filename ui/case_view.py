@@ -22,12 +22,17 @@ from ui.widgets import (
 )
 
 
-def doubtful_first(cases: list[Case]) -> list[Case]:
-    """Described cases: refused as no cell of the panel first, then other abstentions, then
-    by confidence ascending."""
+def doubtful_first(cases: list[Case], band: dict | None = None) -> list[Case]:
+    """Described cases: refused as no cell of the panel first, then other abstentions, then the
+    answers marked atypical (`core.typicality`, `band`), then the rest; by confidence ascending
+    within each group."""
     described = [c for c in cases if c.description is not None]
     return sorted(described, key=lambda c: (not scores_meaningless(c.description), not c.description.abstained,
-                                            c.description.confidence))
+                                            not _atypical(c.description, band), c.description.confidence))
+
+
+def _atypical(d: Description, band: dict | None) -> bool:
+    return bool(is_atypical(d.out_of_scope_score, d.abstained, band))
 
 
 def _shown_confidence(d: Description) -> float | None:
@@ -41,7 +46,7 @@ def results_table(bundle: ModelBundle, panel: Panel, cases: list[Case]) -> None:
     frame = pd.DataFrame([{
         "file": c.file_name, "class": class_name(panel, c.description.class_key, "(uncertain)"), "sentence": c.label,
         "confidence": _shown_confidence(c.description), "abstained": c.description.abstained,
-        "atypical": is_atypical(c.description.out_of_scope_score, c.description.abstained, band),
+        "atypical": is_atypical(c.description.out_of_scope_score, c.description.abstained, band),  # None: n/a
     } for c in cases])
     st.dataframe(frame, hide_index=True, key="describe_results", column_config={
         "confidence": st.column_config.ProgressColumn("confidence", format="%.2f", min_value=0.0, max_value=1.0),
@@ -59,7 +64,7 @@ def warn_if_another_lab(bundle: ModelBundle, panel: Panel, cases: list[Case]) ->
                    + shift_message(notice, bundle.sidecar, panel.name))
 
 
-def pick_case(panel: Panel, cases: list[Case]) -> Case:
+def pick_case(panel: Panel, cases: list[Case], band: dict | None = None) -> Case:
     """Select box to open one case (the most doubtful first); the choice is the image itself,
     so it stays open when another panel reorders the list."""
     by_sha = {c.sha256: (i, c) for i, c in enumerate(cases)}
@@ -70,7 +75,8 @@ def pick_case(panel: Panel, cases: list[Case]) -> Case:
         # an abstention's percentage is its best match's, not how uncertain it is: say so
         score = (f" (best match {d.confidence:.0%})" if d.abstained else f" ({d.confidence:.0%})") \
             if confidence_shown(d) else ""
-        return f"{i + 1}. {c.file_name} - {class_name(panel, d.class_key)}{score}"
+        flag = ", atypical" if _atypical(d, band) else ""
+        return f"{i + 1}. {c.file_name} - {class_name(panel, d.class_key)}{score}{flag}"
 
     chosen = select_by_identity("Open a case", list(by_sha), "describe_open_case", label)
     return by_sha.get(chosen, (0, cases[0]))[1]
