@@ -32,7 +32,8 @@ LIMITS = [
     "(measured on BCCD, an image set from another site). When an upload of several images has many refused "
     "as unlike any trained cell, the Describe page says the batch looks like another lab's and that its "
     "answers deserve less trust (how often it warns on home-lab and other-lab batches is measured by "
-    "`python -m training.site_shift_report`; README).",
+    "`python -m training.site_shift_report`; README). An answer less typical than 9 in 10 of the training "
+    "lab's answered cells is marked atypical, with how often such answers were right at home.",
     "Panels marked *not validated* were never trained or tested on images of their classes.",
     "Grad-CAM overlays show where the image raised a sentence's score; they are not proof of reasoning.",
 ]
