@@ -332,3 +332,28 @@ def test_the_quiz_never_draws_a_strip_describe_would_not_describe(tmp_path):
     (tmp_path / "neutrophil" / "strip.png").write_bytes(strip_png(16, 1024))
     sources = scan_folder(tmp_path)
     assert len(sources) == 1 and pick_cell(load_panels()["blood_cells"], sources, random.Random(0), 0) is None
+
+
+@pytest.mark.parametrize("threshold, flagged", [(-1e9, True), (1e9, False)])
+def test_quiz_reveal_says_when_the_models_answer_is_atypical(env, tmp_path, monkeypatch, threshold, flagged):
+    from core.checkpoint import save_bundle
+    from tests.conftest import make_tiny_bundle
+
+    bundle = make_tiny_bundle()
+    band = {"threshold": threshold, "share": 0.1, "n_held_out_above": 96, "accuracy_above": 0.9375,
+            "n_held_out_below": 723, "accuracy_below": 0.9848}
+    bundle.sidecar["calibration"] = {"panels": {"blood_cells": {"temperature": 1.0, "min_confidence": 0.0,
+                                                                "out_of_scope_threshold": 1e9, "typicality": band}},
+                                     "out_of_scope": {"coverage_on_val": 0.99}}
+    save_bundle(bundle, tmp_path / "typical.safetensors")
+    monkeypatch.setenv("HEMASCRIBE_MODEL", str(tmp_path / "typical.safetensors"))
+    st.cache_resource.clear()
+    at = AppTest.from_file(APP, default_timeout=180)
+    at.session_state["quiz_seed"] = 1234
+    at.switch_page(QUIZ_PAGE).run()
+    at.selectbox(key="quiz_choice_blood_cells_0").select("neutrophil").run()
+    at.button(key="quiz_check").click().run()
+    assert not at.exception, at.exception
+    assert any(m.value.startswith("**Model:**") for m in at.markdown)  # answered: min_confidence 0
+    notes = [c for c in captions(at) if c.startswith("Atypical image: ")]
+    assert len(notes) == int(flagged) and (not flagged or "(90 of 96; the rest 98%)" in notes[0])
