@@ -40,6 +40,27 @@ def make_tiny_bundle(seed: int = 0) -> ModelBundle:
     return ModelBundle(model, sidecar, panels, prototypes, attributes, centroids)
 
 
+# An atypical-answer band (core.typicality) as training.calibrate stores it, v18's numbers
+BAND = {"threshold": 8.0, "share": 0.1, "n_held_out_above": 96, "accuracy_above": 0.9375,
+        "n_held_out_below": 723, "accuracy_below": 0.9848}
+
+
+def save_calibrated_tiny(path: Path, out_of_scope_threshold: float = 1e9, band_threshold: float | None = None,
+                         **calibration) -> Path:
+    """A tiny random model whose blood_cells panel is calibrated as given (temperature 1, no
+    confidence threshold: every cell the out-of-scope threshold keeps is answered), with the
+    atypical band at `band_threshold` if one is given; written to `path` (its folder created)."""
+    bundle = make_tiny_bundle()
+    fit = {"temperature": 1.0, "min_confidence": 0.0, "out_of_scope_threshold": out_of_scope_threshold}
+    if band_threshold is not None:
+        fit["typicality"] = {**BAND, "threshold": band_threshold}
+    bundle.sidecar["calibration"] = {"panels": {"blood_cells": fit}, "out_of_scope": {"coverage_on_val": 0.99},
+                                     **calibration}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_bundle(bundle, path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_model_path(tmp_path_factory) -> Path:
     """A tiny random model written to disk (weights + sidecar)."""

@@ -588,15 +588,10 @@ def test_a_strip_is_not_called_a_cell_imaged_another_way(app_env):
 @pytest.mark.parametrize("threshold, n_files, warned", [(-1e9, 6, True), (1e9, 6, False), (-1e9, 1, False)])
 def test_a_batch_refused_as_out_of_scope_is_said_to_look_like_another_lab(app_env, tmp_path, monkeypatch,
                                                                            threshold, n_files, warned):
-    from core.checkpoint import save_bundle
-    from tests.conftest import make_tiny_bundle
+    from tests.conftest import save_calibrated_tiny
 
-    bundle = make_tiny_bundle()
-    bundle.sidecar["calibration"] = {"panels": {"blood_cells": {"temperature": 1.0, "min_confidence": 0.0,
-                                                                "out_of_scope_threshold": threshold}},
-                                     "out_of_scope": {"coverage_on_val": 0.99}}
-    save_bundle(bundle, tmp_path / "shift.safetensors")
-    monkeypatch.setenv("HEMASCRIBE_MODEL", str(tmp_path / "shift.safetensors"))
+    model = save_calibrated_tiny(tmp_path / "shift.safetensors", out_of_scope_threshold=threshold)
+    monkeypatch.setenv("HEMASCRIBE_MODEL", str(model))
     st.cache_resource.clear()
     at = run_app()
     files = [(f"c{i}.png", png_bytes(i % 3, i), "image/png") for i in range(n_files)]  # one: too few to tell
@@ -611,17 +606,10 @@ def test_a_batch_refused_as_out_of_scope_is_said_to_look_like_another_lab(app_en
 @pytest.mark.parametrize("threshold, flagged", [(-1e9, True), (1e9, False)])
 def test_an_atypical_answer_says_how_often_such_answers_were_right(app_env, tmp_path, monkeypatch, threshold,
                                                                    flagged):
-    from core.checkpoint import save_bundle
-    from tests.conftest import make_tiny_bundle
+    from tests.conftest import save_calibrated_tiny
 
-    bundle = make_tiny_bundle()
-    band = {"threshold": threshold, "share": 0.1, "n_held_out_above": 96, "accuracy_above": 0.9375,
-            "n_held_out_below": 723, "accuracy_below": 0.9848}
-    bundle.sidecar["calibration"] = {"panels": {"blood_cells": {"temperature": 1.0, "min_confidence": 0.0,
-                                                                "out_of_scope_threshold": 1e9, "typicality": band}},
-                                     "out_of_scope": {"coverage_on_val": 0.99}}
-    save_bundle(bundle, tmp_path / "typical.safetensors")
-    monkeypatch.setenv("HEMASCRIBE_MODEL", str(tmp_path / "typical.safetensors"))
+    model = save_calibrated_tiny(tmp_path / "typical.safetensors", band_threshold=threshold)
+    monkeypatch.setenv("HEMASCRIBE_MODEL", str(model))
     st.cache_resource.clear()
     at = run_app()
     files = [("a.png", png_bytes(0, 1), "image/png"), ("b.png", png_bytes(1, 2), "image/png")]
@@ -639,7 +627,7 @@ def test_atypical_answers_are_listed_right_after_the_abstentions():
     from dataclasses import replace
 
     from core.describe import describe
-    from tests.conftest import draw_cell, make_tiny_bundle
+    from tests.conftest import BAND, draw_cell, make_tiny_bundle
     from ui.case_view import doubtful_first
     from ui.cases import Case
 
@@ -651,7 +639,5 @@ def test_atypical_answers_are_listed_right_after_the_abstentions():
     typical = case("typical", abstained=False, abstain_kind=None, confidence=0.6, out_of_scope_score=1.0)
     atypical = case("atypical", abstained=False, abstain_kind=None, confidence=0.99, out_of_scope_score=9.0)
     weak = case("weak", abstained=True, abstain_kind="weak", confidence=0.5, out_of_scope_score=1.0)
-    band = {"threshold": 8.0, "share": 0.1, "n_held_out_above": 96, "accuracy_above": 0.9375,
-            "n_held_out_below": 723, "accuracy_below": 0.9848}
-    assert [c.file_name for c in doubtful_first([typical, atypical, weak], band)] == ["weak", "atypical", "typical"]
+    assert [c.file_name for c in doubtful_first([typical, atypical, weak], BAND)] == ["weak", "atypical", "typical"]
     assert [c.file_name for c in doubtful_first([typical, atypical, weak])] == ["weak", "typical", "atypical"]

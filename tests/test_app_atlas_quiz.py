@@ -336,17 +336,10 @@ def test_the_quiz_never_draws_a_strip_describe_would_not_describe(tmp_path):
 
 @pytest.mark.parametrize("threshold, flagged", [(-1e9, True), (1e9, False)])
 def test_quiz_reveal_says_when_the_models_answer_is_atypical(env, tmp_path, monkeypatch, threshold, flagged):
-    from core.checkpoint import save_bundle
-    from tests.conftest import make_tiny_bundle
+    from tests.conftest import save_calibrated_tiny
 
-    bundle = make_tiny_bundle()
-    band = {"threshold": threshold, "share": 0.1, "n_held_out_above": 96, "accuracy_above": 0.9375,
-            "n_held_out_below": 723, "accuracy_below": 0.9848}
-    bundle.sidecar["calibration"] = {"panels": {"blood_cells": {"temperature": 1.0, "min_confidence": 0.0,
-                                                                "out_of_scope_threshold": 1e9, "typicality": band}},
-                                     "out_of_scope": {"coverage_on_val": 0.99}}
-    save_bundle(bundle, tmp_path / "typical.safetensors")
-    monkeypatch.setenv("HEMASCRIBE_MODEL", str(tmp_path / "typical.safetensors"))
+    model = save_calibrated_tiny(tmp_path / "typical.safetensors", band_threshold=threshold)
+    monkeypatch.setenv("HEMASCRIBE_MODEL", str(model))
     st.cache_resource.clear()
     at = AppTest.from_file(APP, default_timeout=180)
     at.session_state["quiz_seed"] = 1234

@@ -139,14 +139,10 @@ def test_a_degenerate_fit_is_not_applied(tiny_bundle, cell_image):
 
 @pytest.mark.parametrize("threshold, noted", [(-1e9, True), (1e9, False)])
 def test_describe_cli_notes_a_batch_that_looks_like_another_lab_on_stderr(tmp_path, capsys, threshold, noted):
-    from core.checkpoint import save_bundle
     from core.describe import main
-    from tests.conftest import make_tiny_bundle
+    from tests.conftest import save_calibrated_tiny
 
-    bundle = make_tiny_bundle()
-    bundle.sidecar["calibration"] = {"panels": {"blood_cells": {"temperature": 1.0, "out_of_scope_threshold": threshold}},
-                                     "out_of_scope": {"coverage_on_val": 0.99}}
-    save_bundle(bundle, tmp_path / "m.safetensors")
+    save_calibrated_tiny(tmp_path / "m.safetensors", out_of_scope_threshold=threshold)
     files = []
     for i in range(5):
         draw_cell(64, kind=i % 3, seed=i).save(tmp_path / f"c{i}.png")

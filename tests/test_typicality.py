@@ -7,10 +7,8 @@ import pytest
 import torch
 
 from core.typicality import atypical_note, fit_typicality, is_atypical, typicality_band
-from tests.conftest import make_tiny_bundle, write_class_tree
+from tests.conftest import BAND, make_tiny_bundle, save_calibrated_tiny, write_class_tree
 
-BAND = {"threshold": 8.0, "share": 0.1, "n_held_out_above": 96, "accuracy_above": 0.9375,
-        "n_held_out_below": 723, "accuracy_below": 0.9848}
 
 
 def test_band_is_fitted_on_one_half_and_measured_on_the_other():
@@ -50,23 +48,11 @@ def test_atypical_only_for_answers_above_a_fitted_band():
     assert "right 94% of the time (90 of 96; the rest 98%)" in note
 
 
-def _calibrated_tiny(folder, calibration: dict):
-    from core.checkpoint import save_bundle
-
-    bundle = make_tiny_bundle()
-    bundle.sidecar["calibration"] = calibration
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "tiny.safetensors"
-    save_bundle(bundle, path)
-    return path
-
-
 def test_typicality_command_adds_the_band_and_leaves_the_weights(tmp_path, capsys):
     from core.checkpoint import load_bundle
     from training.typicality import main
 
-    fit = {"temperature": 1.0, "min_confidence": 0.0, "out_of_scope_threshold": 1e9}
-    path = _calibrated_tiny(tmp_path, {"panels": {"blood_cells": fit}, "out_of_scope": {"coverage_on_val": 0.99}})
+    path = save_calibrated_tiny(tmp_path / "tiny.safetensors")
     weights = path.read_bytes()
     keys = make_tiny_bundle().panels["blood_cells"].keys
     val = write_class_tree(tmp_path / "val", {k: 30 for k in keys}, size=40)
@@ -80,13 +66,11 @@ def test_typicality_command_uses_the_calibration_seed_and_refuses_another(tmp_pa
     from core.checkpoint import load_bundle
     from training.typicality import main
 
-    fit = {"temperature": 1.0, "min_confidence": 0.0, "out_of_scope_threshold": 1e9}
     keys = make_tiny_bundle().panels["blood_cells"].keys
     val = write_class_tree(tmp_path / "val", {k: 30 for k in keys}, size=40)
     bands = []
     for seed in (0, 5):
-        path = _calibrated_tiny(tmp_path / str(seed), {"panels": {"blood_cells": fit}, "seed": seed,
-                                                       "out_of_scope": {"coverage_on_val": 0.99}})
+        path = save_calibrated_tiny(tmp_path / str(seed) / "tiny.safetensors", seed=seed)
         assert main(["--checkpoint", str(path), "--val", str(val)]) == 0  # the recorded seed's halves
         bands.append(load_bundle(path).sidecar["calibration"]["panels"]["blood_cells"]["typicality"])
     assert bands[0] != bands[1]
@@ -96,9 +80,11 @@ def test_typicality_command_uses_the_calibration_seed_and_refuses_another(tmp_pa
 
 
 def test_typicality_command_refuses_an_uncalibrated_panel(tmp_path, capsys):
+    from core.checkpoint import update_sidecar
     from training.typicality import main
 
-    path = _calibrated_tiny(tmp_path, {})
+    path = save_calibrated_tiny(tmp_path / "tiny.safetensors")
+    update_sidecar(path, {"calibration": {}})  # as exported by training, before training.calibrate
     sidecar = path.with_suffix(".json").read_text()
     keys = make_tiny_bundle().panels["blood_cells"].keys
     val = write_class_tree(tmp_path / "val", {k: 3 for k in keys}, size=40)
@@ -112,9 +98,7 @@ def test_describe_cli_marks_atypical_answers(tmp_path, capsys, threshold, flagge
     from core.describe import main
     from tests.conftest import draw_cell
 
-    fit = {"temperature": 1.0, "min_confidence": 0.0, "out_of_scope_threshold": 1e9,
-           "typicality": {**BAND, "threshold": threshold}}
-    path = _calibrated_tiny(tmp_path, {"panels": {"blood_cells": fit}, "out_of_scope": {"coverage_on_val": 0.99}})
+    path = save_calibrated_tiny(tmp_path / "tiny.safetensors", band_threshold=threshold)
     draw_cell(64).save(tmp_path / "cell.png")
     assert main([str(tmp_path / "cell.png"), "--model", str(path), "--json"]) == 0
     record = json.loads(capsys.readouterr().out)
