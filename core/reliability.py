@@ -161,6 +161,25 @@ def out_of_scope_scores(bundle: ModelBundle, embeddings: torch.Tensor, panel_key
     return squared.clamp_min(0).min(dim=-1).values.sqrt()
 
 
+def _other_panel_hint(bundle: ModelBundle, embedding: torch.Tensor, panel: str) -> str:
+    """" The image fits panel X: choose it." when the nearest training class belongs to another
+    calibrated panel and that panel would take the image in scope; else "". Only then: another
+    lab's normal neutrophil can lie nearest to B-ALL hematogones while far from them too, and a
+    hint to switch to the leukaemia panel would read as a finding."""
+    similarities = centroid_similarities(bundle, embedding)
+    if not similarities:
+        return ""
+    nearest = max(similarities, key=similarities.get)
+    owner = next((p for p in bundle.panels.values() if nearest in p.keys), None)
+    if owner is None or owner.name == panel:
+        return ""
+    threshold = _fitted(bundle, owner.name).get("out_of_scope_threshold")
+    if threshold is None or float(out_of_scope_scores(bundle, embedding[None], owner.keys)[0]) > threshold:
+        return ""
+    return (f" It does fit the panel '{owner.title}' (nearest type: {_class_name(bundle, nearest)}): if the image "
+            "belongs there, choose that panel.")
+
+
 def abstention_decision(bundle: ModelBundle, embedding: torch.Tensor, panel: str,
                         probabilities: list[float], content_problem: str | None = None) -> Decision:
     """Whether to abstain, and why (see the module docstring for the order of checks);
@@ -174,17 +193,9 @@ def abstention_decision(bundle: ModelBundle, embedding: torch.Tensor, panel: str
         return Decision(True, f"The panel '{spec.title}' is not validated: no images of its classes were "
                               "available, so the model cannot vouch for any of its sentences.", score, "not_validated")
     if score > calibration.get("out_of_scope_threshold", math.inf):
-        similarities = centroid_similarities(bundle, embedding)  # only to name the nearest class
-        nearest = max(similarities, key=similarities.get)
         reason = ("This image does not look like the blood-cell images the model was trained on "
                   f"(out-of-scope score {score:.2f} above {calibration['out_of_scope_threshold']:.2f}).")
-        if nearest not in spec.keys:
-            owner = next((p.title for p in bundle.panels.values() if nearest in p.keys), "another panel")
-            # say "nearest", not "looks like": for another lab's normal cell the nearest type can be
-            # another panel's (a neutrophil nearest to hematogones), which must not read as a finding
-            reason += (f" The nearest type it knows, though still far, is {_class_name(bundle, nearest)} of another "
-                       f"panel ({owner}): if the image belongs to that panel, choose it.")
-        return Decision(True, reason, score, "out_of_scope")
+        return Decision(True, reason + _other_panel_hint(bundle, embedding, panel), score, "out_of_scope")
     min_confidence = calibration.get("min_confidence", 0.0)
     if max(probabilities) < min_confidence:
         ranked = sorted(zip(probabilities, (c.name for c in spec.classes)), reverse=True)[:2]

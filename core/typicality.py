@@ -58,5 +58,6 @@ def atypical_note(band: dict) -> str:
     right = round(band["accuracy_above"] * n_above)
     return (f"Less typical than {round(10 * (1 - band['share']))} in 10 of the training lab's cells the model "
             f"answers. On the training lab's held-out cells, answers this atypical were right "
-            f"{band['accuracy_above']:.0%} of the time ({right} of {n_above}; the rest {band['accuracy_below']:.0%}); "
-            f"on another lab's images it can be far lower, whatever the confidence says.")
+            f"{band['accuracy_above']:.0%} of the time ({right} of {n_above}), against "
+            f"{band['accuracy_below']:.0%} for the more typical ones; on another lab's images it can be far lower, "
+            f"whatever the confidence says.")

@@ -22,8 +22,10 @@ st.caption("Measured on the validation splits with the evaluation command; rows 
            "does not reach. The accuracy of the answered cases is over all of val at the shipped thresholds; the "
            "calibration table below gives it again on the half of val not used to fit them. The 95 % interval "
            "(bootstrap over val images) is how far the value moves with the draw of images alone; where a "
-           "target lies inside it, val cannot tell whether the model meets it. Cells of one patient are not "
-           "independent, so the true spread is wider.")
+           "target lies inside it (\"NO (within the interval)\"), val cannot tell whether the model meets it. Cells "
+           "of one patient are not independent, so the true spread is wider. The BCCD row is a check on another "
+           "lab's cells, not val: accuracy over all its cells (the top class, also where the model refused), then "
+           "the share it answers and how many of those answers were right.")
 
 st.subheader("Identity")
 st.text(f"Model id:        {bundle.model_id}\nWeights sha256:  {bundle.weights_sha256 or 'not recorded'}")

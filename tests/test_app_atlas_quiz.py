@@ -348,5 +348,6 @@ def test_quiz_reveal_says_when_the_models_answer_is_atypical(env, tmp_path, monk
     at.button(key="quiz_check").click().run()
     assert not at.exception, at.exception
     assert any(m.value.startswith("**Model:**") for m in at.markdown)  # answered: min_confidence 0
-    notes = [c for c in captions(at) if c.startswith("Atypical image: ")]
-    assert len(notes) == int(flagged) and (not flagged or "(90 of 96; the rest 98%)" in notes[0])
+    notes = [c for c in captions(at) if c.startswith("**Atypical image.** ")]
+    assert len(notes) == int(flagged)
+    assert not flagged or "(90 of 96), against 98% for the more typical ones" in notes[0]

@@ -122,7 +122,7 @@ def test_a_long_narrow_strip_is_not_described_from_its_centre_square(tiny_bundle
     assert MAX_DESCRIBED_ASPECT == 3.0
 
 
-def test_an_image_nearest_to_another_panels_type_is_not_said_to_look_like_it():
+def test_another_panel_is_suggested_only_when_the_image_fits_it():
     from core.describe import embed_images
 
     bundle = make_tiny_bundle()
@@ -130,8 +130,11 @@ def test_an_image_nearest_to_another_panels_type_is_not_said_to_look_like_it():
     embedding = embed_images(bundle, [image])[0][0]
     bundle.centroids = {key: -embedding for key in bundle.centroids}
     bundle.centroids["benign"] = embedding  # a B-ALL type is the nearest; the panel chosen is blood_cells
-    bundle.sidecar["calibration"] = {"panels": {"blood_cells": {"out_of_scope_threshold": -1.0}}}
-    reason = describe(bundle, image, "blood_cells").abstain_reason
-    assert reason.startswith("This image does not look like the blood-cell images the model was trained on")
-    assert "nearest type it knows, though still far, is Benign" in reason and "choose it" in reason
-    assert "looks most like" not in reason
+    plain = "This image does not look like the blood-cell images the model was trained on"
+    for b_all_fit, hinted in (({}, False), ({"out_of_scope_threshold": 1e9}, True),
+                              ({"out_of_scope_threshold": -1.0}, False)):
+        bundle.sidecar["calibration"] = {"panels": {"blood_cells": {"out_of_scope_threshold": -1.0},
+                                                    "b_all": b_all_fit}}
+        reason = describe(bundle, image, "blood_cells").abstain_reason
+        assert reason.startswith(plain) and "looks most like" not in reason
+        assert ("It does fit the panel" in reason and "(nearest type: Benign (hematogones))" in reason) == hinted

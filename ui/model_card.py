@@ -128,7 +128,8 @@ def targets_frame(bundle: ModelBundle) -> pd.DataFrame:
     ]
     other = metrics.get("bccd_wbc_other_lab") or {}
     if other:
-        rows.append({"target": "Another lab's white cells (BCCD), accuracy", "goal": "no target: the gap to close",
+        rows.append({"target": "Another lab's white cells (BCCD, not val), accuracy",
+                     "goal": "no target: the gap to close",
                      "this model (val)": _other_lab_summary(other),
                      INTERVAL_COLUMN: _spread(_interval(other, "accuracy")), "met": "-"})
     return pd.DataFrame(rows)
@@ -150,10 +151,10 @@ def _spread(interval: list | None) -> str:
 def _other_lab_summary(other: dict) -> str:
     """Accuracy over every image, and how much the model answered and got right of that: the two
     numbers a reader of the Describe page's other-lab warning meets."""
-    text = f"{other['accuracy']:.3f}"
+    text = f"{other['accuracy']:.3f} (all cells)"
     if other.get("abstain_rate") is not None and other.get("accuracy_answered") is not None:
         answered, right = 1 - other["abstain_rate"], other["accuracy_answered"]
-        text += f"; answers {answered:.0%} of the cells, {right:.0%} of them right"
+        text += f"; answers {answered:.0%}, {right:.0%} right"
     return text
 
 
@@ -169,7 +170,7 @@ def _target(name: str, goal: str, value, met, shown=lambda v: f"{v:.3f}", interv
         verdict, shown_value = "yes", shown(value)
     else:
         inside = interval is not None and met(at_upper(interval[1]))
-        verdict, shown_value = ("NO (goal inside the interval)" if inside else "NO"), shown(value)
+        verdict, shown_value = ("NO (within the interval)" if inside else "NO"), shown(value)
     return {"target": name, "goal": goal, "this model (val)": shown_value, INTERVAL_COLUMN: spread, "met": verdict}
 
 

@@ -224,7 +224,7 @@ def render_reveal(bundle: ModelBundle, panel: Panel, cell: QuizCell, answer: dic
         st.markdown(f"**Model:** {md_escape(d.sentence)} ({d.confidence:.0%} confidence)")
         band = typicality_band(bundle.sidecar, panel.name)
         if is_atypical(d.out_of_scope_score, d.abstained, band):  # a teaching point too: when to doubt it
-            st.caption("Atypical image: " + atypical_note(band))
+            st.caption("**Atypical image.** " + atypical_note(band))
     if confidence_shown(d):
         st.caption("Model's top sentences: " + "; ".join(
             f"{md_escape(panel.cell_class(k).name)} {p:.0%}" for k, p in ranked))
