@@ -78,6 +78,8 @@ def warning_rate(kinds: list, home_rate: float, size: int, draws: int, rng: np.r
 
 @torch.no_grad()
 def main(argv=None) -> int:
+    """Describe both folder trees, draw the batches, print (and with --json write) the rates; 2 on a
+    model, panel or folder that cannot give a result."""
     args = parse_args(argv)
     try:
         bundle = load_bundle(args.checkpoint)

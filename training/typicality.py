@@ -51,6 +51,7 @@ def panel_band(bundle, items, panel: str, seed: int) -> dict | None:
 
 @torch.no_grad()
 def main(argv=None) -> int:
+    """Fit every --val panel's band, then store them all (nothing is written when one fails); 0 or 2."""
     args = parse_args(argv)
     try:
         bundle = load_bundle(args.checkpoint)
