@@ -6,7 +6,6 @@ Other pages are auto-discovered from ``pages/`` (numeric prefixes set their orde
 """
 import streamlit as st
 
-from core.typicality import typicality_band
 from ui import case_view, cases, feedback, resources, widgets
 
 st.set_page_config(page_title="HemaScribe - Describe", page_icon="🔬", layout="wide")
@@ -39,15 +38,14 @@ repeats = cases.repeated_names(inputs)
 if repeats:
     st.caption("Shown once, with the same bytes as an earlier file: " + ", ".join(map(widgets.md_escape, repeats)))
 
-band = typicality_band(bundle.sidecar, panel.name)  # answers marked atypical come before the others
-ordered = case_view.doubtful_first(described, band)
+ordered = case_view.doubtful_first(described)
 if not ordered:
     st.stop()
 case_view.warn_if_another_lab(bundle, panel, ordered)
 if len(ordered) > 1:
     st.subheader(f"{len(ordered)} images described (most doubtful first)")
-    case_view.results_table(bundle, panel, ordered)
-    case = case_view.pick_case(panel, ordered, band)
+    case_view.results_table(panel, ordered)
+    case = case_view.pick_case(panel, ordered)
 else:
     case = ordered[0]
 

@@ -38,6 +38,7 @@ class Description:
     panel_validated: bool  # False: no images of this panel's classes were ever available
     model_id: str  # model identity from the sidecar
     weights_sha256: str  # sha256 of the weights that produced this
+    atypical: bool | None = None  # an answer in the atypical band (core.typicality); None: abstained or no band
     timings_ms: dict[str, float] = field(default_factory=dict)  # per stage
     notes: tuple[str, ...] = ()  # what was done to the image first (rotated, alpha over white ...)
 
@@ -120,6 +121,7 @@ def _describe_embedding(bundle: ModelBundle, embedding: torch.Tensor, panel: str
         best_class=spec.classes[best].key, scores=dict(zip(spec.keys, map(float, probabilities))),
         similarities=dict(zip(spec.keys, map(float, similarities))), out_of_scope_score=decision.out_of_scope_score,
         panel_validated=spec.validated, model_id=bundle.model_id, weights_sha256=bundle.weights_sha256,
+        atypical=is_atypical(decision.out_of_scope_score, decision.abstained, typicality_band(bundle.sidecar, panel)),
         timings_ms={}, notes=notes)
 
 
@@ -132,9 +134,8 @@ def _describe_file(bundle: ModelBundle, path: str, panel: str | None) -> dict:
         return {"file": path, "ok": False, "error": str(error)}
     result = describe(bundle, loaded.image, panel)
     band = typicality_band(bundle.sidecar, result.panel)
-    atypical = is_atypical(result.out_of_scope_score, result.abstained, band)
-    return {"file": path, "ok": True, "panel": result.panel, "class": result.class_key, "atypical": atypical,
-            "atypical_accuracy": band["accuracy_above"] if atypical else None,
+    return {"file": path, "ok": True, "panel": result.panel, "class": result.class_key, "atypical": result.atypical,
+            "atypical_accuracy": band["accuracy_above"] if result.atypical else None,
             "sentence": result.sentence, "confidence": round(result.confidence, 4),
             "abstained": result.abstained, "abstain_reason": result.abstain_reason, "abstain_kind": result.abstain_kind,
             "best_class": result.best_class, "calibrated": is_calibrated(bundle, result.panel),

@@ -627,6 +627,7 @@ def test_atypical_answers_are_listed_right_after_the_abstentions():
     from dataclasses import replace
 
     from core.describe import describe
+    from core.typicality import is_atypical
     from tests.conftest import BAND, draw_cell, make_tiny_bundle
     from ui.case_view import doubtful_first
     from ui.cases import Case
@@ -636,8 +637,13 @@ def test_atypical_answers_are_listed_right_after_the_abstentions():
     def case(name, **changes):
         return Case(sha256=name, file_name=name, description=replace(base, **changes))
 
-    typical = case("typical", abstained=False, abstain_kind=None, confidence=0.6, out_of_scope_score=1.0)
-    atypical = case("atypical", abstained=False, abstain_kind=None, confidence=0.99, out_of_scope_score=9.0)
-    weak = case("weak", abstained=True, abstain_kind="weak", confidence=0.5, out_of_scope_score=1.0)
-    assert [c.file_name for c in doubtful_first([typical, atypical, weak], BAND)] == ["weak", "atypical", "typical"]
-    assert [c.file_name for c in doubtful_first([typical, atypical, weak])] == ["weak", "typical", "atypical"]
+    def cases(band):  # the flags core.describe sets with and without a fitted band
+        return [case("typical", abstained=False, abstain_kind=None, confidence=0.6,
+                     atypical=is_atypical(1.0, False, band)),
+                case("atypical", abstained=False, abstain_kind=None, confidence=0.99,
+                     atypical=is_atypical(9.0, False, band)),
+                case("weak", abstained=True, abstain_kind="weak", confidence=0.5,
+                     atypical=is_atypical(1.0, True, band))]
+
+    assert [c.file_name for c in doubtful_first(cases(BAND))] == ["weak", "atypical", "typical"]
+    assert [c.file_name for c in doubtful_first(cases(None))] == ["weak", "typical", "atypical"]

@@ -21,11 +21,9 @@ import numpy as np
 import torch
 
 from core.checkpoint import ModelLoadError, load_bundle
-from core.data import as_class_keys, scan_class_folders
-from core.panels import all_class_keys
+from core.data import scan_class_folders
 from core.site_shift import batch_shift, home_out_of_scope_rate
-from core.typicality import is_atypical, typicality_band
-from training.evaluate import describe_folder
+from training.evaluate import describe_folder, match_folders
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -44,15 +42,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 def abstain_kinds_and_answers(bundle, folder: str, panel: str) -> tuple[list, list[bool], list[bool | None]]:
     """Per image: the abstain kind (None when answered); per answer: whether it was right and
     whether it was atypical (`core.typicality`; None without a fitted band)."""
-    items, _ = as_class_keys(scan_class_folders(folder), all_class_keys(bundle.panels))
+    items, _ = match_folders(bundle, scan_class_folders(folder))
     described, results, _ = describe_folder(bundle, items, panel, 64)
     if not results:
         raise ValueError(f"no image under {folder} could be described (expected one sub-folder per class)")
-    band = typicality_band(bundle.sidecar, panel)
     kinds = [r.abstain_kind for r in results]
     answers = [(item, r) for item, r in zip(described, results) if not r.abstained]
     right = [r.class_key == item.label for item, r in answers]
-    atypical = [is_atypical(r.out_of_scope_score, False, band) for _, r in answers]
+    atypical = [r.atypical for _, r in answers]
     return kinds, right, atypical
 
 

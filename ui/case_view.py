@@ -14,7 +14,7 @@ from core.explain import overlay
 from core.panels import Panel
 from core.preprocess import square_resize
 from core.site_shift import batch_shift, home_out_of_scope_rate, shift_message
-from core.typicality import atypical_note, is_atypical, typicality_band
+from core.typicality import atypical_note, typicality_band
 from ui.cases import ATTRIBUTE_TARGET, Case, cached_heatmap, case_morphology
 from ui.widgets import (
     class_name, confidence_label, confidence_shown, framed, md_escape, panel_calibrated, score_chart,
@@ -22,31 +22,26 @@ from ui.widgets import (
 )
 
 
-def doubtful_first(cases: list[Case], band: dict | None = None) -> list[Case]:
+def doubtful_first(cases: list[Case]) -> list[Case]:
     """Described cases: refused as no cell of the panel first, then other abstentions, then the
-    answers marked atypical (`core.typicality`, `band`), then the rest; by confidence ascending
-    within each group."""
+    answers marked atypical (`core.typicality`), then the rest; by confidence ascending within
+    each group."""
     described = [c for c in cases if c.description is not None]
     return sorted(described, key=lambda c: (not scores_meaningless(c.description), not c.description.abstained,
-                                            not _atypical(c.description, band), c.description.confidence))
-
-
-def _atypical(d: Description, band: dict | None) -> bool:
-    return bool(is_atypical(d.out_of_scope_score, d.abstained, band))
+                                            not c.description.atypical, c.description.confidence))
 
 
 def _shown_confidence(d: Description) -> float | None:
     return round(d.confidence, 4) if confidence_shown(d) else None
 
 
-def results_table(bundle: ModelBundle, panel: Panel, cases: list[Case]) -> None:
+def results_table(panel: Panel, cases: list[Case]) -> None:
     """One row per described image: file, class, sentence, confidence (where it is one), abstained,
     and whether an answer is atypical of the training images (`core.typicality`; blank where not fitted)."""
-    band = typicality_band(bundle.sidecar, panel.name)
     frame = pd.DataFrame([{
         "file": c.file_name, "class": class_name(panel, c.description.class_key, "(uncertain)"), "sentence": c.label,
         "confidence": _shown_confidence(c.description), "abstained": c.description.abstained,
-        "atypical": is_atypical(c.description.out_of_scope_score, c.description.abstained, band),  # None: n/a
+        "atypical": c.description.atypical,
     } for c in cases])
     st.dataframe(frame, hide_index=True, key="describe_results", column_config={
         "confidence": st.column_config.ProgressColumn("confidence", format="%.2f", min_value=0.0, max_value=1.0),
@@ -64,7 +59,7 @@ def warn_if_another_lab(bundle: ModelBundle, panel: Panel, cases: list[Case]) ->
                    + shift_message(notice, bundle.sidecar, panel.name))
 
 
-def pick_case(panel: Panel, cases: list[Case], band: dict | None = None) -> Case:
+def pick_case(panel: Panel, cases: list[Case]) -> Case:
     """Select box to open one case (the most doubtful first); the choice is the image itself,
     so it stays open when another panel reorders the list."""
     by_sha = {c.sha256: (i, c) for i, c in enumerate(cases)}
@@ -75,7 +70,7 @@ def pick_case(panel: Panel, cases: list[Case], band: dict | None = None) -> Case
         # an abstention's percentage is its best match's, not how uncertain it is: say so
         score = (f" (best match {d.confidence:.0%})" if d.abstained else f" ({d.confidence:.0%})") \
             if confidence_shown(d) else ""
-        flag = ", atypical" if _atypical(d, band) else ""
+        flag = ", atypical" if d.atypical else ""
         return f"{i + 1}. {c.file_name} - {class_name(panel, d.class_key)}{score}{flag}"
 
     chosen = select_by_identity("Open a case", list(by_sha), "describe_open_case", label)
@@ -135,9 +130,8 @@ def render_summary(bundle: ModelBundle, panel: Panel, case: Case) -> None:
                            "above), so they would mean nothing.")
         else:
             st.metric(confidence_label(bundle, panel), f"{d.confidence:.0%}")
-            band = typicality_band(bundle.sidecar, panel.name)
-            if is_atypical(d.out_of_scope_score, d.abstained, band):
-                st.warning("**Atypical image.** " + atypical_note(band))
+            if d.atypical:
+                st.warning("**Atypical image.** " + atypical_note(typicality_band(bundle.sidecar, panel.name)))
         if not d.panel_validated:
             st.caption("This panel is not validated: the sentence and the scores are not evidence of anything.")
         for note in case.loaded.notes:

@@ -26,7 +26,7 @@ from core.imageio import ImageRejected, load_image_path
 from core.morphology import describe_morphology, has_morphology
 from core.panels import Panel, load_attribute_phrases
 from core.reliability import framing_problem
-from core.typicality import atypical_note, is_atypical, typicality_band
+from core.typicality import atypical_note, typicality_band
 from core.vocabulary import (EXAMPLES, expand_abbreviations, morphology_vocabulary, morphology_words, negated_classes,
                              ungrounded_terms)
 from ui import resources
@@ -222,9 +222,8 @@ def render_reveal(bundle: ModelBundle, panel: Panel, cell: QuizCell, answer: dic
         st.warning("**Model: Uncertain.** Reason: " + md_escape(d.abstain_reason or "not stated"))
     else:
         st.markdown(f"**Model:** {md_escape(d.sentence)} ({d.confidence:.0%} confidence)")
-        band = typicality_band(bundle.sidecar, panel.name)
-        if is_atypical(d.out_of_scope_score, d.abstained, band):  # a teaching point too: when to doubt it
-            st.caption("**Atypical image.** " + atypical_note(band))
+        if d.atypical:  # a teaching point too: when to doubt it
+            st.caption("**Atypical image.** " + atypical_note(typicality_band(bundle.sidecar, panel.name)))
     if confidence_shown(d):
         st.caption("Model's top sentences: " + "; ".join(
             f"{md_escape(panel.cell_class(k).name)} {p:.0%}" for k, p in ranked))
