@@ -44,7 +44,7 @@ from training.attribute_eval import read_attribute_rows
 from training.calibrate_attributes import calibrate_attributes
 from training.dataset import decode_images
 from training.evaluate import match_folders
-from training.evaluation_utils import embed_uint8
+from training.evaluation_utils import embed_uint8, seeded_halves
 
 
 # A fit outside these is flagged, not stored silently. Logits are cosine x the learned scale
@@ -255,8 +255,7 @@ def main(argv=None) -> int:
                    "target_accuracy": args.target_accuracy, "min_coverage": args.min_coverage}
     for items, panel in val_sets:
         embeddings = embed_items(bundle, items, args.cache_dir)
-        order = torch.randperm(len(items), generator=torch.Generator().manual_seed(args.seed))
-        fit, held_out = order[: len(order) // 2], order[len(order) // 2:]
+        fit, held_out = seeded_halves(len(items), args.seed)
         result = calibrate_panel(bundle, embeddings, [i.label for i in items], panel, fit, held_out, args)
         flag_degenerate(panel, result, {key: sum(i.label == key for i in items) for key in bundle.panels[panel].keys})
         calibration["panels"][panel] = result

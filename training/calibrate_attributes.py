@@ -13,6 +13,7 @@ from core.checkpoint import ModelBundle
 from core.morphology import attribute_probabilities
 from core.reliability import confidence_threshold_for_accuracy
 from training.dataset import annotated_value
+from training.evaluation_utils import seeded_halves
 
 
 def attribute_confidences(bundle: ModelBundle, embeddings: torch.Tensor, rows: list[dict],
@@ -30,9 +31,8 @@ def calibrate_attributes(bundle: ModelBundle, embeddings: torch.Tensor, rows: li
                          target_accuracy: float, seed: int = 0) -> tuple[dict[str, float], dict]:
     """({attribute: min confidence}, report measured on the held-out half of `rows`). Attributes
     without annotated rows in both halves get no threshold and are listed under "skipped"."""
-    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))
     is_fit = torch.zeros(len(rows), dtype=torch.bool)
-    is_fit[order[: len(rows) // 2]] = True
+    is_fit[seeded_halves(len(rows), seed)[0]] = True
     thresholds, report, skipped = {}, {}, []
     for name in bundle.attribute_prototypes:
         confidence, correct, annotated = attribute_confidences(bundle, embeddings, rows, name)

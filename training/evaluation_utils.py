@@ -27,3 +27,11 @@ def panel_accuracy(model: DualEncoder, data, prototypes: torch.Tensor) -> float:
     sims = embeddings @ prototypes[present].cpu().t()
     predicted = torch.tensor(present)[sims.argmax(dim=1)]
     return float((predicted == data.labels).float().mean())
+
+
+def seeded_halves(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fit, held_out) row indices: a seeded shuffle of range(n) cut in two. Calibration fits on the
+    first half and reports on the second; whatever is added to a calibrated model later must use
+    the same halves (same n, same seed), or its held-out numbers include fitted rows."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return order[: n // 2], order[n // 2:]

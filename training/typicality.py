@@ -23,6 +23,7 @@ from core.reliability import is_calibrated
 from core.typicality import fit_typicality
 from training.calibrate import val_panels
 from training.evaluate import describe_folder
+from training.evaluation_utils import seeded_halves
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -44,9 +45,7 @@ def panel_band(bundle, items, panel: str, seed: int) -> dict | None:
     scores = torch.tensor([r.out_of_scope_score for r in results])
     correct = torch.tensor([r.best_class == item.label for item, r in zip(described, results)])
     answered = torch.tensor([not r.abstained for r in results])
-    order = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed))
-    fit, held_out = order[: len(order) // 2], order[len(order) // 2:]
-    return fit_typicality(scores, correct, answered, fit, held_out)
+    return fit_typicality(scores, correct, answered, *seeded_halves(len(items), seed))
 
 
 @torch.no_grad()
