@@ -52,15 +52,15 @@ def _class_name(bundle: ModelBundle, key: str) -> str:
     return key
 
 
-def _calibration(bundle: ModelBundle) -> dict:
-    return bundle.sidecar.get("calibration", {})
+def panel_fit(sidecar: dict, panel: str) -> dict:
+    """The panel's temperature, thresholds and bands from a sidecar; {} when none were fitted or the
+    fit was flagged degenerate (too little val data: its temperature and thresholds are noise)."""
+    fitted = ((sidecar.get("calibration") or {}).get("panels") or {}).get(panel) or {}
+    return {} if fitted.get("degenerate", False) else fitted
 
 
 def _fitted(bundle: ModelBundle, panel: str) -> dict:
-    """The panel's temperature and thresholds from the sidecar; {} when none were fitted or the
-    fit was flagged degenerate (too little val data: its temperature and thresholds are noise)."""
-    fitted = _calibration(bundle).get("panels", {}).get(panel) or {}
-    return {} if fitted.get("degenerate", False) else fitted
+    return panel_fit(bundle.sidecar, panel)
 
 
 def is_calibrated(bundle: ModelBundle, panel: str) -> bool:

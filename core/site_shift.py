@@ -18,6 +18,8 @@ import math
 from dataclasses import dataclass
 from typing import Iterable
 
+from core.reliability import panel_fit
+
 ALPHA = 1e-3  # under the binomial model at the home rate: a false alarm on at most 1 in 1,000 batches
 MIN_IMAGES = 5  # fewer images cannot make a count improbable enough to warn on
 
@@ -36,10 +38,9 @@ def home_out_of_scope_rate(sidecar: dict, panel: str) -> float | None:
     its nominal rate (1 - the coverage it was fitted at, on one half of val) and the rate measured
     on the other half (`training.calibrate`'s report; B-ALL's is about twice the nominal 0.01);
     None when the panel has no fitted, non-degenerate threshold."""
-    calibration = sidecar.get("calibration") or {}
-    fitted = (calibration.get("panels") or {}).get(panel) or {}
-    coverage = (calibration.get("out_of_scope") or {}).get("coverage_on_val")
-    if fitted.get("degenerate") or fitted.get("out_of_scope_threshold") is None or coverage is None:
+    fitted = panel_fit(sidecar, panel)
+    coverage = ((sidecar.get("calibration") or {}).get("out_of_scope") or {}).get("coverage_on_val")
+    if fitted.get("out_of_scope_threshold") is None or coverage is None:
         return None
     measured = (fitted.get("report") or {}).get("out_of_scope_rate", 0.0)
     return max(1.0 - float(coverage), float(measured), 1e-4)  # a zero rate would make one refusal "impossible"

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from core.reliability import panel_fit
+
 ATYPICAL_SHARE = 0.10  # the most atypical tenth of the home lab's answered val cells
 MIN_HELD_OUT_ABOVE = 10  # fewer answered held-out cells in the band: its accuracy is not stated
 
@@ -38,9 +40,7 @@ def fit_typicality(scores: torch.Tensor, correct: torch.Tensor, answered: torch.
 
 def typicality_band(sidecar: dict, panel: str) -> dict | None:
     """The panel's fitted band from the sidecar's calibration, or None (not fitted, or a degenerate fit)."""
-    fitted = ((sidecar.get("calibration") or {}).get("panels") or {}).get(panel) or {}
-    band = fitted.get("typicality")
-    return None if fitted.get("degenerate") or not band else band
+    return panel_fit(sidecar, panel).get("typicality") or None
 
 
 def is_atypical(out_of_scope_score: float, abstained: bool, band: dict | None) -> bool | None:
