@@ -28,6 +28,7 @@ from sqlalchemy.orm import (
     DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker,
 )
 
+from core.store_migrate import add_missing_columns
 from core.uploads import check_sha256
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,11 @@ class PredictionRecord(Base):
     abstained: Mapped[bool]
     abstain_reason: Mapped[str | None] = mapped_column(Text)
     scores_json: Mapped[str] = mapped_column(Text)  # {class_key: probability}
+    # Whether an answer was in the atypical band (core.typicality) and the score behind it, so the
+    # review page can show whether experts agree less with the answers marked atypical on this
+    # lab's slides. NULL: an abstention, a model without a band, or a row stored before these existed.
+    atypical: Mapped[bool | None] = mapped_column(nullable=True)
+    out_of_scope_score: Mapped[float | None] = mapped_column(nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_utcnow)
     image: Mapped[ImageRecord] = relationship()
 
@@ -182,6 +188,7 @@ def make_engine(url: str) -> Engine:
             args = {"connect_timeout": 10} if parsed.get_backend_name() == "postgresql" else {}
             engine = create_engine(url, pool_pre_ping=True, connect_args=args)
         Base.metadata.create_all(engine)
+        add_missing_columns(engine, Base.metadata)  # a database written by an earlier version
         with engine.begin() as conn:
             # Write probe: a read-only file opens and even BEGINs fine; only a write fails.
             conn.execute(text("DELETE FROM feedback WHERE 1 = 0"))
@@ -230,9 +237,10 @@ def get_or_create_image(s: Session, *, sha256: str, original_name: str, n_bytes:
 
 def add_prediction(s: Session, image: ImageRecord, *, model_id: str, weights_sha256: str,
                    panel: str, class_key: str | None, sentence: str, confidence: float,
-                   abstained: bool, abstain_reason: str | None,
-                   scores: dict) -> PredictionRecord:
-    """Record what the model said about `image` (a new row every time)."""
+                   abstained: bool, abstain_reason: str | None, scores: dict,
+                   atypical: bool | None = None, out_of_scope_score: float | None = None) -> PredictionRecord:
+    """Record what the model said about `image` (a new row every time); `atypical` and
+    `out_of_scope_score` as `core.describe.Description` gives them (None: not known)."""
     if class_key is None and not abstained:
         raise ValueError("class_key is required unless the model abstained")
     confidence = float(confidence)  # numpy scalars -> plain float
@@ -244,10 +252,20 @@ def add_prediction(s: Session, image: ImageRecord, *, model_id: str, weights_sha
     pred = PredictionRecord(image_id=image.id, model_id=model_id, weights_sha256=weights_sha256,
                             panel=panel, class_key=class_key, sentence=sentence,
                             confidence=confidence, abstained=bool(abstained),
-                            abstain_reason=abstain_reason, scores_json=scores_json)
+                            abstain_reason=abstain_reason, scores_json=scores_json,
+                            atypical=None if atypical is None else bool(atypical),
+                            out_of_scope_score=_finite_or_none(out_of_scope_score))
     s.add(pred)
     s.flush()  # assign the id now: the UI needs it to attach feedback
     return pred
+
+
+def _finite_or_none(value: float | None) -> float | None:
+    # An image refused before scoring can carry an infinite score; it has no value to keep.
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
 
 
 def add_feedback(s: Session, prediction: PredictionRecord, *, verdict: str, reviewer: str,

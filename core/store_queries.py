@@ -21,8 +21,12 @@ ABSTAINED_LABEL = "(abstained)"
 CSV_COLUMNS = (
     "feedback_id", "prediction_id", "image_id", "created_at", "reviewer", "verdict",
     "model_class", "corrected_class", "expert_class", "confidence", "panel", "model_id",
-    "abstained", "sentence", "corrected_sentence", "comment", "original_name", "sha256",
+    "abstained", "atypical", "out_of_scope_score", "sentence", "corrected_sentence", "comment",
+    "original_name", "sha256",
 )
+# how an answer stood against the atypical band (core.typicality), in agreement_summary
+# (None: an answer of a model without a fitted band, or stored before the mark was recorded)
+TYPICALITY_LABELS = {False: "typical", True: "atypical", None: "not marked"}
 
 
 def _utc(dt: datetime | None) -> datetime | None:
@@ -46,7 +50,7 @@ def _prediction_event(p) -> dict:
         "kind": "prediction", "id": p.id, "created_at": _utc(p.created_at),
         "model_id": p.model_id, "weights_sha256": p.weights_sha256, "panel": p.panel,
         "class_key": p.class_key, "sentence": p.sentence, "confidence": p.confidence,
-        "abstained": p.abstained, "abstain_reason": p.abstain_reason,
+        "abstained": p.abstained, "abstain_reason": p.abstain_reason, "atypical": p.atypical,
         "scores": json.loads(p.scores_json),
     }
 
@@ -132,7 +136,8 @@ def _table_row(f, p, i) -> dict:
         "model_class": p.class_key, "corrected_class": f.corrected_class,
         "expert_class": expert_class(f.verdict, p.class_key, f.corrected_class),
         "confidence": p.confidence, "panel": p.panel, "model_id": p.model_id,
-        "weights_sha256": p.weights_sha256, "abstained": p.abstained, "sentence": p.sentence,
+        "weights_sha256": p.weights_sha256, "abstained": p.abstained, "atypical": p.atypical,
+        "out_of_scope_score": p.out_of_scope_score, "sentence": p.sentence,
         "corrected_sentence": f.corrected_sentence, "comment": f.comment,
         "original_name": i.original_name, "sha256": i.sha256,
     }
@@ -166,7 +171,22 @@ def agreement_summary(rows: list[dict]) -> dict:
         "agreement_rate": _rate(on_answers["agree"], on_answers["disagree"]),
         "n_on_abstentions": sum(1 for r in rows if not r["model_class"]),
         "per_class": per_class,
+        "by_typicality": agreement_by_typicality(rows),
     }
+
+
+def agreement_by_typicality(rows: list[dict]) -> dict[str, dict]:
+    """Agreement on the answered cases split by whether the answer was marked atypical:
+    {"typical" | "atypical" | "not marked": {n, n_agree, n_disagree, n_unsure, agreement_rate}},
+    only the groups that occur. At home, answers in the band were right less often (the sidecar's
+    held-out accuracies); on another lab's slides this shows whether the mark still means that."""
+    groups: dict[str, Counter] = {}
+    for r in rows:
+        if r["model_class"]:  # abstentions are never marked
+            groups.setdefault(TYPICALITY_LABELS[r.get("atypical")], Counter())[r["verdict"]] += 1
+    return {label: {"n": sum(c.values()), "n_agree": c["agree"], "n_disagree": c["disagree"],
+                    "n_unsure": c["unsure"], "agreement_rate": _rate(c["agree"], c["disagree"])}
+            for label in TYPICALITY_LABELS.values() if (c := groups.get(label))}
 
 
 def expert_confusion(rows: list[dict]) -> tuple[list[str], list[list[int]]]:

@@ -66,6 +66,18 @@ with right:
     else:
         st.caption("No case has both an expert class and a model class yet.")
 
+st.subheader("Agreement on answers marked atypical")
+st.caption("An answer is marked atypical when its image lies in the model's atypical band: less typical of the "
+           "training lab's cells than most of those it answers there. Answers of a model without that band, and "
+           "cases stored before the mark was recorded, count as 'not marked'.")
+if typicality := review.typicality_rows(summary):
+    st.dataframe(typicality, hide_index=True, key="review_typicality", column_config={
+        "agreement_rate": st.column_config.NumberColumn("agreement rate", format="percent")})
+    if note := review.home_band_note(bundle, counted):
+        st.caption(note)
+else:
+    st.caption("No verdict on an answered case matches the filters.")
+
 st.subheader("Re-open a case")
 if rows:
     review.reopen_case(store, resources.settings().upload_dir, rows, review.naming_panels(bundle))

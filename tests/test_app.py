@@ -203,6 +203,7 @@ def test_feedback_review_page(app_env):
     assert list(table["reviewer"]) == ["Dr Review"]
     assert any(m.label.startswith("Agreement") and m.value == "100%" for m in at.metric)
     assert not any("These figures pool" in c.value for c in at.caption)  # one model, one panel
+    assert list(frame_with(at, "answers")["answers"]) == ["not marked"]  # the tiny model has no band
     at = choose_sample(at.switch_page("app.py").run())
     at.selectbox(key="describe_panel").select("b_all").run()
     feedback_widget("button", at, "agree").click().run()
@@ -621,6 +622,25 @@ def test_an_atypical_answer_says_how_often_such_answers_were_right(app_env, tmp_
         assert "right 94% of the time (90 of 96), against 98% for the more typical ones" in notes[0]
         assert picker(at).options[0].endswith(", atypical")
     assert list(frame_with(at, "atypical")["atypical"]) == [flagged, flagged]
+
+
+def test_the_review_page_splits_agreement_by_the_atypical_mark(app_env, tmp_path, monkeypatch):
+    from tests.conftest import save_calibrated_tiny
+
+    model = save_calibrated_tiny(tmp_path / "typical.safetensors", band_threshold=-1e9)  # every answer marked
+    monkeypatch.setenv("HEMASCRIBE_MODEL", str(model))
+    st.cache_resource.clear()
+    at = set_reviewer(choose_sample(run_app()), "Dr Band")
+    feedback_widget("button", at, "disagree").click().run()
+    at.switch_page(REVIEW_PAGE).run()
+    assert not at.exception, at.exception
+    split = frame_with(at, "answers")
+    assert list(split["answers"]) == ["atypical"] and list(split["n_disagree"]) == [1]
+    assert any("answers marked atypical were right 94% of the time (96 answers) and the others 98%" in c.value
+               for c in at.caption)
+    with app_env.sessionmaker() as s:
+        stored = s.query(PredictionRecord).one()
+    assert stored.atypical is True and stored.out_of_scope_score is not None
 
 
 def test_atypical_answers_are_listed_right_after_the_abstentions():

@@ -11,12 +11,13 @@ from sqlalchemy.exc import SQLAlchemyError
 from core.imageio import ImageRejected, LoadedImage, load_image_bytes
 from core.panels import Panel, load_panels
 from core.store import VERDICTS, ImageRecord, feedback_table, store_error_message
+from core.typicality import typicality_band
 from ui.feedback import render_history
 from ui.resources import Store
 from ui.widgets import framed, md_escape, select_by_identity, when
 
 TABLE_COLUMNS = ["feedback_id", "created_at", "reviewer", "verdict", "model_class", "expert_class",
-                 "confidence", "panel", "abstained", "sentence", "corrected_sentence", "comment",
+                 "confidence", "panel", "abstained", "atypical", "sentence", "corrected_sentence", "comment",
                  "original_name", "model_id", "prediction_id", "image_id"]
 
 
@@ -63,6 +64,25 @@ def pooling_note(rows: list[dict]) -> str | None:
         return None
     return (f"These figures pool {models} model(s) and {panels} panel(s); filter by model and panel to compare "
             "like with like.")
+
+
+def typicality_rows(summary: dict) -> list[dict]:
+    """agreement_summary's split by the atypical mark as display rows (typical first)."""
+    return [{"answers": label, **figures} for label, figures in summary["by_typicality"].items()]
+
+
+def home_band_note(bundle, rows: list[dict]) -> str | None:
+    """What the atypical mark meant on the training lab's held-out cells, for the one panel the
+    rows are on (None when they pool panels, or the loaded model has no band for it): the figure
+    the experts' agreement here can be held against."""
+    panels = {row["panel"] for row in rows}
+    band = typicality_band(bundle.sidecar, next(iter(panels))) if bundle is not None and len(panels) == 1 else None
+    if band is None:
+        return None
+    return (f"On the training lab's held-out cells ({next(iter(panels))}), answers marked atypical were right "
+            f"{band['accuracy_above']:.0%} of the time ({band['n_held_out_above']} answers) and the others "
+            f"{band['accuracy_below']:.0%}. Agreement here far below those says the model does not suit these "
+            "slides; typical answers that experts often reject say the mark misses what differs here.")
 
 
 def stored_image(store: Store, upload_dir: Path, sha256: str) -> LoadedImage | str:

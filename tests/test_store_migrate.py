@@ -1,0 +1,115 @@
+"""A feedback database written before the atypical mark was stored opens, keeps every row, and
+gains the new columns (core.store_migrate); the review figures split agreement by the mark."""
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+
+import pytest
+from sqlalchemy import Column, Integer, MetaData, String, Table
+
+from core.store import (
+    PredictionRecord, StoreUnavailable, add_feedback, add_prediction, get_or_create_image, make_engine,
+    make_sessionmaker,
+)
+from core.store_migrate import add_missing_columns, missing_columns
+from core.store_queries import agreement_summary, feedback_table, rows_to_csv
+
+NEW_COLUMNS = ("atypical", "out_of_scope_score")
+
+
+def _record(sm, name: str, *, class_key: str | None = "neutrophil", verdict: str = "agree", **marks) -> int:
+    data = name.encode()
+    sha = hashlib.sha256(data).hexdigest()
+    with sm.begin() as s:
+        image = get_or_create_image(s, sha256=sha, original_name=name, n_bytes=len(data), width=8, height=8,
+                                    stored_path=f"{sha[:2]}/{sha}.png")
+        prediction = add_prediction(s, image, model_id="m", weights_sha256="0" * 64, panel="blood_cells",
+                                    class_key=class_key, sentence="A neutrophil." if class_key else "Uncertain",
+                                    confidence=0.9, abstained=class_key is None,
+                                    abstain_reason=None if class_key else "weak match",
+                                    scores={"neutrophil": 0.9}, **marks)
+        add_feedback(s, prediction, verdict=verdict, reviewer="Dr A")
+        return prediction.id
+
+
+def _old_database(tmp_path):
+    """A database as the previous version left it: rows stored, no atypical columns."""
+    path = tmp_path / "feedback.sqlite"
+    engine = make_engine(f"sqlite:///{path}")
+    _record(make_sessionmaker(engine), "old.png")
+    engine.dispose()
+    with sqlite3.connect(path) as conn:
+        for column in NEW_COLUMNS:
+            conn.execute(f"ALTER TABLE predictions DROP COLUMN {column}")
+    return path
+
+
+def test_old_database_gains_the_columns_and_keeps_its_rows(tmp_path):
+    path = _old_database(tmp_path)
+    with sqlite3.connect(path) as conn:
+        assert not {row[1] for row in conn.execute("PRAGMA table_info(predictions)")} & set(NEW_COLUMNS)
+    engine = make_engine(f"sqlite:///{path}")
+    try:
+        sm = make_sessionmaker(engine)
+        assert missing_columns(engine, PredictionRecord.metadata) == []
+        new_id = _record(sm, "new.png", verdict="disagree", atypical=True, out_of_scope_score=12.5)
+        with sm() as s:
+            rows = feedback_table(s)
+            assert s.get(PredictionRecord, new_id).out_of_scope_score == 12.5
+        assert [(r["original_name"], r["atypical"]) for r in rows] == [("old.png", None), ("new.png", True)]
+        assert "atypical,out_of_scope_score" in rows_to_csv(rows).splitlines()[0]
+    finally:
+        engine.dispose()
+    make_engine(f"sqlite:///{path}").dispose()  # a second opening finds nothing to add
+
+
+def test_read_only_old_database_says_so_and_is_not_changed(tmp_path):
+    path = _old_database(tmp_path)
+    before = path.read_bytes()
+    with pytest.raises(StoreUnavailable, match="read-only"):
+        make_engine(f"sqlite:///file:{path}?mode=ro&uri=true")
+    assert path.read_bytes() == before
+
+
+def test_a_missing_required_column_is_refused_not_guessed(tmp_path):
+    engine = make_engine(f"sqlite:///{tmp_path / 'f.sqlite'}")
+    wanted = MetaData()
+    Table("images", wanted, Column("id", Integer, primary_key=True), Column("lab", String(20), nullable=False))
+    try:
+        with pytest.raises(ValueError, match=r"images\.lab"):
+            add_missing_columns(engine, wanted)
+        assert missing_columns(engine, wanted) == [("images", "lab")]  # nothing was added
+    finally:
+        engine.dispose()
+
+
+def test_agreement_is_split_by_the_atypical_mark(tmp_path):
+    engine = make_engine(f"sqlite:///{tmp_path / 'f.sqlite'}")
+    try:
+        sm = make_sessionmaker(engine)
+        _record(sm, "a", atypical=False)
+        _record(sm, "b", atypical=False, verdict="disagree")
+        _record(sm, "c", atypical=True, verdict="disagree")
+        _record(sm, "d", atypical=True, verdict="unsure")
+        _record(sm, "e", class_key=None)  # an abstention: never marked, not in the split
+        _record(sm, "f")  # stored without the mark
+        with sm() as s:
+            split = agreement_summary(feedback_table(s))["by_typicality"]
+    finally:
+        engine.dispose()
+    assert list(split) == ["typical", "atypical", "not marked"]
+    assert split["typical"] == {"n": 2, "n_agree": 1, "n_disagree": 1, "n_unsure": 0, "agreement_rate": 0.5}
+    assert split["atypical"]["agreement_rate"] == 0.0 and split["atypical"]["n_unsure"] == 1
+    assert split["not marked"]["n"] == 1
+
+
+def test_a_score_that_is_not_finite_is_stored_as_unknown(tmp_path):
+    engine = make_engine(f"sqlite:///{tmp_path / 'f.sqlite'}")
+    try:
+        sm = make_sessionmaker(engine)
+        prediction_id = _record(sm, "x", atypical=False, out_of_scope_score=float("inf"))
+        with sm() as s:
+            assert s.get(PredictionRecord, prediction_id).out_of_scope_score is None
+    finally:
+        engine.dispose()
