@@ -15,8 +15,12 @@ Questions answered in this order for every image:
    cosine because the classes spread unevenly: directions in which training cells never
    vary are the ones where odd images stand out.
    When the nearest centroid overall belongs to another panel's class, the reason says so.
-3. Is the best match weak? Calibrated probability (temperature fitted on val) below a
-   threshold chosen on val for a target accuracy of the answered cases.
+3. Is the best match weak? Calibrated probability below a threshold chosen on val for a target
+   accuracy of the answered cases. The temperature is fitted on val and grows with the
+   out-of-scope score above its median there (`image_temperatures`): a temperature fitted on
+   the home lab's cells alone leaves another lab's answers as confident as home answers
+   (BCCD: mean confidence 0.81, accuracy 0.46), and the home cells themselves are
+   overconfident where they are least typical, which is what lets the fit find the slope.
 All thresholds live in the model sidecar ("calibration", per panel); `training.calibrate`
 writes them on val at a stated coverage.
 """
@@ -75,9 +79,25 @@ def panel_logits(bundle: ModelBundle, embedding: torch.Tensor, panel: str) -> to
     return (bundle.prototypes[panel] @ embedding) * float(bundle.model.scale().detach())
 
 
+def image_temperatures(calibration: dict, scores: torch.Tensor) -> torch.Tensor:
+    """(N,) temperatures for images with out-of-scope `scores` (N,): the panel's 'temperature'
+    times 1 + 'distance_slope' x the score's excess over 'distance_reference' (the median score of
+    the val cells it was fitted on). Without a slope (older sidecars, or a fit that chose 0) every
+    image gets the constant temperature; a score that is not finite adds nothing."""
+    temperature = float(calibration.get("temperature", 1.0))
+    slope = float(calibration.get("distance_slope", 0.0))
+    excess = (scores - float(calibration.get("distance_reference", 0.0))).clamp_min(0)
+    excess = torch.where(torch.isfinite(excess), excess, torch.zeros_like(excess))
+    return temperature * (1 + slope * excess)
+
+
 def panel_probabilities(bundle: ModelBundle, embedding: torch.Tensor, panel: str) -> list[float]:
-    """Temperature-calibrated class probabilities within the panel."""
-    temperature = _fitted(bundle, panel).get("temperature", 1.0)
+    """Calibrated class probabilities within the panel (temperature from `image_temperatures`)."""
+    calibration = _fitted(bundle, panel)
+    temperature = float(calibration.get("temperature", 1.0))
+    if calibration.get("distance_slope") and bundle.centroids:
+        score = out_of_scope_scores(bundle, embedding[None], bundle.panels[panel].keys)
+        temperature = float(image_temperatures(calibration, score)[0])
     return torch.softmax(panel_logits(bundle, embedding, panel) / temperature, dim=-1).tolist()
 
 
@@ -228,6 +248,27 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
 
     optimizer.step(closure)
     return float(log_t.detach().exp())
+
+
+# slopes tried by fit_distance_temperature, per unit of out-of-scope score (home val scores of
+# v18 spread over about 3-15 units): 0 keeps a constant temperature when that fits best
+DISTANCE_SLOPES = (0.0, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+
+
+def fit_distance_temperature(logits: torch.Tensor, labels: torch.Tensor, scores: torch.Tensor,
+                             reference: float) -> tuple[float, float]:
+    """(temperature, distance_slope) minimising the negative log-likelihood of `labels` under
+    `image_temperatures`: for each slope of DISTANCE_SLOPES the temperature is fitted by
+    `fit_temperature`, and the pair with the lowest NLL wins (a near tie keeps the smaller slope)."""
+    calibration = {"temperature": 1.0, "distance_reference": reference}
+    best = None
+    for slope in DISTANCE_SLOPES:
+        scaled = logits / image_temperatures({**calibration, "distance_slope": slope}, scores)[:, None]
+        temperature = fit_temperature(scaled, labels)
+        nll = float(torch.nn.functional.cross_entropy(scaled / temperature, labels))
+        if best is None or nll < best[0] - 1e-6:
+            best = (nll, temperature, slope)
+    return best[1], best[2]
 
 
 def confidence_threshold_for_accuracy(confidences: torch.Tensor, correct: torch.Tensor,

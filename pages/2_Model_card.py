@@ -63,7 +63,11 @@ if calibration:
     st.dataframe(model_card.flat_metrics(calibration), hide_index=True, key="card_calibration")
     st.caption("Temperature and thresholds are fitted on one seeded half of val; 'ece_before' / 'ece_after' are "
                "measured on the other half, so a model that was already calibrated can come out slightly worse "
-               "(the temperature fitted on one half over-corrects the other a little). 'typicality' is the band of "
+               "(the temperature fitted on one half over-corrects the other a little). An image's temperature is "
+               "'temperature' x (1 + 'distance_slope' x how far its out-of-scope score lies above "
+               "'distance_reference', the median on val): answers on images unlike the training lab's are "
+               "less confident; 'ece_constant_temperature' is the held-out ECE without that growth. "
+               "'typicality' is the band of "
                "the most atypical tenth of answered val cells (out-of-scope score above its threshold): answers in "
                "it are marked atypical, with 'accuracy_above' (their accuracy on the held-out half) beside them.")
 else:

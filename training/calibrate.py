@@ -4,8 +4,10 @@
 
 * class centroids of the training images in embedding space and the inverse of their shared
   within-class covariance, Ledoit-Wolf shrunk (out-of-scope score, see core.reliability);
-* per panel: a temperature (NLL on val) and the lowest confidence whose answered cases
-  reach --target-accuracy while answering at least --min-coverage;
+* per panel: a temperature that grows with the out-of-scope score above its val median (NLL on
+  val; core.reliability.image_temperatures, a slope of 0 when a constant fits best) and the
+  lowest confidence whose answered cases reach --target-accuracy while answering at least
+  --min-coverage;
 * per panel, an out-of-scope threshold: the distance to the panel's nearest class centroid
   below which --ood-coverage of the panel's val images fall, and the band of the most atypical
   answered images below it (core.typicality);
@@ -33,12 +35,13 @@ import torch
 import torch.nn.functional as F
 from sklearn.covariance import LedoitWolf
 
-from core.checkpoint import ModelLoadError, load_bundle, save_bundle
+from core.checkpoint import ModelLoadError, load_bundle, save_bundle, update_sidecar
 from core.data import LabelledImage, scan_class_folders
 from core.morphology import DEFAULT_PHRASE_THRESHOLD
 from core.panels import infer_panel, require_panel
 from core.reliability import (confidence_threshold_for_accuracy, expected_calibration_error,
-                              fit_temperature, out_of_scope_scores)
+                              fit_distance_temperature, fit_temperature, image_temperatures,
+                              out_of_scope_scores)
 from core.typicality import fit_typicality
 from training.attribute_eval import read_attribute_rows
 from training.calibrate_attributes import calibrate_attributes
@@ -57,7 +60,10 @@ MIN_VAL_PER_CLASS = 20  # val images of each class (half fit, half measure the r
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("--train", nargs="+", required=True, help="training folders (for class centroids)")
+    p.add_argument("--train", nargs="+", default=None, help="training folders (for class centroids)")
+    p.add_argument("--keep-centroids", action="store_true",
+                   help="reuse the model's stored class centroids (and covariance) instead of --train: refits the "
+                        "temperature and thresholds alone, and the weights file keeps its bytes and sha256")
     p.add_argument("--val", nargs="+", required=True, help="validation folders (one panel each)")
     p.add_argument("--panel", nargs="+", default=None, metavar="NAME",
                    help="panel of each --val folder, in order (default: inferred from its class folders, "
@@ -97,6 +103,18 @@ def train_items(bundle, folders, val_sets) -> list[LabelledImage]:
             print(f"warning: no --train images of {', '.join(missing)} (panel {panel}): those cells will "
                   "read as out of scope", file=sys.stderr)
     return items
+
+
+def centroid_source(bundle, args, val_sets) -> list[LabelledImage] | None:
+    """The --train images for new centroids, or None with --keep-centroids (the stored ones are
+    used); a ValueError when neither is possible."""
+    if args.keep_centroids:
+        if not bundle.centroids:
+            raise ValueError("--keep-centroids: this model stores no class centroids; give --train")
+        return None
+    if not args.train:
+        raise ValueError("give --train (the training folders, for class centroids) or --keep-centroids")
+    return train_items(bundle, args.train, val_sets)
 
 
 def val_panels(bundle, args) -> list[tuple[list[LabelledImage], str]]:
@@ -156,16 +174,19 @@ def class_centroids(bundle, items, per_class, cache_dir, seed) -> tuple[dict[str
 
 
 def calibrate_panel(bundle, embeddings, labels, panel, fit, held_out, args) -> dict:
-    """Temperature, out-of-scope and confidence thresholds fitted on the `fit` rows and
-    measured on the `held_out` rows."""
+    """Temperature (and its growth with the out-of-scope score), out-of-scope and confidence
+    thresholds fitted on the `fit` rows and measured on the `held_out` rows."""
     keys = bundle.panels[panel].keys
     target = torch.tensor([keys.index(label) for label in labels])
     logits = embeddings @ bundle.prototypes[panel].t() * float(bundle.model.scale().detach())
-    temperature = fit_temperature(logits[fit], target[fit])
-    probs = torch.softmax(logits / temperature, dim=-1)
+    scores = out_of_scope_scores(bundle, embeddings, keys)
+    reference = float(torch.quantile(scores[fit], 0.5))
+    temperature, slope = fit_distance_temperature(logits[fit], target[fit], scores[fit], reference)
+    fitted = {"temperature": temperature, "distance_slope": slope, "distance_reference": reference}
+    probs = torch.softmax(logits / image_temperatures(fitted, scores)[:, None], dim=-1)
     confidence, predicted = probs.max(dim=-1)
     correct = predicted == target
-    scores = out_of_scope_scores(bundle, embeddings, keys)
+    constant = torch.softmax(logits / fit_temperature(logits[fit], target[fit]), dim=-1).max(dim=-1).values
     ood_threshold = float(torch.quantile(scores[fit], args.ood_coverage))
     in_scope = scores <= ood_threshold
     fit_in = fit[in_scope[fit]]
@@ -175,12 +196,15 @@ def calibrate_panel(bundle, embeddings, labels, panel, fit, held_out, args) -> d
     raw_conf = torch.softmax(logits, dim=-1).max(dim=-1).values
     answered_all = in_scope & (confidence >= threshold)
     answered = answered_all[held_out]
-    return {"temperature": round(temperature, 4), "min_confidence": round(threshold, 4),
-            "out_of_scope_threshold": round(ood_threshold, 4),
+
+    def ece(values: torch.Tensor) -> float:
+        return round(expected_calibration_error(values[held_out], correct[held_out]), 4)
+
+    return {"temperature": round(temperature, 4), "distance_slope": slope, "distance_reference": round(reference, 4),
+            "min_confidence": round(threshold, 4), "out_of_scope_threshold": round(ood_threshold, 4),
             "typicality": fit_typicality(scores, correct, answered_all, fit, held_out),
-            "report": {"n_held_out": int(len(held_out)),
-                       "ece_before": round(expected_calibration_error(raw_conf[held_out], correct[held_out]), 4),
-                       "ece_after": round(expected_calibration_error(confidence[held_out], correct[held_out]), 4),
+            "report": {"n_held_out": int(len(held_out)), "ece_before": ece(raw_conf), "ece_after": ece(confidence),
+                       "ece_constant_temperature": ece(constant),
                        "accuracy": round(float(correct[held_out].float().mean()), 4),
                        "coverage": round(float(answered.float().mean()), 4),
                        "out_of_scope_rate": round(1 - float(in_scope[held_out].float().mean()), 4),
@@ -244,13 +268,14 @@ def main(argv=None) -> int:
     try:
         bundle = load_bundle(args.checkpoint)
         val_sets = val_panels(bundle, args)
-        training_images = train_items(bundle, args.train, val_sets)
+        training_images = centroid_source(bundle, args, val_sets)
     except (ModelLoadError, ValueError, FileNotFoundError) as error:  # one line, nothing written
         print(f"error: {error}", file=sys.stderr)
         return 2
     previous = bundle.sidecar.get("calibration", {})
-    bundle.centroids, bundle.ood_precision = class_centroids(bundle, training_images, args.per_class, args.cache_dir,
-                                                             args.seed)
+    if training_images is not None:
+        bundle.centroids, bundle.ood_precision = class_centroids(bundle, training_images, args.per_class,
+                                                                 args.cache_dir, args.seed)
     calibration = {"panels": {}, "method": __doc__.split("\n\n")[1].strip(), "seed": args.seed,  # of the halves
                    "target_accuracy": args.target_accuracy, "min_coverage": args.min_coverage}
     for items, panel in val_sets:
@@ -264,6 +289,9 @@ def main(argv=None) -> int:
                                             "to the nearest training centroid of the panel's classes",
                                    "coverage_on_val": args.ood_coverage}
     calibration.update(phrase_thresholds(bundle, attribute_rows, args, previous))
+    if training_images is None:  # the stored centroids: the weights file is left as it is
+        update_sidecar(args.checkpoint, {"calibration": calibration})
+        return 0
     bundle.sidecar["calibration"] = calibration
     save_bundle(bundle, args.checkpoint)
     return 0
