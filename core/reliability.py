@@ -83,10 +83,14 @@ def image_temperatures(calibration: dict, scores: torch.Tensor) -> torch.Tensor:
     """(N,) temperatures for images with out-of-scope `scores` (N,): the panel's 'temperature'
     times 1 + 'distance_slope' x the score's excess over 'distance_reference' (the median score of
     the val cells it was fitted on). Without a slope (older sidecars, or a fit that chose 0) every
-    image gets the constant temperature; a score that is not finite adds nothing."""
+    image gets the constant temperature, and so does every image when the slope is not a positive
+    number or the reference is not finite; a score that is not finite adds nothing."""
     temperature = float(calibration.get("temperature", 1.0))
-    slope = float(calibration.get("distance_slope", 0.0))
-    excess = (scores - float(calibration.get("distance_reference", 0.0))).clamp_min(0)
+    slope, reference = float(calibration.get("distance_slope", 0.0)), float(calibration.get("distance_reference", 0.0))
+    if not (math.isfinite(slope) and slope > 0 and math.isfinite(reference)):
+        # a hand-edited or damaged sidecar: a negative slope would turn the ranking upside down
+        return torch.full(scores.shape, temperature)
+    excess = (scores - reference).clamp_min(0)
     excess = torch.where(torch.isfinite(excess), excess, torch.zeros_like(excess))
     return temperature * (1 + slope * excess)
 

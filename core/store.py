@@ -75,9 +75,10 @@ class PredictionRecord(Base):
     abstained: Mapped[bool]
     abstain_reason: Mapped[str | None] = mapped_column(Text)
     scores_json: Mapped[str] = mapped_column(Text)  # {class_key: probability}
-    # Whether an answer was in the atypical band (core.typicality) and the score behind it, so the
-    # review page can show whether experts agree less with the answers marked atypical on this
-    # lab's slides. NULL: an abstention, a model without a band, or a row stored before these existed.
+    # Whether an answer was in the atypical band (core.typicality) and the out-of-scope score behind
+    # it, so the review page can show whether experts agree less with the answers marked atypical on
+    # this lab's slides. `atypical` is NULL for an abstention or a model without a band; both are NULL
+    # on rows stored before they existed, and the score for an image refused before scoring.
     atypical: Mapped[bool | None] = mapped_column(nullable=True)
     out_of_scope_score: Mapped[float | None] = mapped_column(nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_utcnow)
@@ -147,7 +148,8 @@ def _sqlite_begin(conn) -> None:
 
 def store_error_message(exc: BaseException, where: str) -> str:
     """A clinician-readable sentence for a database error at `where` (no traceback)."""
-    raw = str(getattr(exc, "orig", None) or exc).lower()
+    original = str(getattr(exc, "orig", None) or exc)
+    raw = original.lower()
     tail = "describing still works but feedback cannot be saved."
     if "readonly" in raw or "read-only" in raw or isinstance(exc, PermissionError):
         return f"The feedback database at {where} is read-only; {tail}"
@@ -161,7 +163,7 @@ def store_error_message(exc: BaseException, where: str) -> str:
         return f"The feedback database server at {where} refused this database or login; {tail}"
     if "connect" in raw or "timeout" in raw or "could not translate host" in raw:
         return f"The feedback database server at {where} cannot be reached; {tail}"
-    first = raw.strip().splitlines()[0] if raw.strip() else type(exc).__name__
+    first = original.strip().splitlines()[0] if original.strip() else type(exc).__name__
     return f"The feedback database at {where} is unavailable ({first}); {tail}"
 
 

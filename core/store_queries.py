@@ -21,8 +21,8 @@ ABSTAINED_LABEL = "(abstained)"
 CSV_COLUMNS = (
     "feedback_id", "prediction_id", "image_id", "created_at", "reviewer", "verdict",
     "model_class", "corrected_class", "expert_class", "confidence", "panel", "model_id",
-    "abstained", "atypical", "out_of_scope_score", "sentence", "corrected_sentence", "comment",
-    "original_name", "sha256",
+    "abstained", "sentence", "corrected_sentence", "comment", "original_name", "sha256",
+    "atypical", "out_of_scope_score",  # added in session 13: last, so older columns keep their place
 )
 # how an answer stood against the atypical band (core.typicality), in agreement_summary
 # (None: an answer of a model without a fitted band, or stored before the mark was recorded)

@@ -2,10 +2,10 @@
 
 The out-of-scope score (distance to the nearest training-class centroid, `core.reliability`) refuses
 the images far from every cell type. Below that threshold it still carries information: for the
-default model (v18), the most atypical tenth of its answers on PBC val were right 93 % of the time
-against 99 % for the rest, and 72 of the 73 cells it answered from another lab (BCCD) lay in that
-band, right 69 % of the time at a mean confidence of 0.97 (`training.site_shift_report`). A
-confidence fitted at home cannot say this; a note on the answer can. `training.calibrate` fits the
+default model (v18, as recalibrated in session 13), the most atypical tenth of its answers on PBC val
+were right 94 % of the time against 99 % for the rest, and 63 of the 64 cells it answered from
+another lab (BCCD) lay in that band, right 76 % of the time (`training.site_shift_report`). A
+confidence fitted at home cannot say all of this; a note on the answer can. `training.calibrate` fits the
 band on one half of val (the score above which the most atypical `ATYPICAL_SHARE` of the answered
 cells lie) and measures the accuracy above and below it on the other half; the app and the describe
 CLI show the note for answers above it, with that accuracy and how many answers it rests on.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -13,6 +14,8 @@ import streamlit as st
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
+from sqlalchemy import create_engine
+from sqlalchemy.engine import make_url
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
@@ -177,3 +180,33 @@ def counted(monkeypatch):
 
     monkeypatch.setattr(gallery, "embed_images", counting)
     return calls
+
+
+# Store tests run on SQLite, and also on PostgreSQL where HEMASCRIBE_TEST_PG_URL is set (.ci/run does)
+PG_URL = os.environ.get("HEMASCRIBE_TEST_PG_URL")
+BACKENDS = [
+    "sqlite",
+    pytest.param("postgresql", marks=pytest.mark.skipif(
+        not PG_URL, reason="set HEMASCRIBE_TEST_PG_URL to run against PostgreSQL")),
+]
+def pg_url_with_schema(schema: str, **options: str) -> str:
+    """The test PostgreSQL URL with `schema` as its search path (and other server options)."""
+    opts = " ".join([f"-csearch_path={schema}"] + [f"-c{k}={v}" for k, v in options.items()])
+    return make_url(PG_URL).update_query_dict({"options": opts}).render_as_string(
+        hide_password=False)
+
+
+@pytest.fixture(params=BACKENDS)
+def db_url(request, tmp_path):
+    """A URL to an empty database: a fresh SQLite file, or a fresh PostgreSQL schema."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'db' / 'feedback.sqlite'}"
+        return
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(PG_URL)
+    with admin.begin() as conn:
+        conn.exec_driver_sql(f'CREATE SCHEMA "{schema}"')
+    yield pg_url_with_schema(schema)
+    with admin.begin() as conn:
+        conn.exec_driver_sql(f'DROP SCHEMA "{schema}" CASCADE')
+    admin.dispose()

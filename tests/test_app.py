@@ -643,6 +643,19 @@ def test_the_review_page_splits_agreement_by_the_atypical_mark(app_env, tmp_path
     assert stored.atypical is True and stored.out_of_scope_score is not None
 
 
+def test_the_home_band_note_speaks_only_of_the_loaded_models_answers():
+    from tests.conftest import BAND
+    from ui.review import home_band_note
+
+    bundle = SimpleNamespace(model_id="m1", sidecar={"calibration": {"panels": {"blood_cells": {"typicality": BAND}}}})
+    rows = [{"panel": "blood_cells", "model_id": "m1"}]
+    assert "right 94% of the time (96 answers)" in home_band_note(bundle, rows)
+    assert home_band_note(bundle, rows + [{"panel": "blood_cells", "model_id": "m0"}]) is None  # another model's
+    assert home_band_note(bundle, rows + [{"panel": "b_all", "model_id": "m1"}]) is None  # pooled panels
+    assert home_band_note(bundle, [{"panel": "b_all", "model_id": "m1"}]) is None  # no band for that panel
+    assert home_band_note(None, rows) is None
+
+
 def test_atypical_answers_are_listed_right_after_the_abstentions():
     from dataclasses import replace
 

@@ -3,9 +3,9 @@ fitted from home val alone, applied by describe, refitted on a shipped model wit
 its weights (training.calibrate --keep-centroids)."""
 from __future__ import annotations
 
-import json
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -20,6 +20,9 @@ def test_image_temperatures_grow_above_the_reference_only():
     temperatures = image_temperatures(fit, torch.tensor([1.0, 4.0, 14.0, math.inf, math.nan]))
     assert torch.allclose(temperatures, torch.tensor([0.5, 0.5, 1.0, 0.5, 0.5]))
     assert torch.equal(image_temperatures({"temperature": 0.8}, torch.tensor([1.0, 50.0])), torch.tensor([0.8, 0.8]))
+    for damaged in ({"distance_slope": -0.5}, {"distance_slope": math.nan}, {"distance_reference": math.nan}):
+        fit = {"temperature": 0.8, "distance_slope": 0.1, "distance_reference": 4.0, **damaged}
+        assert torch.equal(image_temperatures(fit, torch.tensor([1.0, 50.0])), torch.tensor([0.8, 0.8]))
 
 
 def _cases(overconfident_far: bool, n: int = 2000):
@@ -74,10 +77,19 @@ def test_keep_centroids_refits_the_sidecar_and_leaves_the_weights_alone(tmp_path
     fit = load_bundle(model).sidecar["calibration"]["panels"]["blood_cells"]  # loads: the sha256 still matches
     assert {"temperature", "distance_slope", "distance_reference", "min_confidence"} <= set(fit)
     assert "ece_constant_temperature" in fit["report"]
-    json.dumps(fit)
+    assert "--keep-centroids" in load_bundle(model).sidecar["calibration"]["command"]
     capsys.readouterr()
-    assert calibrate.main(["--checkpoint", str(model), "--val", str(val)]) == 2  # neither --train nor --keep
-    assert "--keep-centroids" in capsys.readouterr().err
+    for centroids in ([], ["--train", str(val), "--keep-centroids"]):  # neither, or both
+        with pytest.raises(SystemExit) as stop:
+            calibrate.main(["--checkpoint", str(model), "--val", str(val), *centroids])
+        assert stop.value.code == 2 and "--keep-centroids" in capsys.readouterr().err
+    other_panel = make_tiny_bundle()
+    other_panel.centroids = {k: v for k, v in other_panel.centroids.items() if k not in keys}
+    save_bundle(other_panel, model)
+    before = file_sha256(model), model.with_suffix(".json").read_text()
+    assert calibrate.main(["--checkpoint", str(model), "--keep-centroids", "--val", str(val)]) == 2
+    assert "stored centroids hold no class of panel blood_cells" in capsys.readouterr().err
+    assert (file_sha256(model), model.with_suffix(".json").read_text()) == before  # nothing written
     bare = make_tiny_bundle()
     bare.centroids = {}
     save_bundle(bare, model)

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import create_engine, func, select, update
-from sqlalchemy.engine import make_url
 
 from core.store import (
     FeedbackRecord, ImageRecord, PredictionRecord, StoreUnavailable, add_feedback,
@@ -30,38 +29,11 @@ from core.store_queries import (
     rows_to_csv,
 )
 from core.uploads import store_image_copy
+from tests.conftest import BACKENDS, PG_URL, pg_url_with_schema
 
 ROOT = Path(__file__).resolve().parent.parent
-PG_URL = os.environ.get("HEMASCRIBE_TEST_PG_URL")
-BACKENDS = [
-    "sqlite",
-    pytest.param("postgresql", marks=pytest.mark.skipif(
-        not PG_URL, reason="set HEMASCRIBE_TEST_PG_URL to run against PostgreSQL")),
-]
 DATA = b"\x89PNG fake image bytes"
 SHA = hashlib.sha256(DATA).hexdigest()
-
-
-def _pg_url_with_schema(schema: str, **options: str) -> str:
-    opts = " ".join([f"-csearch_path={schema}"] + [f"-c{k}={v}" for k, v in options.items()])
-    return make_url(PG_URL).update_query_dict({"options": opts}).render_as_string(
-        hide_password=False)
-
-
-@pytest.fixture(params=BACKENDS)
-def db_url(request, tmp_path):
-    """A URL to an empty database: a fresh SQLite file, or a fresh PostgreSQL schema."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'db' / 'feedback.sqlite'}"
-        return
-    schema = f"t_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(PG_URL)
-    with admin.begin() as conn:
-        conn.exec_driver_sql(f'CREATE SCHEMA "{schema}"')
-    yield _pg_url_with_schema(schema)
-    with admin.begin() as conn:
-        conn.exec_driver_sql(f'DROP SCHEMA "{schema}" CASCADE')
-    admin.dispose()
 
 
 @pytest.fixture
@@ -362,9 +334,9 @@ def test_read_only_database_is_unavailable(backend, tmp_path):
     with admin.begin() as conn:
         conn.exec_driver_sql(f'CREATE SCHEMA "{schema}"')
     try:
-        make_engine(_pg_url_with_schema(schema)).dispose()  # tables exist: only writes fail
+        make_engine(pg_url_with_schema(schema)).dispose()  # tables exist: only writes fail
         with pytest.raises(StoreUnavailable, match="read-only"):
-            make_engine(_pg_url_with_schema(schema, default_transaction_read_only="on"))
+            make_engine(pg_url_with_schema(schema, default_transaction_read_only="on"))
     finally:
         with admin.begin() as conn:
             conn.exec_driver_sql(f'DROP SCHEMA "{schema}" CASCADE')

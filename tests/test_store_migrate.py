@@ -3,10 +3,11 @@ gains the new columns (core.store_migrate); the review figures split agreement b
 from __future__ import annotations
 
 import hashlib
-import sqlite3
+import uuid
 
 import pytest
-from sqlalchemy import Column, Integer, MetaData, String, Table
+from sqlalchemy import Column, Integer, MetaData, String, Table, create_engine, text
+from sqlalchemy.engine import make_url
 
 from core.store import (
     PredictionRecord, StoreUnavailable, add_feedback, add_prediction, get_or_create_image, make_engine,
@@ -14,6 +15,7 @@ from core.store import (
 )
 from core.store_migrate import add_missing_columns, missing_columns
 from core.store_queries import agreement_summary, feedback_table, rows_to_csv
+from tests.conftest import PG_URL, pg_url_with_schema
 
 NEW_COLUMNS = ("atypical", "out_of_scope_score")
 
@@ -33,23 +35,30 @@ def _record(sm, name: str, *, class_key: str | None = "neutrophil", verdict: str
         return prediction.id
 
 
+def _drop_new_columns(engine) -> None:
+    with engine.begin() as conn:
+        for column in NEW_COLUMNS:
+            conn.execute(text(f"ALTER TABLE predictions DROP COLUMN {column}"))
+
+
 def _old_database(tmp_path):
-    """A database as the previous version left it: rows stored, no atypical columns."""
+    """A SQLite file as the previous version left it: rows stored, no atypical columns."""
     path = tmp_path / "feedback.sqlite"
     engine = make_engine(f"sqlite:///{path}")
     _record(make_sessionmaker(engine), "old.png")
+    _drop_new_columns(engine)
     engine.dispose()
-    with sqlite3.connect(path) as conn:
-        for column in NEW_COLUMNS:
-            conn.execute(f"ALTER TABLE predictions DROP COLUMN {column}")
     return path
 
 
-def test_old_database_gains_the_columns_and_keeps_its_rows(tmp_path):
-    path = _old_database(tmp_path)
-    with sqlite3.connect(path) as conn:
-        assert not {row[1] for row in conn.execute("PRAGMA table_info(predictions)")} & set(NEW_COLUMNS)
-    engine = make_engine(f"sqlite:///{path}")
+def test_old_database_gains_the_columns_and_keeps_its_rows(db_url):
+    """On SQLite and (in CI) PostgreSQL: the old rows stay, the new columns appear, new rows use them."""
+    engine = make_engine(db_url)
+    _record(make_sessionmaker(engine), "old.png")
+    _drop_new_columns(engine)
+    assert sorted(missing_columns(engine, PredictionRecord.metadata)) == [("predictions", c) for c in sorted(NEW_COLUMNS)]
+    engine.dispose()
+    engine = make_engine(db_url)
     try:
         sm = make_sessionmaker(engine)
         assert missing_columns(engine, PredictionRecord.metadata) == []
@@ -58,10 +67,10 @@ def test_old_database_gains_the_columns_and_keeps_its_rows(tmp_path):
             rows = feedback_table(s)
             assert s.get(PredictionRecord, new_id).out_of_scope_score == 12.5
         assert [(r["original_name"], r["atypical"]) for r in rows] == [("old.png", None), ("new.png", True)]
-        assert "atypical,out_of_scope_score" in rows_to_csv(rows).splitlines()[0]
+        assert rows_to_csv(rows).splitlines()[0].endswith(",sha256,atypical,out_of_scope_score")  # appended
+        assert add_missing_columns(engine, PredictionRecord.metadata) == []  # a second pass adds nothing
     finally:
         engine.dispose()
-    make_engine(f"sqlite:///{path}").dispose()  # a second opening finds nothing to add
 
 
 def test_read_only_old_database_says_so_and_is_not_changed(tmp_path):
@@ -113,3 +122,27 @@ def test_a_score_that_is_not_finite_is_stored_as_unknown(tmp_path):
             assert s.get(PredictionRecord, prediction_id).out_of_scope_score is None
     finally:
         engine.dispose()
+
+
+@pytest.mark.skipif(not PG_URL, reason="set HEMASCRIBE_TEST_PG_URL to run against PostgreSQL")
+def test_a_login_that_may_not_alter_tables_gets_the_statements_to_ask_for():
+    schema, role = f"t_{uuid.uuid4().hex[:12]}", f"r_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(PG_URL)
+    with admin.begin() as conn:
+        conn.exec_driver_sql(f'CREATE SCHEMA "{schema}"')
+    try:
+        make_engine(pg_url_with_schema(schema)).dispose()
+        with admin.begin() as conn:  # an old database, opened by a login that does not own its tables
+            conn.exec_driver_sql(f'ALTER TABLE "{schema}".predictions DROP COLUMN atypical')
+            conn.exec_driver_sql(f"CREATE ROLE {role} LOGIN")
+            conn.exec_driver_sql(f'GRANT USAGE ON SCHEMA "{schema}" TO {role}')
+            conn.exec_driver_sql(f'GRANT SELECT, INSERT, DELETE ON ALL TABLES IN SCHEMA "{schema}" TO {role}')
+        url = make_url(pg_url_with_schema(schema)).set(username=role).render_as_string(hide_password=False)
+        with pytest.raises(StoreUnavailable, match="an administrator can run: ALTER TABLE predictions ADD COLUMN "
+                                                   "IF NOT EXISTS atypical BOOLEAN"):
+            make_engine(url)
+    finally:
+        with admin.begin() as conn:
+            conn.exec_driver_sql(f'DROP SCHEMA "{schema}" CASCADE')
+            conn.exec_driver_sql(f"DROP ROLE IF EXISTS {role}")
+        admin.dispose()

@@ -1,6 +1,7 @@
 """Fit calibration and abstention thresholds on val and store them in the model sidecar.
 
-    python -m training.calibrate --checkpoint PATH --train DIR... --val DIR... [--attributes CSV]
+    python -m training.calibrate --checkpoint PATH (--train DIR... | --keep-centroids) --val DIR...
+        [--attributes CSV]
 
 * class centroids of the training images in embedding space and the inverse of their shared
   within-class covariance, Ledoit-Wolf shrunk (out-of-scope score, see core.reliability);
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -36,17 +38,16 @@ import torch.nn.functional as F
 from sklearn.covariance import LedoitWolf
 
 from core.checkpoint import ModelLoadError, load_bundle, save_bundle, update_sidecar
-from core.data import LabelledImage, scan_class_folders
+from core.data import LabelledImage
 from core.morphology import DEFAULT_PHRASE_THRESHOLD
-from core.panels import infer_panel, require_panel
 from core.reliability import (confidence_threshold_for_accuracy, expected_calibration_error,
                               fit_distance_temperature, fit_temperature, image_temperatures,
                               out_of_scope_scores)
 from core.typicality import fit_typicality
 from training.attribute_eval import read_attribute_rows
 from training.calibrate_attributes import calibrate_attributes
+from training.calibrate_inputs import centroid_source, val_panels
 from training.dataset import decode_images
-from training.evaluate import match_folders
 from training.evaluation_utils import embed_uint8, seeded_halves
 
 
@@ -60,8 +61,9 @@ MIN_VAL_PER_CLASS = 20  # val images of each class (half fit, half measure the r
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("--train", nargs="+", default=None, help="training folders (for class centroids)")
-    p.add_argument("--keep-centroids", action="store_true",
+    centroids = p.add_mutually_exclusive_group(required=True)
+    centroids.add_argument("--train", nargs="+", default=None, help="training folders (for class centroids)")
+    centroids.add_argument("--keep-centroids", action="store_true",
                    help="reuse the model's stored class centroids (and covariance) instead of --train: refits the "
                         "temperature and thresholds alone, and the weights file keeps its bytes and sha256")
     p.add_argument("--val", nargs="+", required=True, help="validation folders (one panel each)")
@@ -79,75 +81,6 @@ def parse_args(argv=None):
                    help="accuracy the phrases stated without '(?)' must reach")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
-
-
-def class_items(bundle, folders) -> list[LabelledImage]:
-    """The images of class folders, labelled with the class key each folder names, as evaluation
-    reads them (`training.evaluate.match_folders`: "Neutrophil" is neutrophil). A
-    FileNotFoundError for a missing folder."""
-    return match_folders(bundle, [i for f in folders for i in scan_class_folders(f)])[0]
-
-
-def train_items(bundle, folders, val_sets) -> list[LabelledImage]:
-    """The --train images, checked before the long centroid pass: a ValueError when they hold no
-    class of a --val panel (its out-of-scope score would be infinite for every image, and the
-    fit would fail); a warning for each val class without training images (its cells will read
-    as out of scope)."""
-    items = class_items(bundle, folders)
-    seen = {i.label for i in items}
-    for val_items, panel in val_sets:
-        if not seen & set(bundle.panels[panel].keys):
-            raise ValueError(f"--train holds no class folder of panel {panel}; give its training folders")
-        missing = sorted({i.label for i in val_items} - seen)
-        if missing:
-            print(f"warning: no --train images of {', '.join(missing)} (panel {panel}): those cells will "
-                  "read as out of scope", file=sys.stderr)
-    return items
-
-
-def centroid_source(bundle, args, val_sets) -> list[LabelledImage] | None:
-    """The --train images for new centroids, or None with --keep-centroids (the stored ones are
-    used); a ValueError when neither is possible."""
-    if args.keep_centroids:
-        if not bundle.centroids:
-            raise ValueError("--keep-centroids: this model stores no class centroids; give --train")
-        return None
-    if not args.train:
-        raise ValueError("give --train (the training folders, for class centroids) or --keep-centroids")
-    return train_items(bundle, args.train, val_sets)
-
-
-def val_panels(bundle, args) -> list[tuple[list[LabelledImage], str]]:
-    """(images, panel) of every --val folder, before any image is embedded: the panel --panel
-    names or the one its class folders fit (`core.panels.infer_panel`, which refuses a tie). A
-    ValueError when that fails, for a folder without images, for two folders of one panel, and for
-    a class folder outside the panel (the fit needs every image's class in it: a stray folder
-    would stop the run with a traceback after the centroids' long pass)."""
-    if args.panel and len(args.panel) != len(args.val):
-        raise ValueError(f"--panel names {len(args.panel)} panel(s) for {len(args.val)} --val folder(s); "
-                         "name one per --val folder, in order")
-    for name in args.panel or ():
-        require_panel(bundle.panels, name)
-    sets = []
-    for k, folder in enumerate(args.val):
-        items = class_items(bundle, [folder])
-        if not items:
-            raise ValueError(f"--val {folder}: no images found (expected one sub-folder per class)")
-        labels = {i.label for i in items}
-        panel = args.panel[k] if args.panel else infer_panel(bundle.panels, labels, f"class folders of {folder}")
-        if panel is None:
-            raise ValueError(f"no panel of this model holds any of the class folders of {folder} "
-                             f"({', '.join(sorted(labels))}); pass --panel")
-        outside = sorted(labels - set(bundle.panels[panel].keys))
-        if outside:
-            raise ValueError(f"the class folders {', '.join(outside)} of {folder} are not classes of panel "
-                             f"{panel}; give each --val folder the classes of one panel")
-        earlier = [f for f, (_, p) in zip(args.val, sets) if p == panel]
-        if earlier:  # a panel holds one calibration: the second fit would silently replace the first
-            raise ValueError(f"--val {earlier[0]} and {folder} are both panel {panel}; give one --val folder "
-                             "per panel (put all of a panel's class folders in one folder)")
-        sets.append((items, panel))
-    return sets
 
 
 def embed_items(bundle, items, cache_dir) -> torch.Tensor:
@@ -221,6 +154,9 @@ def degenerate_reasons(result: dict, counts: dict[str, int]) -> list[str]:
         effect = ("flattens every answer to about 1/K (all classes alike)" if temperature > high
                   else "pushes every confidence to 0 or 1")
         reasons.append(f"temperature {temperature:g} outside [{low:g}, {high:g}] {effect}")
+    unusable = [k for k in ("distance_reference", "out_of_scope_threshold") if not math.isfinite(result.get(k, 0.0))]
+    if unusable:  # e.g. no centroid of any val class: every score infinite
+        reasons.append(f"{' and '.join(unusable)} not a finite number")
     few = {key: n for key, n in counts.items() if n < MIN_VAL_PER_CLASS}
     if few:
         listed = ", ".join(f"{key} {n}" for key, n in few.items())
@@ -277,6 +213,7 @@ def main(argv=None) -> int:
         bundle.centroids, bundle.ood_precision = class_centroids(bundle, training_images, args.per_class,
                                                                  args.cache_dir, args.seed)
     calibration = {"panels": {}, "method": __doc__.split("\n\n")[1].strip(), "seed": args.seed,  # of the halves
+                   "command": " ".join(["python -m training.calibrate", *(sys.argv[1:] if argv is None else argv)]),
                    "target_accuracy": args.target_accuracy, "min_coverage": args.min_coverage}
     for items, panel in val_sets:
         embeddings = embed_items(bundle, items, args.cache_dir)

@@ -21,7 +21,7 @@ import torch
 from core.checkpoint import ModelLoadError, load_bundle, load_sidecar, update_sidecar
 from core.reliability import is_calibrated
 from core.typicality import fit_typicality
-from training.calibrate import val_panels
+from training.calibrate_inputs import val_panels
 from training.evaluate import describe_folder
 from training.evaluation_utils import seeded_halves
 

@@ -66,23 +66,30 @@ def pooling_note(rows: list[dict]) -> str | None:
             "like with like.")
 
 
+FEW_VERDICTS = 20  # decided verdicts below which an agreement rate is called rough
+
+
 def typicality_rows(summary: dict) -> list[dict]:
     """agreement_summary's split by the atypical mark as display rows (typical first)."""
     return [{"answers": label, **figures} for label, figures in summary["by_typicality"].items()]
 
 
 def home_band_note(bundle, rows: list[dict]) -> str | None:
-    """What the atypical mark meant on the training lab's held-out cells, for the one panel the
-    rows are on (None when they pool panels, or the loaded model has no band for it): the figure
-    the experts' agreement here can be held against."""
-    panels = {row["panel"] for row in rows}
-    band = typicality_band(bundle.sidecar, next(iter(panels))) if bundle is not None and len(panels) == 1 else None
+    """What the atypical mark meant on the training lab's held-out cells, for rows that are all
+    the loaded model's answers on one panel (None otherwise, or when it has no band for the panel):
+    the figures the experts' agreement here can be held against."""
+    panels, models = {row["panel"] for row in rows}, {row["model_id"] for row in rows}
+    if bundle is None or len(panels) != 1 or models != {bundle.model_id}:
+        return None  # another model's band says nothing of these answers
+    panel = next(iter(panels))
+    band = typicality_band(bundle.sidecar, panel)
     if band is None:
         return None
-    return (f"On the training lab's held-out cells ({next(iter(panels))}), answers marked atypical were right "
+    return (f"On the training lab's held-out cells ({panel}), answers marked atypical were right "
             f"{band['accuracy_above']:.0%} of the time ({band['n_held_out_above']} answers) and the others "
             f"{band['accuracy_below']:.0%}. Agreement here far below those says the model does not suit these "
-            "slides; typical answers that experts often reject say the mark misses what differs here.")
+            "slides; typical answers that experts often reject say the mark misses what differs here. A rate "
+            f"resting on fewer than {FEW_VERDICTS} decided verdicts is rough: a few more can move it a lot.")
 
 
 def stored_image(store: Store, upload_dir: Path, sha256: str) -> LoadedImage | str:
