@@ -212,7 +212,7 @@ def main(argv=None) -> int:
     if training_images is not None:
         bundle.centroids, bundle.ood_precision = class_centroids(bundle, training_images, args.per_class,
                                                                  args.cache_dir, args.seed)
-    calibration = {"panels": {}, "method": __doc__.split("\n\n")[1].strip(), "seed": args.seed,  # of the halves
+    calibration = {"panels": {}, "method": " ".join(__doc__.split("\n\n")[1].split()), "seed": args.seed,  # halves
                    "command": " ".join(["python -m training.calibrate", *(sys.argv[1:] if argv is None else argv)]),
                    "target_accuracy": args.target_accuracy, "min_coverage": args.min_coverage}
     for items, panel in val_sets:
