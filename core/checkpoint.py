@@ -51,6 +51,16 @@ class ModelBundle:
     def weights_sha256(self) -> str:
         return self.sidecar.get("weights_sha256", "")
 
+    @property
+    def calibration_id(self) -> str | None:
+        """First 12 hex digits of the sha256 of the sidecar's calibration (canonical JSON); None when
+        uncalibrated. A recalibration (`training.calibrate --keep-centroids`) changes the
+        temperature and thresholds but not the weights: this tells stored answers apart."""
+        calibration = self.sidecar.get("calibration")
+        if not calibration:
+            return None
+        return hashlib.sha256(json.dumps(calibration, sort_keys=True).encode()).hexdigest()[:12]
+
 
 def sidecar_path(weights_path: Path | str) -> Path:
     """``model.safetensors`` -> ``model.json``."""

@@ -39,6 +39,7 @@ class Description:
     model_id: str  # model identity from the sidecar
     weights_sha256: str  # sha256 of the weights that produced this
     atypical: bool | None = None  # an answer in the atypical band (core.typicality); None: abstained or no band
+    calibration_id: str | None = None  # which temperature and thresholds decided (ModelBundle.calibration_id)
     timings_ms: dict[str, float] = field(default_factory=dict)  # per stage
     notes: tuple[str, ...] = ()  # what was done to the image first (rotated, alpha over white ...)
 
@@ -122,6 +123,7 @@ def _describe_embedding(bundle: ModelBundle, embedding: torch.Tensor, panel: str
         similarities=dict(zip(spec.keys, map(float, similarities))), out_of_scope_score=decision.out_of_scope_score,
         panel_validated=spec.validated, model_id=bundle.model_id, weights_sha256=bundle.weights_sha256,
         atypical=is_atypical(decision.out_of_scope_score, decision.abstained, typicality_band(bundle.sidecar, panel)),
+        calibration_id=bundle.calibration_id,
         timings_ms={}, notes=notes)
 
 

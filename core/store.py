@@ -81,6 +81,9 @@ class PredictionRecord(Base):
     # on rows stored before they existed, and the score for an image refused before scoring.
     atypical: Mapped[bool | None] = mapped_column(nullable=True)
     out_of_scope_score: Mapped[float | None] = mapped_column(nullable=True)
+    # which calibration decided (core.checkpoint.ModelBundle.calibration_id): recalibrating keeps the
+    # weights, so weights_sha256 alone cannot tell the answers of two calibrations apart
+    calibration_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_utcnow)
     image: Mapped[ImageRecord] = relationship()
 
@@ -240,9 +243,10 @@ def get_or_create_image(s: Session, *, sha256: str, original_name: str, n_bytes:
 def add_prediction(s: Session, image: ImageRecord, *, model_id: str, weights_sha256: str,
                    panel: str, class_key: str | None, sentence: str, confidence: float,
                    abstained: bool, abstain_reason: str | None, scores: dict,
-                   atypical: bool | None = None, out_of_scope_score: float | None = None) -> PredictionRecord:
-    """Record what the model said about `image` (a new row every time); `atypical` and
-    `out_of_scope_score` as `core.describe.Description` gives them (None: not known)."""
+                   atypical: bool | None = None, out_of_scope_score: float | None = None,
+                   calibration_id: str | None = None) -> PredictionRecord:
+    """Record what the model said about `image` (a new row every time); `atypical`,
+    `out_of_scope_score` and `calibration_id` as `core.describe.Description` gives them (None: not known)."""
     if class_key is None and not abstained:
         raise ValueError("class_key is required unless the model abstained")
     confidence = float(confidence)  # numpy scalars -> plain float
@@ -256,7 +260,8 @@ def add_prediction(s: Session, image: ImageRecord, *, model_id: str, weights_sha
                             confidence=confidence, abstained=bool(abstained),
                             abstain_reason=abstain_reason, scores_json=scores_json,
                             atypical=None if atypical is None else bool(atypical),
-                            out_of_scope_score=_finite_or_none(out_of_scope_score))
+                            out_of_scope_score=_finite_or_none(out_of_scope_score),
+                            calibration_id=_clean_text(calibration_id, "calibration id", 64))
     s.add(pred)
     s.flush()  # assign the id now: the UI needs it to attach feedback
     return pred

@@ -22,7 +22,7 @@ CSV_COLUMNS = (
     "feedback_id", "prediction_id", "image_id", "created_at", "reviewer", "verdict",
     "model_class", "corrected_class", "expert_class", "confidence", "panel", "model_id",
     "abstained", "sentence", "corrected_sentence", "comment", "original_name", "sha256",
-    "atypical", "out_of_scope_score",  # added in session 13: last, so older columns keep their place
+    "atypical", "out_of_scope_score", "calibration_id",  # added in session 13: last, so older columns keep their place
 )
 # how an answer stood against the atypical band (core.typicality), in agreement_summary
 # (None: an answer of a model without a fitted band, or stored before the mark was recorded)
@@ -137,7 +137,7 @@ def _table_row(f, p, i) -> dict:
         "expert_class": expert_class(f.verdict, p.class_key, f.corrected_class),
         "confidence": p.confidence, "panel": p.panel, "model_id": p.model_id,
         "weights_sha256": p.weights_sha256, "abstained": p.abstained, "atypical": p.atypical,
-        "out_of_scope_score": p.out_of_scope_score, "sentence": p.sentence,
+        "out_of_scope_score": p.out_of_scope_score, "calibration_id": p.calibration_id, "sentence": p.sentence,
         "corrected_sentence": f.corrected_sentence, "comment": f.comment,
         "original_name": i.original_name, "sha256": i.sha256,
     }

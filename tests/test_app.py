@@ -10,6 +10,7 @@ import pytest
 import streamlit as st
 from streamlit.testing.v1 import AppTest
 
+from core.checkpoint import load_bundle
 from core.store import ImageRecord, PredictionRecord, feedback_table
 from tests.conftest import cell_png_bytes
 
@@ -641,6 +642,15 @@ def test_the_review_page_splits_agreement_by_the_atypical_mark(app_env, tmp_path
     with app_env.sessionmaker() as s:
         stored = s.query(PredictionRecord).one()
     assert stored.atypical is True and stored.out_of_scope_score is not None
+    assert stored.calibration_id == load_bundle(model).calibration_id is not None
+
+
+def test_one_models_answers_under_two_calibrations_are_said_to_be_pooled():
+    from ui.review import pooling_note
+
+    rows = [{"model_id": "m", "panel": "blood_cells", "calibration_id": c} for c in ("aaa", "aaa", None)]
+    assert pooling_note(rows) is None  # one calibration (and rows stored before the id was)
+    assert "2 calibrations of one model" in pooling_note(rows + [{**rows[0], "calibration_id": "bbb"}])
 
 
 def test_the_home_band_note_speaks_only_of_the_loaded_models_answers():

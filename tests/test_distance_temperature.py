@@ -77,7 +77,12 @@ def test_keep_centroids_refits_the_sidecar_and_leaves_the_weights_alone(tmp_path
     fit = load_bundle(model).sidecar["calibration"]["panels"]["blood_cells"]  # loads: the sha256 still matches
     assert {"temperature", "distance_slope", "distance_reference", "min_confidence"} <= set(fit)
     assert "ece_constant_temperature" in fit["report"]
-    assert "--keep-centroids" in load_bundle(model).sidecar["calibration"]["command"]
+    recalibrated = load_bundle(model)
+    assert "--keep-centroids" in recalibrated.sidecar["calibration"]["command"]
+    assert make_tiny_bundle().calibration_id is None and len(recalibrated.calibration_id) == 12
+    changed = load_bundle(model)
+    changed.sidecar["calibration"]["panels"]["blood_cells"]["temperature"] += 0.1
+    assert changed.calibration_id != recalibrated.calibration_id  # stored answers can tell them apart
     capsys.readouterr()
     for centroids in ([], ["--train", str(val), "--keep-centroids"]):  # neither, or both
         with pytest.raises(SystemExit) as stop:

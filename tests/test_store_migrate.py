@@ -17,7 +17,7 @@ from core.store_migrate import add_missing_columns, missing_columns
 from core.store_queries import agreement_summary, feedback_table, rows_to_csv
 from tests.conftest import PG_URL, pg_url_with_schema
 
-NEW_COLUMNS = ("atypical", "out_of_scope_score")
+NEW_COLUMNS = ("atypical", "out_of_scope_score", "calibration_id")
 
 
 def _record(sm, name: str, *, class_key: str | None = "neutrophil", verdict: str = "agree", **marks) -> int:
@@ -62,12 +62,14 @@ def test_old_database_gains_the_columns_and_keeps_its_rows(db_url):
     try:
         sm = make_sessionmaker(engine)
         assert missing_columns(engine, PredictionRecord.metadata) == []
-        new_id = _record(sm, "new.png", verdict="disagree", atypical=True, out_of_scope_score=12.5)
+        new_id = _record(sm, "new.png", verdict="disagree", atypical=True, out_of_scope_score=12.5,
+                         calibration_id="0123456789ab")
         with sm() as s:
             rows = feedback_table(s)
-            assert s.get(PredictionRecord, new_id).out_of_scope_score == 12.5
+            stored = s.get(PredictionRecord, new_id)
+            assert (stored.out_of_scope_score, stored.calibration_id) == (12.5, "0123456789ab")
         assert [(r["original_name"], r["atypical"]) for r in rows] == [("old.png", None), ("new.png", True)]
-        assert rows_to_csv(rows).splitlines()[0].endswith(",sha256,atypical,out_of_scope_score")  # appended
+        assert rows_to_csv(rows).splitlines()[0].endswith(",sha256,atypical,out_of_scope_score,calibration_id")  # appended
         assert add_missing_columns(engine, PredictionRecord.metadata) == []  # a second pass adds nothing
     finally:
         engine.dispose()

@@ -30,5 +30,6 @@ def record_prediction(make_session: sessionmaker[Session], upload_dir: Path, dat
             s, image, model_id=result.model_id, weights_sha256=result.weights_sha256, panel=result.panel,
             class_key=result.class_key, sentence=result.sentence or uncertain_text(result),
             confidence=result.confidence, abstained=result.abstained, abstain_reason=result.abstain_reason,
-            scores=result.scores, atypical=result.atypical, out_of_scope_score=result.out_of_scope_score)
+            scores=result.scores, atypical=result.atypical, out_of_scope_score=result.out_of_scope_score,
+            calibration_id=result.calibration_id)
         return image.id, prediction.id

@@ -58,10 +58,15 @@ def rows_frame(rows: list[dict]) -> pd.DataFrame:
 
 def pooling_note(rows: list[dict]) -> str | None:
     """A caption when the rows' agreement figures pool several models or panels (agreement with
-    one model on one panel is what means something); None when they do not."""
+    one model on one panel is what means something), or one model's answers under several
+    calibrations (which cases it answered moved); None when they do not."""
     models, panels = len({row["model_id"] for row in rows}), len({row["panel"] for row in rows})
     if models <= 1 and panels <= 1:
-        return None
+        calibrations = {row.get("calibration_id") for row in rows} - {None}
+        if len(calibrations) <= 1:
+            return None
+        return (f"These figures pool the answers of {len(calibrations)} calibrations of one model: its sentences are "
+                "the same, but which cases it answered and with what confidence changed between them.")
     return (f"These figures pool {models} model(s) and {panels} panel(s); filter by model and panel to compare "
             "like with like.")
 
