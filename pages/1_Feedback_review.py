@@ -72,7 +72,7 @@ st.caption("An answer is marked atypical when its image lies in the model's atyp
            "cases stored before the mark was recorded, count as 'not marked'.")
 if typicality := review.typicality_rows(summary):
     st.dataframe(typicality, hide_index=True, key="review_typicality", column_config={
-        "agreement_rate": st.column_config.NumberColumn("agreement rate", format="percent")})
+        "agreement_rate": st.column_config.NumberColumn("agreement rate", format="%.0f%%")})
     if note := review.home_band_note(bundle, counted):
         st.caption(note)
 else:

@@ -657,12 +657,16 @@ def test_the_home_band_note_speaks_only_of_the_loaded_models_answers():
     from tests.conftest import BAND
     from ui.review import home_band_note
 
-    bundle = SimpleNamespace(model_id="m1", sidecar={"calibration": {"panels": {"blood_cells": {"typicality": BAND}}}})
-    rows = [{"panel": "blood_cells", "model_id": "m1"}]
-    assert "right 94% of the time (96 answers)" in home_band_note(bundle, rows)
-    assert home_band_note(bundle, rows + [{"panel": "blood_cells", "model_id": "m0"}]) is None  # another model's
-    assert home_band_note(bundle, rows + [{"panel": "b_all", "model_id": "m1"}]) is None  # pooled panels
-    assert home_band_note(bundle, [{"panel": "b_all", "model_id": "m1"}]) is None  # no band for that panel
+    bundle = SimpleNamespace(model_id="m1", sidecar={"calibration": {"panels": {"blood_cells": {"typicality": BAND}}}},
+                             panels={"blood_cells": SimpleNamespace(title="Blood cells (PBC)")})
+    rows = [{"panel": "blood_cells", "model_id": "m1", "model_class": "neutrophil"}]
+    assert "held-out cells (Blood cells (PBC)), answers marked atypical were right 94% of the time (96 answers)" \
+        in home_band_note(bundle, rows)
+    assert home_band_note(bundle, rows + [{**rows[0], "model_id": "m0"}]) is None  # another model's answers
+    assert home_band_note(bundle, rows + [{**rows[0], "panel": "b_all"}]) is None  # pooled panels
+    assert home_band_note(bundle, [{**rows[0], "panel": "b_all"}]) is None  # no band for that panel
+    # a verdict on an Uncertain case is not in the split, so it does not hide the note
+    assert home_band_note(bundle, rows + [{"panel": "b_all", "model_id": "m0", "model_class": None}]) is not None
     assert home_band_note(None, rows) is None
 
 

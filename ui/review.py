@@ -75,22 +75,27 @@ FEW_VERDICTS = 20  # decided verdicts below which an agreement rate is called ro
 
 
 def typicality_rows(summary: dict) -> list[dict]:
-    """agreement_summary's split by the atypical mark as display rows (typical first)."""
-    return [{"answers": label, **figures} for label, figures in summary["by_typicality"].items()]
+    """agreement_summary's split by the atypical mark as display rows (typical first); the rate in
+    percent, as the page's other figures."""
+    return [{"answers": label, **figures,
+             "agreement_rate": None if figures["agreement_rate"] is None else 100 * figures["agreement_rate"]}
+            for label, figures in summary["by_typicality"].items()]
 
 
 def home_band_note(bundle, rows: list[dict]) -> str | None:
-    """What the atypical mark meant on the training lab's held-out cells, for rows that are all
-    the loaded model's answers on one panel (None otherwise, or when it has no band for the panel):
-    the figures the experts' agreement here can be held against."""
-    panels, models = {row["panel"] for row in rows}, {row["model_id"] for row in rows}
+    """What the atypical mark meant on the training lab's held-out cells, when the answered rows
+    (those the split counts) are all the loaded model's answers on one panel (None otherwise, or
+    when it has no band for the panel): the figures the experts' agreement here can be held against."""
+    answered = [row for row in rows if row["model_class"]]
+    panels, models = {row["panel"] for row in answered}, {row["model_id"] for row in answered}
     if bundle is None or len(panels) != 1 or models != {bundle.model_id}:
         return None  # another model's band says nothing of these answers
     panel = next(iter(panels))
     band = typicality_band(bundle.sidecar, panel)
     if band is None:
         return None
-    return (f"On the training lab's held-out cells ({panel}), answers marked atypical were right "
+    title = bundle.panels[panel].title if panel in bundle.panels else panel
+    return (f"On the training lab's held-out cells ({title}), answers marked atypical were right "
             f"{band['accuracy_above']:.0%} of the time ({band['n_held_out_above']} answers) and the others "
             f"{band['accuracy_below']:.0%}. Agreement here far below those says the model does not suit these "
             "slides; typical answers that experts often reject say the mark misses what differs here. A rate "
@@ -141,6 +146,7 @@ def reopen_case(store: Store, upload_dir: Path, rows: list[dict], panels: dict[s
         st.markdown("Model said: " + md_escape(row["sentence"]))
         # An abstention's top score may belong to an image that is no cell at all: not shown as a confidence.
         confidence = "" if row["abstained"] else f", confidence {row['confidence']:.0%}"
+        confidence += ", marked atypical" if row.get("atypical") else ""
         st.caption(f"Model {md_escape(row['model_id'])}, panel {md_escape(row['panel'])}{confidence}")
     # the verification of this row's description (its panel and model weights), as the Describe
     # page shows it: a verdict on an older model's answer would read as agreeing with this one
