@@ -45,17 +45,19 @@ if len(counted) < len(rows):
 
 st.subheader("Feedback")
 st.dataframe(review.rows_frame(rows), hide_index=True, key="review_table", column_config={
-    "confidence": st.column_config.NumberColumn("confidence", format="%.3f")})  # 0.9997 read "1"
+    "confidence": st.column_config.NumberColumn("confidence", format="%.3f"),  # 0.9997 read "1"
+    "atypical": st.column_config.CheckboxColumn("atypical", help="Ticked: the answer was marked atypical; unticked: "
+                                                "typical; empty: not marked (an abstention, a model without the "
+                                                "band, or a case stored before the mark was recorded).")})
 st.download_button("Download CSV", rows_to_csv(rows), file_name="hemascribe_feedback.csv", mime="text/csv",
                    key="review_csv", disabled=not rows)
 
 left, right = st.columns(2)
 with left:
     st.subheader("Agreement per model class")
-    per_class = [{"model class": k, **v} for k, v in summary["per_class"].items()]
-    if per_class:
+    if per_class := review.per_class_rows(summary):
         st.dataframe(per_class, hide_index=True, key="review_per_class", column_config={
-            "agreement_rate": st.column_config.NumberColumn("agreement rate", format="percent")})
+            "agreement_rate": st.column_config.NumberColumn("agreement rate", format="%.0f%%")})
     else:
         st.caption("No feedback matches the filters.")
 with right:

@@ -205,6 +205,7 @@ def test_feedback_review_page(app_env):
     assert any(m.label.startswith("Agreement") and m.value == "100%" for m in at.metric)
     assert not any("These figures pool" in c.value for c in at.caption)  # one model, one panel
     assert list(frame_with(at, "answers")["answers"]) == ["not marked"]  # the tiny model has no band
+    assert list(frame_with(at, "model class")["agreement_rate"]) == [100.0]
     at = choose_sample(at.switch_page("app.py").run())
     at.selectbox(key="describe_panel").select("b_all").run()
     feedback_widget("button", at, "agree").click().run()
@@ -637,6 +638,7 @@ def test_the_review_page_splits_agreement_by_the_atypical_mark(app_env, tmp_path
     assert not at.exception, at.exception
     split = frame_with(at, "answers")
     assert list(split["answers"]) == ["atypical"] and list(split["n_disagree"]) == [1]
+    assert list(split["agreement_rate"]) == [0.0]  # in percent, shown whole like the page's other figures
     assert any("answers marked atypical were right 94% of the time (96 answers) and the others 98%" in c.value
                for c in at.caption)
     with app_env.sessionmaker() as s:

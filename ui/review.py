@@ -77,9 +77,19 @@ FEW_VERDICTS = 20  # decided verdicts below which an agreement rate is called ro
 def typicality_rows(summary: dict) -> list[dict]:
     """agreement_summary's split by the atypical mark as display rows (typical first); the rate in
     percent, as the page's other figures."""
-    return [{"answers": label, **figures,
-             "agreement_rate": None if figures["agreement_rate"] is None else 100 * figures["agreement_rate"]}
+    return [{"answers": label, **figures, "agreement_rate": as_percent(figures["agreement_rate"])}
             for label, figures in summary["by_typicality"].items()]
+
+
+def per_class_rows(summary: dict) -> list[dict]:
+    """agreement_summary's per-class figures as display rows, the rate in percent."""
+    return [{"model class": key, **figures, "agreement_rate": as_percent(figures["agreement_rate"])}
+            for key, figures in summary["per_class"].items()]
+
+
+def as_percent(rate: float | None) -> float | None:
+    """A 0-1 rate in percent, for a '%.0f%%' column (the page shows whole percents throughout)."""
+    return None if rate is None else 100 * rate
 
 
 def home_band_note(bundle, rows: list[dict]) -> str | None:

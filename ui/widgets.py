@@ -138,7 +138,8 @@ def score_chart(description: Description, panel: Panel, calibrated: bool = True)
 
 def confusion_figure(labels: list[str], matrix: list[list[int]]) -> go.Figure:
     """Expert (rows) versus model (columns) counts as an annotated heatmap."""
-    figure = go.Figure(go.Heatmap(z=matrix, x=labels, y=labels, colorscale="Blues", zmin=0, text=matrix,
+    figure = go.Figure(go.Heatmap(z=matrix, x=labels, y=labels, colorscale="Blues", zmin=0,
+                                  zmax=max([1, *(max(row) for row in matrix)]), text=matrix,
                                   texttemplate="%{text}", hovertemplate="expert %{y}<br>model %{x}<br>%{z} cases"
                                   "<extra></extra>"))
     figure.update_layout(xaxis_title="model class", yaxis_title="expert class", yaxis_autorange="reversed",
