@@ -325,6 +325,24 @@ def test_new_model_file_is_picked_up_without_restart(app_env, tmp_path, monkeypa
     assert before and after and before != after
 
 
+def test_a_recalibration_is_picked_up_and_named_in_the_sidebar(app_env, tmp_path, monkeypatch):
+    from core.checkpoint import update_sidecar
+    from tests.conftest import save_calibrated_tiny
+
+    path = save_calibrated_tiny(tmp_path / "model" / "calibrated.safetensors")
+    monkeypatch.setenv("HEMASCRIBE_MODEL", str(path))
+    st.cache_resource.clear()
+    at = run_app()
+    before = [c.value for c in at.sidebar.caption if c.value.startswith("Calibration:")]
+    calibration = load_bundle(path).sidecar["calibration"]
+    calibration["panels"]["blood_cells"]["temperature"] = 2.0
+    update_sidecar(path, {"calibration": calibration})  # what calibrate --keep-centroids does: weights untouched
+    at.run()
+    after = [c.value for c in at.sidebar.caption if c.value.startswith("Calibration:")]
+    assert len(before) == 1 and "none" not in before[0]
+    assert after == [f"Calibration: {load_bundle(path).calibration_id}"] and after != before
+
+
 def test_open_case_survives_fewer_uploads(app_env):
     at = run_app()
     files = [(f"c{i}.png", png_bytes(i % 2, 10 + i), "image/png") for i in range(3)]

@@ -43,6 +43,8 @@ def model_sidebar(bundle: ModelBundle) -> None:
     """Model identity in the sidebar, so every screenshot says which model spoke."""
     st.sidebar.caption(f"Model: {md_escape(bundle.model_id)}")
     st.sidebar.caption(f"Weights sha256: {bundle.weights_sha256[:12]}")
+    # a recalibration keeps the weights; this is the id stored with each answer (Feedback review)
+    st.sidebar.caption(f"Calibration: {bundle.calibration_id or 'none (raw confidences)'}")
     st.sidebar.caption(DISCLAIMER)
 
 
