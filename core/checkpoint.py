@@ -25,6 +25,11 @@ from core.panels import Panel, panels_from_dict
 FORMAT_VERSION = 1
 
 
+# a panel's calibration entries that decide what is answered and with what confidence
+DECISIVE_CALIBRATION = ("temperature", "distance_slope", "distance_reference", "min_confidence",
+                        "out_of_scope_threshold", "degenerate")
+
+
 class ModelLoadError(RuntimeError):
     """The model files are missing, tampered with or unreadable (message says which)."""
 
@@ -53,13 +58,19 @@ class ModelBundle:
 
     @property
     def calibration_id(self) -> str | None:
-        """First 12 hex digits of the sha256 of the sidecar's calibration (canonical JSON); None when
-        uncalibrated. A recalibration (`training.calibrate --keep-centroids`) changes the
-        temperature and thresholds but not the weights: this tells stored answers apart."""
+        """First 12 hex digits of the sha256 of what in the sidecar's calibration decides an answer
+        (each panel's temperature, slope, thresholds and band; the phrase thresholds), as canonical
+        JSON; None when uncalibrated. A recalibration (`training.calibrate --keep-centroids`) changes
+        them but not the weights: this tells stored answers apart. Reports, the command line and the
+        method text are left out, so re-running with the same numbers keeps the id."""
         calibration = self.sidecar.get("calibration")
         if not calibration:
             return None
-        return hashlib.sha256(json.dumps(calibration, sort_keys=True).encode()).hexdigest()[:12]
+        decisive = {"attributes": calibration.get("attributes"),
+                    "panels": {name: {key: fit.get(key) for key in DECISIVE_CALIBRATION}
+                               | {"typicality": (fit.get("typicality") or {}).get("threshold")}
+                               for name, fit in (calibration.get("panels") or {}).items()}}
+        return hashlib.sha256(json.dumps(decisive, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def sidecar_path(weights_path: Path | str) -> Path:

@@ -39,7 +39,7 @@ class Description:
     model_id: str  # model identity from the sidecar
     weights_sha256: str  # sha256 of the weights that produced this
     atypical: bool | None = None  # an answer in the atypical band (core.typicality); None: abstained or no band
-    calibration_id: str | None = None  # which temperature and thresholds decided (ModelBundle.calibration_id)
+    calibration_id: str | None = None  # which temperature and thresholds decided (ModelBundle.calibration_id); None: uncalibrated panel
     timings_ms: dict[str, float] = field(default_factory=dict)  # per stage
     notes: tuple[str, ...] = ()  # what was done to the image first (rotated, alpha over white ...)
 
@@ -123,7 +123,7 @@ def _describe_embedding(bundle: ModelBundle, embedding: torch.Tensor, panel: str
         similarities=dict(zip(spec.keys, map(float, similarities))), out_of_scope_score=decision.out_of_scope_score,
         panel_validated=spec.validated, model_id=bundle.model_id, weights_sha256=bundle.weights_sha256,
         atypical=is_atypical(decision.out_of_scope_score, decision.abstained, typicality_band(bundle.sidecar, panel)),
-        calibration_id=bundle.calibration_id,
+        calibration_id=bundle.calibration_id if is_calibrated(bundle, panel) else None,
         timings_ms={}, notes=notes)
 
 
@@ -141,6 +141,7 @@ def _describe_file(bundle: ModelBundle, path: str, panel: str | None) -> dict:
             "sentence": result.sentence, "confidence": round(result.confidence, 4),
             "abstained": result.abstained, "abstain_reason": result.abstain_reason, "abstain_kind": result.abstain_kind,
             "best_class": result.best_class, "calibrated": is_calibrated(bundle, result.panel),
+            "model_id": result.model_id, "calibration_id": result.calibration_id,
             "notes": list(loaded.notes),
             "scores": {k: round(v, 4) for k, v in result.scores.items()}}
 

@@ -665,6 +665,13 @@ def test_the_review_page_splits_agreement_by_the_atypical_mark(app_env, tmp_path
     assert stored.calibration_id == load_bundle(model).calibration_id is not None
 
 
+def test_the_expert_versus_model_colour_scale_starts_at_zero_and_spans_at_least_one():
+    from ui.widgets import confusion_figure
+
+    assert (confusion_figure(["ig"], [[1]]).data[0].zmin, confusion_figure(["ig"], [[1]]).data[0].zmax) == (0, 1)
+    assert confusion_figure(["a", "b"], [[5, 0], [1, 2]]).data[0].zmax == 5
+
+
 def test_one_models_answers_under_two_calibrations_are_said_to_be_pooled():
     from ui.review import pooling_note
 
@@ -678,10 +685,12 @@ def test_the_home_band_note_speaks_only_of_the_loaded_models_answers():
     from ui.review import home_band_note
 
     bundle = SimpleNamespace(model_id="m1", sidecar={"calibration": {"panels": {"blood_cells": {"typicality": BAND}}}},
-                             panels={"blood_cells": SimpleNamespace(title="Blood cells (PBC)")})
-    rows = [{"panel": "blood_cells", "model_id": "m1", "model_class": "neutrophil"}]
-    assert "held-out cells (Blood cells (PBC)), answers marked atypical were right 94% of the time (96 answers)" \
-        in home_band_note(bundle, rows)
+                             panels={"blood_cells": SimpleNamespace(title="Blood cells (PBC)")}, calibration_id="c1")
+    rows = [{"panel": "blood_cells", "model_id": "m1", "model_class": "neutrophil", "calibration_id": "c1"}]
+    assert home_band_note(bundle, rows).startswith("Panel Blood cells (PBC): on the training lab's held-out cells, "
+                                                   "answers marked atypical were right 94% of the time (96 answers)")
+    assert home_band_note(bundle, rows + [{**rows[0], "calibration_id": None}]) is not None  # stored before the id
+    assert home_band_note(bundle, rows + [{**rows[0], "calibration_id": "c0"}]) is None  # marked under another band
     assert home_band_note(bundle, rows + [{**rows[0], "model_id": "m0"}]) is None  # another model's answers
     assert home_band_note(bundle, rows + [{**rows[0], "panel": "b_all"}]) is None  # pooled panels
     assert home_band_note(bundle, [{**rows[0], "panel": "b_all"}]) is None  # no band for that panel

@@ -87,6 +87,7 @@ def test_describe_cli_good_and_broken_file(tiny_model_path, tmp_path):
     assert proc.returncode == 1  # one file refused
     assert lines[0]["ok"] and lines[0]["panel"] == "blood_cells" and set(lines[0]["scores"])
     assert lines[0]["calibrated"] is False  # a freshly trained model: raw softmax, no abstention thresholds
+    assert lines[0]["calibration_id"] is None and lines[0]["model_id"]
     assert not lines[1]["ok"] and "broken.jpg" in lines[1]["error"]
     assert "Traceback" not in proc.stderr
 
@@ -150,4 +151,16 @@ def test_describe_cli_notes_a_batch_that_looks_like_another_lab_on_stderr(tmp_pa
     assert main([*files, "--model", str(tmp_path / "m.safetensors"), "--json"]) == 0
     out, err = capsys.readouterr()
     assert len(out.splitlines()) == 5 and all(json.loads(line)["ok"] for line in out.splitlines())
+    from core.checkpoint import load_bundle
+    live = load_bundle(tmp_path / "m.safetensors").calibration_id
+    assert {json.loads(line)["calibration_id"] for line in out.splitlines()} == {live} != {None}
     assert ("note: 5 of these 5 images were not recognised" in err) == noted
+
+
+def test_an_answer_on_an_uncalibrated_panel_carries_no_calibration_id(tmp_path):
+    from core.checkpoint import load_bundle
+    from tests.conftest import save_calibrated_tiny
+
+    bundle = load_bundle(save_calibrated_tiny(tmp_path / "m.safetensors"))  # blood_cells calibrated only
+    assert describe(bundle, draw_cell(), "blood_cells").calibration_id == bundle.calibration_id is not None
+    assert describe(bundle, draw_cell(), "b_all").calibration_id is None

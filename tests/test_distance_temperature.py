@@ -83,6 +83,10 @@ def test_keep_centroids_refits_the_sidecar_and_leaves_the_weights_alone(tmp_path
     changed = load_bundle(model)
     changed.sidecar["calibration"]["panels"]["blood_cells"]["temperature"] += 0.1
     assert changed.calibration_id != recalibrated.calibration_id  # stored answers can tell them apart
+    rerun = load_bundle(model)
+    rerun.sidecar["calibration"].update(command="python -m training.calibrate --cache-dir elsewhere", method="m")
+    rerun.sidecar["calibration"]["panels"]["blood_cells"]["report"] = {"ece_after": 0.5}
+    assert rerun.calibration_id == recalibrated.calibration_id  # same numbers, same id
     capsys.readouterr()
     for centroids in ([], ["--train", str(val), "--keep-centroids"]):  # neither, or both
         with pytest.raises(SystemExit) as stop:

@@ -18,7 +18,7 @@ from ui.widgets import framed, md_escape, select_by_identity, when
 
 TABLE_COLUMNS = ["feedback_id", "created_at", "reviewer", "verdict", "model_class", "expert_class",
                  "confidence", "panel", "abstained", "atypical", "sentence", "corrected_sentence", "comment",
-                 "original_name", "model_id", "prediction_id", "image_id"]
+                 "original_name", "model_id", "calibration_id", "prediction_id", "image_id"]
 
 
 def load_rows(store: Store) -> list[dict] | None:
@@ -65,8 +65,9 @@ def pooling_note(rows: list[dict]) -> str | None:
         calibrations = {row.get("calibration_id") for row in rows} - {None}
         if len(calibrations) <= 1:
             return None
-        return (f"These figures pool the answers of {len(calibrations)} calibrations of one model: its sentences are "
-                "the same, but which cases it answered and with what confidence changed between them.")
+        return (f"These figures pool the answers of {len(calibrations)} calibrations of one model (column "
+                "calibration_id): its sentences are the same, but which cases it answered and with what confidence "
+                "may differ between them.")
     return (f"These figures pool {models} model(s) and {panels} panel(s); filter by model and panel to compare "
             "like with like.")
 
@@ -100,12 +101,14 @@ def home_band_note(bundle, rows: list[dict]) -> str | None:
     panels, models = {row["panel"] for row in answered}, {row["model_id"] for row in answered}
     if bundle is None or len(panels) != 1 or models != {bundle.model_id}:
         return None  # another model's band says nothing of these answers
+    if {row.get("calibration_id") for row in answered} - {bundle.calibration_id, None}:
+        return None  # marked under another calibration's band
     panel = next(iter(panels))
     band = typicality_band(bundle.sidecar, panel)
     if band is None:
         return None
     title = bundle.panels[panel].title if panel in bundle.panels else panel
-    return (f"On the training lab's held-out cells ({title}), answers marked atypical were right "
+    return (f"Panel {title}: on the training lab's held-out cells, answers marked atypical were right "
             f"{band['accuracy_above']:.0%} of the time ({band['n_held_out_above']} answers) and the others "
             f"{band['accuracy_below']:.0%}. Agreement here far below those says the model does not suit these "
             "slides; typical answers that experts often reject say the mark misses what differs here. A rate "
@@ -155,9 +158,9 @@ def reopen_case(store: Store, upload_dir: Path, rows: list[dict], panels: dict[s
         st.text(row["original_name"])
         st.markdown("Model said: " + md_escape(row["sentence"]))
         # An abstention's top score may belong to an image that is no cell at all: not shown as a confidence.
-        confidence = "" if row["abstained"] else f", confidence {row['confidence']:.0%}"
-        confidence += ", marked atypical" if row.get("atypical") else ""
-        st.caption(f"Model {md_escape(row['model_id'])}, panel {md_escape(row['panel'])}{confidence}")
+        detail = "" if row["abstained"] else f", confidence {row['confidence']:.0%}"
+        detail += ", marked atypical" if row.get("atypical") else ""
+        st.caption(f"Model {md_escape(row['model_id'])}, panel {md_escape(row['panel'])}{detail}")
     # the verification of this row's description (its panel and model weights), as the Describe
     # page shows it: a verdict on an older model's answer would read as agreeing with this one
     render_history(store, row["sha256"], row["image_id"], row["panel"], row["weights_sha256"],
