@@ -64,8 +64,9 @@ def parse_args(argv=None):
     centroids = p.add_mutually_exclusive_group(required=True)
     centroids.add_argument("--train", nargs="+", default=None, help="training folders (for class centroids)")
     centroids.add_argument("--keep-centroids", action="store_true",
-                   help="reuse the model's stored class centroids (and covariance) instead of --train: refits the "
-                        "temperature and thresholds alone, and the weights file keeps its bytes and sha256")
+                           help="reuse the model's stored class centroids (and covariance) instead of --train: "
+                                "refits the temperature and thresholds alone, and the weights file keeps its bytes "
+                                "and sha256")
     p.add_argument("--val", nargs="+", required=True, help="validation folders (one panel each)")
     p.add_argument("--panel", nargs="+", default=None, metavar="NAME",
                    help="panel of each --val folder, in order (default: inferred from its class folders, "
