@@ -18,7 +18,7 @@ from core.checkpoint import ModelBundle
 from core.imageio import prepare_image
 from core.preprocess import to_model_input
 from core.reliability import (abstention_decision, content_problems, framing_problem, is_calibrated,
-                              panel_probabilities)
+                              panel_out_of_scope_score, panel_probabilities)
 from core.typicality import is_atypical, typicality_band
 
 
@@ -39,7 +39,8 @@ class Description:
     model_id: str  # model identity from the sidecar
     weights_sha256: str  # sha256 of the weights that produced this
     atypical: bool | None = None  # an answer in the atypical band (core.typicality); None: abstained or no band
-    calibration_id: str | None = None  # which temperature and thresholds decided (ModelBundle.calibration_id); None: uncalibrated panel
+    # which temperature and thresholds decided (ModelBundle.calibration_id); None: an uncalibrated panel
+    calibration_id: str | None = None
     timings_ms: dict[str, float] = field(default_factory=dict)  # per stage
     notes: tuple[str, ...] = ()  # what was done to the image first (rotated, alpha over white ...)
 
@@ -93,10 +94,11 @@ def describe_batch(bundle: ModelBundle, images: list[Image.Image], panel: str | 
     prep_ms += checks_ms
     results = []
     framing = [framing_problem(rgb.size) for rgb, _ in prepared]
+    calibration_id = bundle.calibration_id if is_calibrated(bundle, panel) else None  # a hash: once a batch
     for embedding, content, strip, (_, notes) in zip(embeddings, content_problems(inputs), framing, prepared):
         problem = content or strip
         t0 = time.perf_counter()
-        results.append(_describe_embedding(bundle, embedding, panel, problem, tuple(notes)))
+        results.append(_describe_embedding(bundle, embedding, panel, calibration_id, problem, tuple(notes)))
         score_ms = (time.perf_counter() - t0) * 1000
         results[-1].timings_ms.update(preprocess=prep_ms / len(images), embed=embed_ms / len(images), score=score_ms)
     return results
@@ -107,13 +109,14 @@ def describe(bundle: ModelBundle, image: Image.Image, panel: str | None = None) 
     return describe_batch(bundle, [image], panel)[0]
 
 
-def _describe_embedding(bundle: ModelBundle, embedding: torch.Tensor, panel: str,
+def _describe_embedding(bundle: ModelBundle, embedding: torch.Tensor, panel: str, calibration_id: str | None,
                         content_problem: str | None = None, notes: tuple[str, ...] = ()) -> Description:
     spec = bundle.panels[panel]
     similarities = (bundle.prototypes[panel] @ embedding).tolist()
-    probabilities = panel_probabilities(bundle, embedding, panel)
+    score = panel_out_of_scope_score(bundle, embedding, panel)  # the temperature and the abstention both read it
+    probabilities = panel_probabilities(bundle, embedding, panel, score)
     best = int(torch.tensor(probabilities).argmax())
-    decision = abstention_decision(bundle, embedding, panel, probabilities, content_problem)
+    decision = abstention_decision(bundle, embedding, panel, probabilities, content_problem, score)
     chosen = None if decision.abstained else spec.classes[best]
     return Description(
         panel=panel, class_key=chosen.key if chosen else None, sentence=chosen.sentence if chosen else None,
@@ -123,7 +126,7 @@ def _describe_embedding(bundle: ModelBundle, embedding: torch.Tensor, panel: str
         similarities=dict(zip(spec.keys, map(float, similarities))), out_of_scope_score=decision.out_of_scope_score,
         panel_validated=spec.validated, model_id=bundle.model_id, weights_sha256=bundle.weights_sha256,
         atypical=is_atypical(decision.out_of_scope_score, decision.abstained, typicality_band(bundle.sidecar, panel)),
-        calibration_id=bundle.calibration_id if is_calibrated(bundle, panel) else None,
+        calibration_id=calibration_id,
         timings_ms={}, notes=notes)
 
 

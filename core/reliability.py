@@ -95,13 +95,23 @@ def image_temperatures(calibration: dict, scores: torch.Tensor) -> torch.Tensor:
     return temperature * (1 + slope * excess)
 
 
-def panel_probabilities(bundle: ModelBundle, embedding: torch.Tensor, panel: str) -> list[float]:
-    """Calibrated class probabilities within the panel (temperature from `image_temperatures`)."""
+def panel_out_of_scope_score(bundle: ModelBundle, embedding: torch.Tensor, panel: str) -> float:
+    """The out-of-scope score of one embedding (D,) for the panel (`out_of_scope_scores`); 0.0 for
+    a model without class centroids."""
+    if not bundle.centroids:
+        return 0.0
+    return float(out_of_scope_scores(bundle, embedding[None], bundle.panels[panel].keys)[0])
+
+
+def panel_probabilities(bundle: ModelBundle, embedding: torch.Tensor, panel: str,
+                        score: float | None = None) -> list[float]:
+    """Calibrated class probabilities within the panel (temperature from `image_temperatures`);
+    `score` is the image's `panel_out_of_scope_score` when the caller has it already."""
     calibration = _fitted(bundle, panel)
     temperature = float(calibration.get("temperature", 1.0))
     if calibration.get("distance_slope") and bundle.centroids:
-        score = out_of_scope_scores(bundle, embedding[None], bundle.panels[panel].keys)
-        temperature = float(image_temperatures(calibration, score)[0])
+        score = panel_out_of_scope_score(bundle, embedding, panel) if score is None else score
+        temperature = float(image_temperatures(calibration, torch.tensor([score]))[0])
     return torch.softmax(panel_logits(bundle, embedding, panel) / temperature, dim=-1).tolist()
 
 
@@ -198,21 +208,23 @@ def _other_panel_hint(bundle: ModelBundle, embedding: torch.Tensor, panel: str) 
     if owner is None or owner.name == panel:
         return ""
     threshold = _fitted(bundle, owner.name).get("out_of_scope_threshold")
-    if threshold is None or float(out_of_scope_scores(bundle, embedding[None], owner.keys)[0]) > threshold:
+    if threshold is None or panel_out_of_scope_score(bundle, embedding, owner.name) > threshold:
         return ""
     return (f" It does fit the panel '{owner.title}' (nearest type: {_class_name(bundle, nearest)}): if the image "
             "belongs there, choose that panel.")
 
 
 def abstention_decision(bundle: ModelBundle, embedding: torch.Tensor, panel: str,
-                        probabilities: list[float], content_problem: str | None = None) -> Decision:
+                        probabilities: list[float], content_problem: str | None = None,
+                        score: float | None = None) -> Decision:
     """Whether to abstain, and why (see the module docstring for the order of checks);
-    `content_problem` comes from `content_problems` on the model input."""
+    `content_problem` comes from `content_problems` on the model input, `score` is the image's
+    `panel_out_of_scope_score` when the caller has it already."""
     if content_problem:
         return Decision(True, content_problem, math.inf, "content")
     calibration = _fitted(bundle, panel)
     spec = bundle.panels[panel]
-    score = float(out_of_scope_scores(bundle, embedding[None], spec.keys)[0]) if bundle.centroids else 0.0
+    score = panel_out_of_scope_score(bundle, embedding, panel) if score is None else score
     if not spec.validated:
         return Decision(True, f"The panel '{spec.title}' is not validated: no images of its classes were "
                               "available, so the model cannot vouch for any of its sentences.", score, "not_validated")
