@@ -1,5 +1,5 @@
 """Database errors in words a clinician reads: what went wrong with the feedback store, and that
-describing still works. Never echoes SQL or a password (the caller passes a safe `where`)."""
+describing still works. Never echoes a password (the caller passes a safe `where`)."""
 from __future__ import annotations
 
 

@@ -59,7 +59,7 @@ def rows_frame(rows: list[dict]) -> pd.DataFrame:
 def pooling_note(rows: list[dict]) -> str | None:
     """A caption when the rows' agreement figures pool several models or panels (agreement with
     one model on one panel is what means something), or one model's answers under several
-    calibrations (which cases it answered moved); None when they do not."""
+    calibrations (which cases it answered may differ); None when they do not."""
     models, panels = len({row["model_id"] for row in rows}), len({row["panel"] for row in rows})
     if models <= 1 and panels <= 1:
         calibrations = {row.get("calibration_id") for row in rows} - {None}
