@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from core.config import ModelConfig
 from core.norm import batchnorm_to_groupnorm
-from core.text_tower import FrozenSentenceEncoder, make_text_projection
+from core.text_tower import FrozenSentenceEncoder, PrecomputedSentenceEncoder, make_text_projection
 
 
 def standardize_per_image(images: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
@@ -39,7 +39,8 @@ class DualEncoder(nn.Module):
     """CLIP-style dual encoder. Public face: `encode_image`, `encode_text`,
     `project_sentence_features` and `logit_scale` (clamped like CLIP)."""
 
-    def __init__(self, config: ModelConfig, text_model_override: str | None = None):
+    def __init__(self, config: ModelConfig, text_model_override: str | None = None,
+                 sentence_features: str | None = None):
         super().__init__()
         self.config = config
         self.visual = build_image_tower(config)
@@ -51,7 +52,8 @@ class DualEncoder(nn.Module):
             # start nearly orthogonal. Set by training from its sentence bank, saved with the model.
             self.register_buffer("text_feature_mean", torch.zeros(config.text_width))
         self._text_model_name = text_model_override or config.text_model
-        self._sentence_encoder: FrozenSentenceEncoder | None = None  # loaded on first use
+        self._sentence_features = sentence_features  # a file of precomputed features, used instead
+        self._sentence_encoder = None  # loaded on first use
 
     def scale(self) -> torch.Tensor:
         """exp(logit_scale), clamped at exp(max_logit_scale) so it cannot run away."""
@@ -64,16 +66,25 @@ class DualEncoder(nn.Module):
         features = self.visual(images)
         return F.normalize(features, dim=-1) if normalize else features
 
-    def sentence_encoder(self) -> FrozenSentenceEncoder:
-        """The frozen pretrained text encoder, loaded from disk on first call."""
+    def sentence_encoder(self) -> FrozenSentenceEncoder | PrecomputedSentenceEncoder:
+        """The frozen pretrained text encoder (or its precomputed features), loaded on first call."""
         if self._sentence_encoder is None:
-            encoder = FrozenSentenceEncoder(self._text_model_name, self.config.text_pooler)
+            encoder = self._load_sentence_encoder()
             if encoder.width != self.config.text_width:
                 raise ValueError(f"Text model {self._text_model_name!r} gives {encoder.width}-d "
                                  f"features; this model was trained on {self.config.text_width}-d.")
             # kept outside the module tree so state_dict() holds only trained weights
             object.__setattr__(self, "_sentence_encoder", encoder)
         return self._sentence_encoder
+
+    def _load_sentence_encoder(self) -> FrozenSentenceEncoder | PrecomputedSentenceEncoder:
+        if not self._sentence_features:
+            return FrozenSentenceEncoder(self._text_model_name, self.config.text_pooler)
+        encoder = PrecomputedSentenceEncoder(self._sentence_features)
+        if (encoder.text_model, encoder.pooler) != (self.config.text_model, self.config.text_pooler):
+            raise ValueError(f"{self._sentence_features} holds {encoder.text_model!r} ({encoder.pooler}) features; "
+                             f"this model needs {self.config.text_model!r} ({self.config.text_pooler}).")
+        return encoder
 
     def project_sentence_features(self, features: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """Frozen sentence features (N, text_width) -> (N, embed_dim) embeddings."""
@@ -88,3 +99,4 @@ class DualEncoder(nn.Module):
     def encode_text(self, texts: list[str], normalize: bool = True) -> torch.Tensor:
         """Sentences -> (N, embed_dim) embeddings (loads the text model on first use)."""
         return self.project_sentence_features(self.sentence_encoder()(texts), normalize)
+

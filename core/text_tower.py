@@ -10,6 +10,7 @@ transformer weights come from the installed package, only the projection is ours
 from __future__ import annotations
 
 import hashlib
+import json
 import importlib.util
 from pathlib import Path
 
@@ -67,6 +68,60 @@ class FrozenSentenceEncoder(nn.Module):
             tokens = self.tokenizer(texts[start:start + batch_size])
             chunks.append(self.encoder(tokens))
         return torch.cat(chunks).float()
+
+    @property
+    def weights_sha256(self) -> str | None:
+        """sha256 of the transformer's weight file (see `text_weights_sha256`)."""
+        return text_weights_sha256(self.folder)
+
+
+class PrecomputedSentenceEncoder:
+    """Sentence features read from a file that `python -m training.text_features --write`
+    made with the frozen text tower: the same numbers, without the transformer.
+
+    Why: a training machine that cannot hold the text model (an accelerator lent with a
+    64 MiB upload, say) still trains and exports the same model, since the frozen tower's
+    output for our fixed sentences is all training ever uses. A sentence the file lacks is
+    refused with its text, never guessed."""
+
+    def __init__(self, path: str | Path):
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            meta = handle.metadata() or {}
+            self.features = handle.get_tensor("features").float()
+        if "sentences" not in meta:
+            raise ValueError(f"{path}: not a sentence-feature file (no sentence list in its metadata)")
+        sentences = json.loads(meta["sentences"])
+        self.rows = {sentence: i for i, sentence in enumerate(sentences)}
+        self.text_model = meta.get("text_model", "")
+        self.pooler = meta.get("pooler", "")
+        self.weights_sha256 = meta.get("text_model_sha256") or None
+        self.width = int(self.features.shape[1])
+        self.folder = str(path)
+
+    def __call__(self, texts: list[str]) -> torch.Tensor:
+        """(len(texts), width) features of sentences the file holds."""
+        missing = [t for t in texts if t not in self.rows]
+        if missing:
+            raise ValueError(f"{self.folder}: no features for {len(missing)} sentence(s), e.g. {missing[0]!r}; "
+                             "write the file again with python -m training.text_features --write")
+        return self.features[[self.rows[t] for t in texts]]
+
+
+def write_sentence_features(encoder: FrozenSentenceEncoder, sentences: list[str], path: str | Path,
+                            text_model: str, pooler: str) -> Path:
+    """Encode `sentences` (duplicates dropped) with the frozen tower and save them for
+    `PrecomputedSentenceEncoder`, with the tower's name, pooler and weights' sha256."""
+    from safetensors.torch import save_file
+
+    unique = list(dict.fromkeys(sentences))
+    meta = {"sentences": json.dumps(unique), "text_model": text_model, "pooler": pooler,
+            "text_model_sha256": encoder.weights_sha256 or ""}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"features": encoder(unique).contiguous()}, str(path), metadata=meta)
+    return path
 
 
 def make_text_projection(width: int, embed_dim: int, kind: str) -> nn.Module:

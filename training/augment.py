@@ -11,8 +11,10 @@ randomise exactly those on whole batches (vectorised, cheap on 2 CPU cores):
   imitates low-resolution cameras and JPEG softness.
 
 The images may live on any device (on a GPU the augmentation runs there: on the CPU it took
-most of a GPU training step). Every random number is drawn on the CPU from the caller's
-generator and moved to the images' device, so one seed gives the same augmentation anywhere.
+most of a GPU training step). Every random number but the per-pixel noise is drawn on the CPU
+from the caller's generator and moved to the images' device; the noise is drawn where the images
+are, from a generator seeded from the caller's (`gaussian_noise`). One seed gives one augmentation
+per kind of device.
 """
 from __future__ import annotations
 
@@ -114,6 +116,18 @@ def gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
     return F.conv2d(F.pad(out, (0, 0, radius, radius), mode="reflect"), vertical, groups=c)
 
 
+def gaussian_noise(shape: torch.Size, generator: torch.Generator, like: torch.Tensor) -> torch.Tensor:
+    """Standard normal noise of `shape` on `like`'s device and dtype. On the CPU it comes from
+    `generator` itself (the stream the shipped models were trained with); on another device from
+    a generator there, seeded from `generator`: drawing a batch of per-pixel noise on the CPU and
+    copying it over took 12 ms of a 80 ms GPU step (torch profiler on a lent H200)."""
+    if like.device.type == "cpu":
+        return torch.randn(shape, generator=generator).to(like)
+    seed = int(torch.randint(2**62, (1,), generator=generator))
+    device_generator = torch.Generator(device=like.device).manual_seed(seed)
+    return torch.randn(shape, generator=device_generator, device=like.device, dtype=like.dtype)
+
+
 def optics(images: torch.Tensor, generator: torch.Generator, share: float = 2 / 3) -> torch.Tensor:
     """Blur half of a `share` of the batch, resample the other half at low resolution, add noise."""
     b, _, h, w = images.shape
@@ -129,7 +143,7 @@ def optics(images: torch.Tensor, generator: torch.Generator, share: float = 2 / 
         factor = float(torch.rand(1, generator=generator) * 0.5 + 0.35)
         small = F.interpolate(images[lowres], scale_factor=factor, mode="bilinear", antialias=True)
         out[lowres] = F.interpolate(small, size=(h, w), mode="bilinear")
-    noise = torch.randn(out.shape, generator=generator).to(out) * _rand(b, 0.0, 0.03, generator, out)
+    noise = gaussian_noise(out.shape, generator, out) * _rand(b, 0.0, 0.03, generator, out)
     return (out + noise).clamp(0, 1)
 
 

@@ -30,6 +30,12 @@ class TensorDataset:
     items: list[LabelledImage]  # source files, same order
 
 
+def training_cache_size(config) -> int:
+    """Side of the square each training image is decoded to: 12.5 % above the model's input,
+    so the augmentation's zoom and shifts crop from real pixels, not padding."""
+    return int(config.image_size * 1.125)
+
+
 def _cache_key(items: list[LabelledImage], size: int) -> str:
     digest = hashlib.sha256(str(size).encode())
     for item in items:

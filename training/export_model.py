@@ -13,7 +13,7 @@ from core.checkpoint import ModelBundle, save_bundle
 from core.data import class_counts, data_fingerprint
 from core.model import DualEncoder
 from core.panels import PANELS_FILE
-from core.text_tower import text_weights_sha256
+from training.pack_data import packed_provenance
 
 
 def export(model: DualEncoder, panels, phrases, train_items, args, out: Path, average=None) -> None:
@@ -34,8 +34,10 @@ def export(model: DualEncoder, panels, phrases, train_items, args, out: Path, av
                      "data_counts": class_counts(train_items), "data_sha256": data_fingerprint(train_items),
                      "epochs": args.epochs, "seed": args.seed, "balance": args.balance,
                      "precision": args.precision,  # resolved: `auto` differs between machines
-                     "final_epoch_metrics": metrics[-1] if metrics else {}},
-        "text_model_sha256": text_weights_sha256(model.sentence_encoder().folder),
+                     "final_epoch_metrics": metrics[-1] if metrics else {},
+                     # trained on a pack (training.pack_data): its sources and their fingerprints
+                     "packed_from": packed_provenance(args.data)},
+        "text_model_sha256": model.sentence_encoder().weights_sha256,
     }
     bundle = ModelBundle(model, sidecar, {}, panel_prototypes(model, panels), attribute_prototypes(model, phrases))
     path = save_bundle(bundle, args.export)

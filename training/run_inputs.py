@@ -26,6 +26,10 @@ def check_paths(args) -> None:
     for path in args.attributes:
         if not Path(path).is_file():
             raise UsageError(f"--attributes {path}: no such file")
+    features = getattr(args, "sentence_features", "")
+    if features and not Path(features).is_file():
+        raise UsageError(f"--sentence-features {features}: no such file (write it with "
+                         "python -m training.text_features --write FILE)")
 
 
 def parse_cuts(cuts: list[str]) -> dict[str, int]:

@@ -3,14 +3,25 @@
 The text transformer is frozen (see `core.text_tower`), so a sentence's features never
 change: each step only samples a paraphrase per class (and a phrase per attribute value)
 and runs the small trainable projection on the cached features.
+
+    python -m training.text_features --write FILE [--config NAME]
+
+writes the frozen tower's features of every sentence the training and the export use (all
+panels' sentences and paraphrases, every attribute phrase) to FILE, for a training machine
+without the text model: ``python -m training.train ... --sentence-features FILE``.
 """
 from __future__ import annotations
+
+import argparse
+import sys
 
 import torch
 import torch.nn.functional as F
 
 from core.model import DualEncoder
-from core.panels import Panel
+from core.config import load_model_config
+from core.panels import Panel, load_attribute_phrases, load_panels
+from core.text_tower import write_sentence_features
 
 
 class SentenceFeatureCache:
@@ -50,3 +61,29 @@ class SentenceFeatureCache:
         """(C, D) mean embedding over all sentences of each class, normalised."""
         means = [model.project_sentence_features(f).mean(dim=0) for f in self.class_features]
         return F.normalize(torch.stack(means), dim=-1)
+
+
+def every_sentence(panels: dict[str, Panel], phrases: dict[str, dict[str, list[str]]]) -> list[str]:
+    """Every sentence that training or export encodes: each class's sentences in every panel
+    (untrained panels too: export stores their prototypes) and every attribute phrase."""
+    sentences = [s for panel in panels.values() for c in panel.classes for s in c.all_sentences]
+    return sentences + [text for values in phrases.values() for texts in values.values() for text in texts]
+
+
+def main(argv=None) -> int:
+    """Write the sentence-feature file (see the module docstring)."""
+    p = argparse.ArgumentParser(description="Write the frozen text tower's features of every training sentence.")
+    p.add_argument("--write", required=True, help="output file (safetensors)")
+    p.add_argument("--config", default="hemascribe-regnetx004-96", help="model config whose text tower to use")
+    args = p.parse_args(argv)
+    config = load_model_config(args.config)
+    model = DualEncoder(config)
+    sentences = every_sentence(load_panels(), load_attribute_phrases())
+    path = write_sentence_features(model.sentence_encoder(), sentences, args.write, config.text_model,
+                                   config.text_pooler)
+    print(f"wrote {path}: {len(set(sentences))} sentences from {config.text_model}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

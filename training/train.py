@@ -31,7 +31,7 @@ from core.panels import all_class_keys, load_attribute_phrases, load_panels
 from training.augment import AUGMENT_PRESETS, augment_batch
 from training.checkpointing import (gather_rng_states, keep_metrics_up_to, load_for_resume, resume_from,
                                     save_checkpoint, write_run_config)
-from training.dataset import build_dataset, read_attribute_table
+from training.dataset import build_dataset, read_attribute_table, training_cache_size
 from training.ema import WeightAverage
 from training.evaluation_utils import panel_accuracy
 from training.export_model import export
@@ -82,6 +82,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     p.add_argument("--cache-dir", default="runs/cache", help="where decoded images are cached")
+    p.add_argument("--sentence-features", default="",
+                   help="precomputed text-tower features (python -m training.text_features --write) instead of "
+                        "the text model, for machines without it")
     return p.parse_args(argv)
 
 
@@ -197,7 +200,7 @@ def load_training_data(args, config, panels, vocabulary: dict, rank: int, world:
     steps = epoch_steps(epoch_images, args.batch_size, world, args.data)
     classes = sorted({item.label for item in train_items})
     attribute_table = read_attribute_table([(Path(c), Path(c).parent) for c in args.attributes])
-    cache_size = int(config.image_size * 1.125)
+    cache_size = training_cache_size(config)
     train = build_dataset(train_items, classes, cache_size, attribute_table, vocabulary, Path(args.cache_dir))
     val_sets = []
     for folder in args.val:
@@ -227,7 +230,7 @@ def close_epoch(model, average, optimizer, features, val_sets, state, losses, st
 def build_model(config, panels, phrases, classes: list[str], generator, args, world: int):
     """Model, weight average, sentence features (frozen text tower, computed once), the DDP-wrapped
     objective and the optimiser."""
-    model = DualEncoder(config).to(args.device)
+    model = DualEncoder(config, sentence_features=args.sentence_features or None).to(args.device)
     average = WeightAverage(model, args.ema) if args.ema > 0 else None  # before the text encoder loads: not copied
     if args.mixstyle > 0:  # after the weight average is copied: training-mode hooks on the live model only
         MixStyleHooks.on_feature_stages(model.visual.trunk, args.mixstyle_stages, args.mixstyle, 0.1, generator)
