@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save
 
 from core.atomic import atomic_write_bytes, atomic_write_text
 from core.config import ModelConfig
-from core.model import DualEncoder
+from core.model import VIEW_COUNTS, DualEncoder
 from core.panels import Panel, panels_from_dict
 
 FORMAT_VERSION = 1
@@ -57,6 +57,19 @@ class ModelBundle:
         return self.sidecar.get("weights_sha256", "")
 
     @property
+    def views(self) -> int:
+        """Turned copies each image is embedded as (`core.model.encode_views`): the number the
+        calibration was fitted with (1 for a sidecar that names none)."""
+        views = (self.sidecar.get("calibration") or {}).get("views", 1)
+        return views if views in VIEW_COUNTS else 1
+
+    @property
+    def embedding_id(self) -> str:
+        """What made an image embedding: the weights, and the views when more than one (a gallery
+        cache embedded one way is not read by a model that embeds another)."""
+        return self.weights_sha256 if self.views == 1 else f"{self.weights_sha256}+views{self.views}"
+
+    @property
     def calibration_id(self) -> str | None:
         """First 12 hex digits of the sha256 of what in the sidecar's calibration decides an answer
         (each panel's temperature, slope, thresholds and band; the phrase thresholds), as canonical
@@ -70,6 +83,8 @@ class ModelBundle:
                     "panels": {name: {key: fit.get(key) for key in DECISIVE_CALIBRATION}
                                | {"typicality": (fit.get("typicality") or {}).get("threshold")}
                                for name, fit in (calibration.get("panels") or {}).items()}}
+        if calibration.get("views", 1) != 1:  # only then: single-view calibrations keep their ids
+            decisive["views"] = calibration["views"]
         return hashlib.sha256(json.dumps(decisive, sort_keys=True).encode()).hexdigest()[:12]
 
 

@@ -16,6 +16,7 @@ from PIL import Image
 
 from core.checkpoint import ModelBundle
 from core.imageio import prepare_image
+from core.model import encode_views
 from core.preprocess import to_model_input
 from core.reliability import (abstention_decision, content_problems, framing_problem, is_calibrated,
                               panel_out_of_scope_score, panel_probabilities)
@@ -70,7 +71,7 @@ def _embed_with_inputs(bundle: ModelBundle, images: list[Image.Image]) -> tuple[
     batch = to_model_input(images, bundle.model.config.image_size)
     prep_ms = (time.perf_counter() - started) * 1000
     with bundle.lock:
-        return bundle.model.encode_image(batch), prep_ms, batch
+        return encode_views(bundle.model, batch, bundle.views), prep_ms, batch
 
 
 def describe_batch(bundle: ModelBundle, images: list[Image.Image], panel: str | None = None) -> list[Description]:

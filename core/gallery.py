@@ -73,7 +73,7 @@ def update_index(bundle: ModelBundle, folder: Path | str, sources: list[Source],
     old row or refusal, relabelled, until an update that embeds."""
     folder = Path(folder)
     with _folder_lock(folder):
-        old = load_index(folder, bundle.weights_sha256)
+        old = load_index(folder, bundle.embedding_id)
         plan = _plan(old, sources)
         kept, skipped, todo = plan.kept, plan.skipped, plan.todo
         if not embed:  # in old row order: the matrix is rewritten only when a row left
@@ -83,7 +83,7 @@ def update_index(bundle: ModelBundle, folder: Path | str, sources: list[Source],
                  "pending": len(todo)}  # pending > 0 on disk: an update was interrupted
         index = GalleryIndex(tuple(item for _, item in kept),
                              old.embeddings[rows] if rows else torch.zeros(0, _dim(bundle)),
-                             bundle.weights_sha256, skipped, time.time(), dict(stats))
+                             bundle.embedding_id, skipped, time.time(), dict(stats))
         if not todo:
             if index.items == old.items and index.skipped == old.skipped and old.updated_at is not None:
                 return replace(old, stats=stats)  # nothing changed: nothing written
@@ -96,7 +96,7 @@ def update_index(bundle: ModelBundle, folder: Path | str, sources: list[Source],
             stats["refused"] += len(refused)
             stats["pending"] = max(0, len(todo) - start - commit_every)
             index = GalleryIndex(index.items + tuple(new_items), torch.cat([index.embeddings, new_rows]),
-                                 bundle.weights_sha256, {**index.skipped, **refused}, time.time(), dict(stats))
+                                 bundle.embedding_id, {**index.skipped, **refused}, time.time(), dict(stats))
             write_index(folder, index, matrix_changed=True)
         return index
 

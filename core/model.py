@@ -100,3 +100,32 @@ class DualEncoder(nn.Module):
         """Sentences -> (N, embed_dim) embeddings (loads the text model on first use)."""
         return self.project_sentence_features(self.sentence_encoder()(texts), normalize)
 
+
+VIEW_COUNTS = (1, 2, 4, 8)
+
+
+def dihedral_views(images: torch.Tensor, views: int) -> torch.Tensor:
+    """(B, 3, S, S) -> (views, B, 3, S, S): the images turned by 0/180 degrees (2 views), by each
+    quarter turn (4), and those mirrored too (8). A cell on a slide has no up and no handedness."""
+    if views not in VIEW_COUNTS:
+        raise ValueError(f"views must be one of {VIEW_COUNTS}, not {views!r}")
+    turns = (0, 2) if views == 2 else range(min(views, 4))
+    turned = [torch.rot90(images, k, dims=(-2, -1)) for k in turns]
+    if views == 8:
+        turned += [view.flip(-1) for view in turned]
+    return torch.stack(turned)
+
+
+def encode_views(model: DualEncoder, images: torch.Tensor, views: int = 1) -> torch.Tensor:
+    """Unit-norm embeddings (B, D) of float images, averaged over `views` turned copies of each
+    (`dihedral_views`) in one forward pass; 1 view is `model.encode_image`.
+
+    Why: training turns and mirrors every cell, so each turn is an equally good look at it; their
+    mean embedding varies less than any one of them. Measured on v18 (4 turns against 1): PBC val
+    0.962 -> 0.964, B-ALL 0.983 -> 0.986, the other lab (BCCD) 0.464 -> 0.510; each image costs
+    4 forward passes, batched."""
+    if views == 1:
+        return model.encode_image(images)
+    stacked = dihedral_views(images, views)
+    embeddings = model.encode_image(stacked.flatten(0, 1)).view(views, images.shape[0], -1)
+    return F.normalize(embeddings.mean(dim=0), dim=-1)

@@ -39,6 +39,7 @@ from sklearn.covariance import LedoitWolf
 
 from core.checkpoint import ModelLoadError, load_bundle, save_bundle, update_sidecar
 from core.data import LabelledImage
+from core.model import VIEW_COUNTS
 from core.morphology import DEFAULT_PHRASE_THRESHOLD
 from core.reliability import (confidence_threshold_for_accuracy, expected_calibration_error,
                               fit_distance_temperature, fit_temperature, image_temperatures,
@@ -80,13 +81,27 @@ def parse_args(argv=None):
                    help="WBCAtt val CSV: also fit the morphology phrases' confidence thresholds")
     p.add_argument("--attribute-target-accuracy", type=float, default=0.95,
                    help="accuracy the phrases stated without '(?)' must reach")
+    p.add_argument("--views", type=int, choices=VIEW_COUNTS, default=None,
+                   help="embed each image as the mean of this many turned copies (core.model.encode_views), "
+                        "in calibration and afterwards in describing (default: the model's current number)")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
 
+def choose_views(bundle, args) -> int:
+    """--views, else the model's; refused (ValueError) with --keep-centroids when it differs from
+    the views the stored centroids were embedded with."""
+    views = args.views or bundle.views
+    if args.keep_centroids and views != bundle.views:
+        raise ValueError(f"--views {views}: the stored centroids were embedded with {bundle.views} view(s); "
+                         "recompute them with --train")
+    return views
+
+
 def embed_items(bundle, items, cache_dir) -> torch.Tensor:
     """Unit-norm embeddings of labelled image files, decoded (and cached) as in training."""
-    return embed_uint8(bundle.model, decode_images(items, bundle.model.config.image_size, Path(cache_dir)))
+    return embed_uint8(bundle.model, decode_images(items, bundle.model.config.image_size, Path(cache_dir)),
+                       views=bundle.views)
 
 
 def class_centroids(bundle, items, per_class, cache_dir, seed) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -204,18 +219,20 @@ def main(argv=None) -> int:
         return 2
     try:
         bundle = load_bundle(args.checkpoint)
+        views = choose_views(bundle, args)
         val_sets = val_panels(bundle, args)
         training_images = centroid_source(bundle, args, val_sets)
     except (ModelLoadError, ValueError, FileNotFoundError) as error:  # one line, nothing written
         print(f"error: {error}", file=sys.stderr)
         return 2
     previous = bundle.sidecar.get("calibration", {})
+    bundle.sidecar["calibration"] = dict(previous, views=views)  # every embedding below is made this way
     if training_images is not None:
         bundle.centroids, bundle.ood_precision = class_centroids(bundle, training_images, args.per_class,
                                                                  args.cache_dir, args.seed)
     calibration = {"panels": {}, "method": " ".join(__doc__.split("\n\n")[1].split()), "seed": args.seed,  # halves
                    "command": " ".join(["python -m training.calibrate", *(sys.argv[1:] if argv is None else argv)]),
-                   "target_accuracy": args.target_accuracy, "min_coverage": args.min_coverage}
+                   "target_accuracy": args.target_accuracy, "min_coverage": args.min_coverage, "views": views}
     for items, panel in val_sets:
         embeddings = embed_items(bundle, items, args.cache_dir)
         fit, held_out = seeded_halves(len(items), args.seed)

@@ -3,16 +3,16 @@ from __future__ import annotations
 
 import torch
 
-from core.model import DualEncoder
+from core.model import DualEncoder, encode_views
 
 
 @torch.no_grad()
-def embed_uint8(model: DualEncoder, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+def embed_uint8(model: DualEncoder, images: torch.Tensor, batch_size: int = 256, views: int = 1) -> torch.Tensor:
     """Unit-norm embeddings (on the CPU) of uint8 (N, 3, S, S) CPU images, in eval mode, on
-    whatever device the model is on."""
+    whatever device the model is on, averaged over `views` turned copies (`core.model.encode_views`)."""
     model.eval()
     device = model.logit_scale.device
-    chunks = [model.encode_image(images[i:i + batch_size].to(device).float() / 255).cpu()
+    chunks = [encode_views(model, images[i:i + batch_size].to(device).float() / 255, views).cpu()
               for i in range(0, len(images), batch_size)]
     return torch.cat(chunks) if chunks else torch.empty(0, model.config.embed_dim)
 
