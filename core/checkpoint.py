@@ -61,7 +61,8 @@ class ModelBundle:
         """Turned copies each image is embedded as (`core.model.encode_views`): the number the
         calibration was fitted with (1 for a sidecar that names none)."""
         views = (self.sidecar.get("calibration") or {}).get("views", 1)
-        return views if views in VIEW_COUNTS else 1
+        # a hand-edited sidecar (4.0, "4", true, 3) is read as one view, never a crash
+        return views if type(views) is int and views in VIEW_COUNTS else 1
 
     @property
     def embedding_id(self) -> str:
@@ -83,8 +84,8 @@ class ModelBundle:
                     "panels": {name: {key: fit.get(key) for key in DECISIVE_CALIBRATION}
                                | {"typicality": (fit.get("typicality") or {}).get("threshold")}
                                for name, fit in (calibration.get("panels") or {}).items()}}
-        if calibration.get("views", 1) != 1:  # only then: single-view calibrations keep their ids
-            decisive["views"] = calibration["views"]
+        if self.views != 1:  # only then: single-view calibrations keep their ids
+            decisive["views"] = self.views
         return hashlib.sha256(json.dumps(decisive, sort_keys=True).encode()).hexdigest()[:12]
 
 

@@ -40,11 +40,13 @@ _locks: dict[str, threading.Lock] = {}
 _locks_guard = threading.Lock()
 
 
-def cache_folder(cache_dir: Path | str, weights_sha256: str, *sources: Path | str | None) -> Path:
-    """``<cache_dir>/<model sha[:16]>-<hash of the source folders>``: a new model, or another
-    gallery folder, gets its own cache instead of overwriting this one."""
+def cache_folder(cache_dir: Path | str, embedding_id: str, *sources: Path | str | None) -> Path:
+    """``<cache_dir>/<model sha[:16]>[+viewsN]-<hash of the source folders>``: a new model, the same
+    weights embedding with more views (`ModelBundle.embedding_id`), or another gallery folder gets
+    its own cache instead of overwriting this one."""
     where = hashlib.sha256(json.dumps([str(Path(s).resolve()) if s else "" for s in sources]).encode())
-    return Path(cache_dir) / f"{(weights_sha256 or 'unsaved')[:16]}-{where.hexdigest()[:10]}"
+    sha, _, views = (embedding_id or "unsaved").partition("+")
+    return Path(cache_dir) / f"{sha[:16]}{'+' + views if views else ''}-{where.hexdigest()[:10]}"
 
 
 def load_limits() -> dict:

@@ -55,7 +55,7 @@ class Hit:
 class GalleryIndex:
     items: tuple[GalleryItem, ...]  # one per matrix row
     embeddings: torch.Tensor  # (N, D) float32 unit rows
-    weights_sha256: str  # the model that embedded them
+    weights_sha256: str  # what embedded them: ModelBundle.embedding_id (the weights' sha256, +viewsN for more views)
     skipped: dict[str, dict] = field(default_factory=dict)  # path -> {"key", "reason", "limits"}
     updated_at: float | None = None  # time.time() of the last write; None: never indexed
     stats: dict[str, int] = field(default_factory=dict)  # last update: embedded, reused, removed, refused, pending

@@ -81,9 +81,9 @@ class DualEncoder(nn.Module):
         if not self._sentence_features:
             return FrozenSentenceEncoder(self._text_model_name, self.config.text_pooler)
         encoder = PrecomputedSentenceEncoder(self._sentence_features)
-        if (encoder.text_model, encoder.pooler) != (self.config.text_model, self.config.text_pooler):
+        if (encoder.text_model, encoder.pooler) != (self._text_model_name, self.config.text_pooler):
             raise ValueError(f"{self._sentence_features} holds {encoder.text_model!r} ({encoder.pooler}) features; "
-                             f"this model needs {self.config.text_model!r} ({self.config.text_pooler}).")
+                             f"this model needs {self._text_model_name!r} ({self.config.text_pooler}).")
         return encoder
 
     def project_sentence_features(self, features: torch.Tensor, normalize: bool = True) -> torch.Tensor:
@@ -124,7 +124,7 @@ def encode_views(model: DualEncoder, images: torch.Tensor, views: int = 1) -> to
     mean embedding varies less than any one of them. Measured on v18 (4 turns against 1): PBC val
     0.962 -> 0.964, B-ALL 0.983 -> 0.986, the other lab (BCCD) 0.464 -> 0.510; each image costs
     4 forward passes, batched."""
-    if views == 1:
+    if views == 1 or images.shape[0] == 0:
         return model.encode_image(images)
     stacked = dihedral_views(images, views)
     embeddings = model.encode_image(stacked.flatten(0, 1)).view(views, images.shape[0], -1)

@@ -87,11 +87,15 @@ class PrecomputedSentenceEncoder:
     def __init__(self, path: str | Path):
         from safetensors import safe_open
 
-        with safe_open(str(path), framework="pt") as handle:
-            meta = handle.metadata() or {}
-            self.features = handle.get_tensor("features").float()
-        if "sentences" not in meta:
-            raise ValueError(f"{path}: not a sentence-feature file (no sentence list in its metadata)")
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                meta = handle.metadata() or {}
+                if "sentences" not in meta or "features" not in handle.keys():
+                    raise ValueError("no sentence list or features in it")
+                self.features = handle.get_tensor("features").float()
+        except Exception as error:  # noqa: BLE001 - safetensors raises its own types for a damaged file
+            raise ValueError(f"{path}: not a sentence-feature file ({error}); write it with "
+                             "python -m training.text_features --write") from error
         sentences = json.loads(meta["sentences"])
         self.rows = {sentence: i for i, sentence in enumerate(sentences)}
         self.text_model = meta.get("text_model", "")

@@ -38,8 +38,14 @@ def test_a_plan_runs_side_by_side_stops_what_cannot_finish_and_packs_the_best(tm
         assert {"short/model.safetensors", "short/model.json", "short/metrics.jsonl"} <= set(tar.getnames())
 
 
-def test_a_bad_plan_is_one_line(tmp_path, capsys):
+def test_a_bad_plan_or_a_used_out_folder_is_one_line(tmp_path, capsys):
     plan = tmp_path / "plan.json"
-    plan.write_text(json.dumps({"variants": {}}))
-    assert device_train.main(["--plan", str(plan), "--out", str(tmp_path / "o"), "--deadline", "10"]) == 2
-    assert "expected" in capsys.readouterr().err
+    for bad in ({"variants": {}}, {"common": [], "variants": {"a": ["--epochs", 40]}}, []):
+        plan.write_text(json.dumps(bad))
+        assert device_train.main(["--plan", str(plan), "--out", str(tmp_path / "o"), "--deadline", "10"]) == 2
+        assert "expected" in capsys.readouterr().err
+    plan.write_text(json.dumps({"common": [], "variants": {"a": ["--epochs", "1"]}}))
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "best.tar.part00").write_bytes(b"old")
+    assert device_train.main(["--plan", str(plan), "--out", str(tmp_path / "used"), "--deadline", "10"]) == 2
+    assert "not an empty folder" in capsys.readouterr().err

@@ -95,3 +95,25 @@ def test_training_names_a_missing_feature_file(tmp_path):
     proc = _run("training.train", "--data", tree, "--config", "tiny-test", "--out", tmp_path / "run",
                 "--sentence-features", tmp_path / "absent.safetensors")
     assert proc.returncode == 2 and "--sentence-features" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_pack_refuses_names_that_would_collide_and_lists_unreadable_files(tmp_path):
+    tree = write_class_tree(tmp_path / "lab" / "train", {"neutrophil": 3}, size=48)
+    (tree / "neutrophil" / "broken.png").write_bytes(b"not an image")
+    proc = _run("training.pack_data", "--data", tree, "--out", tmp_path / "pack", "--config", "tiny-test")
+    assert proc.returncode == 0 and "1 unreadable" in proc.stdout
+    manifest = json.loads((tmp_path / "pack" / "PACKED.json").read_text())
+    assert manifest["sources"][0]["images"] == 3 and "broken.png" in manifest["sources"][0]["unreadable"][0]
+    Image.new("RGB", (48, 48)).save(tree / "neutrophil" / "neutrophil_0.jpg")  # beside neutrophil_0.png
+    proc = _run("training.pack_data", "--data", tree, "--out", tmp_path / "pack2")
+    assert proc.returncode == 2 and "share one packed name" in proc.stderr and not (tmp_path / "pack2").exists()
+    (tmp_path / "afile").write_text("x")
+    proc = _run("training.pack_data", "--data", tree, "--out", tmp_path / "afile")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+
+
+def test_a_damaged_feature_file_is_a_clear_error(tmp_path):
+    path = tmp_path / "f.safetensors"
+    path.write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="not a sentence-feature file"):
+        PrecomputedSentenceEncoder(path)

@@ -46,8 +46,23 @@ def test_the_sidecar_decides_the_views_and_old_calibrations_keep_their_id():
     assert bundle.calibration_id != single_id  # stored answers tell the two ways apart
     assert not torch.allclose(embed_images(bundle, [image])[0], one)
     assert describe(bundle, image).best_class in bundle.panels["blood_cells"].keys
-    bundle.sidecar["calibration"]["views"] = 3  # a hand-edited sidecar: read as one view, never a crash
-    assert bundle.views == 1
+    for odd in (3, 4.0, "4", True):  # a hand-edited sidecar: read as one view, never a crash
+        bundle.sidecar["calibration"]["views"] = odd
+        assert bundle.views == 1 and bundle.calibration_id == single_id
+        describe(bundle, image)
+    assert encode_views(bundle.model, torch.zeros(0, 3, 32, 32), 4).shape == (0, bundle.model.config.embed_dim)
+
+
+def test_the_atlas_cache_of_one_weights_differs_by_views(tmp_path):
+    from core.gallery import cache_folder
+
+    bundle = make_tiny_bundle()
+    bundle.sidecar["weights_sha256"] = "ab" * 32
+    single = cache_folder(tmp_path, bundle.embedding_id, tmp_path / "gallery")
+    bundle.sidecar["calibration"] = {"views": 4}
+    four = cache_folder(tmp_path, bundle.embedding_id, tmp_path / "gallery")
+    assert single != four and four.name.startswith(bundle.weights_sha256[:16] + "+views4-")
+    assert single.name.startswith(bundle.weights_sha256[:16] + "-")  # single-view caches keep their folder
 
 
 def test_calibrate_records_views_and_keep_centroids_refuses_another_number(tmp_path, capsys):
@@ -58,6 +73,14 @@ def test_calibrate_records_views_and_keep_centroids_refuses_another_number(tmp_p
     assert calibrate.main(["--checkpoint", str(model), "--train", str(tree), "--val", str(tree), "--views", "4",
                            "--cache-dir", str(tmp_path / "cache")]) == 0
     assert load_bundle(model).views == 4
+    calibrated = load_bundle(model)
+    calibrated.sidecar["calibration"]["attributes"] = {"cell_size": 0.5}  # phrase thresholds fitted at 4 views
+    save_bundle(calibrated, model)
+    before = file_sha256(model), model.with_suffix(".json").read_text()
+    assert calibrate.main(["--checkpoint", str(model), "--train", str(tree), "--val", str(tree), "--views", "1",
+                           "--cache-dir", str(tmp_path / "cache")]) == 2  # they would be kept unrefitted
+    assert "--attributes" in capsys.readouterr().err
+    assert (file_sha256(model), model.with_suffix(".json").read_text()) == before
     before = file_sha256(model), model.with_suffix(".json").read_text()
     assert calibrate.main(["--checkpoint", str(model), "--keep-centroids", "--val", str(tree), "--views", "1",
                            "--cache-dir", str(tmp_path / "cache")]) == 2

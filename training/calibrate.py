@@ -89,12 +89,15 @@ def parse_args(argv=None):
 
 
 def choose_views(bundle, args) -> int:
-    """--views, else the model's; refused (ValueError) with --keep-centroids when it differs from
-    the views the stored centroids were embedded with."""
+    """--views, else the model's; refused (ValueError) when it differs from the views the stored
+    centroids (--keep-centroids) or phrase thresholds (no --attributes) were embedded with."""
     views = args.views or bundle.views
     if args.keep_centroids and views != bundle.views:
         raise ValueError(f"--views {views}: the stored centroids were embedded with {bundle.views} view(s); "
                          "recompute them with --train")
+    if views != bundle.views and not args.attributes and (bundle.sidecar.get("calibration") or {}).get("attributes"):
+        raise ValueError(f"--views {views}: the stored phrase thresholds were fitted on {bundle.views}-view "
+                         "embeddings; refit them with --attributes PBC/attributes_val.csv")
     return views
 
 

@@ -44,6 +44,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def read_plan(path: Path) -> dict:
+    """The plan, checked: a list of string arguments in common and in each named variant."""
+    plan = json.loads(path.read_text())
+    lists = [plan.get("common")] + list((plan.get("variants") or {}).values()) if isinstance(plan, dict) else [None]
+    if (not isinstance(plan, dict) or not isinstance(plan.get("variants"), dict) or not plan["variants"]
+            or not all(isinstance(a, list) and all(isinstance(x, str) for x in a) for a in lists)):
+        raise ValueError('expected {"common": ["--arg", "value", ...], "variants": {"name": [...]}}, '
+                         'every argument a string')
+    return plan
+
+
 def epochs_done(run: Path) -> list[dict]:
     """The metrics lines a run has written so far."""
     path = run / "metrics.jsonl"
@@ -99,8 +110,6 @@ def watch(runs: dict[str, dict], deadline: float, started: float, poll: float) -
             runs[name]["process"].wait()
             runs[name]["end"] = f"stopped at {now:.0f} s: would not finish by {deadline:.0f} s"
             print(f"stopped {name} after {len(epochs_done(runs[name]['run']))} epochs", flush=True)
-    for run in runs.values():
-        run["log"].close()
 
 
 def summarise(runs: dict[str, dict]) -> list[dict]:
@@ -108,7 +117,8 @@ def summarise(runs: dict[str, dict]) -> list[dict]:
     rows = []
     for name, r in runs.items():
         done = epochs_done(r["run"])
-        exported = (r["run"] / "model.safetensors").is_file()
+        # the sidecar is written last: a run stopped between the two files has not exported
+        exported = all((r["run"] / f).is_file() for f in ("model.safetensors", "model.json"))
         last = done[-1] if done else {}
         val = [v for k, v in last.items() if k.startswith("val_acc/")]
         rows.append({"variant": name, "epochs": f"{len(done)}/{r['epochs']}", "exported": exported,
@@ -147,17 +157,25 @@ def main(argv=None) -> int:
     """Run the plan; 0 when at least one variant exported, 1 when none did, 2 for a bad plan."""
     args = parse_args(argv)
     try:
-        plan = json.loads(Path(args.plan).read_text())
-        if not isinstance(plan.get("common"), list) or not isinstance(plan.get("variants"), dict) or not plan["variants"]:
-            raise ValueError("expected {\"common\": [...], \"variants\": {\"name\": [...]}}")
+        plan = read_plan(Path(args.plan))
     except (OSError, ValueError) as error:
         print(f"error: --plan {args.plan}: {error}", file=sys.stderr)
         return 2
     out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):  # an old run's models would be ranked
+        print(f"error: --out {out} is not an empty folder", file=sys.stderr)
+        return 2
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
     runs = start_runs(plan, out)
-    watch(runs, args.deadline, started, args.poll)
+    try:
+        watch(runs, args.deadline, started, args.poll)
+    finally:  # never leave training processes behind, whatever stopped the watch
+        for run in runs.values():
+            if run["process"].poll() is None:
+                run["process"].kill()
+                run["process"].wait()
+            run["log"].close()
     rows = summarise(runs)
     (out / "summary.json").write_text(json.dumps({"seconds": round(time.time() - started, 1), "variants": rows},
                                                  indent=2))

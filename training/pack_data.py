@@ -8,8 +8,10 @@ training/dataset.py) and never looks at the original pixels again; this writes e
 square, as lossy WebP (about 2 KB an image at quality 85, mean absolute error about 2.5 of 255
 levels: well below what the augmentation's colour, blur and noise change), so training on the
 pack sees what training on the originals sees up to that error. Layout: OUT/<parent>/<folder>/
-<class>/<stem>.webp (``PBC/train`` -> ``OUT/pbc/train``); a WBCAtt CSV is rewritten beside its
-folder with its paths renamed. OUT/PACKED.json records the sources, their fingerprints and
+<class>/<stem>.webp, names kept as they are (``data/pbc/train`` -> ``OUT/pbc/train``); a WBCAtt CSV is
+rewritten beside its folder with its paths renamed. Two images of one folder that differ only in
+their extension are refused before anything is written; a file that cannot be read is left out and
+listed in the manifest (training would refuse it too). OUT/PACKED.json records the sources, their fingerprints and
 this command; the exported model's sidecar copies it (training.export_model).
 """
 from __future__ import annotations
@@ -38,15 +40,33 @@ def packed_path(out: Path, folder: Path, image: Path) -> Path:
     return out / folder.parent.name / folder.name / relative
 
 
+def colliding_names(folder: Path) -> list[str]:
+    """Images of `folder` that would land on one packed file (``a.png`` and ``a.jpg``)."""
+    seen: dict[Path, Path] = {}
+    clashes = []
+    for item in scan_class_folders(folder):
+        target = packed_path(Path("."), folder, item.path)
+        if target in seen:
+            clashes.append(f"{seen[target]} and {item.path}")
+        seen.setdefault(target, item.path)
+    return clashes
+
+
 def pack_folder(folder: Path, out: Path, size: int, quality: int) -> dict:
-    """Write every image of `folder` as a size x size WebP; the source's count and fingerprint."""
+    """Write every image of `folder` as a size x size WebP; the source's count, fingerprint and
+    the files that could not be read."""
     items = scan_class_folders(folder)
+    unreadable = []
     for item in tqdm(items, desc=f"pack {folder}", unit="img", mininterval=5):
         target = packed_path(out, folder, item.path)
         target.parent.mkdir(parents=True, exist_ok=True)
-        with Image.open(item.path) as image:
-            square_resize(image, size).save(target, "WEBP", quality=quality, method=6)
-    return {"folder": str(folder), "images": len(items), "data_sha256": data_fingerprint(items, folder)}
+        try:
+            with Image.open(item.path) as image:
+                square_resize(image, size).save(target, "WEBP", quality=quality, method=6)
+        except (OSError, ValueError, Image.DecompressionBombError) as error:
+            unreadable.append(f"{item.path}: {error}")
+    return {"folder": str(folder), "images": len(items) - len(unreadable), "unreadable": unreadable,
+            "data_sha256": data_fingerprint(items, folder)}
 
 
 def pack_attributes(csv_path: Path, out: Path) -> Path:
@@ -88,8 +108,13 @@ def main(argv=None) -> int:
     if missing:
         print(f"error: no such folder or file: {', '.join(missing)}", file=sys.stderr)
         return 2
-    if out.exists() and any(out.iterdir()):
-        print(f"error: {out} is not empty: pack into a new folder", file=sys.stderr)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        print(f"error: {out} is not an empty folder: pack into a new one", file=sys.stderr)
+        return 2
+    clashes = [clash for folder in args.data for clash in colliding_names(Path(folder))]
+    if clashes:
+        print(f"error: {len(clashes)} pair(s) of images would share one packed name, e.g. {clashes[0]}",
+              file=sys.stderr)
         return 2
     size = training_cache_size(load_model_config(args.config))
     sources = [pack_folder(Path(f), out, size, args.quality) for f in args.data]
@@ -98,7 +123,9 @@ def main(argv=None) -> int:
                 "size": size, "format": "webp", "quality": args.quality, "sources": sources, "attributes": csvs}
     atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=2))
     total = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
-    print(f"packed {sum(s['images'] for s in sources)} images at {size} px into {out} ({total / 2**20:.1f} MiB)")
+    unreadable = sum(len(s["unreadable"]) for s in sources)
+    print(f"packed {sum(s['images'] for s in sources)} images at {size} px into {out} ({total / 2**20:.1f} MiB)"
+          + (f"; {unreadable} unreadable file(s) left out, listed in {MANIFEST}" if unreadable else ""))
     return 0
 
 

@@ -146,13 +146,13 @@ def reviewer_name() -> str:
 def gallery_folder(bundle: ModelBundle) -> Path:
     """Cache folder of the gallery index for this model and the configured sources."""
     current = settings()
-    return cache_folder(current.gallery_cache_dir, bundle.weights_sha256, current.gallery_dir, current.upload_dir)
+    return cache_folder(current.gallery_cache_dir, bundle.embedding_id, current.gallery_dir, current.upload_dir)
 
 
 @st.cache_resource(max_entries=4, show_spinner=False)
-def _cached_gallery(weights_sha256: str, gallery_dir: str, folder: str, stamp: str) -> GalleryIndex:
+def _cached_gallery(embedding_id: str, gallery_dir: str, folder: str, stamp: str) -> GalleryIndex:
     del gallery_dir, stamp  # part of the cache key only
-    return load_index(folder, weights_sha256)
+    return load_index(folder, embedding_id)
 
 
 def get_gallery(bundle: ModelBundle) -> GalleryIndex:
@@ -160,7 +160,7 @@ def get_gallery(bundle: ModelBundle) -> GalleryIndex:
     indexed). Keyed on the manifest file's identity: after any session re-indexes, every session
     gets the new index on its next rerun."""
     folder = gallery_folder(bundle)
-    return _cached_gallery(bundle.weights_sha256, str(settings().gallery_dir or ""), str(folder),
+    return _cached_gallery(bundle.embedding_id, str(settings().gallery_dir or ""), str(folder),
                            manifest_stamp(folder))
 
 
