@@ -341,6 +341,11 @@ def test_a_recalibration_is_picked_up_and_named_in_the_sidebar(app_env, tmp_path
     after = [c.value for c in at.sidebar.caption if c.value.startswith("Calibration:")]
     assert len(before) == 1 and "none" not in before[0]
     assert after == [f"Calibration: {load_bundle(path).calibration_id}"] and after != before
+    calibration["views"] = 4  # a calibration fitted on 4-view embeddings (training.calibrate --views 4)
+    update_sidecar(path, {"calibration": calibration})
+    at.run()
+    assert [c.value for c in at.sidebar.caption if c.value.startswith("Calibration:")] == [
+        f"Calibration: {load_bundle(path).calibration_id} · each image seen in 4 turns"]
 
 
 def test_open_case_survives_fewer_uploads(app_env):

@@ -44,7 +44,8 @@ def model_sidebar(bundle: ModelBundle) -> None:
     st.sidebar.caption(f"Model: {md_escape(bundle.model_id)}")
     st.sidebar.caption(f"Weights sha256: {bundle.weights_sha256[:12]}")
     # a recalibration keeps the weights; this is the id stored with each answer (Feedback review)
-    st.sidebar.caption(f"Calibration: {bundle.calibration_id or 'none (raw confidences)'}")
+    views = f" · each image seen in {bundle.views} turns" if bundle.views > 1 else ""
+    st.sidebar.caption(f"Calibration: {bundle.calibration_id or 'none (raw confidences)'}{views}")
     st.sidebar.caption(DISCLAIMER)
 
 
