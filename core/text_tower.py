@@ -10,8 +10,8 @@ transformer weights come from the installed package, only the projection is ours
 from __future__ import annotations
 
 import hashlib
-import json
 import importlib.util
+import json
 from pathlib import Path
 
 import torch
@@ -93,10 +93,10 @@ class PrecomputedSentenceEncoder:
                 if "sentences" not in meta or "features" not in handle.keys():
                     raise ValueError("no sentence list or features in it")
                 self.features = handle.get_tensor("features").float()
+            sentences = json.loads(meta["sentences"])
         except Exception as error:  # noqa: BLE001 - safetensors raises its own types for a damaged file
             raise ValueError(f"{path}: not a sentence-feature file ({error}); write it with "
                              "python -m training.text_features --write") from error
-        sentences = json.loads(meta["sentences"])
         self.rows = {sentence: i for i, sentence in enumerate(sentences)}
         self.text_model = meta.get("text_model", "")
         self.pooler = meta.get("pooler", "")
