@@ -49,3 +49,11 @@ def test_a_bad_plan_or_a_used_out_folder_is_one_line(tmp_path, capsys):
     (tmp_path / "used" / "best.tar.part00").write_bytes(b"old")
     assert device_train.main(["--plan", str(plan), "--out", str(tmp_path / "used"), "--deadline", "10"]) == 2
     assert "not an empty folder" in capsys.readouterr().err
+
+
+def test_a_line_being_written_is_not_read_as_an_epoch(tmp_path):
+    from training.checkpointing import read_metrics
+
+    assert read_metrics(tmp_path) == []  # before the first epoch
+    (tmp_path / "metrics.jsonl").write_text('{"epoch": 1, "seconds": 2.0}\n{"epoch": 2, "seco')
+    assert read_metrics(tmp_path) == [{"epoch": 1, "seconds": 2.0}]

@@ -122,6 +122,21 @@ def resume_from(checkpoint: dict, out: Path, model, optimizer, average, state: d
     print(f"resumed from epoch {state['epoch']}", flush=True)
 
 
+def read_metrics(run: Path) -> list[dict]:
+    """The epoch lines of RUN/metrics.jsonl that parse: none before the first epoch, and a line
+    being written (read while training runs) or torn by a kill is left out."""
+    path = Path(run) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    lines = []
+    for line in path.read_text().splitlines():
+        try:
+            lines.append(json.loads(line))
+        except ValueError:
+            continue
+    return lines
+
+
 def keep_metrics_up_to(path: Path, epoch: int) -> None:
     """Drop the lines of OUT/metrics.jsonl after `epoch`, the epoch training starts from
     (atomically: temp file, then rename). An epoch's metrics line is written before its

@@ -37,6 +37,8 @@ import numpy as np
 from PIL import Image
 
 from core.config import load_model_config
+from training.checkpointing import read_metrics
+from training.run_inputs import is_new_or_empty_folder
 from training.step_runner import Steps
 
 # bf16 on two devices runs different kernels: losses after two tiny epochs agree to ~0.01
@@ -137,11 +139,6 @@ def platform_facts(device: str) -> dict:
     return {"torch": torch.__version__, "cuda": torch.version.cuda, "device_name": name}
 
 
-def metrics_lines(run: Path) -> list[dict]:
-    """Every epoch line of a training run's metrics.jsonl."""
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
 def compare_runs(device_run: list[dict], cpu_run: list[dict], tolerance: float = LOSS_TOLERANCE) -> dict:
     """Per-epoch losses of the same seeded run on the device and on the CPU; ValueError when any
     loss term differs by more than `tolerance` or the runs logged different (or no) epochs."""
@@ -175,17 +172,17 @@ def check_training(steps: Steps, tree: Path, attributes: Path, config: Path) -> 
     # bf16 named, not left to --precision auto: the check compares bf16 on the device with bf16 on the CPU
     first = ("--precision", "bf16", "--balance", "reweight", "--attributes", str(attributes))
     steps.run("train_bf16_reweight_captions", train_args(tree, config, run, device, 2, *first),
-              lambda _: metrics_lines(run)[-1])
+              lambda _: read_metrics(run)[-1])
     steps.run("resume_and_export",
               train_args(tree, config, run, device, 3, *first, "--resume", "--export", str(run / "model.safetensors")),
-              lambda _: {"epochs_logged": len(metrics_lines(run)),
+              lambda _: {"epochs_logged": len(read_metrics(run)),
                          "exported_mb": round((run / "model.safetensors").stat().st_size / 1e6, 2)})
     steps.run("train_fp32_oversample_mixstyle",
               train_args(tree, config, out / "train_fp32", device, 2, "--precision", "fp32",
                          "--balance", "oversample", "--mixstyle", "0.5"),
-              lambda _: metrics_lines(out / "train_fp32")[-1])
+              lambda _: read_metrics(out / "train_fp32")[-1])
     steps.run("same_run_on_cpu", train_args(tree, config, cpu, "cpu", 2, *first),
-              lambda _: compare_runs(metrics_lines(run)[:2], metrics_lines(cpu)))
+              lambda _: compare_runs(read_metrics(run)[:2], read_metrics(cpu)))
 
 
 def described(proc: subprocess.CompletedProcess) -> dict:
@@ -207,7 +204,7 @@ def check_inference_and_others(steps: Steps, tree: Path, eval_tree: Path, config
     steps.run("describe_on_cpu", ["-m", "core.describe", str(image), "--json", "--model", str(model)], described)
     steps.run("torchrun_2_ranks", ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                                    *train_args(tree, config, out / "train_ddp", device, 1)],
-              lambda _: metrics_lines(out / "train_ddp")[-1])
+              lambda _: read_metrics(out / "train_ddp")[-1])
     steps.run("train_gan", ["-m", "training.train_gan", "--data", str(tree), "--out", str(out / "gan"),
                             "--size", "32", "--steps", "40", "--batch-size", "16", "--g-channels", "8",
                             "--d-channels", "8", "--device", device, "--cache-dir", ""],
@@ -227,7 +224,7 @@ def check_speed(steps: Steps, config: Path, n_images: int, epochs: int, large_ba
         run = steps.out / (f"speed_{where.replace(':', '_')}" + (f"_batch{batch_size}" if batch_size else ""))
         steps.run(run.name, train_args(tree, config, run, where, n_epochs, batch_size=batch_size),
                   lambda _, run=run: {"images": per_class * len(SPEED_CLASSES), "epoch_seconds":
-                                      [m["seconds"] for m in metrics_lines(run)],
+                                      [m["seconds"] for m in read_metrics(run)],
                                       "batch_size": json.loads((run / "config.json").read_text())["args"]["batch_size"]})
 
 
@@ -235,7 +232,7 @@ def main(argv=None) -> int:
     """Run every step; 0 when all passed, 1 when one failed, 2 when OUT is not new or empty."""
     args = parse_args(argv)
     out = Path(args.out).resolve()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if not is_new_or_empty_folder(out):
         print(f"{out} is not an empty folder: give a new --out (earlier runs' metrics would be read)", file=sys.stderr)
         return 2
     out.mkdir(parents=True, exist_ok=True)

@@ -29,6 +29,9 @@ import tarfile
 import time
 from pathlib import Path
 
+from training.checkpointing import read_metrics
+from training.run_inputs import is_new_or_empty_folder
+
 PART_BYTES = 15 * 2**20
 EXPORT_SECONDS = 20  # export and the last validation, after the last epoch
 
@@ -53,14 +56,6 @@ def read_plan(path: Path) -> dict:
         raise ValueError('expected {"common": ["--arg", "value", ...], "variants": {"name": [...]}}, '
                          'every argument a string')
     return plan
-
-
-def epochs_done(run: Path) -> list[dict]:
-    """The metrics lines a run has written so far."""
-    path = run / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def projected_end(done: list[dict], epochs: int, now: float) -> float | None:
@@ -102,31 +97,29 @@ def watch(runs: dict[str, dict], deadline: float, started: float, poll: float) -
         now = time.time() - started
         live = {n: r for n, r in runs.items() if r["process"].poll() is None}
         late = [(r["epochs"], n) for n, r in live.items()
-                if (end := projected_end(epochs_done(r["run"]), r["epochs"], now)) is not None and end > deadline]
+                if (end := projected_end(read_metrics(r["run"]), r["epochs"], now)) is not None and end > deadline]
         if now > deadline:
             late = [(r["epochs"], n) for n, r in live.items()]
         for _, name in sorted(late, reverse=True)[:len(live) if now > deadline else 1]:
             runs[name]["process"].kill()
             runs[name]["process"].wait()
             runs[name]["end"] = f"stopped at {now:.0f} s: would not finish by {deadline:.0f} s"
-            print(f"stopped {name} after {len(epochs_done(runs[name]['run']))} epochs", flush=True)
+            print(f"stopped {name} after {len(read_metrics(runs[name]['run']))} epochs", flush=True)
 
 
 def summarise(runs: dict[str, dict]) -> list[dict]:
     """One row a variant, exported ones ranked by their mean last-epoch val accuracy."""
     rows = []
     for name, r in runs.items():
-        done = epochs_done(r["run"])
+        done = read_metrics(r["run"])
         # the sidecar is written last: a run stopped between the two files has not exported
         exported = all((r["run"] / f).is_file() for f in ("model.safetensors", "model.json"))
-        last = done[-1] if done else {}
-        val = [v for k, v in last.items() if k.startswith("val_acc/")]
+        val = {k: v for k, v in (done[-1] if done else {}).items() if k.startswith("val_acc/")}
         rows.append({"variant": name, "epochs": f"{len(done)}/{r['epochs']}", "exported": exported,
                      "end": "finished" if exported else (r["end"] if r["end"] != "running" else
                                                          f"exit status {r['process'].returncode}"),
                      "seconds_per_epoch": round(sum(m["seconds"] for m in done[1:]) / max(1, len(done) - 1), 1),
-                     "val": {k: v for k, v in last.items() if k.startswith("val_acc/")},
-                     "score": round(sum(val) / len(val), 4) if exported and val else None})
+                     "val": val, "score": round(sum(val.values()) / len(val), 4) if exported and val else None})
     ranked = sorted((row for row in rows if row["score"] is not None), key=lambda row: -row["score"])
     for rank, row in enumerate(ranked, 1):
         row["rank"] = rank
@@ -162,7 +155,7 @@ def main(argv=None) -> int:
         print(f"error: --plan {args.plan}: {error}", file=sys.stderr)
         return 2
     out = Path(args.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):  # an old run's models would be ranked
+    if not is_new_or_empty_folder(out):  # an old run's models would be ranked
         print(f"error: --out {out} is not an empty folder", file=sys.stderr)
         return 2
     out.mkdir(parents=True, exist_ok=True)

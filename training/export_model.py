@@ -13,6 +13,7 @@ from core.checkpoint import ModelBundle, save_bundle
 from core.data import class_counts, data_fingerprint
 from core.model import DualEncoder
 from core.panels import PANELS_FILE
+from training.checkpointing import read_metrics
 from training.pack_data import packed_provenance
 
 
@@ -23,7 +24,7 @@ def export(model: DualEncoder, panels, phrases, train_items, args, out: Path, av
     if average is not None:
         model.load_state_dict(average.shadow.state_dict())
     model.eval().cpu()
-    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    metrics = read_metrics(out)
     raw_panels = json.loads(PANELS_FILE.read_text())
     sidecar = {
         "model_id": f"{model.config.name}-{time.strftime('%Y%m%d-%H%M%S')}",

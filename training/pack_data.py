@@ -30,6 +30,7 @@ from core.config import load_model_config
 from core.data import data_fingerprint, scan_class_folders
 from core.preprocess import square_resize
 from training.dataset import training_cache_size
+from training.run_inputs import is_new_or_empty_folder
 
 MANIFEST = "PACKED.json"
 
@@ -108,7 +109,7 @@ def main(argv=None) -> int:
     if missing:
         print(f"error: no such folder or file: {', '.join(missing)}", file=sys.stderr)
         return 2
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if not is_new_or_empty_folder(out):
         print(f"error: {out} is not an empty folder: pack into a new one", file=sys.stderr)
         return 2
     clashes = [clash for folder in args.data for clash in colliding_names(Path(folder))]

@@ -17,6 +17,12 @@ class UsageError(Exception):
     """A mistake in the command line or the data layout; the message says what to change."""
 
 
+def is_new_or_empty_folder(path: Path) -> bool:
+    """True when `path` does not exist or is an empty folder: an output folder that holds no
+    earlier run's files to be read as this run's."""
+    return not path.exists() or (path.is_dir() and not any(path.iterdir()))
+
+
 def check_paths(args) -> None:
     """Every folder and file of the command line exists (else a UsageError naming it)."""
     for flag, folders in (("--data", args.data), ("--val", args.val), ("--synthetic", args.synthetic)):
