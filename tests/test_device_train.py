@@ -10,10 +10,14 @@ from tests.test_training import ENV
 from training import device_train
 
 
-def test_projection_waits_for_three_epochs_and_skips_the_first():
+def test_projection_waits_for_two_measured_epochs_and_skips_the_first():
     assert device_train.projected_end([{"seconds": 9.0}] * 2, 10, now=5.0) is None
     done = [{"seconds": 30.0}, {"seconds": 2.0}, {"seconds": 4.0}]
     assert device_train.projected_end(done, 10, now=5.0) == 5.0 + 7 * 3.0 + device_train.EXPORT_SECONDS
+    # after a stop, only the epochs from `since` on count
+    done = [{"seconds": 30.0}, {"seconds": 9.0}, {"seconds": 9.0}, {"seconds": 6.0}, {"seconds": 4.0}, {"seconds": 4.0}]
+    assert device_train.projected_end(done, 10, now=5.0, since=4) == 5.0 + 4 * 4.0 + device_train.EXPORT_SECONDS
+    assert device_train.projected_end(done, 10, now=5.0, since=5) is None
     assert device_train.requested_epochs(["--epochs", "4", "--seed", "1", "--epochs", "6"]) == 6
     assert device_train.requested_epochs([]) == 12
 
