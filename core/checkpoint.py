@@ -145,9 +145,9 @@ def _read_sidecar(path: Path) -> dict:
         raise ModelLoadError(f"Model sidecar {side} is not valid JSON: {error}") from error
 
 
-def load_bundle(path: Path | str, text_model_override: str | None = None) -> ModelBundle:
-    """Load and verify a model: refuses (ModelLoadError) when the weights' sha256 differs
-    from the sidecar's, or when the files are missing or malformed."""
+def read_verified_tensors(path: Path | str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(sidecar, tensors) of a model file whose sha256 matches its sidecar's; ModelLoadError when
+    the files are missing or malformed or the hash differs (nothing is unpickled)."""
     path = Path(path)
     sidecar = _read_sidecar(path)
     actual = file_sha256(path)
@@ -159,13 +159,24 @@ def load_bundle(path: Path | str, text_model_override: str | None = None) -> Mod
                              f"the sidecar's {str(sidecar.get('weights_sha256'))[:12]}... "
                              "(the file was changed or corrupted).")
     try:
-        tensors = load_file(str(path))
+        return sidecar, load_file(str(path))
     except (SafetensorError, OSError) as error:
         raise ModelLoadError(f"{path.name} is not a readable safetensors file: {error}") from error
+
+
+def model_state(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The DualEncoder state dict inside a model file's tensors (keys ``model.*``)."""
+    return {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+
+
+def load_bundle(path: Path | str, text_model_override: str | None = None) -> ModelBundle:
+    """Load and verify a model: refuses (ModelLoadError) when the weights' sha256 differs
+    from the sidecar's, or when the files are missing or malformed."""
+    path = Path(path)
+    sidecar, tensors = read_verified_tensors(path)
     model = DualEncoder(ModelConfig.from_dict(sidecar["config"]), text_model_override)
-    state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
     try:
-        model.load_state_dict(state, strict=True)
+        model.load_state_dict(model_state(tensors), strict=True)
     except RuntimeError as error:
         raise ModelLoadError(f"{path.name} does not match its config: {error}") from error
     model.eval()

@@ -558,3 +558,37 @@ def test_resume_without_checkpoint_says_so_and_another_config_is_refused(tiny_tr
     (tmp_path / "wider.json").write_text(json.dumps({**wider, "name": "wider", "embed_dim": 48}))
     err = _refused(capsys, [*argv, "--config", str(tmp_path / "wider.json")])  # a page of size mismatches before
     assert "was made with config 'tiny-test'" in err and "embed_dim" in err and "--config tiny-test" in err
+
+
+def test_init_from_starts_at_an_exported_models_weights_and_refuses_a_bad_one(tiny_tree, tmp_path, capsys, one_thread):
+    """Fine-tuning (a GPU model trained on packed images, polished on the originals): the run starts at
+    the exported weights, records them in its sidecar; a changed file or another config is one line."""
+    from core.checkpoint import load_bundle
+    from training import train
+
+    base = ["--data", str(tiny_tree), "--config", "tiny-test", "--batch-size", "8", "--cache-dir", str(tmp_path / "c")]
+    assert train.main([*base, "--epochs", "1", "--out", str(tmp_path / "a"), "--export", str(tmp_path / "a.safetensors")]) == 0
+    assert train.main([*base, "--epochs", "1", "--lr", "0", "--ema", "0", "--init-from", str(tmp_path / "a.safetensors"),
+                       "--out", str(tmp_path / "b"), "--export", str(tmp_path / "b.safetensors")]) == 0
+    first, second = load_bundle(tmp_path / "a.safetensors"), load_bundle(tmp_path / "b.safetensors")
+    start = first.model.state_dict()
+    # learning rate 0: AdamW's decoupled weight decay is lr-scaled too, so nothing moved (buffers aside)
+    for name, value in second.model.named_parameters():
+        assert torch.equal(value, start[name]), name
+    assert second.sidecar["training"]["init_from"] == {"file": "a.safetensors", "model_id": first.sidecar["model_id"],
+                                                       "weights_sha256": first.sidecar["weights_sha256"]}
+    assert first.sidecar["training"]["init_from"] is None
+
+    wider = json.loads((PROJECT_ROOT / "assets" / "model_configs" / "tiny-test.json").read_text())
+    (tmp_path / "wider.json").write_text(json.dumps({**wider, "name": "wider", "embed_dim": 48}))
+    capsys.readouterr()  # the two runs' progress bars
+    err = _refused(capsys, [*base, "--config", str(tmp_path / "wider.json"), "--init-from", str(tmp_path / "a.safetensors"),
+                            "--out", str(tmp_path / "c")])
+    assert "--init-from" in err and "'tiny-test'" in err and "'wider'" in err
+    damaged = bytearray((tmp_path / "a.safetensors").read_bytes())
+    damaged[-1] ^= 1
+    (tmp_path / "a.safetensors").write_bytes(bytes(damaged))
+    err = _refused(capsys, [*base, "--init-from", str(tmp_path / "a.safetensors"), "--out", str(tmp_path / "d")])
+    assert "--init-from" in err and "sha256" in err
+    err = _refused(capsys, [*base, "--init-from", str(tmp_path / "none.safetensors"), "--out", str(tmp_path / "e")])
+    assert "none.safetensors: no such file" in err

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from core.atomic import atomic_write, atomic_write_text
+from core.checkpoint import ModelLoadError, load_sidecar, model_state, read_verified_tensors
 from core.config import ModelConfig
 from training.run_inputs import UsageError
 
@@ -160,3 +161,26 @@ def write_run_config(out: Path, args, config: ModelConfig, classes: list[str]) -
     """OUT/config.json: arguments, model config, classes and command line, for whoever reads the run."""
     record = {"args": vars(args), "model": config.to_dict(), "classes": classes, "command": " ".join(sys.argv)}
     (out / "config.json").write_text(json.dumps(record, indent=2))
+
+
+def load_initial_weights(model: torch.nn.Module, path: Path | str) -> None:
+    """Load an exported model's weights into `model` (fine-tuning; optimiser, schedule and weight
+    average start afresh). UsageError when the file fails its sha256 check or was trained with
+    another model config."""
+    try:
+        sidecar, tensors = read_verified_tensors(path)
+    except ModelLoadError as error:
+        raise UsageError(f"--init-from: {error}") from error
+    wanted = json.loads(json.dumps(model.config.to_dict()))  # tuples as the sidecar's JSON lists
+    if sidecar.get("config") != wanted:
+        raise UsageError(f"--init-from {path}: trained with model config {sidecar.get('config', {}).get('name')!r}, "
+                         f"not this run's {wanted.get('name')!r} (or the same name with other settings)")
+    model.load_state_dict(model_state(tensors), strict=True)
+
+
+def initial_weights_provenance(path: Path | str) -> dict | None:
+    """{file, model_id, weights_sha256} of an --init-from model, from its sidecar; None without one."""
+    if not path:
+        return None
+    sidecar = load_sidecar(path)
+    return {"file": Path(path).name, "model_id": sidecar.get("model_id"), "weights_sha256": sidecar["weights_sha256"]}

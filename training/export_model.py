@@ -13,7 +13,7 @@ from core.checkpoint import ModelBundle, save_bundle
 from core.data import class_counts, data_fingerprint
 from core.model import DualEncoder
 from core.panels import PANELS_FILE
-from training.checkpointing import read_metrics
+from training.checkpointing import initial_weights_provenance, read_metrics
 from training.pack_data import packed_provenance
 
 
@@ -37,7 +37,9 @@ def export(model: DualEncoder, panels, phrases, train_items, args, out: Path, av
                      "precision": args.precision,  # resolved: `auto` differs between machines
                      "final_epoch_metrics": metrics[-1] if metrics else {},
                      # trained on a pack (training.pack_data): its sources and their fingerprints
-                     "packed_from": packed_provenance(args.data)},
+                     "packed_from": packed_provenance(args.data),
+                     # fine-tuned from another exported model (train --init-from)
+                     "init_from": initial_weights_provenance(getattr(args, "init_from", ""))},
         "text_model_sha256": model.sentence_encoder().weights_sha256,
     }
     bundle = ModelBundle(model, sidecar, {}, panel_prototypes(model, panels), attribute_prototypes(model, phrases))

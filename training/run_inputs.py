@@ -32,6 +32,9 @@ def check_paths(args) -> None:
     for path in args.attributes:
         if not Path(path).is_file():
             raise UsageError(f"--attributes {path}: no such file")
+    initial = getattr(args, "init_from", "")
+    if initial and not Path(initial).is_file():
+        raise UsageError(f"--init-from {initial}: no such file (expected an exported model's .safetensors)")
     features = getattr(args, "sentence_features", "")
     if features and not Path(features).is_file():
         raise UsageError(f"--sentence-features {features}: no such file (write it with "

@@ -29,7 +29,8 @@ from core.loss import attribute_matching_loss, bidirectional_contrastive_loss
 from core.model import DualEncoder
 from core.panels import all_class_keys, load_attribute_phrases, load_panels
 from training.augment import AUGMENT_PRESETS, augment_batch
-from training.checkpointing import (gather_rng_states, keep_metrics_up_to, load_for_resume, resume_from,
+from training.checkpointing import (gather_rng_states, keep_metrics_up_to, load_for_resume, load_initial_weights,
+                                    resume_from,
                                     save_checkpoint, write_run_config)
 from training.dataset import build_dataset, read_attribute_table, training_cache_size
 from training.ema import WeightAverage
@@ -64,6 +65,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cut", nargs="*", default=[], help="CLASS=N: keep only N training images of CLASS (stress tests)")
     p.add_argument("--out", default="runs/default", help="run folder")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    p.add_argument("--init-from", default="", metavar="MODEL",
+                   help="start from an exported model's weights (sha256 checked, same --config): fine-tune, e.g. "
+                        "a model trained on packed images on a GPU, on the original images")
     p.add_argument("--export", default="", help="write the final model (safetensors + JSON sidecar) here")
     p.add_argument("--low-res", type=int, default=0,
                    help="progressive resizing: train the first --low-res-epochs at this input size (px)")
@@ -231,6 +235,8 @@ def build_model(config, panels, phrases, classes: list[str], generator, args, wo
     """Model, weight average, sentence features (frozen text tower, computed once), the DDP-wrapped
     objective and the optimiser."""
     model = DualEncoder(config, sentence_features=args.sentence_features or None).to(args.device)
+    if args.init_from:  # before the weight average copies the model
+        load_initial_weights(model, args.init_from)
     average = WeightAverage(model, args.ema) if args.ema > 0 else None  # before the text encoder loads: not copied
     if args.mixstyle > 0:  # after the weight average is copied: training-mode hooks on the live model only
         MixStyleHooks.on_feature_stages(model.visual.trunk, args.mixstyle_stages, args.mixstyle, 0.1, generator)
