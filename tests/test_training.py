@@ -578,6 +578,10 @@ def test_init_from_starts_at_an_exported_models_weights_and_refuses_a_bad_one(ti
     assert second.sidecar["training"]["init_from"] == {"file": "a.safetensors", "model_id": first.sidecar["model_id"],
                                                        "weights_sha256": first.sidecar["weights_sha256"]}
     assert first.sidecar["training"]["init_from"] is None
+    # resumed without --init-from, the run still says where its weights started
+    assert train.main([*base, "--epochs", "2", "--resume", "--out", str(tmp_path / "b"),
+                       "--export", str(tmp_path / "b2.safetensors")]) == 0
+    assert load_bundle(tmp_path / "b2.safetensors").sidecar["training"]["init_from"] == second.sidecar["training"]["init_from"]
 
     wider = json.loads((PROJECT_ROOT / "assets" / "model_configs" / "tiny-test.json").read_text())
     (tmp_path / "wider.json").write_text(json.dumps({**wider, "name": "wider", "embed_dim": 48}))
@@ -590,5 +594,28 @@ def test_init_from_starts_at_an_exported_models_weights_and_refuses_a_bad_one(ti
     (tmp_path / "a.safetensors").write_bytes(bytes(damaged))
     err = _refused(capsys, [*base, "--init-from", str(tmp_path / "a.safetensors"), "--out", str(tmp_path / "d")])
     assert "--init-from" in err and "sha256" in err
+    assert not (tmp_path / "d").exists()  # refused before any image was decoded or folder made
     err = _refused(capsys, [*base, "--init-from", str(tmp_path / "none.safetensors"), "--out", str(tmp_path / "e")])
     assert "none.safetensors: no such file" in err
+
+
+def test_a_device_this_machine_lacks_is_one_line_before_any_work(tiny_tree, tmp_path, capsys, monkeypatch):
+    """--device cuda without a GPU died with a traceback in the model's first move, after decoding."""
+    from training import train_gan
+    from training.run_inputs import check_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "run"
+    err = _refused(capsys, ["--data", str(tiny_tree), "--config", "tiny-test", "--device", "cuda", "--out", str(out)])
+    assert "--device cuda" in err and "no CUDA GPU" in err and "--device cpu" in err
+    assert not out.exists()
+    assert train_gan.main(["--data", str(tiny_tree), "--device", "cuda", "--out", str(tmp_path / "gan")]) == 2
+    assert "no CUDA GPU" in capsys.readouterr().err
+    err = _refused(capsys, ["--data", str(tiny_tree), "--device", "gpu0", "--out", str(out)])
+    assert "not a device name" in err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    check_device("cuda:0")
+    with pytest.raises(Exception, match="1 CUDA GPU"):
+        check_device("cuda:1")
+    check_device("cpu")

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from core.atomic import atomic_write, atomic_write_text
-from core.checkpoint import ModelLoadError, load_sidecar, model_state, read_verified_tensors
+from core.checkpoint import ModelLoadError, model_state, read_verified_tensors
 from core.config import ModelConfig
 from training.run_inputs import UsageError
 
@@ -67,7 +67,7 @@ def save_checkpoint(out: Path, model, optimizer, average, state: dict, classes: 
     """Write OUT/last.pt atomically (temp file, then rename)."""
     checkpoint = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": state["epoch"],
                   "step": state["step"], "config": model.config.to_dict(), "classes": classes, "rng": rng_states,
-                  "precision": state.get("precision")}
+                  "precision": state.get("precision"), "init_from": state.get("init_from")}
     if average is not None:
         checkpoint["average"] = average.state_dict()
     atomic_write(out / "last.pt", lambda handle: torch.save(checkpoint, handle))
@@ -163,24 +163,20 @@ def write_run_config(out: Path, args, config: ModelConfig, classes: list[str]) -
     (out / "config.json").write_text(json.dumps(record, indent=2))
 
 
-def load_initial_weights(model: torch.nn.Module, path: Path | str) -> None:
-    """Load an exported model's weights into `model` (fine-tuning; optimiser, schedule and weight
-    average start afresh). UsageError when the file fails its sha256 check or was trained with
-    another model config."""
+def read_initial_weights(path: Path | str, config: ModelConfig) -> tuple[dict, dict]:
+    """(model state dict, provenance {file, model_id, weights_sha256}) of an exported model to start
+    a run from (--init-from: fine-tuning; optimiser, schedule and weight average start afresh),
+    checked before any image is decoded. UsageError when the file fails its sha256 check or was
+    trained with another model config (compared as ModelConfig, as check_same_config does)."""
     try:
         sidecar, tensors = read_verified_tensors(path)
-    except ModelLoadError as error:
+        saved = ModelConfig.from_dict(sidecar.get("config") or {"name": "?"})
+    except (ModelLoadError, TypeError, ValueError) as error:
         raise UsageError(f"--init-from: {error}") from error
-    wanted = json.loads(json.dumps(model.config.to_dict()))  # tuples as the sidecar's JSON lists
-    if sidecar.get("config") != wanted:
-        raise UsageError(f"--init-from {path}: trained with model config {sidecar.get('config', {}).get('name')!r}, "
-                         f"not this run's {wanted.get('name')!r} (or the same name with other settings)")
-    model.load_state_dict(model_state(tensors), strict=True)
-
-
-def initial_weights_provenance(path: Path | str) -> dict | None:
-    """{file, model_id, weights_sha256} of an --init-from model, from its sidecar; None without one."""
-    if not path:
-        return None
-    sidecar = load_sidecar(path)
-    return {"file": Path(path).name, "model_id": sidecar.get("model_id"), "weights_sha256": sidecar["weights_sha256"]}
+    if saved != config:
+        fields = [f for f, value in saved.to_dict().items() if config.to_dict().get(f) != value]
+        raise UsageError(f"--init-from {path}: trained with model config {saved.name!r}, not this run's "
+                         f"{config.name!r} (they differ in {', '.join(fields)})")
+    provenance = {"file": Path(path).name, "model_id": sidecar.get("model_id"),
+                  "weights_sha256": sidecar["weights_sha256"]}
+    return model_state(tensors), provenance

@@ -91,15 +91,22 @@ def start_runs(plan: dict, out: Path) -> dict[str, dict]:
 
 
 def watch(runs: dict[str, dict], deadline: float, started: float, poll: float) -> None:
-    """Until every run ended: stop the longest run projected past the deadline, then judge again
-    only from epochs begun after that stop (the others speed up once it frees its share: in session
-    15 five runs side by side took 8-9 s an epoch and two took 4.2, so projecting from the crowded
-    epochs stopped runs that would have finished); stop every run still going at the deadline."""
+    """Until every run ended: stop the longest run projected past the deadline, and every run still
+    going at the deadline. Whenever a run ends (stopped, finished or failed) the others are judged
+    only from epochs begun after that: they speed up once it frees its share (session 15: five runs
+    side by side took 8-9 s an epoch, two 4.2 s, one alone 3.3 s), and projecting from the crowded
+    epochs stopped runs that would have finished. A run beside a shorter one is still projected at
+    the shared speed, so the plan's deadline should allow for that."""
     since = {name: 1 for name in runs}
-    while any(r["process"].poll() is None for r in runs.values()):
+    running = set(runs)
+    while running:
         time.sleep(poll)
         now = time.time() - started
         live = {n: r for n, r in runs.items() if r["process"].poll() is None}
+        if set(live) != running:  # the epoch now running is part crowded: measure from the one after it
+            since.update({n: len(read_metrics(r["run"])) + 1 for n, r in live.items()})
+            running = set(live)
+            continue
         if now > deadline:
             late = sorted((r["epochs"], n) for n, r in live.items())
         else:
@@ -111,8 +118,6 @@ def watch(runs: dict[str, dict], deadline: float, started: float, poll: float) -
             runs[name]["process"].wait()
             runs[name]["end"] = f"stopped at {now:.0f} s: would not finish by {deadline:.0f} s"
             print(f"stopped {name} after {len(read_metrics(runs[name]['run']))} epochs", flush=True)
-        if late:  # the epoch now running is part crowded: measure from the one after it
-            since.update({n: len(read_metrics(r["run"])) + 1 for n, r in live.items()})
 
 
 def summarise(runs: dict[str, dict]) -> list[dict]:

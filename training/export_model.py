@@ -13,13 +13,15 @@ from core.checkpoint import ModelBundle, save_bundle
 from core.data import class_counts, data_fingerprint
 from core.model import DualEncoder
 from core.panels import PANELS_FILE
-from training.checkpointing import initial_weights_provenance, read_metrics
+from training.checkpointing import read_metrics
 from training.pack_data import packed_provenance
 
 
-def export(model: DualEncoder, panels, phrases, train_items, args, out: Path, average=None) -> None:
-    """Write the safetensors model + sidecar with class prototypes and provenance; with a weight
-    average (training.ema), its weights are the ones shipped. Leaves `model` on the CPU in eval
+def export(model: DualEncoder, panels, phrases, train_items, args, out: Path, average=None,
+           init_from: dict | None = None) -> None:
+    """Write the safetensors model + sidecar with class prototypes and provenance (`init_from`: the
+    model the run started from, train --init-from); with a weight average (training.ema), its
+    weights are the ones shipped. Leaves `model` on the CPU in eval
     mode (the product describes on the CPU; called once, at the end of training)."""
     if average is not None:
         model.load_state_dict(average.shadow.state_dict())
@@ -39,7 +41,7 @@ def export(model: DualEncoder, panels, phrases, train_items, args, out: Path, av
                      # trained on a pack (training.pack_data): its sources and their fingerprints
                      "packed_from": packed_provenance(args.data),
                      # fine-tuned from another exported model (train --init-from)
-                     "init_from": initial_weights_provenance(getattr(args, "init_from", ""))},
+                     "init_from": init_from},
         "text_model_sha256": model.sentence_encoder().weights_sha256,
     }
     bundle = ModelBundle(model, sidecar, {}, panel_prototypes(model, panels), attribute_prototypes(model, phrases))

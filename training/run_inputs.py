@@ -9,6 +9,8 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+import torch
+
 from core.config import ModelConfig, load_model_config
 from core.data import LabelledImage, as_class_keys, class_key_for_folder, scan_class_folders
 
@@ -39,6 +41,21 @@ def check_paths(args) -> None:
     if features and not Path(features).is_file():
         raise UsageError(f"--sentence-features {features}: no such file (write it with "
                          "python -m training.text_features --write FILE)")
+
+
+def check_device(device: str) -> None:
+    """A device this machine has (else a UsageError): ``--device cuda`` on a machine without a GPU
+    failed deep inside the model's first move, with a traceback, after every image was decoded."""
+    try:
+        wanted = torch.device(device)
+    except RuntimeError as error:
+        raise UsageError(f"--device {device}: not a device name (e.g. cpu, cuda, cuda:1)") from error
+    if wanted.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise UsageError(f"--device {device}: this machine has no CUDA GPU that torch can use; use --device cpu")
+        if wanted.index is not None and wanted.index >= count:
+            raise UsageError(f"--device {device}: this machine has {count} CUDA GPU(s), numbered from 0")
 
 
 def parse_cuts(cuts: list[str]) -> dict[str, int]:

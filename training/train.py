@@ -29,16 +29,16 @@ from core.loss import attribute_matching_loss, bidirectional_contrastive_loss
 from core.model import DualEncoder
 from core.panels import all_class_keys, load_attribute_phrases, load_panels
 from training.augment import AUGMENT_PRESETS, augment_batch
-from training.checkpointing import (gather_rng_states, keep_metrics_up_to, load_for_resume, load_initial_weights,
-                                    resume_from,
-                                    save_checkpoint, write_run_config)
+from training.checkpointing import (gather_rng_states, keep_metrics_up_to, load_for_resume, read_initial_weights,
+                                    resume_from, save_checkpoint, write_run_config)
 from training.dataset import build_dataset, read_attribute_table, training_cache_size
 from training.ema import WeightAverage
 from training.evaluation_utils import panel_accuracy
 from training.export_model import export
 from training.mixstyle import MixStyleHooks
 from training.distributed import rank_device, resolve_precision, setup_distributed
-from training.run_inputs import UsageError, check_paths, epoch_steps, load_items, model_config, scan_as_class_keys
+from training.run_inputs import (UsageError, check_device, check_paths, epoch_steps, load_items, model_config,
+                                 scan_as_class_keys)
 from training.sampling import BALANCE_MODES, class_groups, class_weights, epoch_length, rank_epoch_indices
 from training.text_features import SentenceFeatureCache
 
@@ -231,12 +231,12 @@ def close_epoch(model, average, optimizer, features, val_sets, state, losses, st
     save_checkpoint(out, model, optimizer, average, state, classes, rng_states)
 
 
-def build_model(config, panels, phrases, classes: list[str], generator, args, world: int):
-    """Model, weight average, sentence features (frozen text tower, computed once), the DDP-wrapped
-    objective and the optimiser."""
+def build_model(config, panels, phrases, classes: list[str], generator, args, world: int, initial_state=None):
+    """Model (from `initial_state` when given: --init-from), weight average, sentence features
+    (frozen text tower, computed once), the DDP-wrapped objective and the optimiser."""
     model = DualEncoder(config, sentence_features=args.sentence_features or None).to(args.device)
-    if args.init_from:  # before the weight average copies the model
-        load_initial_weights(model, args.init_from)
+    if initial_state is not None:  # before the weight average copies the model
+        model.load_state_dict(initial_state, strict=True)
     average = WeightAverage(model, args.ema) if args.ema > 0 else None  # before the text encoder loads: not copied
     if args.mixstyle > 0:  # after the weight average is copied: training-mode hooks on the live model only
         MixStyleHooks.on_feature_stages(model.visual.trunk, args.mixstyle_stages, args.mixstyle, 0.1, generator)
@@ -260,6 +260,7 @@ def main(argv=None) -> int:
 def run(args: argparse.Namespace) -> int:
     """Train as the parsed command line says; 0 when done."""
     check_paths(args)
+    check_device(args.device)
     rank, world = setup_distributed()
     args.device = rank_device(args.device, world)
     args.precision = resolve_precision(args.precision, args.device, announce=rank == 0)  # config.json: resolved
@@ -269,15 +270,18 @@ def run(args: argparse.Namespace) -> int:
     config = model_config(args.config)
     out = Path(args.out)
     checkpoint = load_for_resume(out, config, args.config, rank) if args.resume else None
+    # a resumed run's weights come from its checkpoint, which keeps where they started
+    initial_state, init_from = (read_initial_weights(args.init_from, config) if args.init_from and checkpoint is None
+                                else (None, (checkpoint or {}).get("init_from")))
     panels, phrases = load_panels(), load_attribute_phrases()
     vocabulary = {name: list(values) for name, values in phrases.items()}
     train_items, classes, train, synthetic, val_sets, steps_per_epoch = load_training_data(
         args, config, panels, vocabulary, rank, world)
     out.mkdir(parents=True, exist_ok=True)  # once the data is known to be usable
     model, average, features, objective, optimizer = build_model(config, panels, phrases, classes, generator,
-                                                                 args, world)
+                                                                 args, world, initial_state)
     state = {"epoch": 0, "step": 0, "rank": rank, "total_steps": steps_per_epoch * args.epochs,
-             "warmup": min(300, steps_per_epoch), "precision": args.precision}
+             "warmup": min(300, steps_per_epoch), "precision": args.precision, "init_from": init_from}
     if checkpoint is not None:
         resume_from(checkpoint, out, model, optimizer, average, state, generator, args, world)
     weights = class_weights(train.labels, len(classes)).to(args.device) if args.balance == "reweight" else None
@@ -301,7 +305,7 @@ def run(args: argparse.Namespace) -> int:
                         rng_states, validate)
 
     if rank == 0 and args.export:
-        export(model, panels, phrases, train_items, args, out, average)
+        export(model, panels, phrases, train_items, args, out, average, init_from=state["init_from"])
     if world > 1:
         dist.destroy_process_group()
     return 0

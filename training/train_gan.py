@@ -31,6 +31,7 @@ from core.gan import (Discriminator, GanConfig, Generator, d_hinge_loss, g_hinge
 from core.gan_checkpoint import load_gan, load_module, save_gan
 from training.dataset import decode_images
 from training.diffaugment import POLICIES, diff_augment
+from training.run_inputs import UsageError, check_device
 from training.train import load_items, seed_everything
 
 
@@ -193,6 +194,11 @@ def resume(out: Path, nets, opts, classes: list[str]) -> int:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    try:
+        check_device(args.device)
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     seed_everything(args.seed)
