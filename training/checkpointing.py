@@ -73,16 +73,21 @@ def save_checkpoint(out: Path, model, optimizer, average, state: dict, classes: 
     atomic_write(out / "last.pt", lambda handle: torch.save(checkpoint, handle))
 
 
+def config_differences(saved: ModelConfig, config: ModelConfig) -> list[str]:
+    """Names of the fields in which two model configs differ."""
+    wanted = config.to_dict()
+    return [field for field, value in saved.to_dict().items() if wanted[field] != value]
+
+
 def check_same_config(out: Path, checkpoint: dict, config: ModelConfig, asked: str) -> None:
     """UsageError unless the checkpoint was made with `config` (compared as ModelConfig, so
     fields added since it was saved take their defaults): otherwise loading it fails with a
     page of state_dict size mismatches."""
     saved = ModelConfig.from_dict(checkpoint.get("config", {"name": "?"}))
     if saved != config:
-        fields = [f for f, value in saved.to_dict().items() if config.to_dict()[f] != value]
         raise UsageError(f"{out / 'last.pt'} was made with config {saved.name!r}, not --config {asked} "
-                         f"(they differ in {', '.join(fields)}); resume with --config {saved.name} "
-                         "or train into a new --out")
+                         f"(they differ in {', '.join(config_differences(saved, config))}); resume with "
+                         f"--config {saved.name} or train into a new --out")
 
 
 def load_for_resume(out: Path, config: ModelConfig, asked: str, rank: int) -> dict | None:
@@ -174,9 +179,8 @@ def read_initial_weights(path: Path | str, config: ModelConfig) -> tuple[dict, d
     except (ModelLoadError, TypeError, ValueError) as error:
         raise UsageError(f"--init-from: {error}") from error
     if saved != config:
-        fields = [f for f, value in saved.to_dict().items() if config.to_dict().get(f) != value]
         raise UsageError(f"--init-from {path}: trained with model config {saved.name!r}, not this run's "
-                         f"{config.name!r} (they differ in {', '.join(fields)})")
+                         f"{config.name!r} (they differ in {', '.join(config_differences(saved, config))})")
     provenance = {"file": Path(path).name, "model_id": sidecar.get("model_id"),
                   "weights_sha256": sidecar["weights_sha256"]}
     return model_state(tensors), provenance

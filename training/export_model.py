@@ -21,8 +21,8 @@ def export(model: DualEncoder, panels, phrases, train_items, args, out: Path, av
            init_from: dict | None = None) -> None:
     """Write the safetensors model + sidecar with class prototypes and provenance (`init_from`: the
     model the run started from, train --init-from); with a weight average (training.ema), its
-    weights are the ones shipped. Leaves `model` on the CPU in eval
-    mode (the product describes on the CPU; called once, at the end of training)."""
+    weights are the ones shipped. Leaves `model` on the CPU in eval mode (the product describes on
+    the CPU; called once, at the end of training)."""
     if average is not None:
         model.load_state_dict(average.shadow.state_dict())
     model.eval().cpu()
