@@ -269,6 +269,8 @@ def add_feedback(s: Session, prediction: PredictionRecord, *, verdict: str, revi
     if verdict == "agree" and corrected_class not in (None, prediction.class_key):
         raise ValueError("a corrected class contradicts 'agree'; choose 'disagree' instead")
     corrected_sentence = _clean_text(corrected_sentence, "corrected sentence")
+    if verdict == "agree" and corrected_sentence:  # stored, it would read as the expert's wording of an agreement
+        raise ValueError("a corrected sentence goes with 'disagree'; to agree, clear it (remarks go in the comment)")
     if verdict == "unsure" and (corrected_class is not None or corrected_sentence):  # a silent correction
         raise ValueError("a correction goes with 'disagree'; for 'unsure', say what you suspect in the comment")
     if verdict == "disagree" and corrected_class is not None and corrected_class == prediction.class_key \

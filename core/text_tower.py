@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -42,6 +43,24 @@ def text_weights_sha256(folder: str) -> str | None:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+@contextmanager
+def quiet_transformers():
+    """transformers' load report and progress bar off, restored after. Loading the sentence
+    encoder reports the unused BERT pooler weights as UNEXPECTED (a mean pooler is used instead),
+    which is expected, and in the app's server log it reads as a fault."""
+    from transformers.utils import logging
+
+    verbosity, bar = logging.get_verbosity(), logging.is_progress_bar_enabled()
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(verbosity)
+        if bar:
+            logging.enable_progress_bar()
+
+
 class FrozenSentenceEncoder(nn.Module):
     """open_clip HFTextEncoder with identity projection: text -> pooled sentence features."""
 
@@ -53,8 +72,9 @@ class FrozenSentenceEncoder(nn.Module):
 
         self.folder = resolve_text_model(name)
         width = AutoConfig.from_pretrained(self.folder).hidden_size
-        self.encoder = HFTextEncoder(self.folder, output_dim=width, pooler_type=pooler,
-                                     proj_type=None, pretrained=True)
+        with quiet_transformers():
+            self.encoder = HFTextEncoder(self.folder, output_dim=width, pooler_type=pooler,
+                                         proj_type=None, pretrained=True)
         self.encoder.lock(unlocked_layers=0, freeze_layer_norm=True)
         self.encoder.eval()
         self.tokenizer = HFTokenizer(self.folder, context_length=64)

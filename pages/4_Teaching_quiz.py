@@ -14,7 +14,7 @@ st.caption("A random cell from the gallery: choose or write its description, the
            "and what the model says. " + widgets.DISCLAIMER)
 quiz.init_state()
 score_box = st.empty()  # filled last, so it already counts an answer checked in this run
-panel = widgets.panel_select(bundle, key="quiz_panel")
+panel = widgets.panel_select(bundle, key="quiz_panel", validated_only=True)  # unvalidated: no labelled cells
 cell = quiz.current_cell(panel)
 if cell is None:
     st.info("No gallery images to quiz on: set `HEMASCRIBE_GALLERY_DIR` to a folder of cell images (sub-folders "

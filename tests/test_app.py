@@ -728,3 +728,48 @@ def test_atypical_answers_are_listed_right_after_the_abstentions():
 
     assert [c.file_name for c in doubtful_first(cases(BAND))] == ["weak", "atypical", "typical"]
     assert [c.file_name for c in doubtful_first(cases(None))] == ["weak", "typical", "atypical"]
+
+
+def test_uploads_panel_and_source_survive_a_visit_to_another_page(app_env):
+    """Streamlit empties widgets that another page's run did not draw: the batch, its panel and
+    its cases must still be there on coming back, and nothing is described or recorded again."""
+    at = run_app()
+    at.selectbox(key="describe_panel").select("b_all").run()
+    files = [("a.png", png_bytes(0, 1), "image/png"), ("b.png", png_bytes(1, 2), "image/png")]
+    at.file_uploader(key="describe_upload").set_value(files).run()
+    recorded = count(app_env.sessionmaker, PredictionRecord)
+    at.switch_page(CARD_PAGE).run()
+    at.switch_page("app.py").run()
+    assert not at.exception, at.exception
+    assert at.selectbox(key="describe_panel").value == "b_all"
+    assert sorted(at.dataframe[0].value["file"]) == ["a.png", "b.png"]
+    assert any("uploaded earlier in this session" in c.value for c in at.caption)
+    assert count(app_env.sessionmaker, PredictionRecord) == recorded
+    at.button(key="describe_clear_kept").click().run()
+    assert any("Upload images or choose a sample" in i.value for i in at.info)
+    # a sample chosen before the visit is open again after it
+    at = choose_sample(at)
+    at.switch_page(CARD_PAGE).run()
+    at.switch_page("app.py").run()
+    assert at.radio(key="describe_source").value == "samples"
+    assert at.selectbox(key="describe_sample").value == "cell_0.png"
+
+
+def test_results_table_gives_an_abstention_no_confidence(app_env):
+    """The confidence column is for answers; an abstention's top probability is its best match."""
+    at = run_app()
+    files = [(f"{k}.png", png_bytes(k, k + 1), "image/png") for k in range(6)]
+    at.file_uploader(key="describe_upload").set_value(files).run()
+    frame = at.dataframe[0].value
+    abstained = frame["abstained"].astype(bool)
+    assert frame.loc[abstained, "confidence"].isna().all()
+    assert (frame.loc[~abstained, "best match if uncertain"] == "").all()
+
+
+def test_bare_disagreement_is_confirmed_as_such():
+    from ui.feedback import saved_message
+
+    assert "no correction given" in saved_message("disagree", "Dr A", {"corrected_class": None,
+                                                                       "corrected_sentence": " "})
+    assert "no correction" not in saved_message("disagree", "Dr A", {"corrected_class": "monocyte"})
+    assert saved_message("agree", "Dr *A*", {}) == "Saved: agree by Dr \\*A\\*."

@@ -255,6 +255,13 @@ def test_quiz_answered_cell_is_not_scored_again_after_a_panel_round_trip(env):
     assert at.metric[0].value.endswith("/ 1")
 
 
+def test_quiz_offers_only_validated_panels(env):
+    """The leukaemia panel has no labelled cell to score and no image to validate it: no quiz."""
+    at = open_page(QUIZ_PAGE)
+    options = at.selectbox(key="quiz_panel").options
+    assert len(options) == 2 and not any("originating study" in o for o in options)
+
+
 def write_first_answer(text: str) -> AppTest:
     """The quiz with a seeded session, `text` written as the first round's answer and checked."""
     at = AppTest.from_file(APP, default_timeout=180)

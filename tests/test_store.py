@@ -177,6 +177,9 @@ def test_verification_is_per_panel_and_unsure_takes_no_class(sm):
         _feedback(sm, on_cells, verdict="unsure", reviewer="Dr C", corrected_class="monocyte")
     with pytest.raises(ValueError, match="a correction goes with 'disagree'"):
         _feedback(sm, on_cells, verdict="unsure", reviewer="Dr C", corrected_sentence="A monocyte?")
+    # an agreement with a typed correction is contradictory: refused, nothing stored
+    with pytest.raises(ValueError, match="a corrected sentence goes with 'disagree'"):
+        _feedback(sm, on_cells, verdict="agree", reviewer="Dr C", corrected_sentence="A monocyte, looks fine.")
 
 
 def test_feedback_table_filters_and_stats(sm):

@@ -31,17 +31,24 @@ def doubtful_first(cases: list[Case]) -> list[Case]:
                                             not c.description.atypical, c.description.confidence))
 
 
-def _shown_confidence(d: Description) -> float | None:
-    return round(d.confidence, 4) if confidence_shown(d) else None
+def _answer_confidence(d: Description) -> float | None:
+    """The confidence column: for answers only. An abstention's top probability is how close its
+    best match came, not a confidence in anything the page says: it gets its own column."""
+    return round(d.confidence, 4) if confidence_shown(d) and not d.abstained else None
+
+
+def _best_match(panel: Panel, d: Description) -> str:
+    return f"{class_name(panel, d.best_class)} ({d.confidence:.0%})" if d.abstained and confidence_shown(d) else ""
 
 
 def results_table(panel: Panel, cases: list[Case]) -> None:
-    """One row per described image: file, class, sentence, confidence (where it is one), abstained,
-    and whether an answer is atypical of the training images (`core.typicality`; blank where not fitted)."""
+    """One row per described image: file, class, sentence, confidence (of an answer, where it is
+    one), the best match of an abstention, abstained, and whether an answer is atypical of the
+    training images (`core.typicality`; blank where not fitted)."""
     frame = pd.DataFrame([{
         "file": c.file_name, "class": class_name(panel, c.description.class_key, "(uncertain)"), "sentence": c.label,
-        "confidence": _shown_confidence(c.description), "abstained": c.description.abstained,
-        "atypical": c.description.atypical,
+        "confidence": _answer_confidence(c.description), "best match if uncertain": _best_match(panel, c.description),
+        "abstained": c.description.abstained, "atypical": c.description.atypical,
     } for c in cases])
     st.dataframe(frame, hide_index=True, key="describe_results", column_config={
         "confidence": st.column_config.ProgressColumn("confidence", format="%.2f", min_value=0.0, max_value=1.0),

@@ -27,7 +27,7 @@ from core.settings import Settings
 from core.store import store_error_message
 from ui.recording import record_prediction
 from ui.resources import Store
-from ui.widgets import md_escape
+from ui.widgets import kept_choice, md_escape, remember_choice
 
 UPLOAD_TYPES = sorted(suffix.lstrip(".") for suffix in IMAGE_SUFFIXES)  # .jfif / .jpe / .dib too
 SAMPLE_EXCLUDE = frozenset({"gan_grid.png"})  # synthetic montage for the model card, not a case
@@ -76,20 +76,51 @@ def list_samples(folder: Path) -> list[Path]:
     return sorted(files, key=lambda p: p.name.lower())
 
 
+KEPT_UPLOADS = "describe_uploads_kept"  # the uploads as Inputs, kept while other pages run
+
+
+def _keep_uploads() -> None:
+    """on_change of the uploader: keep the files as Inputs. Streamlit empties the uploader when
+    another page runs; without this, a look at the model card would discard a batch of uploads
+    and their cases. Removing the files in the uploader clears the kept ones too."""
+    files = st.session_state.get("describe_upload") or []
+    st.session_state[KEPT_UPLOADS] = [Input(f.name, f.getvalue()) for f in files]
+
+
+def _uploaded_inputs() -> list[Input]:
+    files = st.file_uploader("Upload one or several cell images", type=UPLOAD_TYPES, accept_multiple_files=True,
+                             key="describe_upload", on_change=_keep_uploads)
+    if files:
+        return [Input(f.name, f.getvalue()) for f in files]
+    kept = st.session_state.get(KEPT_UPLOADS) or []
+    if kept:  # the uploader came back empty from another page: show the batch it held
+        st.caption(f"Showing the {len(kept)} image{'s' if len(kept) != 1 else ''} uploaded earlier in this "
+                   "session. Upload again to replace them.")
+        if st.button("Clear these images", key="describe_clear_kept"):
+            st.session_state.pop(KEPT_UPLOADS, None)
+            st.rerun()
+    return kept
+
+
 def pick_inputs(current: Settings) -> list[Input]:
-    """Source radio, then the uploader or the sample picker; returns the chosen images."""
-    source = st.radio("Images", ["upload", "samples"], horizontal=True, key="describe_source",
+    """Source radio, then the uploader or the sample picker; returns the chosen images. The
+    source, the sample and the uploads survive a visit to another page (`kept_choice`)."""
+    sources = ["upload", "samples"]
+    source = st.radio("Images", sources, horizontal=True, key="describe_source",
+                      index=sources.index(kept_choice("describe_source", sources, "upload")),
                       format_func={"upload": "Upload images", "samples": "Sample images"}.get)
+    remember_choice("describe_source", source)
     if source == "upload":
-        files = st.file_uploader("Upload one or several cell images", type=UPLOAD_TYPES,
-                                 accept_multiple_files=True, key="describe_upload")
-        return [Input(f.name, f.getvalue()) for f in files or []]
+        return _uploaded_inputs()
     samples = {p.name: p for p in list_samples(current.samples_dir)}
     if not samples:
         st.info(f"No sample images were found in {md_escape(current.samples_dir)}. Upload images instead.")
         return []
-    name = st.selectbox("Sample image", list(samples), index=None, placeholder="Choose a sample",
-                        key="describe_sample")
+    names = list(samples)
+    kept = kept_choice("describe_sample", names, None)
+    name = st.selectbox("Sample image", names, index=None if kept is None else names.index(kept),
+                        placeholder="Choose a sample", key="describe_sample")
+    remember_choice("describe_sample", name)
     if any(n.startswith("synthetic_") for n in samples):
         st.caption("Samples named synthetic_* were drawn by this project's GAN (trained on PBC images), not "
                    "photographed: they show how the app works and are no patient's cells.")

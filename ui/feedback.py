@@ -30,6 +30,15 @@ def save_feedback(store: Store, prediction_id: int, verdict: str, reviewer: str,
                             corrected_sentence=corrected_sentence, comment=comment).id
 
 
+def saved_message(verdict: str, reviewer: str, fields: dict) -> str:
+    """The confirmation after a saved click; a disagreement without a correction says so, since
+    it records only that the answer was wrong."""
+    corrected = fields.get("corrected_class") or (fields.get("corrected_sentence") or "").strip()
+    bare = verdict == "disagree" and not corrected
+    note = " (no correction given: recorded as 'the answer is wrong')" if bare else ""
+    return f"Saved: {verdict} by {md_escape(reviewer)}{note}."
+
+
 def _form_suffix(prediction_id: int) -> str:
     """Widget-key suffix of one case's form: its own fields (nothing typed for one case can be
     sent with another), renewed after each saved click so the saved form comes back empty."""
@@ -67,9 +76,10 @@ def _form(panel: Panel, case: Case, reviewer: str) -> tuple[str | None, dict]:
     with st.container(border=True):
         if case.description is not None and case.description.abstained:  # else Agree reads as "agree with what?"
             st.caption("The model gave no sentence for this image: Agree means it was right not to answer; "
-                       "Disagree, with the class or a sentence, says what the cell is.")
-        st.caption("If you disagree, say what the cell is (a class of the panel, or your own sentence). "
-                   "What you type is sent with the button you click, and kept for this case until then.")
+                       "Disagree says it should have answered, and with a class or a sentence, what the cell is.")
+        st.caption("Disagree alone records that the answer is wrong; add a class of the panel or your own "
+                   "sentence to say what the cell is. What you type is sent with the button you click, and kept "
+                   "for this case until then.")
         corrected = st.selectbox("Correct class (for Disagree)", panel.keys, index=None, placeholder="-",
                                  format_func=lambda k: panel.cell_class(k).name, key=keys["class"],
                                  on_change=_keep_draft, args=(draft, keys["class"], "class"))
@@ -112,7 +122,7 @@ def render_feedback(store: Store, panel: Panel, case: Case, reviewer: str) -> No
             st.session_state.pop(_draft_key(panel, case), None)
             generation = f"{FORM_GENERATION}{case.prediction_id}"
             st.session_state[generation] = st.session_state.get(generation, 0) + 1  # next run: an empty form
-            st.session_state[f"{SAVED_MESSAGE}{case.prediction_id}"] = f"Saved: {verdict} by {md_escape(reviewer)}."
+            st.session_state[f"{SAVED_MESSAGE}{case.prediction_id}"] = saved_message(verdict, reviewer, fields)
             st.rerun()
     render_history(store, case.sha256, case.image_id, panel.name, case.description.weights_sha256, panel)
 

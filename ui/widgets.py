@@ -49,14 +49,29 @@ def model_sidebar(bundle: ModelBundle) -> None:
     st.sidebar.caption(DISCLAIMER)
 
 
-def panel_select(bundle: ModelBundle, key: str) -> Panel:
-    """Select box of the model's panels (default: first validated); warns when the chosen
-    panel is not validated."""
-    names = list(bundle.panels)
-    default = names.index(default_panel(bundle))
-    name = st.selectbox("Panel of sentences", names, index=default, key=key,
+def kept_choice(key: str, options: list, default):
+    """The option chosen in this session under `key` when it is still one of `options`, else
+    `default`. Streamlit drops a widget's state when another page runs, so a choice coming back
+    from Model card would be reset; `remember_choice` keeps it under a plain session key."""
+    kept = st.session_state.get(f"{key}_kept")
+    return kept if kept in options else default
+
+
+def remember_choice(key: str, value) -> None:
+    """Keep a widget's current value under a plain session key (read by `kept_choice`)."""
+    st.session_state[f"{key}_kept"] = value
+
+
+def panel_select(bundle: ModelBundle, key: str, validated_only: bool = False) -> Panel:
+    """Select box of the model's panels (default: first validated; the panel chosen earlier in
+    the session, when coming back from another page); warns when the chosen panel is not
+    validated. `validated_only` leaves unvalidated panels out (the quiz: no labelled images)."""
+    names = [n for n in bundle.panels if bundle.panels[n].validated or not validated_only] or list(bundle.panels)
+    choice = kept_choice(key, names, default_panel(bundle))
+    name = st.selectbox("Panel of sentences", names, index=names.index(choice) if choice in names else 0, key=key,
                         format_func=lambda n: bundle.panels[n].title,
                         help="The set of sentences the image is compared with.")
+    remember_choice(key, name)
     panel = bundle.panels[name]
     if not panel.validated:
         st.warning(panel.warning or "This panel is not validated: its scores are not evidence of anything.")
