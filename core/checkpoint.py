@@ -140,9 +140,12 @@ def _read_sidecar(path: Path) -> dict:
     if not side.is_file():
         raise ModelLoadError(f"Model sidecar not found: {side} (it must lie beside the weights)")
     try:
-        return json.loads(side.read_text())
+        data = json.loads(side.read_text())
     except (OSError, ValueError) as error:
         raise ModelLoadError(f"Model sidecar {side} is not valid JSON: {error}") from error
+    if not isinstance(data, dict):  # valid JSON, but not a sidecar: every reader expects an object
+        raise ModelLoadError(f"Model sidecar {side} is not a model sidecar (a JSON object is expected)")
+    return data
 
 
 def read_verified_tensors(path: Path | str) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -169,21 +172,36 @@ def model_state(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
 
 
+def _sidecar_config(sidecar: dict, path: Path) -> ModelConfig:
+    """The model config the sidecar records (ModelLoadError when it is missing or malformed:
+    the weights cannot be rebuilt without it)."""
+    try:
+        return ModelConfig.from_dict(sidecar["config"])
+    except (KeyError, TypeError, AttributeError, ValueError) as error:
+        raise ModelLoadError(f"{sidecar_path(path).name}: its 'config' entry is missing or malformed "
+                             f"({type(error).__name__}: {error})") from error
+
+
 def load_bundle(path: Path | str, text_model_override: str | None = None) -> ModelBundle:
     """Load and verify a model: refuses (ModelLoadError) when the weights' sha256 differs
     from the sidecar's, or when the files are missing or malformed."""
     path = Path(path)
     sidecar, tensors = read_verified_tensors(path)
-    model = DualEncoder(ModelConfig.from_dict(sidecar["config"]), text_model_override)
+    model = DualEncoder(_sidecar_config(sidecar, path), text_model_override)
     try:
         model.load_state_dict(model_state(tensors), strict=True)
     except RuntimeError as error:
         raise ModelLoadError(f"{path.name} does not match its config: {error}") from error
+    try:
+        panels = panels_from_dict(sidecar["panels"])
+    except (KeyError, TypeError, AttributeError, ValueError) as error:
+        raise ModelLoadError(f"{sidecar_path(path).name}: its 'panels' entry is missing or malformed "
+                             f"({type(error).__name__}: {error})") from error
     model.eval()
     prototypes = {k[len("bank."):]: v for k, v in tensors.items() if k.startswith("bank.")}
     attributes = {k[len("attr."):]: v for k, v in tensors.items() if k.startswith("attr.")}
     centroids = {k[len("centroid."):]: v for k, v in tensors.items() if k.startswith("centroid.")}
-    return ModelBundle(model, sidecar, panels_from_dict(sidecar["panels"]), prototypes, attributes,
+    return ModelBundle(model, sidecar, panels, prototypes, attributes,
                        centroids, ood_precision=tensors.get("ood.precision"), path=path)
 
 

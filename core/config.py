@@ -48,4 +48,8 @@ def load_model_config(name_or_path: str | Path) -> ModelConfig:
     if not path.is_file():
         available = sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
         raise FileNotFoundError(f"Model config {name_or_path!r} not found; available: {available}")
-    return ModelConfig.from_dict(json.loads(path.read_text()))
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return ModelConfig.from_dict(data)
+    except (ValueError, TypeError, AttributeError) as error:  # not JSON, not an object, or a field's type
+        raise ValueError(f"Model config {path} is not a valid config JSON object ({error})") from error

@@ -106,6 +106,9 @@ def test_train_resume_and_sample_cli(tmp_path):
     sidecar = json.loads((run / "gan.json").read_text())
     assert sidecar["step"] == 3 and sidecar["classes"] == ["basophil", "lymphocyte"]
     assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    weights = (run / "gan.safetensors").read_bytes()
+    assert train_gan.main(common + ["--steps", "1"]) == 2  # neither --resume nor --overwrite: the GAN is kept
+    assert (run / "gan.safetensors").read_bytes() == weights
 
     out = tmp_path / "synthetic"
     assert gan_sample.main(["--checkpoint", str(run / "gan.safetensors"), "--class", "basophil", "--n", "3",

@@ -486,7 +486,9 @@ def test_a_kill_between_metrics_and_checkpoint_leaves_no_duplicate_epoch_line(ti
         handle.write('{"epoch": 4, "lo')  # a torn line (killed mid-write) goes too
     keep_metrics_up_to(out / "metrics.jsonl", 3)
     assert _logged_epochs(out) == [1, 2, 3]
-    assert train.main([*argv, "--epochs", "1"]) == 0  # no --resume: a new run
+    assert train.main([*argv, "--epochs", "1"]) == 2  # neither --resume nor --overwrite: the run is kept
+    assert _logged_epochs(out) == [1, 2, 3]
+    assert train.main([*argv, "--epochs", "1", "--overwrite"]) == 0  # a new run, asked for
     assert _logged_epochs(out) == [1]
 
 

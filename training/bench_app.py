@@ -38,6 +38,7 @@ from core.imageio import load_image_bytes  # noqa: E402
 from core.settings import load_settings  # noqa: E402
 from core.store import make_engine, make_sessionmaker  # noqa: E402
 from training.bench_common import P95_RULE, REFUSED, nearest_rank, refuse_model  # noqa: E402
+from training.cli import run_main  # noqa: E402
 from ui.recording import record_prediction  # noqa: E402
 
 IMPORT_SECONDS = time.perf_counter() - T0
@@ -166,4 +167,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

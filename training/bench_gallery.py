@@ -35,6 +35,7 @@ from core.gallery import (GalleryIndex, GalleryItem, load_index, save_index, sea
 from core.gallery_sources import FOLDER, scan_folder  # noqa: E402
 from core.settings import load_settings  # noqa: E402
 from training.bench_common import P95_RULE, REFUSED, nearest_rank, refuse_model  # noqa: E402
+from training.cli import non_negative_int, positive_int, run_main  # noqa: E402
 
 IMPORT_SECONDS = time.perf_counter() - T0
 
@@ -99,6 +100,8 @@ def _build(bundle: ModelBundle, args, folder: Path) -> tuple[GalleryIndex, dict,
         started = time.perf_counter()
         index = update_index(bundle, folder / "real", sources)
         seconds = time.perf_counter() - started
+        if not len(index):  # else the benchmark would time noise and call it the gallery
+            raise ValueError(f"--images {args.images}: no loadable image there ({len(index.skipped)} refused)")
         info = {"real_images": len(index), "refused": len(index.skipped), "embed_seconds": round(seconds, 1),
                 "embed_images_per_second": round(len(index) / max(seconds, 1e-9), 1)}
         images = [Image.open(item.path).convert("RGB") for item in index.items[:args.queries]]
@@ -112,12 +115,12 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="weights file (default: the HEMASCRIBE_MODEL setting)")
     parser.add_argument("--config", default=None, help="model config for random weights (no trained model needed)")
-    parser.add_argument("--n", type=int, default=20000, help="rows in the index")
+    parser.add_argument("--n", type=positive_int, default=20000, help="rows in the index")
     parser.add_argument("--images", default=None, help="folder of real images to embed (recursive)")
-    parser.add_argument("--limit", type=int, default=500, help="at most this many real images")
-    parser.add_argument("--queries", type=int, default=50)
-    parser.add_argument("--k", type=int, default=12)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (the app uses 1 per session)")
+    parser.add_argument("--limit", type=non_negative_int, default=500, help="at most this many real images")
+    parser.add_argument("--queries", type=positive_int, default=50)
+    parser.add_argument("--k", type=positive_int, default=12)
+    parser.add_argument("--threads", type=positive_int, default=1, help="torch threads (the app uses 1 per session)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
@@ -158,4 +161,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_main(main))

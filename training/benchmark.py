@@ -14,7 +14,9 @@ import argparse
 import json
 import resource
 import statistics
+import sys
 import time
+from pathlib import Path
 
 T0 = time.perf_counter()
 import torch  # noqa: E402
@@ -23,17 +25,33 @@ from core.checkpoint import load_bundle  # noqa: E402
 from core.describe import describe, describe_batch  # noqa: E402
 from core.settings import load_settings  # noqa: E402
 from training.bench_common import P95_RULE, REFUSED, nearest_rank, refuse_model  # noqa: E402
+from training.cli import positive_int, run_main  # noqa: E402
 
 IMPORT_SECONDS = time.perf_counter() - T0
 
 
 def _images(folder: str | None, n: int):
+    """`n` images to time: the first loadable ones of `folder` (through the product's loader, as
+    an upload is), or seeded noise without one. ValueError when the folder has none."""
     from PIL import Image
 
     if folder:
         from core.data import scan_class_folders
+        from core.imageio import ImageRejected, load_image_path
 
-        return [Image.open(item.path).convert("RGB") for item in scan_class_folders(folder)[:n]]
+        if not Path(folder).is_dir():
+            raise ValueError(f"--images {folder}: not a folder (expected a folder of class folders)")
+        images = []
+        for item in scan_class_folders(folder):
+            try:
+                images.append(load_image_path(item.path).image)
+            except ImageRejected as error:
+                print(f"skipped: {error}", file=sys.stderr)
+            if len(images) == n:
+                break
+        if not images:
+            raise ValueError(f"--images {folder}: no loadable image in its class folders")
+        return images
     import numpy as np
 
     rng = np.random.default_rng(0)
@@ -44,8 +62,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None)
     parser.add_argument("--images", default=None, help="folder of class folders (optional)")
-    parser.add_argument("--runs", type=int, default=50)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--runs", type=positive_int, default=50)
+    parser.add_argument("--threads", type=positive_int, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
@@ -79,4 +97,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_main(main))

@@ -48,6 +48,7 @@ from core.typicality import fit_typicality
 from training.attribute_eval import read_attribute_rows
 from training.calibrate_attributes import calibrate_attributes
 from training.calibrate_inputs import centroid_source, val_panels
+from training.cli import positive_int, run_main, share
 from training.dataset import decode_images
 from training.evaluation_utils import embed_uint8, seeded_halves
 
@@ -72,14 +73,14 @@ def parse_args(argv=None):
     p.add_argument("--panel", nargs="+", default=None, metavar="NAME",
                    help="panel of each --val folder, in order (default: inferred from its class folders, "
                         "as training.evaluate does; a tie is refused)")
-    p.add_argument("--target-accuracy", type=float, default=0.99)
-    p.add_argument("--min-coverage", type=float, default=0.90)
-    p.add_argument("--ood-coverage", type=float, default=0.99, help="share of val images accepted as in scope")
-    p.add_argument("--per-class", type=int, default=400, help="training images per class for centroids")
+    p.add_argument("--target-accuracy", type=share, default=0.99)
+    p.add_argument("--min-coverage", type=share, default=0.90)
+    p.add_argument("--ood-coverage", type=share, default=0.99, help="share of val images accepted as in scope")
+    p.add_argument("--per-class", type=positive_int, default=400, help="training images per class for centroids")
     p.add_argument("--cache-dir", default="runs/cache")
     p.add_argument("--attributes", default=None,
                    help="WBCAtt val CSV: also fit the morphology phrases' confidence thresholds")
-    p.add_argument("--attribute-target-accuracy", type=float, default=0.95,
+    p.add_argument("--attribute-target-accuracy", type=share, default=0.95,
                    help="accuracy the phrases stated without '(?)' must reach")
     p.add_argument("--views", type=int, choices=VIEW_COUNTS, default=None,
                    help="embed each image as the mean of this many turned copies (core.model.encode_views), "
@@ -211,6 +212,21 @@ def phrase_thresholds(bundle, rows: list[dict], args, previous: dict) -> dict:
 
 
 @torch.no_grad()  # in-process callers (tests) keep their grad mode
+def panels_left_out(bundle, val_sets, same_embeddings: bool) -> dict:
+    """The earlier calibrations of panels without a --val folder in this run, to keep. They stay
+    valid only when the centroids and the views are unchanged (--keep-centroids): otherwise their
+    out-of-scope thresholds would be read against new centroids, so the run is refused (ValueError)
+    instead of dropping them, which left a calibrated panel uncalibrated without a word."""
+    earlier = (bundle.sidecar.get("calibration") or {}).get("panels") or {}
+    left_out = {name: fit for name, fit in earlier.items() if name not in {panel for _, panel in val_sets}}
+    if left_out and not same_embeddings:
+        raise ValueError(f"panel(s) {', '.join(sorted(left_out))} were calibrated before and have no --val folder "
+                         "here; new centroids would invalidate their thresholds: add their val folders")
+    for name in sorted(left_out):
+        print(f"note: panel {name} has no --val folder here; its earlier calibration is kept", file=sys.stderr)
+    return dict(left_out)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
@@ -218,13 +234,14 @@ def main(argv=None) -> int:
         if args.attributes and not attribute_rows:
             raise ValueError(f"{args.attributes} lists no image")
     except ValueError as error:  # no path column, or no listed image found: nothing to fit
-        print(f"error: {error} (paths are read relative to the CSV's folder)", file=sys.stderr)
+        print(f"error: {error}", file=sys.stderr)
         return 2
     try:
         bundle = load_bundle(args.checkpoint)
         views = choose_views(bundle, args)
         val_sets = val_panels(bundle, args)
         training_images = centroid_source(bundle, args, val_sets)
+        kept_panels = panels_left_out(bundle, val_sets, training_images is None and views == bundle.views)
     except (ModelLoadError, ValueError, FileNotFoundError) as error:  # one line, nothing written
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -233,7 +250,8 @@ def main(argv=None) -> int:
     if training_images is not None:
         bundle.centroids, bundle.ood_precision = class_centroids(bundle, training_images, args.per_class,
                                                                  args.cache_dir, args.seed)
-    calibration = {"panels": {}, "method": " ".join(__doc__.split("\n\n")[1].split()), "seed": args.seed,  # halves
+    calibration = {"panels": kept_panels,  # the panels fitted below are added to those kept
+                   "method": " ".join(__doc__.split("\n\n")[1].split()), "seed": args.seed,  # halves
                    "command": " ".join(["python -m training.calibrate", *(sys.argv[1:] if argv is None else argv)]),
                    "target_accuracy": args.target_accuracy, "min_coverage": args.min_coverage, "views": views}
     for items, panel in val_sets:
@@ -256,4 +274,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

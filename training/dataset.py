@@ -51,8 +51,13 @@ def decode_images(items: list[LabelledImage], size: int, cache_dir: Path | None)
         return torch.from_numpy(np.load(cache))
     array = np.empty((len(items), 3, size, size), dtype=np.uint8)
     for i, item in enumerate(tqdm(items, desc=f"decode {size}px", unit="img", mininterval=5)):
-        with Image.open(item.path) as image:
-            array[i] = to_uint8_array(image, size)
+        try:
+            with Image.open(item.path) as image:
+                array[i] = to_uint8_array(image, size)
+        except (OSError, ValueError, SyntaxError) as error:  # Pillow's ways of failing on a damaged file
+            raise ValueError(f"{item.path}: cannot be decoded ({' '.join(str(error).split())}); remove or "
+                             "replace it (check a folder with python -m training.evaluate, which lists every "
+                             "such file)") from error
     if cache:
         cache.parent.mkdir(parents=True, exist_ok=True)
         # DDP ranks decode the same files and may finish together: each writes its own temp file
@@ -70,9 +75,15 @@ def read_attribute_table(csv_paths: list[tuple[Path, Path]]) -> dict[Path, dict[
     """{absolute image path: {attribute: value}} from WBCAtt CSVs given as (csv, root)."""
     table = {}
     for csv_path, root in csv_paths:
-        with open(csv_path, newline="") as handle:
-            for row in csv.DictReader(handle):
-                table[(Path(root) / row["path"]).resolve()] = row
+        try:
+            with open(csv_path, newline="", encoding="utf-8") as handle:
+                reader = csv.DictReader(handle)
+                if "path" not in (reader.fieldnames or []):
+                    raise ValueError(f"{csv_path}: no 'path' column (the image path of each row)")
+                for row in reader:
+                    table[(Path(root) / row["path"]).resolve()] = row
+        except UnicodeDecodeError as error:  # a ValueError whose message names no file
+            raise ValueError(f"{csv_path}: not a UTF-8 text file ({error.reason} at byte {error.start})") from None
     return table
 
 

@@ -38,6 +38,7 @@ from PIL import Image
 
 from core.config import load_model_config
 from training.checkpointing import read_metrics
+from training.cli import run_main
 from training.run_inputs import is_new_or_empty_folder
 from training.step_runner import Steps
 
@@ -252,4 +253,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

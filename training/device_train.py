@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 from training.checkpointing import read_metrics
+from training.cli import run_main
 from training.run_inputs import is_new_or_empty_folder
 
 PART_BYTES = 15 * 2**20
@@ -193,4 +194,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -41,6 +41,7 @@ from core.describe import describe_batch
 from core.imageio import ImageRejected, load_image_path
 from core.panels import all_class_keys, infer_panel, require_panel
 from training.attribute_eval import evaluate_attributes, print_attributes, read_attribute_csv
+from training.cli import positive_int, run_main
 from training.metrics import classification_summary, print_first
 
 
@@ -51,10 +52,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--panel", default=None, help="panel name (default: inferred from the folder names)")
     p.add_argument("--json", default=None, help="write the metrics as JSON here")
     p.add_argument("--attributes", default=None, help="WBCAtt CSV (path column relative to --data)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--record", default=None, metavar="NAME",
-                   help="also store the summary in the model sidecar under metrics.NAME (model card)")
+    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--record", default=None, metavar="NAME", type=record_name,
+                   help="also store the summary in the model sidecar under metrics.NAME (model card); "
+                        "a summary recorded earlier under NAME is replaced, and the command says so")
     return p.parse_args(argv)
+
+
+def record_name(text: str) -> str:
+    """argparse type of --record: a non-empty name without dots (it becomes a key of metrics)."""
+    name = text.strip()
+    if not name or "." in name:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a name such as pbc_val (not empty, no dots)")
+    return name
 
 
 def record_in_sidecar(checkpoint: str, name: str, metrics: dict, command: str) -> None:
@@ -69,6 +79,10 @@ def record_in_sidecar(checkpoint: str, name: str, metrics: dict, command: str) -
         summary["attributes"] = {**summary["attributes"], "skipped_rows": len(summary["attributes"]["skipped_rows"])}
     summary["command"] = command
     recorded = load_sidecar(checkpoint).get("metrics", {})
+    earlier = recorded.get(name)
+    if isinstance(earlier, dict):  # the model card shows this name: a replacement must not go unnoticed
+        print(f"note: metrics.{name} recorded earlier (n={earlier.get('n')}, accuracy {earlier.get('accuracy')}) "
+              f"is replaced (n={summary.get('n')}, accuracy {summary.get('accuracy')})", file=sys.stderr)
     recorded[name] = summary
     update_sidecar(checkpoint, {"metrics": recorded})
 
@@ -216,4 +230,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -41,6 +41,7 @@ from core.checkpoint import sidecar_path
 from core.data import class_counts, data_fingerprint, scan_class_folders
 from core.settings import PROJECT_ROOT
 from training.ablation_report import write_report
+from training.cli import run_main
 from training.sampling import BALANCE_MODES
 from training.train import load_items
 
@@ -231,4 +232,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -35,6 +35,7 @@ from core.gan import generate, to_pil
 from core.gan_checkpoint import load_gan
 from core.imageio import ImageRejected, load_image_path
 from core.panels import infer_panel, require_panel
+from training.cli import run_main
 
 NOTE = ("Frechet distance in the HemaScribe image encoder's unit-normalised embedding space, NOT Inception FID; "
         "compare it only with frechet_real_vs_real (same encoder, same sample size).")
@@ -164,4 +165,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

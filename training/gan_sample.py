@@ -23,6 +23,7 @@ from PIL.PngImagePlugin import PngInfo
 from core.checkpoint import ModelLoadError
 from core.gan import generate, to_pil
 from core.gan_checkpoint import load_gan
+from training.cli import run_main
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -83,4 +84,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -19,6 +19,7 @@ from core.checkpoint import load_bundle
 from core.data import scan_class_folders
 from core.describe import embed_images
 from core.explain import gradcam_heatmap
+from training.cli import run_main
 
 
 def centre_disc(size: int, radius_share: float = 0.3) -> np.ndarray:
@@ -68,4 +69,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_main(main))

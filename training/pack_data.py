@@ -29,6 +29,7 @@ from core.atomic import atomic_write_text
 from core.config import load_model_config
 from core.data import data_fingerprint, scan_class_folders
 from core.preprocess import square_resize
+from training.cli import run_main
 from training.dataset import training_cache_size
 from training.run_inputs import is_new_or_empty_folder
 
@@ -131,4 +132,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

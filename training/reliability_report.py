@@ -22,6 +22,7 @@ from sklearn.metrics import roc_auc_score
 from core.checkpoint import load_bundle, update_sidecar
 from core.data import scan_class_folders
 from core.describe import describe_batch
+from training.cli import run_main
 from training.ood_sets import blank_images, natural_photos, noise_images, text_images
 from training.reliability_plots import reliability_diagram, risk_coverage_plot
 
@@ -29,7 +30,11 @@ from training.reliability_plots import reliability_diagram, risk_coverage_plot
 def load_folder(folder: str, limit: int = 0):
     from PIL import Image
 
+    if not Path(folder).is_dir():
+        raise ValueError(f"{folder}: not a folder (expected a val folder with a sub-folder per class)")
     items = scan_class_folders(folder)
+    if not items:
+        raise ValueError(f"{folder}: no images in its class folders")
     if limit:
         items = items[:: max(1, len(items) // limit)]
     return [Image.open(i.path).convert("RGB") for i in items], [i.label for i in items]
@@ -136,4 +141,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -30,17 +30,35 @@ def check_paths(args) -> None:
     for flag, folders in (("--data", args.data), ("--val", args.val), ("--synthetic", args.synthetic)):
         for folder in folders:
             if not Path(folder).is_dir():
-                raise UsageError(f"{flag} {folder}: no such folder (expected a folder with a sub-folder per class)")
+                what = "a file, not a folder" if Path(folder).exists() else "no such folder"
+                raise UsageError(f"{flag} {folder}: {what} (expected a folder with a sub-folder per class)")
     for path in args.attributes:
         if not Path(path).is_file():
-            raise UsageError(f"--attributes {path}: no such file")
+            what = "a folder, not a file" if Path(path).is_dir() else "no such file"
+            raise UsageError(f"--attributes {path}: {what}")
     initial = getattr(args, "init_from", "")
     if initial and not Path(initial).is_file():
         raise UsageError(f"--init-from {initial}: no such file (expected an exported model's .safetensors)")
+    check_output_file("--export", getattr(args, "export", ""))
     features = getattr(args, "sentence_features", "")
     if features and not Path(features).is_file():
         raise UsageError(f"--sentence-features {features}: no such file (write it with "
                          "python -m training.text_features --write FILE)")
+
+
+def check_output_file(flag: str, path: str) -> None:
+    """A file a run writes at its end can be written there (else a UsageError now, not after
+    hours of training): not an existing folder, and no existing file where a folder must be."""
+    if not path:
+        return
+    target = Path(path)
+    if target.is_dir():
+        raise UsageError(f"{flag} {path}: a folder; give a file name, e.g. {target / 'model.safetensors'}")
+    for parent in target.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UsageError(f"{flag} {path}: {parent} is a file, so no folder can be made there")
+            break
 
 
 def check_device(device: str) -> None:
@@ -129,5 +147,5 @@ def model_config(name: str) -> ModelConfig:
     """The model config --config names (a UsageError whose message lists the configs there are)."""
     try:
         return load_model_config(name)
-    except FileNotFoundError as error:
+    except (FileNotFoundError, ValueError) as error:
         raise UsageError(f"--config: {error}") from error

@@ -23,6 +23,7 @@ import torch
 from core.checkpoint import ModelLoadError, load_bundle
 from core.data import scan_class_folders
 from core.site_shift import batch_shift, home_out_of_scope_rate
+from training.cli import run_main
 from training.evaluate import describe_folder, match_folders
 
 
@@ -115,4 +116,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -22,6 +22,7 @@ from core.model import DualEncoder
 from core.config import load_model_config
 from core.panels import Panel, load_attribute_phrases, load_panels
 from core.text_tower import write_sentence_features
+from training.cli import run_main
 
 
 class SentenceFeatureCache:
@@ -86,4 +87,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -31,6 +31,7 @@ from core.panels import all_class_keys, load_attribute_phrases, load_panels
 from training.augment import AUGMENT_PRESETS, augment_batch
 from training.checkpointing import (gather_rng_states, keep_metrics_up_to, load_for_resume, read_initial_weights,
                                     resume_from, save_checkpoint, write_run_config)
+from training.cli import decay, non_negative_float, non_negative_int, positive_int, run_main
 from training.dataset import build_dataset, read_attribute_table, training_cache_size
 from training.ema import WeightAverage
 from training.evaluation_utils import panel_accuracy
@@ -49,11 +50,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--val", nargs="*", default=[], help="validation folders, same layout")
     p.add_argument("--attributes", nargs="*", default=[], help="WBCAtt CSVs (path column relative to the CSV's folder)")
     p.add_argument("--config", default="hemascribe-regnetx004-96", help="model config name or JSON path")
-    p.add_argument("--epochs", type=int, default=12)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--weight-decay", type=float, default=0.05)
-    p.add_argument("--attribute-weight", type=float, default=0.5, help="weight of the morphology phrase loss")
+    p.add_argument("--epochs", type=positive_int, default=12)
+    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--lr", type=non_negative_float, default=2e-3)  # 0: weights stay (a check of --init-from)
+    p.add_argument("--weight-decay", type=non_negative_float, default=0.05)
+    p.add_argument("--attribute-weight", type=non_negative_float, default=0.5,
+                   help="weight of the morphology phrase loss")
     p.add_argument("--balance", choices=BALANCE_MODES, default="none")
     p.add_argument("--augment", choices=sorted(AUGMENT_PRESETS), default="strong", help="augmentation preset")
     p.add_argument("--mixstyle", type=float, default=0.0,
@@ -61,30 +63,34 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--mixstyle-stages", nargs="*", type=int, default=[1, 2],
                    help="trunk feature stages (0: stem) whose outputs MixStyle mixes")
     p.add_argument("--synthetic", nargs="*", default=[], help="folders of GAN images (for --balance gan)")
-    p.add_argument("--max-per-class", type=int, default=0, help="cap images per class (0: all); for quick runs")
+    p.add_argument("--max-per-class", type=non_negative_int, default=0,
+                   help="cap images per class (0: all); for quick runs")
     p.add_argument("--cut", nargs="*", default=[], help="CLASS=N: keep only N training images of CLASS (stress tests)")
     p.add_argument("--out", default="runs/default", help="run folder")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in an --out that holds an earlier run (its checkpoint and metrics are replaced)")
     p.add_argument("--init-from", default="", metavar="MODEL",
                    help="start from an exported model's weights (sha256 checked, same --config): fine-tune, e.g. "
                         "a model trained on packed images on a GPU, on the original images")
     p.add_argument("--export", default="", help="write the final model (safetensors + JSON sidecar) here")
-    p.add_argument("--low-res", type=int, default=0,
+    p.add_argument("--low-res", type=non_negative_int, default=0,
                    help="progressive resizing: train the first --low-res-epochs at this input size (px)")
-    p.add_argument("--low-res-epochs", type=int, default=0, help="epochs trained at --low-res before the full size")
+    p.add_argument("--low-res-epochs", type=non_negative_int, default=0,
+                   help="epochs trained at --low-res before the full size")
     p.add_argument("--final-augment", choices=sorted(AUGMENT_PRESETS), default=None,
                    help="augmentation preset of the last --final-augment-epochs (default: --augment throughout)")
-    p.add_argument("--final-augment-epochs", type=int, default=0)
-    p.add_argument("--val-every", type=int, default=1,
+    p.add_argument("--final-augment-epochs", type=non_negative_int, default=0)
+    p.add_argument("--val-every", type=positive_int, default=1,
                    help="validate every N epochs and after the last (validation changes no weights)")
-    p.add_argument("--ema", type=float, default=0.999, help="weight-average decay per step (0: off)")
+    p.add_argument("--ema", type=decay, default=0.999, help="weight-average decay per step (0: off)")
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                    help="auto: bf16 autocast where the hardware computes bf16, else fp32 (see distributed.py)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-seed", type=int, default=None,
                    help="seed of the --cut/--max-per-class selection (default --seed); fix it to vary only training")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    p.add_argument("--threads", type=non_negative_int, default=0, help="torch threads (0: leave as is)")
     p.add_argument("--cache-dir", default="runs/cache", help="where decoded images are cached")
     p.add_argument("--sentence-features", default="",
                    help="precomputed text-tower features (python -m training.text_features --write) instead of "
@@ -204,12 +210,15 @@ def load_training_data(args, config, panels, vocabulary: dict, rank: int, world:
     steps = epoch_steps(epoch_images, args.batch_size, world, args.data)
     classes = sorted({item.label for item in train_items})
     attribute_table = read_attribute_table([(Path(c), Path(c).parent) for c in args.attributes])
+    val_items = {folder: [i for i in as_class_keys(scan_class_folders(folder), keys)[0] if i.label in classes]
+                 for folder in args.val}
+    for folder, items in val_items.items():  # before the long decode: a NaN val accuracy helps no one
+        if not items:
+            raise UsageError(f"--val {folder}: no images of the trained classes ({', '.join(classes)})")
     cache_size = training_cache_size(config)
     train = build_dataset(train_items, classes, cache_size, attribute_table, vocabulary, Path(args.cache_dir))
-    val_sets = []
-    for folder in args.val:
-        items = [i for i in as_class_keys(scan_class_folders(folder), keys)[0] if i.label in classes]
-        val_sets.append((folder, build_dataset(items, classes, config.image_size, {}, vocabulary, Path(args.cache_dir))))
+    val_sets = [(folder, build_dataset(items, classes, config.image_size, {}, vocabulary, Path(args.cache_dir)))
+                for folder, items in val_items.items()]
     if rank == 0:
         print(f"train: {len(train_items)} images, classes {class_counts(train_items)}", flush=True)
     return train_items, classes, train, synthetic, val_sets, steps
@@ -269,6 +278,9 @@ def run(args: argparse.Namespace) -> int:
     generator = seed_everything(args.seed + rank)
     config = model_config(args.config)
     out = Path(args.out)
+    if not args.resume and not args.overwrite and (out / "last.pt").exists():  # every rank: none goes on alone
+        raise UsageError(f"--out {out} holds an earlier run (last.pt): pass --resume to continue it, --overwrite "
+                         "to replace it, or choose another --out")
     checkpoint = load_for_resume(out, config, args.config, rank) if args.resume else None
     # a resumed run's weights come from its checkpoint, which keeps where they started
     initial_state, init_from = (read_initial_weights(args.init_from, config) if args.init_from and checkpoint is None
@@ -312,4 +324,4 @@ def run(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -29,6 +29,7 @@ from core.data import class_counts, data_fingerprint
 from core.gan import (Discriminator, GanConfig, Generator, d_hinge_loss, g_hinge_loss, generate,
                       image_grid, standing_stats, update_ema)
 from core.gan_checkpoint import load_gan, load_module, save_gan
+from training.cli import decay, non_negative_int, positive_float, positive_int, run_main
 from training.dataset import decode_images
 from training.diffaugment import POLICIES, diff_augment
 from training.run_inputs import UsageError, check_device
@@ -40,27 +41,30 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data", required=True, help="folder with a subfolder per class")
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--size", type=int, default=64, choices=(32, 64, 128), help="image side (32: tests only)")
-    p.add_argument("--minutes", type=float, default=60.0, help="wall-clock budget of this invocation")
-    p.add_argument("--steps", type=int, default=0, help="stop at this total step (0: only --minutes)")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--minutes", type=positive_float, default=60.0, help="wall-clock budget of this invocation")
+    p.add_argument("--steps", type=non_negative_int, default=0, help="stop at this total step (0: only --minutes)")
+    p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from OUT/gan.safetensors + optim.pt")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in an --out that holds a trained GAN (it is replaced)")
     p.add_argument("--classes", nargs="*", default=[], help="train on these class folders only")
     p.add_argument("--cut", nargs="*", default=[], help="CLASS=N: keep N images of CLASS, as training.train")
-    p.add_argument("--max-per-class", type=int, default=0, help="cap per class, as training.train (0: all)")
+    p.add_argument("--max-per-class", type=non_negative_int, default=0,
+                   help="cap per class, as training.train (0: all)")
     p.add_argument("--data-seed", type=int, default=None, help="seed of the --cut selection (default --seed)")
     p.add_argument("--sampling", choices=("balanced", "uniform"), default="balanced",
                    help="balanced: every class equally often per batch (rare classes get as many steps)")
-    p.add_argument("--g-channels", type=int, default=32)
-    p.add_argument("--d-channels", type=int, default=32)
-    p.add_argument("--g-lr", type=float, default=1e-4)
-    p.add_argument("--d-lr", type=float, default=4e-4, help="TTUR: D learns faster, one D step per G step")
-    p.add_argument("--ema", type=float, default=0.999, help="decay of the generator EMA (0: no EMA)")
+    p.add_argument("--g-channels", type=positive_int, default=32)
+    p.add_argument("--d-channels", type=positive_int, default=32)
+    p.add_argument("--g-lr", type=positive_float, default=1e-4)
+    p.add_argument("--d-lr", type=positive_float, default=4e-4, help="TTUR: D learns faster, one D step per G step")
+    p.add_argument("--ema", type=decay, default=0.999, help="decay of the generator EMA (0: no EMA)")
     p.add_argument("--diffaugment", nargs="*", default=list(POLICIES), help=f"policies of {POLICIES}")
-    p.add_argument("--checkpoint-every", type=int, default=1000)
-    p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--checkpoint-every", type=positive_int, default=1000)
+    p.add_argument("--log-every", type=positive_int, default=50)
     p.add_argument("--cache-dir", default="runs/cache", help="decoded images are cached here ('' : no cache)")
-    p.add_argument("--threads", type=int, default=0,
+    p.add_argument("--threads", type=non_negative_int, default=0,
                    help="torch threads (0: leave as is); 1 is ~4x faster than 2 while another job holds the CPUs")
     p.add_argument("--device", default="cpu")
     return p.parse_args(argv)
@@ -192,10 +196,18 @@ def resume(out: Path, nets, opts, classes: list[str]) -> int:
     return int(state["step"])
 
 
+def check_out(out: Path, args) -> None:
+    """A trained GAN in --out is continued (--resume) or replaced (--overwrite), never silently."""
+    if not args.resume and not args.overwrite and (out / "gan.safetensors").exists():
+        raise UsageError(f"--out {out} holds a trained GAN (gan.safetensors): pass --resume to continue it, "
+                         "--overwrite to replace it, or choose another --out")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         check_device(args.device)
+        check_out(Path(args.out), args)
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -241,4 +253,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

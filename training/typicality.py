@@ -22,6 +22,7 @@ from core.checkpoint import ModelLoadError, load_bundle, load_sidecar, update_si
 from core.reliability import is_calibrated
 from core.typicality import fit_typicality
 from training.calibrate_inputs import val_panels
+from training.cli import run_main
 from training.evaluate import describe_folder
 from training.evaluation_utils import seeded_halves
 
@@ -76,4 +77,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))
