@@ -28,7 +28,8 @@ if not inputs:
 progress = st.progress(0.0, text="Describing...") if len(inputs) > 1 else None
 described = cases.describe_inputs(
     bundle, inputs, panel.name, store, settings.upload_dir, st.session_state.setdefault("describe_cases", {}),
-    progress=(lambda done: progress.progress(done, text="Describing...")) if progress else None)
+    progress=(lambda done: progress.progress(done, text="Describing...")) if progress else None,
+    keep=cases.kept_hashes())
 if progress is not None:
     progress.empty()
 

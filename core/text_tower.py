@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -43,6 +44,9 @@ def text_weights_sha256(folder: str) -> str | None:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+_QUIET_LOCK = threading.Lock()
+
+
 @contextmanager
 def quiet_transformers():
     """transformers' load report and progress bar off, restored after. Loading the sentence
@@ -50,15 +54,16 @@ def quiet_transformers():
     which is expected, and in the app's server log it reads as a fault."""
     from transformers.utils import logging
 
-    verbosity, bar = logging.get_verbosity(), logging.is_progress_bar_enabled()
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        logging.set_verbosity(verbosity)
-        if bar:
-            logging.enable_progress_bar()
+    with _QUIET_LOCK:  # the settings are process-wide: two loads at once must not restore each other's
+        verbosity, bar = logging.get_verbosity(), logging.is_progress_bar_enabled()
+        logging.set_verbosity_error()
+        logging.disable_progress_bar()
+        try:
+            yield
+        finally:
+            logging.set_verbosity(verbosity)
+            if bar:
+                logging.enable_progress_bar()
 
 
 class FrozenSentenceEncoder(nn.Module):

@@ -755,15 +755,32 @@ def test_uploads_panel_and_source_survive_a_visit_to_another_page(app_env):
     assert at.selectbox(key="describe_sample").value == "cell_0.png"
 
 
-def test_results_table_gives_an_abstention_no_confidence(app_env):
-    """The confidence column is for answers; an abstention's top probability is its best match."""
+def test_flipping_between_uploads_and_samples_records_nothing_again(app_env):
     at = run_app()
-    files = [(f"{k}.png", png_bytes(k, k + 1), "image/png") for k in range(6)]
+    files = [("a.png", png_bytes(0, 1), "image/png"), ("b.png", png_bytes(1, 2), "image/png")]
     at.file_uploader(key="describe_upload").set_value(files).run()
-    frame = at.dataframe[0].value
-    abstained = frame["abstained"].astype(bool)
-    assert frame.loc[abstained, "confidence"].isna().all()
-    assert (frame.loc[~abstained, "best match if uncertain"] == "").all()
+    at = choose_sample(at)
+    recorded = count(app_env.sessionmaker, PredictionRecord)
+    at.radio(key="describe_source").set_value("upload").run()
+    assert sorted(at.dataframe[0].value["file"]) == ["a.png", "b.png"]
+    at.radio(key="describe_source").set_value("samples").run()
+    assert not at.exception, at.exception
+    assert count(app_env.sessionmaker, PredictionRecord) == recorded
+
+
+def test_results_table_gives_an_abstention_no_confidence(tiny_bundle, cell_image):
+    """The confidence column is for answers; an abstention's top probability is its best match."""
+    from dataclasses import replace
+
+    from core.describe import describe
+    from ui.case_view import _answer_confidence, _best_match
+
+    panel = tiny_bundle.panels["blood_cells"]
+    answer = replace(describe(tiny_bundle, cell_image, "blood_cells"), abstained=False, abstain_kind=None)
+    doubt = replace(answer, abstained=True, abstain_kind="weak")
+    assert _answer_confidence(answer) is not None and _best_match(panel, answer) == ""
+    assert _answer_confidence(doubt) is None
+    assert _best_match(panel, doubt).startswith(panel.cell_class(doubt.best_class).name + " (")
 
 
 def test_bare_disagreement_is_confirmed_as_such():
@@ -773,3 +790,4 @@ def test_bare_disagreement_is_confirmed_as_such():
                                                                        "corrected_sentence": " "})
     assert "no correction" not in saved_message("disagree", "Dr A", {"corrected_class": "monocyte"})
     assert saved_message("agree", "Dr *A*", {}) == "Saved: agree by Dr \\*A\\*."
+    assert "the model should have answered" in saved_message("disagree", "Dr A", {}, abstained=True)

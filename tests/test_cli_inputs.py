@@ -142,3 +142,44 @@ def test_an_export_path_that_cannot_be_written_is_refused_before_training(tmp_pa
         assert train.main([*common, "--export", str(export)]) == 2
         assert expected in capsys.readouterr().err
     assert not (tmp_path / "run").exists()  # refused before the run folder was made
+
+
+def test_resume_and_overwrite_exclude_each_other_and_overwrite_starts_clean(tmp_path):
+    from training import train, train_gan
+
+    with pytest.raises(SystemExit):  # argparse: one or the other
+        train.parse_args(["--data", "x", "--resume", "--overwrite"])
+    data = write_class_tree(tmp_path / "data", {"basophil": 5, "lymphocyte": 5}, size=40)
+    run = tmp_path / "gan"
+    common = ["--data", str(data), "--out", str(run), "--size", "32", "--batch-size", "4", "--g-channels", "8",
+              "--d-channels", "8", "--cache-dir", "", "--log-every", "1", "--checkpoint-every", "2"]
+    assert train_gan.main([*common, "--steps", "2"]) == 0
+    assert train_gan.main([*common, "--steps", "1", "--overwrite"]) == 0
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1] and json.loads((run / "gan.json").read_text())["step"] == 1
+
+
+def test_a_kept_panel_needs_the_seed_and_targets_it_was_fitted_with(tmp_path, capsys):
+    model = tmp_path / "model.safetensors"
+    save_bundle(make_tiny_bundle(), model)
+    blood = write_class_tree(tmp_path / "blood", {"neutrophil": 3, "basophil": 3}, size=48)
+    b_all = write_class_tree(tmp_path / "b_all", {"pre_b": 3, "benign": 3}, size=48)
+    cache = ["--cache-dir", str(tmp_path / "cache")]
+    assert calibrate.main(["--checkpoint", str(model), "--train", str(blood), str(b_all),
+                           "--val", str(blood), str(b_all), *cache]) == 0
+    sidecar = load_bundle(model).sidecar
+    assert calibrate.main(["--checkpoint", str(model), "--keep-centroids", "--val", str(blood), "--seed", "3",
+                           *cache]) == 2
+    assert "--seed" in capsys.readouterr().err and load_bundle(model).sidecar == sidecar
+
+
+def test_record_names_are_checked_and_a_replacement_is_said(tmp_path, capsys):
+    from training import evaluate
+
+    with pytest.raises(SystemExit):
+        evaluate.parse_args(["--checkpoint", "m", "--data", "d", "--record", "pbc.val"])
+    model = tmp_path / "model.safetensors"
+    save_bundle(make_tiny_bundle(), model)
+    for _ in range(2):
+        evaluate.record_in_sidecar(str(model), "pbc_val", {"n": 4, "accuracy": 0.5}, "cmd")
+    assert "metrics.pbc_val recorded earlier (n=4, accuracy 0.5) is replaced" in capsys.readouterr().err

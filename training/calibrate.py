@@ -211,22 +211,32 @@ def phrase_thresholds(bundle, rows: list[dict], args, previous: dict) -> dict:
     return {"attributes": thresholds, "attributes_report": report}
 
 
-@torch.no_grad()  # in-process callers (tests) keep their grad mode
-def panels_left_out(bundle, val_sets, same_embeddings: bool) -> dict:
+def panels_left_out(bundle, val_sets, same_embeddings: bool, args) -> dict:
     """The earlier calibrations of panels without a --val folder in this run, to keep. They stay
-    valid only when the centroids and the views are unchanged (--keep-centroids): otherwise their
-    out-of-scope thresholds would be read against new centroids, so the run is refused (ValueError)
-    instead of dropping them, which left a calibrated panel uncalibrated without a word."""
-    earlier = (bundle.sidecar.get("calibration") or {}).get("panels") or {}
-    left_out = {name: fit for name, fit in earlier.items() if name not in {panel for _, panel in val_sets}}
-    if left_out and not same_embeddings:
-        raise ValueError(f"panel(s) {', '.join(sorted(left_out))} were calibrated before and have no --val folder "
-                         "here; new centroids would invalidate their thresholds: add their val folders")
+    valid only when the centroids and the views are unchanged (--keep-centroids), and they are
+    recorded under this run's seed and targets, so those must be the earlier run's too (the
+    typicality band re-splits val by the seed). Otherwise the run is refused (ValueError) instead
+    of dropping them, which left a calibrated panel uncalibrated without a word."""
+    earlier = bundle.sidecar.get("calibration") or {}
+    left_out = {name: fit for name, fit in (earlier.get("panels") or {}).items()
+                if name not in {panel for _, panel in val_sets}}
+    if not left_out:
+        return {}
+    names = ", ".join(sorted(left_out))
+    if not same_embeddings:
+        raise ValueError(f"panel(s) {names} were calibrated before and have no --val folder here; new "
+                         "centroids or views would invalidate their thresholds: add their val folders")
+    settings = {"seed": args.seed, "target_accuracy": args.target_accuracy, "min_coverage": args.min_coverage}
+    differing = [f"--{k.replace('_', '-')}" for k, v in settings.items() if earlier.get(k) not in (None, v)]
+    if differing:
+        raise ValueError(f"panel(s) {names} were calibrated with another {', '.join(differing)} and have no --val "
+                         "folder here: add their val folders, or use the earlier values")
     for name in sorted(left_out):
         print(f"note: panel {name} has no --val folder here; its earlier calibration is kept", file=sys.stderr)
     return dict(left_out)
 
 
+@torch.no_grad()  # in-process callers (tests) keep their grad mode
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
@@ -241,7 +251,7 @@ def main(argv=None) -> int:
         views = choose_views(bundle, args)
         val_sets = val_panels(bundle, args)
         training_images = centroid_source(bundle, args, val_sets)
-        kept_panels = panels_left_out(bundle, val_sets, training_images is None and views == bundle.views)
+        kept_panels = panels_left_out(bundle, val_sets, training_images is None and views == bundle.views, args)
     except (ModelLoadError, ValueError, FileNotFoundError) as error:  # one line, nothing written
         print(f"error: {error}", file=sys.stderr)
         return 2

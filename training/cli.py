@@ -79,16 +79,18 @@ def is_input_problem(error: BaseException) -> bool:
     from core.checkpoint import ModelLoadError
     from core.imageio import ImageRejected
 
-    return isinstance(error, (OSError, ValueError, KeyError, ModelLoadError, ImageRejected)) \
-        or type(error).__name__ == "UsageError"
+    return isinstance(error, (OSError, ValueError, KeyError, MemoryError, ModelLoadError, ImageRejected)) \
+        or type(error).__name__ == "UsageError" or "out of memory" in str(error).lower()
 
 
 def describe_failure(error: BaseException) -> str:
     """One line saying what failed: the message, prefixed by the kind of failure where the
     message alone would not say it (a KeyError's message is only the key)."""
     message = " ".join(str(error).split()) or type(error).__name__
-    if isinstance(error, KeyError):
-        return f"a required entry is missing: {message} (is the file of the expected kind?)"
+    if isinstance(error, MemoryError) or "out of memory" in message.lower():
+        return f"out of memory ({message}); try a smaller --batch-size, fewer images or fewer threads"
+    if isinstance(error, KeyError):  # mostly a file of another kind (a junk last.pt, a CSV's columns)
+        return f"missing entry {message} in what was read (is each file of the expected kind?)"
     if isinstance(error, UnicodeDecodeError):
         return f"a text file is not UTF-8 ({message})"
     if is_input_problem(error):

@@ -56,8 +56,7 @@ def decode_images(items: list[LabelledImage], size: int, cache_dir: Path | None)
                 array[i] = to_uint8_array(image, size)
         except (OSError, ValueError, SyntaxError) as error:  # Pillow's ways of failing on a damaged file
             raise ValueError(f"{item.path}: cannot be decoded ({' '.join(str(error).split())}); remove or "
-                             "replace it (check a folder with python -m training.evaluate, which lists every "
-                             "such file)") from error
+                             "replace it") from error
     if cache:
         cache.parent.mkdir(parents=True, exist_ok=True)
         # DDP ranks decode the same files and may finish together: each writes its own temp file

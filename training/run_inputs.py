@@ -6,6 +6,7 @@ stderr and exits with status 2, never with a traceback.
 """
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 
@@ -40,6 +41,11 @@ def check_paths(args) -> None:
     if initial and not Path(initial).is_file():
         raise UsageError(f"--init-from {initial}: no such file (expected an exported model's .safetensors)")
     check_output_file("--export", getattr(args, "export", ""))
+    out = Path(getattr(args, "out", "") or ".")
+    if getattr(args, "out", "") and not args.resume and not args.overwrite and (out / "last.pt").exists():
+        # checked before the process group forms: every rank reads the same answer or none starts
+        raise UsageError(f"--out {out} holds an earlier run (last.pt): pass --resume to continue it, --overwrite "
+                         "to replace it, or choose another --out")
     features = getattr(args, "sentence_features", "")
     if features and not Path(features).is_file():
         raise UsageError(f"--sentence-features {features}: no such file (write it with "
@@ -54,11 +60,11 @@ def check_output_file(flag: str, path: str) -> None:
     target = Path(path)
     if target.is_dir():
         raise UsageError(f"{flag} {path}: a folder; give a file name, e.g. {target / 'model.safetensors'}")
-    for parent in target.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise UsageError(f"{flag} {path}: {parent} is a file, so no folder can be made there")
-            break
+    parent = next(p for p in target.absolute().parents if p.exists())  # the root exists, so one does
+    if not parent.is_dir():
+        raise UsageError(f"{flag} {path}: {parent} is a file, so no folder can be made there")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {path}: {parent} is not writable by this user")
 
 
 def check_device(device: str) -> None:

@@ -67,9 +67,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="cap images per class (0: all); for quick runs")
     p.add_argument("--cut", nargs="*", default=[], help="CLASS=N: keep only N training images of CLASS (stress tests)")
     p.add_argument("--out", default="runs/default", help="run folder")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
-    p.add_argument("--overwrite", action="store_true",
-                   help="start afresh in an --out that holds an earlier run (its checkpoint and metrics are replaced)")
+    fresh_or_not = p.add_mutually_exclusive_group()
+    fresh_or_not.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    fresh_or_not.add_argument("--overwrite", action="store_true",
+                              help="start afresh in an --out that holds an earlier run (its checkpoint and metrics "
+                                   "are removed once the data is known to be usable)")
     p.add_argument("--init-from", default="", metavar="MODEL",
                    help="start from an exported model's weights (sha256 checked, same --config): fine-tune, e.g. "
                         "a model trained on packed images on a GPU, on the original images")
@@ -278,9 +280,6 @@ def run(args: argparse.Namespace) -> int:
     generator = seed_everything(args.seed + rank)
     config = model_config(args.config)
     out = Path(args.out)
-    if not args.resume and not args.overwrite and (out / "last.pt").exists():  # every rank: none goes on alone
-        raise UsageError(f"--out {out} holds an earlier run (last.pt): pass --resume to continue it, --overwrite "
-                         "to replace it, or choose another --out")
     checkpoint = load_for_resume(out, config, args.config, rank) if args.resume else None
     # a resumed run's weights come from its checkpoint, which keeps where they started
     initial_state, init_from = (read_initial_weights(args.init_from, config) if args.init_from and checkpoint is None
@@ -290,6 +289,8 @@ def run(args: argparse.Namespace) -> int:
     train_items, classes, train, synthetic, val_sets, steps_per_epoch = load_training_data(
         args, config, panels, vocabulary, rank, world)
     out.mkdir(parents=True, exist_ok=True)  # once the data is known to be usable
+    if args.overwrite and rank == 0:  # a kill before epoch 1's checkpoint must not leave the old run to resume
+        (out / "last.pt").unlink(missing_ok=True)
     model, average, features, objective, optimizer = build_model(config, panels, phrases, classes, generator,
                                                                  args, world, initial_state)
     state = {"epoch": 0, "step": 0, "rank": rank, "total_steps": steps_per_epoch * args.epochs,

@@ -45,9 +45,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=non_negative_int, default=0, help="stop at this total step (0: only --minutes)")
     p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resume", action="store_true", help="continue from OUT/gan.safetensors + optim.pt")
-    p.add_argument("--overwrite", action="store_true",
-                   help="start afresh in an --out that holds a trained GAN (it is replaced)")
+    fresh_or_not = p.add_mutually_exclusive_group()
+    fresh_or_not.add_argument("--resume", action="store_true", help="continue from OUT/gan.safetensors + optim.pt")
+    fresh_or_not.add_argument("--overwrite", action="store_true",
+                              help="start afresh in an --out that holds a trained GAN (its weights, optimizer "
+                                   "state and metrics are removed first)")
     p.add_argument("--classes", nargs="*", default=[], help="train on these class folders only")
     p.add_argument("--cut", nargs="*", default=[], help="CLASS=N: keep N images of CLASS, as training.train")
     p.add_argument("--max-per-class", type=non_negative_int, default=0,
@@ -216,6 +218,9 @@ def main(argv=None) -> int:
     seed_everything(args.seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.overwrite:  # metrics.jsonl is appended to: the old run's lines would precede the new run's
+        for name in ("gan.safetensors", "gan.json", "optim.pt", "metrics.jsonl"):
+            (out / name).unlink(missing_ok=True)
     images, labels, classes, record = load_real(args)
     print(f"GAN data: {len(labels)} images, {record['counts']}", flush=True)
     config = GanConfig(len(classes), args.size, g_channels=args.g_channels, d_channels=args.d_channels)

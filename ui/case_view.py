@@ -38,6 +38,7 @@ def _answer_confidence(d: Description) -> float | None:
 
 
 def _best_match(panel: Panel, d: Description) -> str:
+    """'Monocyte (78%)' for an abstention whose scores mean something; '' otherwise."""
     return f"{class_name(panel, d.best_class)} ({d.confidence:.0%})" if d.abstained and confidence_shown(d) else ""
 
 

@@ -77,6 +77,16 @@ def list_samples(folder: Path) -> list[Path]:
 
 
 KEPT_UPLOADS = "describe_uploads_kept"  # the uploads as Inputs, kept while other pages run
+KEPT_SAMPLE_HASH = "describe_sample_sha256"  # the chosen sample's hash, kept while uploads are shown
+
+
+def kept_hashes() -> frozenset[str]:
+    """Hashes of the images the page would show again when its source is switched back (the kept
+    uploads and the chosen sample): their cases stay in the cache, so flipping between uploads and
+    samples never describes and records them anew (feedback would land on new prediction rows)."""
+    kept = st.session_state.get(KEPT_UPLOADS) or []
+    sample = st.session_state.get(KEPT_SAMPLE_HASH)
+    return frozenset([item.sha256 for item in kept] + ([sample] if sample else []))
 
 
 def _keep_uploads() -> None:
@@ -125,9 +135,12 @@ def pick_inputs(current: Settings) -> list[Input]:
         st.caption("Samples named synthetic_* were drawn by this project's GAN (trained on PBC images), not "
                    "photographed: they show how the app works and are no patient's cells.")
     if name is None:
+        st.session_state.pop(KEPT_SAMPLE_HASH, None)  # no sample chosen: its case need not be kept
         return []
     try:
-        return [Input(name, samples[name].read_bytes())]
+        sample = Input(name, samples[name].read_bytes())
+        st.session_state[KEPT_SAMPLE_HASH] = sample.sha256
+        return [sample]
     except OSError as error:
         st.error(f"The sample {md_escape(name)} cannot be read ({md_escape(error.strerror or error)}).")
         return []
@@ -145,11 +158,12 @@ def repeated_names(inputs: list[Input]) -> list[str]:
 
 def describe_inputs(bundle: ModelBundle, inputs: list[Input], panel: str, store: Store,
                     upload_dir: Path, cache: dict,
-                    progress: Callable[[float], None] | None = None) -> list[Case]:
+                    progress: Callable[[float], None] | None = None, keep: frozenset[str] = frozenset()) -> list[Case]:
     """One Case per distinct input (input order); new ones are loaded, described in
     batches and recorded (image copy + prediction, one transaction each). `cache` is the
     session's dict of cases, one per (image, panel, model); entries of images no longer among
-    `inputs`, or of another model, are dropped. Other panels' cases of these images are kept:
+    `inputs` (or `keep`, hashes of images shown again on switching back), or of another model, are
+    dropped. Other panels' cases of these images are kept:
     switching back to a panel shows its case again instead of describing and recording the
     image once more (a new prediction row on every switch buried the expert's verdict)."""
     keyed: dict[tuple, Input] = {}
@@ -171,7 +185,7 @@ def describe_inputs(bundle: ModelBundle, inputs: list[Input], panel: str, store:
                 _record(store, upload_dir, keyed[(case.sha256, panel, bundle.weights_sha256)].data, case)
         if progress is not None:
             progress(min(1.0, (start + len(chunk)) / len(todo)))
-    current = {(sha256, weights) for sha256, _, weights in keyed}
+    current = {(sha256, weights) for sha256, _, weights in keyed} | {(sha256, bundle.weights_sha256) for sha256 in keep}
     for stale in [key for key in cache if (key[0], key[2]) not in current]:
         del cache[stale]
     return [cache[key] for key in keyed]

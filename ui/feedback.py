@@ -30,12 +30,13 @@ def save_feedback(store: Store, prediction_id: int, verdict: str, reviewer: str,
                             corrected_sentence=corrected_sentence, comment=comment).id
 
 
-def saved_message(verdict: str, reviewer: str, fields: dict) -> str:
+def saved_message(verdict: str, reviewer: str, fields: dict, abstained: bool = False) -> str:
     """The confirmation after a saved click; a disagreement without a correction says so, since
-    it records only that the answer was wrong."""
+    it records only that the answer was wrong (or, on an abstention, that the model should have
+    answered)."""
     corrected = fields.get("corrected_class") or (fields.get("corrected_sentence") or "").strip()
-    bare = verdict == "disagree" and not corrected
-    note = " (no correction given: recorded as 'the answer is wrong')" if bare else ""
+    meaning = "the model should have answered" if abstained else "the answer is wrong"
+    note = f" (no correction given: recorded as '{meaning}')" if verdict == "disagree" and not corrected else ""
     return f"Saved: {verdict} by {md_escape(reviewer)}{note}."
 
 
@@ -122,7 +123,8 @@ def render_feedback(store: Store, panel: Panel, case: Case, reviewer: str) -> No
             st.session_state.pop(_draft_key(panel, case), None)
             generation = f"{FORM_GENERATION}{case.prediction_id}"
             st.session_state[generation] = st.session_state.get(generation, 0) + 1  # next run: an empty form
-            st.session_state[f"{SAVED_MESSAGE}{case.prediction_id}"] = saved_message(verdict, reviewer, fields)
+            st.session_state[f"{SAVED_MESSAGE}{case.prediction_id}"] = saved_message(
+                verdict, reviewer, fields, case.description is not None and case.description.abstained)
             st.rerun()
     render_history(store, case.sha256, case.image_id, panel.name, case.description.weights_sha256, panel)
 
