@@ -67,8 +67,8 @@ def test_a_malformed_sidecar_is_a_load_error(tmp_path, sidecar, expected):
         load_bundle(model)
 
 
-def test_calibrating_one_panel_keeps_the_others(tmp_path, capsys):
-    """--val of one panel replaced the whole calibration: b_all became uncalibrated unnoticed."""
+def _calibrated_on_both_panels(tmp_path):
+    """(model, the blood_cells val folder, cache arguments) of a tiny model calibrated on both panels."""
     model = tmp_path / "model.safetensors"
     save_bundle(make_tiny_bundle(), model)
     blood = write_class_tree(tmp_path / "blood", {"neutrophil": 3, "basophil": 3}, size=48)
@@ -76,6 +76,12 @@ def test_calibrating_one_panel_keeps_the_others(tmp_path, capsys):
     cache = ["--cache-dir", str(tmp_path / "cache")]
     assert calibrate.main(["--checkpoint", str(model), "--train", str(blood), str(b_all),
                            "--val", str(blood), str(b_all), *cache]) == 0
+    return model, blood, cache
+
+
+def test_calibrating_one_panel_keeps_the_others(tmp_path, capsys):
+    """--val of one panel replaced the whole calibration: b_all became uncalibrated unnoticed."""
+    model, blood, cache = _calibrated_on_both_panels(tmp_path)
     before = load_bundle(model).sidecar["calibration"]["panels"]["b_all"]
     assert calibrate.main(["--checkpoint", str(model), "--keep-centroids", "--val", str(blood), *cache]) == 0
     assert "panel b_all has no --val folder here; its earlier calibration is kept" in capsys.readouterr().err
@@ -160,13 +166,7 @@ def test_resume_and_overwrite_exclude_each_other_and_overwrite_starts_clean(tmp_
 
 
 def test_a_kept_panel_needs_the_seed_and_targets_it_was_fitted_with(tmp_path, capsys):
-    model = tmp_path / "model.safetensors"
-    save_bundle(make_tiny_bundle(), model)
-    blood = write_class_tree(tmp_path / "blood", {"neutrophil": 3, "basophil": 3}, size=48)
-    b_all = write_class_tree(tmp_path / "b_all", {"pre_b": 3, "benign": 3}, size=48)
-    cache = ["--cache-dir", str(tmp_path / "cache")]
-    assert calibrate.main(["--checkpoint", str(model), "--train", str(blood), str(b_all),
-                           "--val", str(blood), str(b_all), *cache]) == 0
+    model, blood, cache = _calibrated_on_both_panels(tmp_path)
     sidecar = load_bundle(model).sidecar
     assert calibrate.main(["--checkpoint", str(model), "--keep-centroids", "--val", str(blood), "--seed", "3",
                            *cache]) == 2

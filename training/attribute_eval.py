@@ -7,7 +7,6 @@ such values) but counted under the attribute's `unknown_values` ({value: cells})
 """
 from __future__ import annotations
 
-import csv
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +14,7 @@ from pathlib import Path
 from core.describe import embed_images
 from core.imageio import ImageRejected, load_image_path
 from core.morphology import predict_attributes
-from training.dataset import annotated_value
+from training.dataset import annotated_value, read_path_csv
 from training.metrics import per_class_report, print_first
 
 
@@ -31,21 +30,7 @@ def read_attribute_csv(csv_path: str, data_root: str, attributes=None) -> Attrib
     as in the WBCAtt files shipped with PBC, to the CSV's own folder; the others as skipped.
     Raises ValueError when nothing could be scored: no 'path' column, no data row, none of
     `attributes` (names of the model's attributes) among the columns, or no listed image found."""
-    if not Path(csv_path).is_file():
-        raise ValueError(f"{csv_path}: {'a folder' if Path(csv_path).is_dir() else 'no such file'} "
-                         "(expected a WBCAtt CSV file)")
-    try:
-        with open(csv_path, newline="", encoding="utf-8") as handle:
-            reader = csv.DictReader(handle)
-            columns = reader.fieldnames or []
-            if "path" not in columns:
-                raise ValueError(f"{csv_path}: no 'path' column (the image path, relative to the data folder "
-                                 "or to the CSV's own folder)")
-            rows = [dict(row, _line=reader.line_num) for row in reader]
-    except UnicodeDecodeError as error:  # a ValueError whose message names no file
-        raise ValueError(f"{csv_path}: not a UTF-8 text file ({error.reason} at byte {error.start})") from None
-    except csv.Error as error:
-        raise ValueError(f"{csv_path}: not a readable CSV ({error})") from None
+    columns, rows = read_path_csv(csv_path)
     if not rows:
         raise ValueError(f"{csv_path}: no data rows (a header only); nothing to score")
     if attributes is not None and not set(attributes) & set(columns):

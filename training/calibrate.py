@@ -218,8 +218,8 @@ def panels_left_out(bundle, val_sets, same_embeddings: bool, args) -> dict:
     typicality band re-splits val by the seed). Otherwise the run is refused (ValueError) instead
     of dropping them, which left a calibrated panel uncalibrated without a word."""
     earlier = bundle.sidecar.get("calibration") or {}
-    left_out = {name: fit for name, fit in (earlier.get("panels") or {}).items()
-                if name not in {panel for _, panel in val_sets}}
+    refitted = {panel for _, panel in val_sets}
+    left_out = {name: fit for name, fit in (earlier.get("panels") or {}).items() if name not in refitted}
     if not left_out:
         return {}
     names = ", ".join(sorted(left_out))

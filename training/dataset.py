@@ -70,19 +70,32 @@ def annotated_value(row: dict[str, str | None], name: str) -> str:
     return (row.get(name) or "").strip()
 
 
+def read_path_csv(csv_path: Path | str) -> tuple[list[str], list[dict[str, str]]]:
+    """(columns, rows) of a WBCAtt-style CSV, each row with its CSV line number under `_line`.
+    ValueError naming the file when it is missing, a folder, not UTF-8, not a CSV, or has no
+    'path' column (the image path of each row)."""
+    if not Path(csv_path).is_file():
+        raise ValueError(f"{csv_path}: {'a folder' if Path(csv_path).is_dir() else 'no such file'} "
+                         "(expected a WBCAtt CSV file)")
+    try:
+        with open(csv_path, newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle)
+            columns = reader.fieldnames or []
+            if "path" not in columns:
+                raise ValueError(f"{csv_path}: no 'path' column (the image path of each row)")
+            return list(columns), [dict(row, _line=reader.line_num) for row in reader]
+    except UnicodeDecodeError as error:  # a ValueError whose message names no file
+        raise ValueError(f"{csv_path}: not a UTF-8 text file ({error.reason} at byte {error.start})") from None
+    except csv.Error as error:
+        raise ValueError(f"{csv_path}: not a readable CSV ({error})") from None
+
+
 def read_attribute_table(csv_paths: list[tuple[Path, Path]]) -> dict[Path, dict[str, str]]:
     """{absolute image path: {attribute: value}} from WBCAtt CSVs given as (csv, root)."""
     table = {}
     for csv_path, root in csv_paths:
-        try:
-            with open(csv_path, newline="", encoding="utf-8") as handle:
-                reader = csv.DictReader(handle)
-                if "path" not in (reader.fieldnames or []):
-                    raise ValueError(f"{csv_path}: no 'path' column (the image path of each row)")
-                for row in reader:
-                    table[(Path(root) / row["path"]).resolve()] = row
-        except UnicodeDecodeError as error:  # a ValueError whose message names no file
-            raise ValueError(f"{csv_path}: not a UTF-8 text file ({error.reason} at byte {error.start})") from None
+        for row in read_path_csv(csv_path)[1]:
+            table[(Path(root) / row["path"]).resolve()] = row
     return table
 
 

@@ -41,15 +41,20 @@ def check_paths(args) -> None:
     if initial and not Path(initial).is_file():
         raise UsageError(f"--init-from {initial}: no such file (expected an exported model's .safetensors)")
     check_output_file("--export", getattr(args, "export", ""))
-    out = Path(getattr(args, "out", "") or ".")
-    if getattr(args, "out", "") and not args.resume and not args.overwrite and (out / "last.pt").exists():
-        # checked before the process group forms: every rank reads the same answer or none starts
-        raise UsageError(f"--out {out} holds an earlier run (last.pt): pass --resume to continue it, --overwrite "
-                         "to replace it, or choose another --out")
+    # checked before the process group forms: every rank reads the same answer or none starts
+    refuse_earlier_run(Path(args.out), "last.pt", "an earlier run", args)
     features = getattr(args, "sentence_features", "")
     if features and not Path(features).is_file():
         raise UsageError(f"--sentence-features {features}: no such file (write it with "
                          "python -m training.text_features --write FILE)")
+
+
+def refuse_earlier_run(out: Path, marker: str, what: str, args) -> None:
+    """UsageError when `out` holds `marker` (an earlier run's file) and neither --resume nor
+    --overwrite says what to do with it: a run is continued or replaced, never silently."""
+    if not args.resume and not args.overwrite and (out / marker).exists():
+        raise UsageError(f"--out {out} holds {what} ({marker}): pass --resume to continue it, --overwrite "
+                         "to replace it, or choose another --out")
 
 
 def check_output_file(flag: str, path: str) -> None:

@@ -32,7 +32,7 @@ from core.gan_checkpoint import load_gan, load_module, save_gan
 from training.cli import decay, non_negative_int, positive_float, positive_int, run_main
 from training.dataset import decode_images
 from training.diffaugment import POLICIES, diff_augment
-from training.run_inputs import UsageError, check_device
+from training.run_inputs import UsageError, check_device, refuse_earlier_run
 from training.train import load_items, seed_everything
 
 
@@ -198,18 +198,11 @@ def resume(out: Path, nets, opts, classes: list[str]) -> int:
     return int(state["step"])
 
 
-def check_out(out: Path, args) -> None:
-    """A trained GAN in --out is continued (--resume) or replaced (--overwrite), never silently."""
-    if not args.resume and not args.overwrite and (out / "gan.safetensors").exists():
-        raise UsageError(f"--out {out} holds a trained GAN (gan.safetensors): pass --resume to continue it, "
-                         "--overwrite to replace it, or choose another --out")
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         check_device(args.device)
-        check_out(Path(args.out), args)
+        refuse_earlier_run(Path(args.out), "gan.safetensors", "a trained GAN", args)
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -100,9 +100,12 @@ def _keep_uploads() -> None:
 def _uploaded_inputs() -> list[Input]:
     files = st.file_uploader("Upload one or several cell images", type=UPLOAD_TYPES, accept_multiple_files=True,
                              key="describe_upload", on_change=_keep_uploads)
-    if files:
-        return [Input(f.name, f.getvalue()) for f in files]
     kept = st.session_state.get(KEPT_UPLOADS) or []
+    if files:
+        # the Inputs `_keep_uploads` made on the change: reused, so a rerun (a slider move) neither
+        # copies nor hashes the batch again; built here only if they are out of step with the widget
+        in_step = [(i.name, len(i.data)) for i in kept] == [(f.name, f.size) for f in files]
+        return kept if in_step else [Input(f.name, f.getvalue()) for f in files]
     if kept:  # the uploader came back empty from another page: show the batch it held
         st.caption(f"Showing the {len(kept)} image{'s' if len(kept) != 1 else ''} uploaded earlier in this "
                    "session. Upload again to replace them.")

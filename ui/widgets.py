@@ -68,7 +68,7 @@ def panel_select(bundle: ModelBundle, key: str, validated_only: bool = False) ->
     validated. `validated_only` leaves unvalidated panels out (the quiz: no labelled images)."""
     names = [n for n in bundle.panels if bundle.panels[n].validated or not validated_only] or list(bundle.panels)
     choice = kept_choice(key, names, default_panel(bundle))
-    name = st.selectbox("Panel of sentences", names, index=names.index(choice) if choice in names else 0, key=key,
+    name = st.selectbox("Panel of sentences", names, index=names.index(choice), key=key,
                         format_func=lambda n: bundle.panels[n].title,
                         help="The set of sentences the image is compared with.")
     remember_choice(key, name)
