@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save
 from core.atomic import atomic_write_bytes, atomic_write_text
 from core.config import ModelConfig
 from core.model import VIEW_COUNTS, DualEncoder
+from core.neighbours import ReferenceIndex, reference_tensors, references_from_tensors
 from core.panels import Panel, panels_from_dict
 
 FORMAT_VERSION = 1
@@ -28,6 +29,8 @@ FORMAT_VERSION = 1
 # a panel's calibration entries that decide what is answered and with what confidence
 DECISIVE_CALIBRATION = ("temperature", "distance_slope", "distance_reference", "min_confidence",
                         "out_of_scope_threshold", "degenerate")
+# added in session 17; counted only where present, so earlier calibrations keep their ids
+NEIGHBOUR_CALIBRATION = ("neighbours", "min_agreement")
 
 
 class ModelLoadError(RuntimeError):
@@ -44,9 +47,24 @@ class ModelBundle:
     centroids: dict[str, torch.Tensor] = field(default_factory=dict)  # class -> (D,) mean train image embedding
     ood_precision: torch.Tensor | None = None  # (D, D) inverse within-class covariance (Mahalanobis score)
     path: Path | None = None  # weights file it came from
+    references: dict[str, torch.Tensor] = field(default_factory=dict)  # class -> (n, D) training image embeddings
     # Grad-CAM registers hooks on the shared model; this lock keeps one session's hooks from
     # seeing another session's forward pass. Forward passes are CPU-bound, so little is lost.
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False, compare=False)
+    _reference_indexes: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def set_references(self, references: dict[str, torch.Tensor]) -> None:
+        """Replace the reference cells (training.calibrate), dropping the stacked indexes."""
+        with self.lock:
+            self.references = references
+            self._reference_indexes.clear()
+
+    def reference_index(self, panel: str) -> ReferenceIndex:
+        """The reference cells of the panel's classes (core.neighbours), stacked on first use."""
+        with self.lock:  # sessions share the bundle: stack once
+            if panel not in self._reference_indexes:
+                self._reference_indexes[panel] = ReferenceIndex(self.references, self.panels[panel].keys)
+            return self._reference_indexes[panel]
 
     @property
     def model_id(self) -> str:
@@ -82,6 +100,7 @@ class ModelBundle:
             return None
         decisive = {"attributes": calibration.get("attributes"),
                     "panels": {name: {key: fit.get(key) for key in DECISIVE_CALIBRATION}
+                               | {key: fit[key] for key in NEIGHBOUR_CALIBRATION if key in fit}
                                | {"typicality": (fit.get("typicality") or {}).get("threshold")}
                                for name, fit in (calibration.get("panels") or {}).items()}}
         if self.views != 1:  # only then: single-view calibrations keep their ids
@@ -127,6 +146,7 @@ def save_bundle(bundle: ModelBundle, path: Path | str) -> Path:
     tensors.update({f"centroid.{k}": v.cpu().contiguous() for k, v in bundle.centroids.items()})
     if bundle.ood_precision is not None:
         tensors["ood.precision"] = bundle.ood_precision.cpu().contiguous()
+    tensors.update(reference_tensors(bundle.references))
     bundle.sidecar = publish_safetensors(
         path, tensors, {"format": "hemascribe", "version": str(FORMAT_VERSION)},
         dict(bundle.sidecar, format_version=FORMAT_VERSION, config=bundle.model.config.to_dict()))
@@ -202,7 +222,8 @@ def load_bundle(path: Path | str, text_model_override: str | None = None) -> Mod
     attributes = {k[len("attr."):]: v for k, v in tensors.items() if k.startswith("attr.")}
     centroids = {k[len("centroid."):]: v for k, v in tensors.items() if k.startswith("centroid.")}
     return ModelBundle(model, sidecar, panels, prototypes, attributes,
-                       centroids, ood_precision=tensors.get("ood.precision"), path=path)
+                       centroids, ood_precision=tensors.get("ood.precision"), path=path,
+                       references=references_from_tensors(tensors))
 
 
 def load_sidecar(weights_path: Path | str) -> dict:

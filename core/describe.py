@@ -17,9 +17,10 @@ from PIL import Image
 from core.checkpoint import ModelBundle
 from core.imageio import prepare_image
 from core.model import encode_views
+from core.neighbours import NeighbourVote
 from core.preprocess import to_model_input
 from core.reliability import (abstention_decision, content_problems, framing_problem, is_calibrated,
-                              panel_out_of_scope_score, panel_probabilities)
+                              panel_neighbour_votes, panel_out_of_scope_score, panel_probabilities)
 from core.typicality import is_atypical, typicality_band
 
 
@@ -43,6 +44,9 @@ class Description:
     # which temperature and thresholds decided (ModelBundle.calibration_id); None: an uncalibrated panel
     calibration_id: str | None = None
     timings_ms: dict[str, float] = field(default_factory=dict)  # per stage
+    # {"k": K, "counts": {class: n}}: the classes of the K training cells nearest the image
+    # (core.neighbours); None for a model that stores no reference cells of the panel
+    neighbours: dict | None = None
     notes: tuple[str, ...] = ()  # what was done to the image first (rotated, alpha over white ...)
 
     def to_dict(self) -> dict:
@@ -96,10 +100,12 @@ def describe_batch(bundle: ModelBundle, images: list[Image.Image], panel: str | 
     results = []
     framing = [framing_problem(rgb.size) for rgb, _ in prepared]
     calibration_id = bundle.calibration_id if is_calibrated(bundle, panel) else None  # a hash: once a batch
-    for embedding, content, strip, (_, notes) in zip(embeddings, content_problems(inputs), framing, prepared):
+    votes = panel_neighbour_votes(bundle, embeddings, panel)  # one look-up for the batch
+    for embedding, content, strip, (_, notes), vote in zip(embeddings, content_problems(inputs), framing, prepared,
+                                                           votes):
         problem = content or strip
         t0 = time.perf_counter()
-        results.append(_describe_embedding(bundle, embedding, panel, calibration_id, problem, tuple(notes)))
+        results.append(_describe_embedding(bundle, embedding, panel, calibration_id, vote, problem, tuple(notes)))
         score_ms = (time.perf_counter() - t0) * 1000
         results[-1].timings_ms.update(preprocess=prep_ms / len(images), embed=embed_ms / len(images), score=score_ms)
     return results
@@ -111,13 +117,14 @@ def describe(bundle: ModelBundle, image: Image.Image, panel: str | None = None) 
 
 
 def _describe_embedding(bundle: ModelBundle, embedding: torch.Tensor, panel: str, calibration_id: str | None,
-                        content_problem: str | None = None, notes: tuple[str, ...] = ()) -> Description:
+                        vote: NeighbourVote | None, content_problem: str | None = None,
+                        notes: tuple[str, ...] = ()) -> Description:
     spec = bundle.panels[panel]
     similarities = (bundle.prototypes[panel] @ embedding).tolist()
     score = panel_out_of_scope_score(bundle, embedding, panel)  # the temperature and the abstention both read it
     probabilities = panel_probabilities(bundle, embedding, panel, score)
     best = int(torch.tensor(probabilities).argmax())
-    decision = abstention_decision(bundle, embedding, panel, probabilities, content_problem, score)
+    decision = abstention_decision(bundle, embedding, panel, probabilities, content_problem, score, vote)
     chosen = None if decision.abstained else spec.classes[best]
     return Description(
         panel=panel, class_key=chosen.key if chosen else None, sentence=chosen.sentence if chosen else None,
@@ -128,7 +135,7 @@ def _describe_embedding(bundle: ModelBundle, embedding: torch.Tensor, panel: str
         panel_validated=spec.validated, model_id=bundle.model_id, weights_sha256=bundle.weights_sha256,
         atypical=is_atypical(decision.out_of_scope_score, decision.abstained, typicality_band(bundle.sidecar, panel)),
         calibration_id=calibration_id,
-        timings_ms={}, notes=notes)
+        timings_ms={}, notes=notes, neighbours={"k": vote.k, "counts": vote.counts} if vote else None)
 
 
 def _describe_file(bundle: ModelBundle, path: str, panel: str | None) -> dict:
@@ -146,7 +153,7 @@ def _describe_file(bundle: ModelBundle, path: str, panel: str | None) -> dict:
             "abstained": result.abstained, "abstain_reason": result.abstain_reason, "abstain_kind": result.abstain_kind,
             "best_class": result.best_class, "calibrated": is_calibrated(bundle, result.panel),
             "model_id": result.model_id, "calibration_id": result.calibration_id,
-            "notes": list(loaded.notes),
+            "notes": list(loaded.notes), "neighbours": result.neighbours,
             "scores": {k: round(v, 4) for k, v in result.scores.items()}}
 
 
@@ -202,7 +209,11 @@ def _readable(record: dict) -> str:
     if not record["calibrated"]:
         return (f"{record['file']}: {record['sentence']} (confidence {record['confidence']:.2f}, NOT calibrated: "
                 f"no abstention thresholds; run python -m training.calibrate)")
-    text = f"{record['file']}: {record['sentence']} (confidence {record['confidence']:.2f})"
+    text = f"{record['file']}: {record['sentence']} (confidence {record['confidence']:.2f}"
+    vote = record["neighbours"]
+    if vote and vote["k"]:  # core.neighbours
+        text += f"; {vote['counts'].get(record['class'], 0)} of the {vote['k']} most similar training cells agree"
+    text += ")"
     if record["atypical"]:  # core.typicality
         text += (f" - ATYPICAL image: answers like it were right {record['atypical_accuracy']:.0%} of the time on "
                  "the training lab's held-out cells; on other labs' images it can be far lower")

@@ -21,6 +21,9 @@ Questions answered in this order for every image:
    the home lab's cells alone leaves another lab's answers as confident as home answers
    (BCCD: mean confidence 0.81, accuracy 0.46), and the home cells themselves are
    overconfident where they are least typical, which is what lets the fit find the slope.
+4. Do the training cells nearest the image agree? Of its K nearest training cells of the
+   panel's classes, the share of the class it would name must reach the panel's
+   `min_agreement` (core.neighbours); a calibration without one skips this check.
 All thresholds live in the model sidecar ("calibration", per panel); `training.calibrate`
 writes them on val at a stated coverage.
 """
@@ -32,6 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from core.checkpoint import ModelBundle
+from core.neighbours import DEFAULT_NEIGHBOURS, NeighbourVote
 
 
 @dataclass(frozen=True)
@@ -45,7 +49,7 @@ class Decision:
 # Which check made the model abstain, in the order they run (module docstring). For "content"
 # and "out_of_scope" the panel's scores describe nothing (the image is no cell of the panel),
 # so a viewer should not show them as a confidence; for "weak" they are the point.
-ABSTAIN_KINDS = ("content", "not_validated", "out_of_scope", "weak")
+ABSTAIN_KINDS = ("content", "not_validated", "out_of_scope", "weak", "neighbours")
 
 
 def _class_name(bundle: ModelBundle, key: str) -> str:
@@ -216,10 +220,11 @@ def _other_panel_hint(bundle: ModelBundle, embedding: torch.Tensor, panel: str) 
 
 def abstention_decision(bundle: ModelBundle, embedding: torch.Tensor, panel: str,
                         probabilities: list[float], content_problem: str | None = None,
-                        score: float | None = None) -> Decision:
+                        score: float | None = None, vote: NeighbourVote | None = None) -> Decision:
     """Whether to abstain, and why (see the module docstring for the order of checks);
     `content_problem` comes from `content_problems` on the model input, `score` is the image's
-    `panel_out_of_scope_score` when the caller has it already."""
+    `panel_out_of_scope_score` when the caller has it already, `vote` its `panel_neighbour_votes`
+    entry (looked up here when not given)."""
     if content_problem:
         return Decision(True, content_problem, math.inf, "content")
     calibration = _fitted(bundle, panel)
@@ -237,63 +242,34 @@ def abstention_decision(bundle: ModelBundle, embedding: torch.Tensor, panel: str
         ranked = sorted(zip(probabilities, (c.name for c in spec.classes)), reverse=True)[:2]
         return Decision(True, f"The best match is too weak or ambiguous: {ranked[0][1]} {ranked[0][0]:.0%} "
                               f"vs {ranked[1][1]} {ranked[1][0]:.0%} (needs {min_confidence:.0%}).", score, "weak")
-    return Decision(False, None, score)
+    return _neighbour_decision(bundle, embedding, panel, probabilities, score, vote)
 
 
-def expected_calibration_error(confidences: torch.Tensor, correct: torch.Tensor, bins: int = 15) -> float:
-    """ECE with equal-width bins over the top-class confidence."""
-    edges = torch.linspace(0, 1, bins + 1)
-    ece = torch.zeros(())
-    for lo, hi in zip(edges[:-1], edges[1:]):
-        inside = (confidences > lo) & (confidences <= hi)
-        if inside.any():
-            ece += inside.float().mean() * (confidences[inside].mean() - correct[inside].float().mean()).abs()
-    return float(ece)
+def panel_neighbour_votes(bundle: ModelBundle, embeddings: torch.Tensor, panel: str) -> list[NeighbourVote | None]:
+    """The classes of the training cells nearest each embedding of (N, D), in one look-up; K as the
+    panel's calibration says (core.neighbours.DEFAULT_NEIGHBOURS when it names none); None for each
+    when the model stores no reference cells of the panel's classes."""
+    index = bundle.reference_index(panel)
+    if not len(index):
+        return [None] * len(embeddings)
+    k = _fitted(bundle, panel).get("neighbours", DEFAULT_NEIGHBOURS)
+    return index.votes(embeddings, k if type(k) is int and k > 0 else DEFAULT_NEIGHBOURS)
 
 
-def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    """Temperature minimising the negative log-likelihood of `labels` (LBFGS on log T)."""
-    log_t = torch.zeros((), requires_grad=True)
-    optimizer = torch.optim.LBFGS([log_t], lr=0.1, max_iter=200)
-
-    def closure():
-        optimizer.zero_grad()
-        loss = torch.nn.functional.cross_entropy(logits / log_t.exp(), labels)
-        loss.backward()
-        return loss
-
-    optimizer.step(closure)
-    return float(log_t.detach().exp())
-
-
-# slopes tried by fit_distance_temperature, per unit of out-of-scope score (home val scores of
-# v18 spread over about 3-15 units): 0 keeps a constant temperature when that fits best
-DISTANCE_SLOPES = (0.0, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
-
-
-def fit_distance_temperature(logits: torch.Tensor, labels: torch.Tensor, scores: torch.Tensor,
-                             reference: float) -> tuple[float, float]:
-    """(temperature, distance_slope) minimising the negative log-likelihood of `labels` under
-    `image_temperatures`: for each slope of DISTANCE_SLOPES the temperature is fitted by
-    `fit_temperature`, and the pair with the lowest NLL wins (a near tie keeps the smaller slope)."""
-    calibration = {"temperature": 1.0, "distance_reference": reference}
-    best = None
-    for slope in DISTANCE_SLOPES:
-        scaled = logits / image_temperatures({**calibration, "distance_slope": slope}, scores)[:, None]
-        temperature = fit_temperature(scaled, labels)
-        nll = float(torch.nn.functional.cross_entropy(scaled / temperature, labels))
-        if best is None or nll < best[0] - 1e-6:
-            best = (nll, temperature, slope)
-    return best[1], best[2]
-
-
-def confidence_threshold_for_accuracy(confidences: torch.Tensor, correct: torch.Tensor,
-                                      target_accuracy: float, min_coverage: float) -> float:
-    """Lowest confidence threshold whose answered cases reach `target_accuracy`; if none
-    keeps `min_coverage`, the threshold at exactly `min_coverage` (coverage wins: say so)."""
-    order = torch.argsort(confidences, descending=True)
-    running = torch.cumsum(correct[order].float(), 0) / torch.arange(1, len(order) + 1)
-    ok = torch.nonzero(running >= target_accuracy).squeeze(1)
-    n_accurate = int(ok.max()) + 1 if len(ok) else 0  # most answers that keep the accuracy
-    n_answered = max(n_accurate, max(1, int(math.ceil(min_coverage * len(order)))))
-    return float(confidences[order][n_answered - 1])
+def _neighbour_decision(bundle: ModelBundle, embedding: torch.Tensor, panel: str, probabilities: list[float],
+                        score: float, vote: NeighbourVote | None) -> Decision:
+    """Check 4 of the module docstring, on an answer the other checks let through."""
+    min_agreement = _fitted(bundle, panel).get("min_agreement")
+    vote = vote if vote is not None else panel_neighbour_votes(bundle, embedding[None], panel)[0]
+    if not isinstance(min_agreement, (int, float)) or vote is None or not vote.k:
+        return Decision(False, None, score)
+    spec = bundle.panels[panel]
+    best = spec.classes[max(range(len(probabilities)), key=probabilities.__getitem__)]
+    needed = math.ceil(min_agreement * vote.k - 1e-9)
+    if vote.share(best.key) >= min_agreement - 1e-9:  # the same test training.calibrate fitted with
+        return Decision(False, None, score)
+    others = ", ".join(f"{n} {_class_name(bundle, key)}" for key, n in
+                       sorted(vote.counts.items(), key=lambda item: -item[1]) if key != best.key)
+    return Decision(True, f"The best match is {best.name}, but only {vote.agreeing(best.key)} of the {vote.k} "
+                          f"training cells most like this image are (needs {needed}); the others: {others}.",
+                    score, "neighbours")

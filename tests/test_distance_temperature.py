@@ -10,9 +10,10 @@ import torch
 import torch.nn.functional as F
 
 from core.checkpoint import file_sha256, load_bundle, save_bundle
-from core.reliability import fit_distance_temperature, image_temperatures, panel_probabilities
+from core.reliability import image_temperatures, panel_probabilities
 from tests.conftest import make_tiny_bundle, write_class_tree
 from training import calibrate
+from training.calibration_fit import fit_distance_temperature
 
 
 def test_image_temperatures_grow_above_the_reference_only():

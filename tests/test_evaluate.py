@@ -9,7 +9,7 @@ import pytest
 
 from core.data import class_key_for_folder, scan_class_folders
 from core.panels import load_attribute_phrases
-from tests.conftest import draw_cell, write_class_tree
+from tests.conftest import draw_cell, save_calibrated_tiny, write_class_tree
 from training.evaluate import main as evaluate_main
 from training.metrics import classification_summary
 
@@ -27,6 +27,11 @@ def test_folder_names_are_matched_up_to_case_spaces_and_hyphens(tiny_model_path,
     assert metrics["folders_matched"] == {"Neutrophil": "neutrophil"}
     assert metrics["n"] == 5 and metrics["per_class"]["neutrophil"]["support"] == 3
     assert metrics["unknown"] == {"n": 2, "folders": ["smudge"], "flagged_rate": metrics["unknown"]["flagged_rate"]}
+    # the abstentions among the known cells, by the check that refused them
+    assert sum(metrics["abstain_kinds"].values()) == round(metrics["abstain_rate"] * metrics["n"])
+    refusing = save_calibrated_tiny(tmp_path / "refusing" / "m.safetensors", out_of_scope_threshold=-1.0)
+    code, metrics = run_evaluate(refusing, tree, tmp_path)
+    assert code == 0 and metrics["abstain_kinds"] == {"out_of_scope": 5} and metrics["abstain_rate"] == 1.0
     keys = {"early_pre_b", "pro_b", "ig"}
     assert [class_key_for_folder(f, keys) for f in ("Early Pre-B", " PRO_B ", "IG", "Pro B cells")] == [
         "early_pre_b", "pro_b", "ig", "Pro B cells"]

@@ -3,8 +3,8 @@ import math
 import torch
 
 from core.describe import describe, describe_batch
-from core.reliability import (confidence_threshold_for_accuracy, expected_calibration_error, fit_temperature,
-                              out_of_scope_scores)
+from core.reliability import out_of_scope_scores
+from training.calibration_fit import confidence_threshold_for_accuracy, expected_calibration_error, fit_temperature
 from tests.conftest import draw_cell, make_tiny_bundle
 
 

@@ -12,6 +12,10 @@
 * per panel, an out-of-scope threshold: the distance to the panel's nearest class centroid
   below which --ood-coverage of the panel's val images fall, and the band of the most atypical
   answered images below it (core.typicality);
+* per panel, unless --neighbours is 0: the neighbour check (core.neighbours): an answer stands only
+  when --min-agreement of its K nearest training cells are of the class named; every --train image
+  is kept in the weights file as a reference cell, and the confidence threshold is fitted on the
+  answers that pass this check;
 * with --attributes (a WBCAtt val CSV), per attribute the lowest phrase confidence whose
   phrases reach --attribute-target-accuracy (training.calibrate_attributes).
 Honesty: val is split in two seeded halves; everything is fitted on one half and the
@@ -34,23 +38,22 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from sklearn.covariance import LedoitWolf
 
 from core.checkpoint import ModelLoadError, load_bundle, save_bundle, update_sidecar
 from core.data import LabelledImage
 from core.model import VIEW_COUNTS
 from core.morphology import DEFAULT_PHRASE_THRESHOLD
-from core.reliability import (confidence_threshold_for_accuracy, expected_calibration_error,
-                              fit_distance_temperature, fit_temperature, image_temperatures,
-                              out_of_scope_scores)
+from core.neighbours import DEFAULT_NEIGHBOURS
+from core.reliability import image_temperatures, out_of_scope_scores
 from core.typicality import fit_typicality
 from training.attribute_eval import read_attribute_rows
 from training.calibrate_attributes import calibrate_attributes
 from training.calibrate_inputs import centroid_source, val_panels
-from training.cli import positive_int, run_main, share
-from training.dataset import decode_images
-from training.evaluation_utils import embed_uint8, seeded_halves
+from training.calibration_fit import (confidence_threshold_for_accuracy, expected_calibration_error,
+                                      fit_distance_temperature, fit_temperature)
+from training.cli import non_negative_int, positive_int, run_main, share
+from training.evaluation_utils import seeded_halves
+from training.reference_cells import embed_items, fit_training_cells
 
 
 # A fit outside these is flagged, not stored silently. Logits are cosine x the learned scale
@@ -77,6 +80,11 @@ def parse_args(argv=None):
     p.add_argument("--min-coverage", type=share, default=0.90)
     p.add_argument("--ood-coverage", type=share, default=0.99, help="share of val images accepted as in scope")
     p.add_argument("--per-class", type=positive_int, default=400, help="training images per class for centroids")
+    p.add_argument("--neighbours", type=non_negative_int, default=DEFAULT_NEIGHBOURS,
+                   help="K of the neighbour check (core.neighbours): with --train every training image is kept "
+                        "as a reference cell; 0 keeps none and fits no check")
+    p.add_argument("--min-agreement", type=share, default=0.9,
+                   help="share of the K nearest training cells that must be of the class named")
     p.add_argument("--cache-dir", default="runs/cache")
     p.add_argument("--attributes", default=None,
                    help="WBCAtt val CSV: also fit the morphology phrases' confidence thresholds")
@@ -102,30 +110,6 @@ def choose_views(bundle, args) -> int:
     return views
 
 
-def embed_items(bundle, items, cache_dir) -> torch.Tensor:
-    """Unit-norm embeddings of labelled image files, decoded (and cached) as in training."""
-    return embed_uint8(bundle.model, decode_images(items, bundle.model.config.image_size, Path(cache_dir)),
-                       views=bundle.views)
-
-
-def class_centroids(bundle, items, per_class, cache_dir, seed) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Mean training-image embedding per class (a seeded sample of `per_class` of `items`) and the
-    precision matrix of the residuals around them (shrinkage chosen by Ledoit-Wolf, not tuned)."""
-    generator = torch.Generator().manual_seed(seed)
-    sample = []
-    for label in sorted({i.label for i in items}):
-        group = [i for i in items if i.label == label]
-        picks = torch.randperm(len(group), generator=generator)[:per_class]
-        sample.extend(group[int(k)] for k in picks)
-    embeddings = embed_items(bundle, sample, cache_dir)
-    labels = [i.label for i in sample]
-    centroids = {label: F.normalize(embeddings[[j for j, x in enumerate(labels) if x == label]].mean(0), dim=-1)
-                 for label in sorted(set(labels))}
-    residuals = embeddings - torch.stack([centroids[label] for label in labels])
-    covariance = LedoitWolf(assume_centered=True).fit(residuals.double().numpy()).covariance_
-    return centroids, torch.linalg.inv(torch.from_numpy(covariance)).float()
-
-
 def calibrate_panel(bundle, embeddings, labels, panel, fit, held_out, args) -> dict:
     """Temperature (and its growth with the out-of-scope score), out-of-scope and confidence
     thresholds fitted on the `fit` rows and measured on the `held_out` rows."""
@@ -142,10 +126,15 @@ def calibrate_panel(bundle, embeddings, labels, panel, fit, held_out, args) -> d
     constant = torch.softmax(logits / fit_temperature(logits[fit], target[fit]), dim=-1).max(dim=-1).values
     ood_threshold = float(torch.quantile(scores[fit], args.ood_coverage))
     in_scope = scores <= ood_threshold
+    neighbours = neighbour_gate(bundle, embeddings, [keys[int(p)] for p in predicted], panel, args)
+    if neighbours is not None:
+        in_scope = in_scope & neighbours["agrees"]
     fit_in = fit[in_scope[fit]]
     # the confidence threshold must keep min_coverage of *all* images, after the out-of-scope cut
     needed = min(1.0, args.min_coverage * len(fit) / max(1, len(fit_in)))
-    threshold = confidence_threshold_for_accuracy(confidence[fit_in], correct[fit_in], args.target_accuracy, needed)
+    # none of the fitting half passes the checks (a model at chance): answer nothing, flagged degenerate
+    threshold = confidence_threshold_for_accuracy(confidence[fit_in], correct[fit_in], args.target_accuracy,
+                                                  needed) if len(fit_in) else 1.0
     raw_conf = torch.softmax(logits, dim=-1).max(dim=-1).values
     answered_all = in_scope & (confidence >= threshold)
     answered = answered_all[held_out]
@@ -153,15 +142,30 @@ def calibrate_panel(bundle, embeddings, labels, panel, fit, held_out, args) -> d
     def ece(values: torch.Tensor) -> float:
         return round(expected_calibration_error(values[held_out], correct[held_out]), 4)
 
+    gate = {} if neighbours is None else {
+        "neighbours": args.neighbours, "min_agreement": args.min_agreement,
+        "neighbour_refusal_rate": round(1 - float(neighbours["agrees"][held_out].float().mean()), 4)}
     return {"temperature": round(temperature, 4), "distance_slope": slope, "distance_reference": round(reference, 4),
             "min_confidence": round(threshold, 4), "out_of_scope_threshold": round(ood_threshold, 4),
+            **{key: value for key, value in gate.items() if key != "neighbour_refusal_rate"},
             "typicality": fit_typicality(scores, correct, answered_all, fit, held_out),
-            "report": {"n_held_out": int(len(held_out)), "ece_before": ece(raw_conf), "ece_after": ece(confidence),
+            "report": {"n_held_out": int(len(held_out)), "n_fit_passing_checks": int(len(fit_in)), "ece_before": ece(raw_conf), "ece_after": ece(confidence),
                        "ece_constant_temperature": ece(constant),
                        "accuracy": round(float(correct[held_out].float().mean()), 4),
                        "coverage": round(float(answered.float().mean()), 4),
-                       "out_of_scope_rate": round(1 - float(in_scope[held_out].float().mean()), 4),
+                       "out_of_scope_rate": round(1 - float((scores <= ood_threshold)[held_out].float().mean()), 4),
+                       **{key: value for key, value in gate.items() if key == "neighbour_refusal_rate"},
                        "accuracy_answered": round(float(correct[held_out][answered].float().mean()), 4)}}
+
+
+def neighbour_gate(bundle, embeddings, predicted: list[str], panel: str, args) -> dict | None:
+    """{"agrees": (N,) bool}: whether at least --min-agreement of each image's --neighbours nearest
+    reference cells are of its predicted class; None when the check is off or the model stores no
+    reference cell of the panel's classes."""
+    index = bundle.reference_index(panel)
+    if not args.neighbours or not len(index):
+        return None
+    return {"agrees": index.agreement(embeddings, predicted, args.neighbours) >= args.min_agreement - 1e-9}
 
 
 def degenerate_reasons(result: dict, counts: dict[str, int]) -> list[str]:
@@ -177,6 +181,8 @@ def degenerate_reasons(result: dict, counts: dict[str, int]) -> list[str]:
     unusable = [k for k in ("distance_reference", "out_of_scope_threshold") if not math.isfinite(result.get(k, 0.0))]
     if unusable:  # e.g. no centroid of any val class: every score infinite
         reasons.append(f"{' and '.join(unusable)} not a finite number")
+    if (result.get("report") or {}).get("n_fit_passing_checks") == 0:
+        reasons.append("no val image of the fitting half passed the out-of-scope and neighbour checks")
     few = {key: n for key, n in counts.items() if n < MIN_VAL_PER_CLASS}
     if few:
         listed = ", ".join(f"{key} {n}" for key, n in few.items())
@@ -258,8 +264,10 @@ def main(argv=None) -> int:
     previous = bundle.sidecar.get("calibration", {})
     bundle.sidecar["calibration"] = dict(previous, views=views)  # every embedding below is made this way
     if training_images is not None:
-        bundle.centroids, bundle.ood_precision = class_centroids(bundle, training_images, args.per_class,
-                                                                 args.cache_dir, args.seed)
+        fit_training_cells(bundle, training_images, args)
+    elif args.neighbours and not bundle.references:
+        print("note: this model stores no reference cells, so no neighbour check is fitted; calibrate with "
+              "--train to add them", file=sys.stderr)
     calibration = {"panels": kept_panels,  # the panels fitted below are added to those kept
                    "method": " ".join(__doc__.split("\n\n")[1].split()), "seed": args.seed,  # halves
                    "command": " ".join(["python -m training.calibrate", *(sys.argv[1:] if argv is None else argv)]),

@@ -11,7 +11,7 @@ import torch
 
 from core.checkpoint import ModelBundle
 from core.morphology import attribute_probabilities
-from core.reliability import confidence_threshold_for_accuracy
+from training.calibration_fit import confidence_threshold_for_accuracy
 from training.dataset import annotated_value
 from training.evaluation_utils import seeded_halves
 

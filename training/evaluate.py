@@ -31,6 +31,7 @@ import json
 import os
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -131,6 +132,8 @@ def evaluate(bundle, data_dir: str, panel: str | None, batch_size: int = 64) -> 
                                         [r.confidence for _, r in known], [r.abstained for _, r in known], classes),
                "unknown": {"n": len(unknown), "folders": sorted(folders - set(classes)),
                            "flagged_rate": round(sum(r.abstained for r in unknown) / len(unknown), 4) if unknown else None},
+               # which check refused the known cells the model abstained on (core.reliability.ABSTAIN_KINDS)
+               "abstain_kinds": dict(Counter(r.abstain_kind for _, r in known if r.abstained).most_common()),
                "refused": [{"file": f, "error": e} for f, e in refused],
                "folders_matched": renamed,
                "model_id": bundle.model_id}
@@ -150,6 +153,8 @@ def print_table(metrics: dict, json_path: str | None = None) -> None:
     print(f"panel {metrics['panel']}  n={metrics['n']}  accuracy={metrics['accuracy']}  macro-F1={metrics['macro_f1']}  "
           f"ECE={metrics['ece']}  abstain={metrics['abstain_rate']}  accuracy(answered)={metrics['accuracy_answered']}")
     print_intervals(metrics.get("intervals"))
+    if metrics.get("abstain_kinds"):
+        print("abstained, by the check that refused: " + ", ".join(f"{k} {n}" for k, n in metrics["abstain_kinds"].items()))
     if metrics.get("macro_f1_with_predicted") not in (None, metrics["macro_f1"]):
         print(f"macro-F1 counting predicted classes absent from DIR: {metrics['macro_f1_with_predicted']}")
     for folder, key in metrics.get("folders_matched", {}).items():

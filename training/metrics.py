@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from core.reliability import expected_calibration_error
+from training.calibration_fit import expected_calibration_error
 
 
 def per_class_report(labels: list[str], predicted: list[str], classes: list[str]) -> dict[str, dict]:

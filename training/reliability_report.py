@@ -67,7 +67,10 @@ def panel_section(bundle, panel, val, other, synthetic) -> dict:
     images, labels = val
     descriptions = describe_all(bundle, images, panel)
     in_scores, in_abstained = scores_for(descriptions)
-    result = {"n_val": len(images), "val_abstain_rate": round(float(in_abstained.mean()), 4), "kinds": {}}
+    right = np.array([not d.abstained and d.best_class == y for d, y in zip(descriptions, labels)])
+    answered = int((~in_abstained).sum())
+    result = {"n_val": len(images), "val_abstain_rate": round(float(in_abstained.mean()), 4),
+              "val_accuracy_answered": round(float(right.sum() / answered), 4) if answered else None, "kinds": {}}
     for kind, ood_images in [("natural photos", synthetic["natural"]), (other[0], other[1]),
                              ("blank, noise and text", synthetic["blank"] + synthetic["noise"] + synthetic["text"])]:
         scores, abstained = scores_for(describe_all(bundle, ood_images, panel))
@@ -100,10 +103,13 @@ def write_markdown(path: Path, report: dict, args) -> None:
              "AUROC: in-scope = the panel's val images; out-of-scope = each set below (never used for fitting).",
              "flagged = share the app would not describe as a known class (same rule as the evaluation CLI).", ""]
     for panel, section in report["panels"].items():
-        lines += [f"## Panel `{panel}` (val n={section['n_val']}, abstain rate on val {section['val_abstain_rate']})", "",
+        lines += [f"## Panel `{panel}` (val n={section['n_val']}, abstain rate on val {section['val_abstain_rate']}, "
+                  f"accuracy of the answered {section.get('val_accuracy_answered')})", "",
                   "| out-of-scope set | n | AUROC | flagged |", "|---|---|---|---|"]
         lines += [f"| {kind} | {v['n']} | {v['auroc']:.3f} | {v['flagged_rate']:.3f} |" for kind, v in section["kinds"].items()]
-        lines += ["", "Risk (error rate) of the most confident answers at each coverage, on val:", "",
+        lines += ["", "Risk (error rate) of the most confident answers at each coverage, on val, ranked by "
+                  "confidence alone (the shipped rule also applies the out-of-scope and neighbour checks: its "
+                  "operating point is in the heading):", "",
                   "| coverage | " + " | ".join(section["curve"]["risk_at_coverage"]) + " |",
                   "|---" * (1 + len(section["curve"]["risk_at_coverage"])) + "|",
                   "| risk | " + " | ".join(f"{v:.4f}" for v in section["curve"]["risk_at_coverage"].values()) + " |", ""]

@@ -42,13 +42,23 @@ def _best_match(panel: Panel, d: Description) -> str:
     return f"{class_name(panel, d.best_class)} ({d.confidence:.0%})" if d.abstained and confidence_shown(d) else ""
 
 
+def _agreeing(d: Description) -> str:
+    """'24 of 25': the nearest training cells of the class named (or best matched, when the scores
+    mean something); '' where the model keeps no reference cells or the scores mean nothing."""
+    if not d.neighbours or not d.neighbours["k"] or not confidence_shown(d):
+        return ""
+    return f"{d.neighbours['counts'].get(d.best_class, 0)} of {d.neighbours['k']}"
+
+
 def results_table(panel: Panel, cases: list[Case]) -> None:
     """One row per described image: file, class, sentence, confidence (of an answer, where it is
-    one), the best match of an abstention, abstained, and whether an answer is atypical of the
-    training images (`core.typicality`; blank where not fitted)."""
+    one), the best match of an abstention, how many of the nearest training cells agree
+    (`core.neighbours`), abstained, and whether an answer is atypical of the training images
+    (`core.typicality`; blank where not fitted)."""
     frame = pd.DataFrame([{
         "file": c.file_name, "class": class_name(panel, c.description.class_key, "(uncertain)"), "sentence": c.label,
         "confidence": _answer_confidence(c.description), "best match if uncertain": _best_match(panel, c.description),
+        "nearest training cells agreeing": _agreeing(c.description),
         "abstained": c.description.abstained, "atypical": c.description.atypical,
     } for c in cases])
     st.dataframe(frame, hide_index=True, key="describe_results", column_config={
@@ -110,6 +120,15 @@ def _render_morphology(bundle: ModelBundle, panel: Panel, case: Case) -> None:
                        "shown as certain": p.certain} for p in predictions], hide_index=True)
 
 
+def _neighbour_text(panel: Panel, d: Description) -> str | None:
+    """The classes of the training cells most like the image (core.neighbours), as a caption."""
+    if not d.neighbours or not d.neighbours["k"]:
+        return None
+    counts = sorted(d.neighbours["counts"].items(), key=lambda item: -item[1])
+    listed = ", ".join(f"{n} {class_name(panel, key)}" for key, n in counts)
+    return f"The {d.neighbours['k']} training cells most like this image: {listed}."
+
+
 def render_summary(bundle: ModelBundle, panel: Panel, case: Case) -> None:
     """Image, sentence (or the Uncertain state and its reason), confidence and notes."""
     d = case.description
@@ -138,6 +157,8 @@ def render_summary(bundle: ModelBundle, panel: Panel, case: Case) -> None:
                            "above), so they would mean nothing.")
         else:
             st.metric(confidence_label(bundle, panel), f"{d.confidence:.0%}")
+            if _neighbour_text(panel, d):
+                st.caption(_neighbour_text(panel, d))
             if d.atypical:
                 st.warning("**Atypical image.** " + atypical_note(typicality_band(bundle.sidecar, panel.name)))
         if not d.panel_validated:
