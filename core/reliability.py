@@ -261,7 +261,8 @@ def _neighbour_decision(bundle: ModelBundle, embedding: torch.Tensor, panel: str
     """Check 4 of the module docstring, on an answer the other checks let through."""
     min_agreement = _fitted(bundle, panel).get("min_agreement")
     vote = vote if vote is not None else panel_neighbour_votes(bundle, embedding[None], panel)[0]
-    if not isinstance(min_agreement, (int, float)) or vote is None or not vote.k:
+    if type(min_agreement) not in (int, float) or not 0 <= min_agreement <= 1 or vote is None or not vote.k:
+        # no check fitted, or a hand-edited share (2, NaN, true) that would refuse every answer or none
         return Decision(False, None, score)
     spec = bundle.panels[panel]
     best = spec.classes[max(range(len(probabilities)), key=probabilities.__getitem__)]

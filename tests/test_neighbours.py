@@ -67,10 +67,12 @@ def test_an_answer_its_nearest_training_cells_disagree_with_abstains_and_says_so
     bundle, image = _calibrated_with_references(best)
     answered = describe(bundle, image, "blood_cells")
     assert not answered.abstained and answered.class_key == best and answered.neighbours["counts"] == {best: 25}
-    # a calibration without min_agreement reports the vote and checks nothing
-    bundle, image = _calibrated_with_references(other)
-    del bundle.sidecar["calibration"]["panels"]["blood_cells"]["min_agreement"]
-    assert not describe(bundle, image, "blood_cells").abstained
+    # a calibration without min_agreement, or with a damaged one, reports the vote and checks nothing
+    for damaged in (None, float("nan"), 2, True, "0.9"):
+        bundle, image = _calibrated_with_references(other, damaged)
+        if damaged is None:
+            del bundle.sidecar["calibration"]["panels"]["blood_cells"]["min_agreement"]
+        assert not describe(bundle, image, "blood_cells").abstained
 
 
 def test_min_agreement_enters_the_calibration_id_only_where_it_is_stored():

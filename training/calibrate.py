@@ -126,46 +126,44 @@ def calibrate_panel(bundle, embeddings, labels, panel, fit, held_out, args) -> d
     constant = torch.softmax(logits / fit_temperature(logits[fit], target[fit]), dim=-1).max(dim=-1).values
     ood_threshold = float(torch.quantile(scores[fit], args.ood_coverage))
     in_scope = scores <= ood_threshold
-    neighbours = neighbour_gate(bundle, embeddings, [keys[int(p)] for p in predicted], panel, args)
-    if neighbours is not None:
-        in_scope = in_scope & neighbours["agrees"]
-    fit_in = fit[in_scope[fit]]
+    agrees = neighbours_agree(bundle, embeddings, [keys[int(p)] for p in predicted], panel, args)
+    passes = in_scope if agrees is None else in_scope & agrees  # what the confidence threshold may answer
+    fit_in = fit[passes[fit]]
     # the confidence threshold must keep min_coverage of *all* images, after the out-of-scope cut
     needed = min(1.0, args.min_coverage * len(fit) / max(1, len(fit_in)))
     # none of the fitting half passes the checks (a model at chance): answer nothing, flagged degenerate
     threshold = confidence_threshold_for_accuracy(confidence[fit_in], correct[fit_in], args.target_accuracy,
                                                   needed) if len(fit_in) else 1.0
     raw_conf = torch.softmax(logits, dim=-1).max(dim=-1).values
-    answered_all = in_scope & (confidence >= threshold)
+    answered_all = passes & (confidence >= threshold)
     answered = answered_all[held_out]
 
     def ece(values: torch.Tensor) -> float:
         return round(expected_calibration_error(values[held_out], correct[held_out]), 4)
 
-    gate = {} if neighbours is None else {
-        "neighbours": args.neighbours, "min_agreement": args.min_agreement,
-        "neighbour_refusal_rate": round(1 - float(neighbours["agrees"][held_out].float().mean()), 4)}
+    check = {} if agrees is None else {"neighbours": args.neighbours, "min_agreement": args.min_agreement}
+    refusals = {} if agrees is None else {
+        "neighbour_refusal_rate": round(1 - float(agrees[held_out].float().mean()), 4)}
     return {"temperature": round(temperature, 4), "distance_slope": slope, "distance_reference": round(reference, 4),
-            "min_confidence": round(threshold, 4), "out_of_scope_threshold": round(ood_threshold, 4),
-            **{key: value for key, value in gate.items() if key != "neighbour_refusal_rate"},
+            "min_confidence": round(threshold, 4), "out_of_scope_threshold": round(ood_threshold, 4), **check,
             "typicality": fit_typicality(scores, correct, answered_all, fit, held_out),
-            "report": {"n_held_out": int(len(held_out)), "n_fit_passing_checks": int(len(fit_in)), "ece_before": ece(raw_conf), "ece_after": ece(confidence),
+            "report": {"n_held_out": int(len(held_out)), "n_fit_passing_checks": int(len(fit_in)),
+                       "ece_before": ece(raw_conf), "ece_after": ece(confidence),
                        "ece_constant_temperature": ece(constant),
                        "accuracy": round(float(correct[held_out].float().mean()), 4),
                        "coverage": round(float(answered.float().mean()), 4),
-                       "out_of_scope_rate": round(1 - float((scores <= ood_threshold)[held_out].float().mean()), 4),
-                       **{key: value for key, value in gate.items() if key == "neighbour_refusal_rate"},
+                       "out_of_scope_rate": round(1 - float(in_scope[held_out].float().mean()), 4), **refusals,
                        "accuracy_answered": round(float(correct[held_out][answered].float().mean()), 4)}}
 
 
-def neighbour_gate(bundle, embeddings, predicted: list[str], panel: str, args) -> dict | None:
-    """{"agrees": (N,) bool}: whether at least --min-agreement of each image's --neighbours nearest
-    reference cells are of its predicted class; None when the check is off or the model stores no
-    reference cell of the panel's classes."""
+def neighbours_agree(bundle, embeddings, predicted: list[str], panel: str, args) -> torch.Tensor | None:
+    """(N,) bool: whether at least --min-agreement of each image's --neighbours nearest reference
+    cells are of its predicted class, the test core.reliability applies; None when the check is off
+    or the model stores no reference cell of the panel's classes."""
     index = bundle.reference_index(panel)
     if not args.neighbours or not len(index):
         return None
-    return {"agrees": index.agreement(embeddings, predicted, args.neighbours) >= args.min_agreement - 1e-9}
+    return index.agreement(embeddings, predicted, args.neighbours) >= args.min_agreement - 1e-9
 
 
 def degenerate_reasons(result: dict, counts: dict[str, int]) -> list[str]:

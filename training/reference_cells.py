@@ -43,9 +43,9 @@ def fit_training_cells(bundle, items, args) -> None:
     """Set the bundle's centroids and precision (from a seeded sample of --per-class images of each
     class) and, unless --neighbours is 0, its reference cells: every training image's embedding.
     Only the images needed are embedded."""
-    needed = range(len(items)) if args.neighbours else centroid_sample(items, args.per_class, args.seed)
-    embedded = dict(zip(needed, embed_items(bundle, [items[j] for j in needed], args.cache_dir)))
     sample = centroid_sample(items, args.per_class, args.seed)
+    needed = range(len(items)) if args.neighbours else sample
+    embedded = dict(zip(needed, embed_items(bundle, [items[j] for j in needed], args.cache_dir)))
     bundle.centroids, bundle.ood_precision = class_centroids(torch.stack([embedded[j] for j in sample]),
                                                              [items[j].label for j in sample])
     references = {}
