@@ -34,6 +34,11 @@ st.text(f"Model id:        {bundle.model_id}\nWeights sha256:  {bundle.weights_s
 st.caption("The weights' sha256 is checked at every load; a changed file is refused.")
 st.markdown("**Training command**")
 st.code(training.get("command", "not recorded"), language="bash")
+started_from = training.get("init_from")
+if isinstance(started_from, dict):  # a continued run: say from which weights, not just which file name
+    st.caption(f"Continued from the weights of model {started_from.get('model_id', 'not recorded')} (sha256 "
+               f"{str(started_from.get('weights_sha256', 'not recorded'))[:16]}…), which the command's "
+               "--init-from named; its own training command is in that model's sidecar.")
 
 st.subheader("Training data")
 counts = model_card.data_counts_frame(bundle)

@@ -43,6 +43,16 @@ def make_tiny_bundle(seed: int = 0) -> ModelBundle:
     return ModelBundle(model, sidecar, panels, prototypes, attributes, centroids)
 
 
+def tiny_calibration_inputs(root: Path, train_per_class: int, val_per_class: int) -> tuple[Path, Path, Path]:
+    """(model, train, val) under `root`: a tiny random model on disk and drawn class trees of every
+    blood_cells class, as training.calibrate takes them."""
+    model = root / "model.safetensors"
+    save_bundle(make_tiny_bundle(), model)
+    keys = list(make_tiny_bundle().panels["blood_cells"].keys)
+    train = write_class_tree(root / "train", {k: train_per_class for k in keys}, size=48)
+    return model, train, write_class_tree(root / "val_tree", {k: val_per_class for k in keys}, size=48)
+
+
 # An atypical-answer band (core.typicality) as training.calibrate stores it, v18's numbers
 BAND = {"threshold": 8.0, "share": 0.1, "n_held_out_above": 96, "accuracy_above": 0.9375,
         "n_held_out_below": 723, "accuracy_below": 0.9848}

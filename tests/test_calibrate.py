@@ -8,7 +8,7 @@ import json
 import torch
 import torch.nn.functional as F
 
-from conftest import draw_cell, make_tiny_bundle, write_class_tree
+from conftest import draw_cell, make_tiny_bundle, tiny_calibration_inputs, write_class_tree
 from core.checkpoint import load_bundle, save_bundle
 from core.panels import load_attribute_phrases
 from training import calibrate
@@ -76,11 +76,7 @@ def _write_attribute_csv(root, n: int = 6):
 
 
 def test_calibrate_cli_writes_every_threshold_into_the_sidecar(tmp_path):
-    model = tmp_path / "model.safetensors"
-    save_bundle(make_tiny_bundle(), model)
-    keys = list(make_tiny_bundle().panels["blood_cells"].keys)
-    train = write_class_tree(tmp_path / "train", {k: 3 for k in keys}, size=48)
-    val = write_class_tree(tmp_path / "val_tree", {k: 4 for k in keys}, size=48)
+    model, train, val = tiny_calibration_inputs(tmp_path, 3, 4)
     csv_path = _write_attribute_csv(tmp_path)
     assert calibrate.main(["--checkpoint", str(model), "--train", str(train), "--val", str(val),
                            "--attributes", str(csv_path), "--cache-dir", str(tmp_path / "cache")]) == 0
@@ -119,11 +115,8 @@ def test_calibrate_cli_refuses_an_attribute_csv_without_images(tmp_path, capsys)
 
 def test_a_degenerate_fit_is_flagged_in_the_sidecar_and_on_stderr(tmp_path, capsys):
     """A tiny val set stored temperature 24434 and min_confidence 0.125 without a word."""
-    model = tmp_path / "model.safetensors"
-    save_bundle(make_tiny_bundle(), model)
+    model, train, val = tiny_calibration_inputs(tmp_path, 2, 3)
     keys = list(make_tiny_bundle().panels["blood_cells"].keys)
-    train = write_class_tree(tmp_path / "train", {k: 2 for k in keys}, size=48)
-    val = write_class_tree(tmp_path / "val_tree", {k: 3 for k in keys}, size=48)
     assert calibrate.main(["--checkpoint", str(model), "--train", str(train), "--val", str(val),
                            "--cache-dir", str(tmp_path / "cache")]) == 0
     panel = load_bundle(model).sidecar["calibration"]["panels"]["blood_cells"]

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from core.checkpoint import load_bundle, save_bundle
 from core.describe import describe, embed_images
 from core.neighbours import NeighbourVote, ReferenceIndex
-from tests.conftest import draw_cell, make_tiny_bundle, write_class_tree
+from tests.conftest import draw_cell, make_tiny_bundle, tiny_calibration_inputs
 from training import calibrate
 
 
@@ -88,11 +88,8 @@ def test_min_agreement_enters_the_calibration_id_only_where_it_is_stored():
 
 
 def test_calibrate_keeps_every_training_image_as_a_reference_cell_unless_told_not_to(tmp_path, capsys):
-    model = tmp_path / "model.safetensors"
-    save_bundle(make_tiny_bundle(), model)
+    model, train, val = tiny_calibration_inputs(tmp_path, 3, 4)
     keys = list(make_tiny_bundle().panels["blood_cells"].keys)
-    train = write_class_tree(tmp_path / "train", {k: 3 for k in keys}, size=48)
-    val = write_class_tree(tmp_path / "val_tree", {k: 4 for k in keys}, size=48)
     common = ["--checkpoint", str(model), "--val", str(val), "--cache-dir", str(tmp_path / "cache")]
     assert calibrate.main([*common, "--train", str(train), "--neighbours", "5", "--min-agreement", "0.6"]) == 0
     bundle = load_bundle(model)
