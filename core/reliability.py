@@ -238,11 +238,15 @@ def abstention_decision(bundle: ModelBundle, embedding: torch.Tensor, panel: str
                   f"(out-of-scope score {score:.2f} above {calibration['out_of_scope_threshold']:.2f}).")
         return Decision(True, reason + _other_panel_hint(bundle, embedding, panel), score, "out_of_scope")
     min_confidence = calibration.get("min_confidence", 0.0)
+    neighbours = _neighbour_decision(bundle, embedding, panel, probabilities, score, vote)
     if max(probabilities) < min_confidence:
         ranked = sorted(zip(probabilities, (c.name for c in spec.classes)), reverse=True)[:2]
+        # when the neighbours disagree too, say so: a reader should not take the runner-up for the answer
+        also = f" Also: {neighbours.reason[0].lower()}{neighbours.reason[1:]}" if neighbours.abstained else ""
         return Decision(True, f"The best match is too weak or ambiguous: {ranked[0][1]} {ranked[0][0]:.0%} "
-                              f"vs {ranked[1][1]} {ranked[1][0]:.0%} (needs {min_confidence:.0%}).", score, "weak")
-    return _neighbour_decision(bundle, embedding, panel, probabilities, score, vote)
+                              f"vs {ranked[1][1]} {ranked[1][0]:.0%} (needs {min_confidence:.0%}).{also}",
+                        score, "weak")
+    return neighbours
 
 
 def panel_neighbour_votes(bundle: ModelBundle, embeddings: torch.Tensor, panel: str) -> list[NeighbourVote | None]:
@@ -269,8 +273,8 @@ def _neighbour_decision(bundle: ModelBundle, embedding: torch.Tensor, panel: str
     needed = math.ceil(min_agreement * vote.k - 1e-9)
     if vote.share(best.key) >= min_agreement - 1e-9:  # the same test training.calibrate fitted with
         return Decision(False, None, score)
-    others = ", ".join(f"{n} {_class_name(bundle, key)}" for key, n in
+    others = ", ".join(f"{_class_name(bundle, key)} ({n})" for key, n in
                        sorted(vote.counts.items(), key=lambda item: -item[1]) if key != best.key)
     return Decision(True, f"The best match is {best.name}, but only {vote.agreeing(best.key)} of the {vote.k} "
-                          f"training cells most like this image are (needs {needed}); the others: {others}.",
-                    score, "neighbours")
+                          f"most similar training cells are of that type (at least {needed} needed). "
+                          f"The others are {others}.", score, "neighbours")

@@ -78,8 +78,9 @@ if calibration:
                "the most atypical tenth of answered val cells (out-of-scope score above its threshold): answers in "
                "it are marked atypical, with 'accuracy_above' (their accuracy on the held-out half) beside them. "
                "'neighbours' and 'min_agreement': an answer stands only when at least that share of the K training "
-               "cells most like the image are of the class it names ('neighbour_refusal_rate': the held-out share "
-               "refused by this check); 'min_confidence' is fitted on the answers that pass it.")
+               "cells most similar to the image (rounded up: 0.9 of 25 is 23) are of the class it names "
+               "('neighbour_refusal_rate': the held-out share refused by this check); 'min_confidence' is fitted "
+               "on the answers that pass it.")
 else:
     st.info("Not calibrated: confidences are the raw softmax and no abstention thresholds are set.")
 diagram = model_card.first_existing(model_card.RELIABILITY_DIAGRAMS)

@@ -62,7 +62,13 @@ def test_an_answer_its_nearest_training_cells_disagree_with_abstains_and_says_so
     assert result.abstained and result.abstain_kind == "neighbours" and result.class_key is None
     assert result.neighbours == {"k": 25, "counts": {other: 25}}
     name = bundle.panels["blood_cells"].cell_class(other).name
-    assert "only 0 of the 25 training cells" in result.abstain_reason and f"25 {name}" in result.abstain_reason
+    assert "only 0 of the 25 most similar training cells" in result.abstain_reason
+    assert f"at least 23 needed). The others are {name} (25)." in result.abstain_reason
+    # a weak match whose neighbours disagree too says both, the confidence check first
+    bundle.sidecar["calibration"]["panels"]["blood_cells"]["min_confidence"] = 1.01
+    weak = describe(bundle, image, "blood_cells")
+    assert weak.abstain_kind == "weak" and "too weak" in weak.abstain_reason
+    assert "Also: the best match is" in weak.abstain_reason and f"The others are {name} (25)." in weak.abstain_reason
     # the same image, its neighbours of the class it matches: answered, with the vote
     bundle, image = _calibrated_with_references(best)
     answered = describe(bundle, image, "blood_cells")
@@ -111,7 +117,7 @@ def test_the_describe_page_shows_the_vote_with_the_answer():
     bundle, image = _calibrated_with_references("lymphocyte")
     result = describe(bundle, image, "blood_cells")
     panel = bundle.panels["blood_cells"]
-    assert _neighbour_text(panel, result) == "The 25 training cells most like this image: 25 Lymphocyte."
+    assert _neighbour_text(panel, result) == "Of the 25 most similar training cells: Lymphocyte 25."
     assert _agreeing(result) == ("25 of 25" if result.best_class == "lymphocyte" else "0 of 25")
     plain = describe(make_tiny_bundle(), image, "blood_cells")  # no reference cells: nothing to show
     assert plain.neighbours is None and _neighbour_text(panel, plain) is None and _agreeing(plain) == ""

@@ -42,6 +42,9 @@ def _best_match(panel: Panel, d: Description) -> str:
     return f"{class_name(panel, d.best_class)} ({d.confidence:.0%})" if d.abstained and confidence_shown(d) else ""
 
 
+SIMILAR_COLUMN = "similar training cells of its type"
+
+
 def _agreeing(d: Description) -> str:
     """'24 of 25': the nearest training cells of the class named (or best matched, when the scores
     mean something); '' where the model keeps no reference cells or the scores mean nothing."""
@@ -56,12 +59,15 @@ def results_table(panel: Panel, cases: list[Case]) -> None:
     (`core.neighbours`), abstained, and whether an answer is atypical of the training images
     (`core.typicality`; blank where not fitted)."""
     frame = pd.DataFrame([{
-        "file": c.file_name, "class": class_name(panel, c.description.class_key, "(uncertain)"), "sentence": c.label,
+        "file": c.file_name, "class": class_name(panel, c.description.class_key, "(uncertain)"),
+        SIMILAR_COLUMN: _agreeing(c.description), "sentence": c.label,
         "confidence": _answer_confidence(c.description), "best match if uncertain": _best_match(panel, c.description),
-        "nearest training cells agreeing": _agreeing(c.description),
         "abstained": c.description.abstained, "atypical": c.description.atypical,
     } for c in cases])
     st.dataframe(frame, hide_index=True, key="describe_results", column_config={
+        SIMILAR_COLUMN: st.column_config.TextColumn(SIMILAR_COLUMN, help=(
+            "Of the training cells most similar to the image, how many are of the type named (for an uncertain "
+            "image, of its best match); an answer needs about nine in ten.")),
         "confidence": st.column_config.ProgressColumn("confidence", format="%.2f", min_value=0.0, max_value=1.0),
         "sentence": st.column_config.TextColumn("sentence", width="large")})
 
@@ -125,8 +131,8 @@ def _neighbour_text(panel: Panel, d: Description) -> str | None:
     if not d.neighbours or not d.neighbours["k"]:
         return None
     counts = sorted(d.neighbours["counts"].items(), key=lambda item: -item[1])
-    listed = ", ".join(f"{n} {class_name(panel, key)}" for key, n in counts)
-    return f"The {d.neighbours['k']} training cells most like this image: {listed}."
+    listed = ", ".join(f"{class_name(panel, key)} {n}" for key, n in counts)
+    return f"Of the {d.neighbours['k']} most similar training cells: {listed}."
 
 
 def render_summary(bundle: ModelBundle, panel: Panel, case: Case) -> None:
@@ -156,7 +162,9 @@ def render_summary(bundle: ModelBundle, panel: Panel, case: Case) -> None:
                 st.caption("No confidence and no scores are shown: the model did not describe this image (reason "
                            "above), so they would mean nothing.")
         else:
-            st.metric(confidence_label(bundle, panel), f"{d.confidence:.0%}")
+            # an abstention's top probability belongs to the best match, which the page does not assert
+            label = confidence_label(bundle, panel) + (" of the best match (not asserted)" if d.abstained else "")
+            st.metric(label, f"{d.confidence:.0%}")
             if _neighbour_text(panel, d):
                 st.caption(_neighbour_text(panel, d))
             if d.atypical:
