@@ -183,3 +183,23 @@ def test_record_names_are_checked_and_a_replacement_is_said(tmp_path, capsys):
     for _ in range(2):
         evaluate.record_in_sidecar(str(model), "pbc_val", {"n": 4, "accuracy": 0.5}, "cmd")
     assert "metrics.pbc_val recorded earlier (n=4, accuracy 0.5) is replaced" in capsys.readouterr().err
+
+
+def test_resuming_a_run_does_not_need_its_init_from_file_any_more(tmp_path):
+    """A run continued from its own checkpoint reads that checkpoint's weights, not --init-from's:
+    the file it started from may since have been replaced (the default model is)."""
+    from argparse import Namespace
+
+    from training.run_inputs import UsageError, check_paths
+
+    data = write_class_tree(tmp_path / "data", {"neutrophil": 1}, size=32)
+    args = Namespace(data=[str(data)], val=[], synthetic=[], attributes=[], export="", sentence_features="",
+                     init_from=str(tmp_path / "gone.safetensors"), out=str(tmp_path / "run"), resume=True,
+                     overwrite=False)
+    with pytest.raises(UsageError, match="--init-from"):
+        check_paths(args)  # nothing to resume yet: the starting weights are needed
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "last.pt").write_bytes(b"checkpoint")
+    check_paths(args)
+    with pytest.raises(UsageError, match="--init-from"):
+        check_paths(Namespace(**{**vars(args), "resume": False, "overwrite": True}))

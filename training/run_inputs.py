@@ -38,7 +38,8 @@ def check_paths(args) -> None:
             what = "a folder, not a file" if Path(path).is_dir() else "no such file"
             raise UsageError(f"--attributes {path}: {what}")
     initial = getattr(args, "init_from", "")
-    if initial and not Path(initial).is_file():
+    resuming = args.resume and (Path(args.out) / "last.pt").exists()  # then the checkpoint's weights are read
+    if initial and not resuming and not Path(initial).is_file():
         raise UsageError(f"--init-from {initial}: no such file (expected an exported model's .safetensors)")
     check_output_file("--export", getattr(args, "export", ""))
     # checked before the process group forms: every rank reads the same answer or none starts
