@@ -112,12 +112,13 @@ def test_calibrate_keeps_every_training_image_as_a_reference_cell_unless_told_no
 
 
 def test_the_describe_page_shows_the_vote_with_the_answer():
-    from ui.case_view import _agreeing, _neighbour_text
+    from ui.case_view import _agreeing
+    from ui.widgets import neighbour_caption
 
     bundle, image = _calibrated_with_references("lymphocyte")
     result = describe(bundle, image, "blood_cells")
     panel = bundle.panels["blood_cells"]
-    assert _neighbour_text(panel, result) == "Of the 25 most similar training cells: Lymphocyte 25."
+    assert neighbour_caption(panel, result) == "Of the 25 most similar training cells: Lymphocyte 25."
     assert _agreeing(result) == ("25 of 25" if result.best_class == "lymphocyte" else "0 of 25")
     plain = describe(make_tiny_bundle(), image, "blood_cells")  # no reference cells: nothing to show
-    assert plain.neighbours is None and _neighbour_text(panel, plain) is None and _agreeing(plain) == ""
+    assert plain.neighbours is None and neighbour_caption(panel, plain) is None and _agreeing(plain) == ""

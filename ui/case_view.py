@@ -17,8 +17,8 @@ from core.site_shift import batch_shift, home_out_of_scope_rate, shift_message
 from core.typicality import atypical_note, typicality_band
 from ui.cases import ATTRIBUTE_TARGET, Case, cached_heatmap, case_morphology
 from ui.widgets import (
-    class_name, confidence_label, confidence_shown, framed, md_escape, panel_calibrated, score_chart,
-    scores_meaningless, select_by_identity,
+    class_name, confidence_label, confidence_shown, framed, md_escape, neighbour_caption, panel_calibrated,
+    score_chart, scores_meaningless, select_by_identity,
 )
 
 
@@ -126,15 +126,6 @@ def _render_morphology(bundle: ModelBundle, panel: Panel, case: Case) -> None:
                        "shown as certain": p.certain} for p in predictions], hide_index=True)
 
 
-def _neighbour_text(panel: Panel, d: Description) -> str | None:
-    """The classes of the training cells most like the image (core.neighbours), as a caption."""
-    if not d.neighbours or not d.neighbours["k"]:
-        return None
-    counts = sorted(d.neighbours["counts"].items(), key=lambda item: -item[1])
-    listed = ", ".join(f"{class_name(panel, key)} {n}" for key, n in counts)
-    return f"Of the {d.neighbours['k']} most similar training cells: {listed}."
-
-
 def render_summary(bundle: ModelBundle, panel: Panel, case: Case) -> None:
     """Image, sentence (or the Uncertain state and its reason), confidence and notes."""
     d = case.description
@@ -165,8 +156,8 @@ def render_summary(bundle: ModelBundle, panel: Panel, case: Case) -> None:
             # an abstention's top probability belongs to the best match, which the page does not assert
             label = confidence_label(bundle, panel) + (" of the best match (not asserted)" if d.abstained else "")
             st.metric(label, f"{d.confidence:.0%}")
-            if _neighbour_text(panel, d):
-                st.caption(_neighbour_text(panel, d))
+            if neighbour_caption(panel, d):
+                st.caption(neighbour_caption(panel, d))
             if d.atypical:
                 st.warning("**Atypical image.** " + atypical_note(typicality_band(bundle.sidecar, panel.name)))
         if not d.panel_validated:

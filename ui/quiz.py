@@ -30,7 +30,8 @@ from core.typicality import atypical_note, typicality_band
 from core.vocabulary import (EXAMPLES, expand_abbreviations, morphology_vocabulary, morphology_words, negated_classes,
                              ungrounded_terms)
 from ui import resources
-from ui.widgets import confidence_shown, framed, label_name, md_escape, panel_calibrated, score_chart, scores_meaningless
+from ui.widgets import (confidence_shown, framed, label_name, md_escape, neighbour_caption, panel_calibrated,
+                        score_chart, scores_meaningless)
 
 SEED, ROUND, SCORE = "quiz_seed", "quiz_round", "quiz_score"
 CELL, ANSWER, REVEAL = "quiz_cell", "quiz_answer", "quiz_reveal"
@@ -227,6 +228,8 @@ def render_reveal(bundle: ModelBundle, panel: Panel, cell: QuizCell, answer: dic
     if confidence_shown(d):
         st.caption("Model's top sentences: " + "; ".join(
             f"{md_escape(panel.cell_class(k).name)} {p:.0%}" for k, p in ranked))
+        if neighbour_caption(panel, d):  # a second opinion to weigh: the cells the model has seen like it
+            st.caption(neighbour_caption(panel, d))
     elif not scores_meaningless(d):  # an unvalidated panel: an order, not probabilities
         st.caption("Closest sentences of this not-validated panel (scores are not confidences): "
                    + "; ".join(md_escape(panel.cell_class(k).name) for k, _ in ranked))

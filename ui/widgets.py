@@ -102,6 +102,17 @@ def confidence_shown(description: Description) -> bool:
     return description.panel_validated and not scores_meaningless(description)
 
 
+def neighbour_caption(panel: Panel, description: Description) -> str | None:
+    """The types of the training cells most similar to the image (core.neighbours), as a caption;
+    None for a model that keeps no reference cells."""
+    vote = description.neighbours
+    if not vote or not vote["k"]:
+        return None
+    ranked = sorted(vote["counts"].items(), key=lambda kv: -kv[1])
+    listed = ", ".join(f"{class_name(panel, key)} {n}" for key, n in ranked)
+    return f"Of the {vote['k']} most similar training cells: {listed}."
+
+
 def class_name(panel: Panel, key: str | None, missing: str = "Uncertain") -> str:
     """The class's display name ('Immature granulocyte', not 'ig'); `missing` for None, the key
     itself for a key the panel does not hold."""
