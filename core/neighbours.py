@@ -41,6 +41,12 @@ class NeighbourVote:
         return self.agreeing(class_key) / self.k if self.k else 0.0
 
 
+def reaches(share, min_agreement: float):
+    """Whether an agreement share (a float, or a tensor of them) reaches `min_agreement`: the one
+    test both describing and calibration apply. Shares are n / K, so 23 / 25 must count as 0.92."""
+    return share >= min_agreement - 1e-9
+
+
 def reference_tensors(references: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The references as stored in a weights file: half precision (the ranking of cosine
     similarities barely moves, and the file stays under the 30 MB the repository allows)."""

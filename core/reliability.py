@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from core.checkpoint import ModelBundle
-from core.neighbours import DEFAULT_NEIGHBOURS, NeighbourVote
+from core.neighbours import DEFAULT_NEIGHBOURS, NeighbourVote, reaches
 
 
 @dataclass(frozen=True)
@@ -271,7 +271,7 @@ def _neighbour_decision(bundle: ModelBundle, embedding: torch.Tensor, panel: str
     spec = bundle.panels[panel]
     best = spec.classes[max(range(len(probabilities)), key=probabilities.__getitem__)]
     needed = math.ceil(min_agreement * vote.k - 1e-9)
-    if vote.share(best.key) >= min_agreement - 1e-9:  # the same test training.calibrate fitted with
+    if reaches(vote.share(best.key), min_agreement):
         return Decision(False, None, score)
     others = ", ".join(f"{_class_name(bundle, key)} ({n})" for key, n in
                        sorted(vote.counts.items(), key=lambda item: -item[1]) if key != best.key)

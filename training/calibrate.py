@@ -43,7 +43,7 @@ from core.checkpoint import ModelLoadError, load_bundle, save_bundle, update_sid
 from core.data import LabelledImage
 from core.model import VIEW_COUNTS
 from core.morphology import DEFAULT_PHRASE_THRESHOLD
-from core.neighbours import DEFAULT_NEIGHBOURS
+from core.neighbours import DEFAULT_NEIGHBOURS, reaches
 from core.reliability import image_temperatures, out_of_scope_scores
 from core.typicality import fit_typicality
 from training.attribute_eval import read_attribute_rows
@@ -163,7 +163,7 @@ def neighbours_agree(bundle, embeddings, predicted: list[str], panel: str, args)
     index = bundle.reference_index(panel)
     if not args.neighbours or not len(index):
         return None
-    return index.agreement(embeddings, predicted, args.neighbours) >= args.min_agreement - 1e-9
+    return reaches(index.agreement(embeddings, predicted, args.neighbours), args.min_agreement)
 
 
 def degenerate_reasons(result: dict, counts: dict[str, int]) -> list[str]:
