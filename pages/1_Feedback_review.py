@@ -18,7 +18,9 @@ store = resources.store_or_warn()
 if not store.available:
     st.stop()
 
-rows = review.load_rows(store)
+panels = review.naming_panels(bundle)
+names = review.class_names(panels)
+rows = review.load_rows(store, names)
 if rows is None:
     st.stop()
 
@@ -44,7 +46,7 @@ if len(counted) < len(rows):
                "agreement or the expert-versus-model matrix.")
 
 st.subheader("Feedback")
-st.dataframe(review.rows_frame(rows), hide_index=True, key="review_table", column_config={
+st.dataframe(review.rows_frame(rows, names), hide_index=True, key="review_table", column_config={
     "confidence": st.column_config.NumberColumn("confidence", format="%.3f"),  # 0.9997 read "1"
     "atypical": st.column_config.CheckboxColumn("atypical", help="Ticked: the answer was marked atypical; unticked: "
                                                 "typical; empty: not marked (an abstention, a model without the "
@@ -55,7 +57,7 @@ st.download_button("Download CSV", rows_to_csv(rows), file_name="hemascribe_feed
 left, right = st.columns(2)
 with left:
     st.subheader("Agreement per model class")
-    if per_class := review.per_class_rows(summary):
+    if per_class := review.per_class_rows(summary, names):
         st.dataframe(per_class, hide_index=True, key="review_per_class", column_config={
             "agreement_rate": st.column_config.NumberColumn("agreement rate", format="%.0f%%")})
     else:
@@ -64,7 +66,7 @@ with right:
     st.subheader("Expert versus model")
     labels, matrix = expert_confusion(counted)
     if labels:
-        st.plotly_chart(widgets.confusion_figure(labels, matrix), key="review_confusion")
+        st.plotly_chart(widgets.confusion_figure([review.shown_class(k, names) for k in labels], matrix), key="review_confusion")
     else:
         st.caption("No case has both an expert class and a model class yet.")
 
@@ -82,6 +84,6 @@ else:
 
 st.subheader("Re-open a case")
 if rows:
-    review.reopen_case(store, resources.settings().upload_dir, rows, review.naming_panels(bundle))
+    review.reopen_case(store, resources.settings().upload_dir, rows, panels)
 else:
     st.caption("Nothing to re-open.")

@@ -202,6 +202,11 @@ def test_feedback_review_page(app_env):
     assert at.sidebar.text_input(key="sidebar_reviewer").value == "Dr Review"  # survived the switch
     table = frame_with(at, "feedback_id")
     assert list(table["reviewer"]) == ["Dr Review"]
+    from core.panels import load_panels
+    from ui.review import class_names
+    names = class_names(load_panels())
+    assert table["model_class"][0] in names.values()  # 'Immature granulocyte', not 'ig'
+    assert at.selectbox(key="review_class").options == [table["model_class"][0]]
     assert any(m.label.startswith("Agreement") and m.value == "100%" for m in at.metric)
     assert not any("These figures pool" in c.value for c in at.caption)  # one model, one panel
     assert list(frame_with(at, "answers")["answers"]) == ["not marked"]  # the tiny model has no band
@@ -557,6 +562,23 @@ def test_review_table_shows_no_confidence_for_abstentions():
     frame = rows_frame(rows)
     assert frame["confidence"].isna().tolist() == [True, False, False] and frame["confidence"][1] == 0.91
     assert frame["confidence"][2] == 0.999  # one rounding for every row (0.995 next to 0.9988 before)
+
+
+def test_review_names_classes_as_a_hematologist_reads_them():
+    from core.panels import load_panels
+    from ui.review import class_names, per_class_rows, rows_frame
+
+    names = class_names(load_panels())
+    assert names["ig"] == load_panels()["blood_cells"].cell_class("ig").name != "ig"
+    rows = [{"feedback_id": 1, "created_at": None, "confidence": 0.9, "abstained": False,
+             "model_class": "ig", "expert_class": "neutrophil"},
+            {"feedback_id": 2, "created_at": None, "confidence": 0.9, "abstained": True,
+             "model_class": None, "expert_class": "a_class_of_another_model"}]
+    frame = rows_frame(rows, names)
+    assert frame["model_class"].tolist()[0] == names["ig"] and frame["model_class"].isna().tolist()[1]
+    assert frame["expert_class"].tolist() == [names["neutrophil"], "a_class_of_another_model"]
+    summary = {"per_class": {"ig": {"agreement_rate": 0.5}, "(abstained)": {"agreement_rate": None}}}
+    assert [r["model class"] for r in per_class_rows(summary, names)] == [names["ig"], "(abstained)"]
 
 
 def test_case_morphology_is_computed_once_per_case(tiny_bundle, monkeypatch):

@@ -21,9 +21,10 @@ TABLE_COLUMNS = ["feedback_id", "created_at", "reviewer", "verdict", "model_clas
                  "original_name", "model_id", "calibration_id", "prediction_id", "image_id"]
 
 
-def load_rows(store: Store) -> list[dict] | None:
+def load_rows(store: Store, names: dict[str, str] | None = None) -> list[dict] | None:
     """Filter widgets (reviewer, verdict, panel, class, model) and the matching feedback rows;
-    None (after a warning) when the database cannot be read."""
+    None (after a warning) when the database cannot be read. `names` shows class keys as a
+    hematologist reads them (see `class_names`)."""
     try:
         with store.sessionmaker() as s:
             everything = feedback_table(s)
@@ -33,7 +34,8 @@ def load_rows(store: Store) -> list[dict] | None:
                 "verdict": _filter(columns[1], "Verdict", set(VERDICTS), "review_verdict"),
                 "panel": _filter(columns[2], "Panel", {r["panel"] for r in everything}, "review_panel"),
                 "class_key": _filter(columns[3], "Model class",
-                                     {r["model_class"] for r in everything if r["model_class"]}, "review_class"),
+                                     {r["model_class"] for r in everything if r["model_class"]}, "review_class",
+                                     names),
                 "model_id": _filter(columns[4], "Model", {r["model_id"] for r in everything}, "review_model"),
             }
             return feedback_table(s, **chosen)
@@ -42,14 +44,33 @@ def load_rows(store: Store) -> list[dict] | None:
         return None
 
 
-def _filter(column, label: str, values: set[str], key: str) -> str | None:
-    return column.selectbox(label, sorted(values), index=None, placeholder="All", key=key)
+def _filter(column, label: str, values: set[str], key: str, names: dict[str, str] | None = None) -> str | None:
+    # the value stays the key (what the query filters on); only its label is the display name
+    shown = sorted(values, key=lambda value: str(shown_class(value, names)))
+    return column.selectbox(label, shown, index=None, placeholder="All", key=key,
+                            format_func=lambda value: shown_class(value, names))
 
 
-def rows_frame(rows: list[dict]) -> pd.DataFrame:
-    """feedback_table rows as a display table (times as text, fixed column order)."""
+def class_names(panels: dict[str, Panel]) -> dict[str, str]:
+    """Class key -> display name over all panels ('ig' -> 'Immature granulocyte'): the review page
+    shows names, the CSV export keeps the keys."""
+    return {cell_class.key: cell_class.name for panel in panels.values() for cell_class in panel.classes}
+
+
+def shown_class(key, names: dict[str, str] | None):
+    """A class key as the page shows it: its display name, or the key itself when no panel names it
+    (a class of another model) and empty values as they are."""
+    if not key or not isinstance(key, str):
+        return key
+    return (names or {}).get(key, key)
+
+
+def rows_frame(rows: list[dict], names: dict[str, str] | None = None) -> pd.DataFrame:
+    """feedback_table rows as a display table (times as text, classes by name, fixed column order)."""
     frame = pd.DataFrame(rows, columns=TABLE_COLUMNS)
     frame["created_at"] = [when(v) for v in frame["created_at"]]
+    for column in ("model_class", "expert_class"):
+        frame[column] = [shown_class(v, names) for v in frame[column]]
     # An abstention's top score may belong to an image that is no cell at all, or to a panel
     # that was never validated: not a confidence, so not shown as one (the CSV keeps it).
     frame["confidence"] = frame["confidence"].where(~frame["abstained"].astype(bool)).round(3)
@@ -82,9 +103,9 @@ def typicality_rows(summary: dict) -> list[dict]:
             for label, figures in summary["by_typicality"].items()]
 
 
-def per_class_rows(summary: dict) -> list[dict]:
-    """agreement_summary's per-class figures as display rows, the rate in percent."""
-    return [{"model class": key, **figures, "agreement_rate": as_percent(figures["agreement_rate"])}
+def per_class_rows(summary: dict, names: dict[str, str] | None = None) -> list[dict]:
+    """agreement_summary's per-class figures as display rows (classes by name), the rate in percent."""
+    return [{"model class": shown_class(key, names), **figures, "agreement_rate": as_percent(figures["agreement_rate"])}
             for key, figures in summary["per_class"].items()]
 
 
