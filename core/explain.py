@@ -47,8 +47,10 @@ class SentenceSimilarityTarget:
 # v12: s4 0.24, s3 0.48, s2 0.56, s1 0.58 (correlations 0.38, 0.42, 0.28, 0.34): s1 marginally more
 # central, s2 still most dependent on the sentence, so s2 stayed. v18 (the default since session 11):
 # s4 0.24, s3 0.49, s2 0.52, s1 0.55 (correlations 0.40, 0.45, 0.39, 0.36): s1 (24 x 24 at 96 px) now
-# leads on both, by small margins, so the maps come from s1. c18 (the default since session 17): s4
+# leads on both, by small margins, so the maps come from s1. c18 (the default in session 17): s4
 # 0.22, s3 0.46, s2 0.51, s1 0.53 (correlations 0.38, 0.38, 0.32, 0.25): s1 still leads on both.
+# c20 (since session 18): s4 0.21, s3 0.46, s2 0.50, s1 0.51 (correlations 0.40, 0.25, 0.30, 0.30):
+# s1 still the most central; s3 less tied to the runner-up but less on the cell, so s1 stays.
 CAM_STAGE = -4
 
 
