@@ -66,7 +66,7 @@ with right:
     st.subheader("Expert versus model")
     labels, matrix = expert_confusion(counted)
     if labels:
-        st.plotly_chart(widgets.confusion_figure([review.shown_class(k, names) for k in labels], matrix), key="review_confusion")
+        st.plotly_chart(widgets.confusion_figure(review.shown_labels(labels, names), matrix), key="review_confusion")
     else:
         st.caption("No case has both an expert class and a model class yet.")
 

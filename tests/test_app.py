@@ -579,6 +579,10 @@ def test_review_names_classes_as_a_hematologist_reads_them():
     assert frame["expert_class"].tolist() == [names["neutrophil"], "a_class_of_another_model"]
     summary = {"per_class": {"ig": {"agreement_rate": 0.5}, "(abstained)": {"agreement_rate": None}}}
     assert [r["model class"] for r in per_class_rows(summary, names)] == [names["ig"], "(abstained)"]
+    from ui.review import shown_labels
+    assert shown_labels(["ig", "other"], names) == [names["ig"], "other"]
+    twice = {"a": "Blast", "b": "Blast", "c": "Cell"}  # a sidecar's panels may name two classes alike
+    assert shown_labels(["a", "b", "c"], twice) == ["Blast (a)", "Blast (b)", "Cell"]
 
 
 def test_case_morphology_is_computed_once_per_case(tiny_bundle, monkeypatch):

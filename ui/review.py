@@ -46,9 +46,10 @@ def load_rows(store: Store, names: dict[str, str] | None = None) -> list[dict] |
 
 def _filter(column, label: str, values: set[str], key: str, names: dict[str, str] | None = None) -> str | None:
     # the value stays the key (what the query filters on); only its label is the display name
-    shown = sorted(values, key=lambda value: str(shown_class(value, names)))
-    return column.selectbox(label, shown, index=None, placeholder="All", key=key,
-                            format_func=lambda value: shown_class(value, names))
+    keys = sorted(values)
+    labels = dict(zip(keys, shown_labels(keys, names)))
+    return column.selectbox(label, sorted(keys, key=labels.get), index=None, placeholder="All", key=key,
+                            format_func=labels.get)
 
 
 def class_names(panels: dict[str, Panel]) -> dict[str, str]:
@@ -63,6 +64,14 @@ def shown_class(key, names: dict[str, str] | None):
     if not key or not isinstance(key, str):
         return key
     return (names or {}).get(key, key)
+
+
+def shown_labels(keys: list[str], names: dict[str, str] | None) -> list[str]:
+    """Axis labels for class keys: display names, with the key added to any name two keys share (a
+    chart merges equal labels, which would add one class's counts to another's)."""
+    shown = [shown_class(key, names) for key in keys]
+    repeated = {label for label in shown if shown.count(label) > 1}
+    return [f"{label} ({key})" if label in repeated else label for label, key in zip(shown, keys)]
 
 
 def rows_frame(rows: list[dict], names: dict[str, str] | None = None) -> pd.DataFrame:
