@@ -172,6 +172,10 @@ def test_describe_agree_and_screenshots(server, page):
     page.screenshot(path=str(SCREENSHOTS / "describe.png"), full_page=True)
 
     assert [(r["verdict"], r["reviewer"]) for r in stored_feedback(db_url)] == [("agree", "Dr E2E")]
+    # the sidebar names the pages as a reader would, the landing page "Describe" (it read "app")
+    links = page.get_by_test_id("stSidebarNav").get_by_role("link")
+    assert [links.nth(i).inner_text().strip() for i in range(links.count())] == [
+        "Describe", "Feedback review", "Model card", "Atlas search", "Teaching quiz"]
 
     go_to_page(page, "Feedback review")
     page.get_by_role("heading", name="Expert versus model").wait_for()
