@@ -575,7 +575,7 @@ def test_review_names_classes_as_a_hematologist_reads_them():
             {"feedback_id": 2, "created_at": None, "confidence": 0.9, "abstained": True,
              "model_class": None, "expert_class": "a_class_of_another_model"}]
     frame = rows_frame(rows, names)
-    assert frame["model_class"].tolist()[0] == names["ig"] and frame["model_class"].isna().tolist()[1]
+    assert frame["model_class"].tolist() == [names["ig"], "(abstained)"]  # as the per-class table says
     assert frame["expert_class"].tolist() == [names["neutrophil"], "a_class_of_another_model"]
     summary = {"per_class": {"ig": {"agreement_rate": 0.5}, "(abstained)": {"agreement_rate": None}}}
     assert [r["model class"] for r in per_class_rows(summary, names)] == [names["ig"], "(abstained)"]
@@ -817,3 +817,26 @@ def test_bare_disagreement_is_confirmed_as_such():
     assert "no correction" not in saved_message("disagree", "Dr A", {"corrected_class": "monocyte"})
     assert saved_message("agree", "Dr *A*", {}) == "Saved: agree by Dr \\*A\\*."
     assert "the model should have answered" in saved_message("disagree", "Dr A", {}, abstained=True)
+
+
+def test_image_history_names_classes_hides_abstention_confidence_and_folds_repeats():
+    from datetime import datetime, timezone
+
+    from ui.widgets import history_frame
+
+    def prediction(minute, class_key, abstained=False):
+        return {"kind": "prediction", "created_at": datetime(2026, 12, 1, 4, minute, tzinfo=timezone.utc),
+                "model_id": "m1", "panel": "blood_cells", "class_key": class_key, "abstained": abstained,
+                "sentence": "s" if class_key else None, "confidence": 0.82}
+
+    verdict = {"kind": "feedback", "created_at": datetime(2026, 12, 1, 4, 9, tzinfo=timezone.utc),
+               "reviewer": "Dr H", "verdict": "disagree", "expert_class": "ig", "corrected_sentence": None,
+               "comment": "a metamyelocyte"}
+    events = [prediction(1, None, True), prediction(2, None, True), prediction(3, None, True), verdict,
+              prediction(10, "ig"), prediction(11, None, True)]
+    frame = history_frame(events, {"ig": "Immature granulocyte"}.get)
+    assert frame["event"].tolist() == ["model (the same answer 3 times; the time is the last one's)", "expert",
+                                       "model", "model"]
+    assert frame["when"][0] == "2026-12-01 04:03 UTC"
+    assert frame["class"].tolist() == ["(uncertain)", "Immature granulocyte", "Immature granulocyte", "(uncertain)"]
+    assert frame["confidence"].isna().tolist() == [True, True, False, True]  # no confidence for abstentions

@@ -142,10 +142,11 @@ def render_history(store: Store, sha256: str, image_id: int | None, panel_name: 
     except SQLAlchemyError as error:
         st.warning(store_error_message(error, "the configured database"))
         return
-    text = verification_text(verification, (lambda key: class_name(panel, key)) if panel else str)
+    name = (lambda key: class_name(panel, key)) if panel else str  # a key of another panel stays a key
+    text = verification_text(verification, name)
     if text:  # green only when the expert agrees: a disagreement is no success
         (st.success if verification["verdict"] == "agree" else st.warning)(text)
     else:
         st.caption("Not verified by an expert yet.")
     with st.expander(f"History of this image ({len(events)} event{'s' if len(events) != 1 else ''})"):
-        st.dataframe(history_frame(events), hide_index=True)
+        st.dataframe(history_frame(events, name), hide_index=True)

@@ -90,7 +90,7 @@ def attribute_comparison_frame(bundle: ModelBundle) -> pd.DataFrame | None:
                        if isinstance(m, dict) and m.get("attributes")), None)
     if not attributes or "mean_accuracy" not in attributes:
         return None
-    ours = {"model": f"HemaScribe {bundle.model_id} (from scratch, {bundle.model.config.image_size} px)",
+    ours = {"model": f"HemaScribe {bundle.model_id} (no pretrained weights, {bundle.model.config.image_size} px)",
             "split": f"WBCAtt val ({attributes.get('n', '?')} cells)",
             "mean accuracy": attributes["mean_accuracy"], "mean macro-F1": attributes.get("mean_macro_f1"),
             # phrases stated without "(?)": their share and accuracy (thresholds from training.calibrate,

@@ -11,6 +11,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from core.imageio import ImageRejected, LoadedImage, load_image_bytes
 from core.panels import Panel, load_panels
 from core.store import VERDICTS, ImageRecord, feedback_table, store_error_message
+from core.store_queries import ABSTAINED_LABEL
 from core.typicality import typicality_band
 from ui.feedback import render_history
 from ui.resources import Store
@@ -78,8 +79,10 @@ def rows_frame(rows: list[dict], names: dict[str, str] | None = None) -> pd.Data
     """feedback_table rows as a display table (times as text, classes by name, fixed column order)."""
     frame = pd.DataFrame(rows, columns=TABLE_COLUMNS)
     frame["created_at"] = [when(v) for v in frame["created_at"]]
-    for column in ("model_class", "expert_class"):
-        frame[column] = [shown_class(v, names) for v in frame[column]]
+    # the model names no class when it abstained: said as the per-class table below says it, not "None"
+    frame["model_class"] = [shown_class(v, names) if isinstance(v, str) and v else ABSTAINED_LABEL
+                            for v in frame["model_class"]]
+    frame["expert_class"] = [shown_class(v, names) for v in frame["expert_class"]]
     # An abstention's top score may belong to an image that is no cell at all, or to a panel
     # that was never validated: not a confidence, so not shown as one (the CSV keeps it).
     frame["confidence"] = frame["confidence"].where(~frame["abstained"].astype(bool)).round(3)

@@ -176,20 +176,34 @@ def confusion_figure(labels: list[str], matrix: list[list[int]]) -> go.Figure:
     return figure
 
 
-def history_frame(events: list[dict]) -> pd.DataFrame:
-    """image_history events as a plain table (oldest first)."""
-    rows = []
+def history_frame(events: list[dict], name=str) -> pd.DataFrame:
+    """image_history events as a plain table (oldest first). `name` turns a class key into what the
+    page shows ("Immature granulocyte", not "ig"). An abstention shows no confidence (its top score
+    may belong to no cell at all), and the same answer given again (the image uploaded again to the
+    same model) is one row saying how often, so an expert's rows do not drown among repeats."""
+    rows, last_answer = [], None
     for e in events:
         if e["kind"] == "prediction":
-            rows.append({"when": when(e["created_at"]), "event": "model", "who": e["model_id"],
-                         "verdict": "", "class": e["class_key"] or "(uncertain)",
-                         "text": e["sentence"], "confidence": round(e["confidence"], 3),
-                         "panel": e["panel"]})
+            answer = (e["model_id"], e["panel"], e["class_key"], e["sentence"], e["confidence"], e["abstained"])
+            if answer == last_answer:  # a repeat of the row just above: count it there
+                rows[-1]["repeats"] += 1
+                rows[-1]["when"] = when(e["created_at"])
+                continue
+            last_answer = answer
+            rows.append({"when": when(e["created_at"]), "event": "model", "who": e["model_id"], "verdict": "",
+                         "class": name(e["class_key"]) if e["class_key"] else "(uncertain)", "text": e["sentence"],
+                         "confidence": None if e["abstained"] else round(e["confidence"], 3),
+                         "panel": e["panel"], "repeats": 1})
         else:
+            last_answer = None
             rows.append({"when": when(e["created_at"]), "event": "expert", "who": e["reviewer"],
-                         "verdict": e["verdict"], "class": e["expert_class"] or "",
+                         "verdict": e["verdict"], "class": name(e["expert_class"]) if e["expert_class"] else "",
                          "text": " / ".join(t for t in (e["corrected_sentence"], e["comment"]) if t),
-                         "confidence": None, "panel": ""})
+                         "confidence": None, "panel": "", "repeats": 1})
+    for row in rows:
+        repeats = row.pop("repeats")
+        if repeats > 1:
+            row["event"] = f"model (the same answer {repeats} times; the time is the last one's)"
     return pd.DataFrame(rows, columns=["when", "event", "who", "verdict", "class", "text", "confidence", "panel"])
 
 
