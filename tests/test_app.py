@@ -840,3 +840,22 @@ def test_image_history_names_classes_hides_abstention_confidence_and_folds_repea
     assert frame["when"][0] == "2026-12-01 04:03 UTC"
     assert frame["class"].tolist() == ["(uncertain)", "Immature granulocyte", "Immature granulocyte", "(uncertain)"]
     assert frame["confidence"].isna().tolist() == [True, True, False, True]  # no confidence for abstentions
+
+
+def test_an_abstention_gives_its_best_match_probability_in_small_print_only(app_env, monkeypatch):
+    """A refused answer's probability is no claim: not a headline number (browser check, session 18)."""
+    from dataclasses import replace
+
+    import ui.cases as cases
+
+    real = cases.describe_batch
+
+    def doubtful(bundle, images, panel=None):
+        return [replace(d, abstained=True, abstain_kind="weak", abstain_reason="Too weak a match.", class_key=None,
+                        sentence=None) for d in real(bundle, images, panel)]
+
+    monkeypatch.setattr(cases, "describe_batch", doubtful)
+    at = choose_sample(run_app())
+    assert not [m.label for m in at.metric if "onfidence" in m.label]
+    small_print = [c.value for c in at.caption if c.value.startswith("Closest sentence, not asserted: ")]
+    assert len(small_print) == 1 and small_print[0].endswith("%).") and "confidence" in small_print[0]

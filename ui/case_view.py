@@ -138,7 +138,9 @@ def render_summary(bundle: ModelBundle, panel: Panel, case: Case) -> None:
             st.warning("**Uncertain**: the model gives no sentence for this image.  \nReason: "
                        + md_escape(d.abstain_reason or "not stated"))
             if not scores_meaningless(d):
-                st.caption("Closest sentence, not asserted: " + md_escape(panel.cell_class(d.best_class).name))
+                # small print, not a headline number: a refused answer's probability is not a claim
+                st.caption(f"Closest sentence, not asserted: {md_escape(panel.cell_class(d.best_class).name)} "
+                           f"({confidence_label(bundle, panel).lower()} {d.confidence:.0%}).")
         else:
             st.success(md_escape(d.sentence))
             _render_morphology(bundle, panel, case)
@@ -153,9 +155,8 @@ def render_summary(bundle: ModelBundle, panel: Panel, case: Case) -> None:
                 st.caption("No confidence and no scores are shown: the model did not describe this image (reason "
                            "above), so they would mean nothing.")
         else:
-            # an abstention's top probability belongs to the best match, which the page does not assert
-            label = confidence_label(bundle, panel) + (" of the best match (not asserted)" if d.abstained else "")
-            st.metric(label, f"{d.confidence:.0%}")
+            if not d.abstained:  # an abstention's probability is in the small print above
+                st.metric(confidence_label(bundle, panel), f"{d.confidence:.0%}")
             if neighbour_caption(panel, d):
                 st.caption(neighbour_caption(panel, d))
             if d.atypical:
