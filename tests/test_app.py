@@ -859,3 +859,16 @@ def test_an_abstention_gives_its_best_match_probability_in_small_print_only(app_
     assert not [m.label for m in at.metric if "onfidence" in m.label]
     small_print = [c.value for c in at.caption if c.value.startswith("Closest sentence, not asserted: ")]
     assert len(small_print) == 1 and small_print[0].endswith("%).") and "confidence" in small_print[0]
+
+
+def test_the_model_card_names_the_classes_it_counts():
+    from types import SimpleNamespace
+
+    from core.panels import load_panels
+    from ui.model_card import data_counts_frame
+
+    bundle = SimpleNamespace(panels=load_panels(),
+                             sidecar={"training": {"data_counts": {"ig": 3, "pro_b": 2, "unheard_of": 1}}})
+    frame = data_counts_frame(bundle)
+    assert frame["name"].tolist() == ["Immature granulocyte", "Pro-B ALL", "", ""]
+    assert frame["training images"].tolist() == [3, 2, 1, 6]

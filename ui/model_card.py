@@ -199,12 +199,16 @@ def training_info(bundle: ModelBundle) -> dict:
 
 
 def data_counts_frame(bundle: ModelBundle) -> pd.DataFrame | None:
-    """Training images per class, or None when the sidecar does not say."""
+    """Training images per class (its key, the data's folder name, and its display name), or None
+    when the sidecar does not say."""
     counts = training_info(bundle).get("data_counts") or bundle.sidecar.get("data_counts")
     if not counts:
         return None
-    frame = pd.DataFrame(sorted(counts.items()), columns=["class", "training images"])
-    return pd.concat([frame, pd.DataFrame([{"class": "total", "training images": frame["training images"].sum()}])])
+    names = {c.key: c.name for panel in bundle.panels.values() for c in panel.classes}
+    frame = pd.DataFrame([(key, names.get(key, ""), n) for key, n in sorted(counts.items())],
+                         columns=["class", "name", "training images"])
+    total = {"class": "total", "name": "", "training images": frame["training images"].sum()}
+    return pd.concat([frame, pd.DataFrame([total])])
 
 
 def flat_metrics(metrics: dict, prefix: str = "") -> pd.DataFrame:
