@@ -19,7 +19,7 @@ if not store.available:
     st.stop()
 
 panels = review.naming_panels(bundle)
-names = review.class_names(panels)
+names = widgets.class_names(panels)
 rows = review.load_rows(store, names)
 if rows is None:
     st.stop()

@@ -203,7 +203,7 @@ def test_feedback_review_page(app_env):
     table = frame_with(at, "feedback_id")
     assert list(table["reviewer"]) == ["Dr Review"]
     from core.panels import load_panels
-    from ui.review import class_names
+    from ui.widgets import class_names
     names = class_names(load_panels())
     assert table["model_class"][0] in names.values()  # 'Immature granulocyte', not 'ig'
     assert at.selectbox(key="review_class").options == [table["model_class"][0]]
@@ -566,7 +566,8 @@ def test_review_table_shows_no_confidence_for_abstentions():
 
 def test_review_names_classes_as_a_hematologist_reads_them():
     from core.panels import load_panels
-    from ui.review import class_names, per_class_rows, rows_frame
+    from ui.review import per_class_rows, rows_frame
+    from ui.widgets import class_names
 
     names = class_names(load_panels())
     assert names["ig"] == load_panels()["blood_cells"].cell_class("ig").name != "ig"

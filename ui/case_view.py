@@ -157,8 +157,8 @@ def render_summary(bundle: ModelBundle, panel: Panel, case: Case) -> None:
         else:
             if not d.abstained:  # an abstention's probability is in the small print above
                 st.metric(confidence_label(bundle, panel), f"{d.confidence:.0%}")
-            if neighbour_caption(panel, d):
-                st.caption(neighbour_caption(panel, d))
+            if caption := neighbour_caption(panel, d):
+                st.caption(caption)
             if d.atypical:
                 st.warning("**Atypical image.** " + atypical_note(typicality_band(bundle.sidecar, panel.name)))
         if not d.panel_validated:

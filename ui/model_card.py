@@ -8,6 +8,7 @@ import pandas as pd
 
 from core.checkpoint import ModelBundle
 from core.settings import PROJECT_ROOT
+from ui.widgets import class_names
 
 DATASETS = [
     {"data set": "PBC (normal peripheral blood cells, 8 types)", "licence": "CC BY 4.0",
@@ -204,7 +205,7 @@ def data_counts_frame(bundle: ModelBundle) -> pd.DataFrame | None:
     counts = training_info(bundle).get("data_counts") or bundle.sidecar.get("data_counts")
     if not counts:
         return None
-    names = {c.key: c.name for panel in bundle.panels.values() for c in panel.classes}
+    names = class_names(bundle.panels)
     frame = pd.DataFrame([(key, names.get(key, ""), n) for key, n in sorted(counts.items())],
                          columns=["class", "name", "training images"])
     total = {"class": "total", "name": "", "training images": frame["training images"].sum()}

@@ -228,8 +228,8 @@ def render_reveal(bundle: ModelBundle, panel: Panel, cell: QuizCell, answer: dic
     if confidence_shown(d):
         st.caption("Model's top sentences: " + "; ".join(
             f"{md_escape(panel.cell_class(k).name)} {p:.0%}" for k, p in ranked))
-        if neighbour_caption(panel, d):  # a second opinion to weigh: the cells the model has seen like it
-            st.caption(neighbour_caption(panel, d))
+        if caption := neighbour_caption(panel, d):  # a second opinion to weigh: the cells the model has seen like it
+            st.caption(caption)
     elif not scores_meaningless(d):  # an unvalidated panel: an order, not probabilities
         st.caption("Closest sentences of this not-validated panel (scores are not confidences): "
                    + "; ".join(md_escape(panel.cell_class(k).name) for k, _ in ranked))

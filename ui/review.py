@@ -25,7 +25,7 @@ TABLE_COLUMNS = ["feedback_id", "created_at", "reviewer", "verdict", "model_clas
 def load_rows(store: Store, names: dict[str, str] | None = None) -> list[dict] | None:
     """Filter widgets (reviewer, verdict, panel, class, model) and the matching feedback rows;
     None (after a warning) when the database cannot be read. `names` shows class keys as a
-    hematologist reads them (see `class_names`)."""
+    hematologist reads them (see `ui.widgets.class_names`)."""
     try:
         with store.sessionmaker() as s:
             everything = feedback_table(s)
@@ -51,12 +51,6 @@ def _filter(column, label: str, values: set[str], key: str, names: dict[str, str
     labels = dict(zip(keys, shown_labels(keys, names)))
     return column.selectbox(label, sorted(keys, key=labels.get), index=None, placeholder="All", key=key,
                             format_func=labels.get)
-
-
-def class_names(panels: dict[str, Panel]) -> dict[str, str]:
-    """Class key -> display name over all panels ('ig' -> 'Immature granulocyte'): the review page
-    shows names, the CSV export keeps the keys."""
-    return {cell_class.key: cell_class.name for panel in panels.values() for cell_class in panel.classes}
 
 
 def shown_class(key, names: dict[str, str] | None):

@@ -113,6 +113,12 @@ def neighbour_caption(panel: Panel, description: Description) -> str | None:
     return f"Of the {vote['k']} most similar training cells: {listed}."
 
 
+def class_names(panels: dict[str, Panel]) -> dict[str, str]:
+    """Class key -> display name over all panels ('ig' -> 'Immature granulocyte'), for tables that
+    mix panels (the review page, the model card's training data); a CSV export keeps the keys."""
+    return {cell_class.key: cell_class.name for panel in panels.values() for cell_class in panel.classes}
+
+
 def class_name(panel: Panel, key: str | None, missing: str = "Uncertain") -> str:
     """The class's display name ('Immature granulocyte', not 'ig'); `missing` for None, the key
     itself for a key the panel does not hold."""
