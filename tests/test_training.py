@@ -591,6 +591,16 @@ def test_init_from_starts_at_an_exported_models_weights_and_refuses_a_bad_one(ti
     err = _refused(capsys, [*base, "--config", str(tmp_path / "wider.json"), "--init-from", str(tmp_path / "a.safetensors"),
                             "--out", str(tmp_path / "c")])
     assert "--init-from" in err and "'tiny-test'" in err and "'wider'" in err
+    # another input size is a fine-tuning run (a convolutional tower fits any size): same tensors, old size recorded
+    (tmp_path / "larger.json").write_text(json.dumps({**wider, "name": "larger", "image_size": 40}))
+    assert train.main([*base, "--config", str(tmp_path / "larger.json"), "--epochs", "1", "--lr", "0", "--ema", "0",
+                       "--init-from", str(tmp_path / "a.safetensors"), "--out", str(tmp_path / "g"),
+                       "--export", str(tmp_path / "g.safetensors")]) == 0
+    larger = load_bundle(tmp_path / "g.safetensors")
+    assert larger.sidecar["config"]["image_size"] == 40 and larger.sidecar["training"]["init_from"]["image_size"] == 32
+    for name, value in larger.model.named_parameters():
+        assert torch.equal(value, start[name]), name
+    capsys.readouterr()
     damaged = bytearray((tmp_path / "a.safetensors").read_bytes())
     damaged[-1] ^= 1
     (tmp_path / "a.safetensors").write_bytes(bytes(damaged))

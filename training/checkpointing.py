@@ -168,19 +168,29 @@ def write_run_config(out: Path, args, config: ModelConfig, classes: list[str]) -
     (out / "config.json").write_text(json.dumps(record, indent=2))
 
 
+# Fields an --init-from run may change: the tower is convolutional with global pooling and the text
+# side never sees pixels, so the same tensors fit any input size (the tower must then re-learn how
+# large a cell is in pixels, hence a fine-tuning run, not a mere change of the config).
+RESIZABLE_FIELDS = ("name", "image_size")
+
+
 def read_initial_weights(path: Path | str, config: ModelConfig) -> tuple[dict, dict]:
     """(model state dict, provenance {file, model_id, weights_sha256}) of an exported model to start
     a run from (--init-from: fine-tuning; optimiser, schedule and weight average start afresh),
     checked before any image is decoded. UsageError when the file fails its sha256 check or was
-    trained with another model config (compared as ModelConfig, as check_same_config does)."""
+    trained with another model config (compared as ModelConfig, as check_same_config does) beyond
+    its name and input size (RESIZABLE_FIELDS; the provenance then records the old size)."""
     try:
         sidecar, tensors = read_verified_tensors(path)
         saved = ModelConfig.from_dict(sidecar.get("config") or {"name": "?"})
     except (ModelLoadError, TypeError, ValueError) as error:
         raise UsageError(f"--init-from: {error}") from error
-    if saved != config:
+    differences = [field for field in config_differences(saved, config) if field not in RESIZABLE_FIELDS]
+    if differences:
         raise UsageError(f"--init-from {path}: trained with model config {saved.name!r}, not this run's "
-                         f"{config.name!r} (they differ in {', '.join(config_differences(saved, config))})")
+                         f"{config.name!r} (they differ in {', '.join(differences)})")
     provenance = {"file": Path(path).name, "model_id": sidecar.get("model_id"),
                   "weights_sha256": sidecar["weights_sha256"]}
+    if saved.image_size != config.image_size:
+        provenance["image_size"] = saved.image_size  # fine-tuned at another input size
     return model_state(tensors), provenance
