@@ -20,7 +20,7 @@ if not store.available:
 
 panels = review.naming_panels(bundle)
 names = widgets.class_names(panels)
-rows = review.load_rows(store, names)
+rows = review.load_rows(store, names, {key: panel.title for key, panel in panels.items()})
 if rows is None:
     st.stop()
 

@@ -207,6 +207,9 @@ def test_feedback_review_page(app_env):
     names = class_names(load_panels())
     assert table["model_class"][0] in names.values()  # 'Immature granulocyte', not 'ig'
     assert at.selectbox(key="review_class").options == [table["model_class"][0]]
+    # the other filters name what they filter as the page's buttons and panel picker do, not by key
+    assert at.selectbox(key="review_verdict").options == ["Agree", "Disagree", "Unsure"]
+    assert at.selectbox(key="review_panel").options == [load_panels()["blood_cells"].title]
     assert any(m.label.startswith("Agreement") and m.value == "100%" for m in at.metric)
     assert not any("These figures pool" in c.value for c in at.caption)  # one model, one panel
     assert list(frame_with(at, "answers")["answers"]) == ["not marked"]  # the tiny model has no band

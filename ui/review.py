@@ -13,30 +13,34 @@ from core.panels import Panel, load_panels
 from core.store import VERDICTS, ImageRecord, feedback_table, store_error_message
 from core.store_queries import ABSTAINED_LABEL
 from core.typicality import typicality_band
-from ui.feedback import render_history
+from ui.feedback import VERDICT_BUTTONS, render_history
 from ui.resources import Store
 from ui.widgets import framed, md_escape, select_by_identity, when
+
+VERDICT_LABELS = dict(VERDICT_BUTTONS)  # "agree" -> "Agree", as the buttons say it
 
 TABLE_COLUMNS = ["feedback_id", "created_at", "reviewer", "verdict", "model_class", "expert_class",
                  "confidence", "panel", "abstained", "atypical", "sentence", "corrected_sentence", "comment",
                  "original_name", "model_id", "calibration_id", "prediction_id", "image_id"]
 
 
-def load_rows(store: Store, names: dict[str, str] | None = None) -> list[dict] | None:
+def load_rows(store: Store, names: dict[str, str] | None = None,
+              panel_titles: dict[str, str] | None = None) -> list[dict] | None:
     """Filter widgets (reviewer, verdict, panel, class, model) and the matching feedback rows;
     None (after a warning) when the database cannot be read. `names` shows class keys as a
-    hematologist reads them (see `ui.widgets.class_names`)."""
+    hematologist reads them (see `ui.widgets.class_names`), `panel_titles` panel keys by title;
+    verdicts are named as the feedback buttons name them."""
     try:
         with store.sessionmaker() as s:
             everything = feedback_table(s)
+            classes = sorted({r["model_class"] for r in everything if r["model_class"]})
             columns = st.columns(5)
             chosen = {
                 "reviewer": _filter(columns[0], "Reviewer", {r["reviewer"] for r in everything}, "review_reviewer"),
-                "verdict": _filter(columns[1], "Verdict", set(VERDICTS), "review_verdict"),
-                "panel": _filter(columns[2], "Panel", {r["panel"] for r in everything}, "review_panel"),
-                "class_key": _filter(columns[3], "Model class",
-                                     {r["model_class"] for r in everything if r["model_class"]}, "review_class",
-                                     names),
+                "verdict": _filter(columns[1], "Verdict", set(VERDICTS), "review_verdict", VERDICT_LABELS),
+                "panel": _filter(columns[2], "Panel", {r["panel"] for r in everything}, "review_panel", panel_titles),
+                "class_key": _filter(columns[3], "Model class", set(classes), "review_class",
+                                     dict(zip(classes, shown_labels(classes, names)))),
                 "model_id": _filter(columns[4], "Model", {r["model_id"] for r in everything}, "review_model"),
             }
             return feedback_table(s, **chosen)
@@ -45,12 +49,13 @@ def load_rows(store: Store, names: dict[str, str] | None = None) -> list[dict] |
         return None
 
 
-def _filter(column, label: str, values: set[str], key: str, names: dict[str, str] | None = None) -> str | None:
-    # the value stays the key (what the query filters on); only its label is the display name
-    keys = sorted(values)
-    labels = dict(zip(keys, shown_labels(keys, names)))
-    return column.selectbox(label, sorted(keys, key=labels.get), index=None, placeholder="All", key=key,
-                            format_func=labels.get)
+def _filter(column, label: str, values: set[str], key: str, labels: dict[str, str] | None = None) -> str | None:
+    # the value stays the key (what the query filters on); only its label is shown, and a key
+    # without one (a panel or class of another model) is shown as it is
+    def shown(value: str) -> str:
+        return (labels or {}).get(value, value)
+    return column.selectbox(label, sorted(values, key=shown), index=None, placeholder="All", key=key,
+                            format_func=shown)
 
 
 def shown_class(key, names: dict[str, str] | None):
