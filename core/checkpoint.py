@@ -39,6 +39,7 @@ class ModelLoadError(RuntimeError):
 
 @dataclass
 class ModelBundle:
+    """A loaded model with everything describing needs: panels, prototypes, calibration, reference cells."""
     model: DualEncoder  # in eval mode
     sidecar: dict  # the JSON sidecar as saved
     panels: dict[str, Panel]  # panels the model knows, from the sidecar

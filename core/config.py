@@ -16,6 +16,7 @@ CONFIG_DIR = ASSETS_DIR / "model_configs"
 
 @dataclass(frozen=True)
 class ModelConfig:
+    """The architecture of a dual encoder as data; the sidecar keeps it so a saved model rebuilds itself."""
     name: str  # architecture name, also the config file stem
     embed_dim: int = 256  # size of the shared image-text embedding space
     image_size: int = 128  # square input side in pixels

@@ -20,6 +20,7 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".tif", ".tiff", ".b
 
 @dataclass(frozen=True)
 class LabelledImage:
+    """One image file and the class it is labelled with."""
     path: Path  # absolute path of the image file
     label: str  # class key (folder name, CSV label or annotation label)
 

@@ -50,6 +50,7 @@ def is_deep_colour(img: Image.Image) -> bool:
 
 @dataclass(frozen=True)
 class TiffInfo:
+    """What a TIFF's first page header says, read before decoding its pixels."""
     width: int  # as stored, before the orientation tag is applied
     height: int
     pages: int

@@ -26,6 +26,7 @@ from core.typicality import is_atypical, typicality_band
 
 @dataclass(frozen=True)
 class Description:
+    """What the model says about one image under one panel: sentence or abstention, scores, timings."""
     panel: str  # panel the image was described against
     class_key: str | None  # the described class; None when the model abstained
     sentence: str | None  # canonical sentence of class_key; None when abstained

@@ -40,12 +40,14 @@ FORMAT1_MAX_SIDE = 512  # the decode bound of format-1 indexes (the index's own,
 
 @dataclass(frozen=True)
 class GalleryItem(Source):
+    """A gallery image as indexed: its source plus what its embedding was made from."""
     sha256: str = ""  # of the file's bytes when it was embedded
     max_side: int = MAX_SIDE  # decode bound its embedding was made under: another one means other pixels
 
 
 @dataclass(frozen=True)
 class Hit:
+    """One result of an atlas query."""
     item: GalleryItem  # the gallery image
     similarity: float  # cosine similarity with the query, in [-1, 1]
     row: int  # row of the item in the index
@@ -53,6 +55,7 @@ class Hit:
 
 @dataclass(frozen=True)
 class GalleryIndex:
+    """Embeddings of the gallery images, one row per item, and the images that could not be indexed."""
     items: tuple[GalleryItem, ...]  # one per matrix row
     embeddings: torch.Tensor  # (N, D) float32 unit rows
     weights_sha256: str  # what embedded them: ModelBundle.embedding_id (the weights' sha256, +viewsN for more views)

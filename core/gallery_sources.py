@@ -33,6 +33,7 @@ FOLDER, REVIEWED = "folder", "reviewed"
 
 @dataclass(frozen=True)
 class Source:
+    """An image the atlas can index (a gallery file or a reviewed case) and how to tell it changed."""
     path: str  # absolute path of the image file
     key: str  # change detector: "<size>:<mtime_ns>" or "sha256:<hex>"
     size: int  # bytes, from stat()

@@ -25,6 +25,7 @@ from torch.nn.utils.parametrizations import spectral_norm
 
 @dataclass(frozen=True)
 class GanConfig:
+    """The class-conditional GAN architecture as data (kept in its sidecar)."""
     n_classes: int  # number of conditioning classes (index = position in the class list)
     image_size: int = 64  # output side in pixels: a power of two, 32 to 256
     z_dim: int = 128  # noise dimension

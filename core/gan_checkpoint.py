@@ -25,6 +25,7 @@ GAN_FORMAT = "hemascribe-gan"
 
 @dataclass
 class GanCheckpoint:
+    """A loaded GAN: the generator to sample from and the file it came from."""
     generator: Generator  # the generator to sample from (EMA when available), eval mode
     sidecar: dict  # the JSON sidecar as saved
     path: Path  # weights file it came from

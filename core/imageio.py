@@ -54,6 +54,7 @@ MIN_SIDE = 16
 
 @dataclass(frozen=True)
 class LoadedImage:
+    """An accepted image, decoded to 8-bit RGB, with what is stored about its original file."""
     image: Image.Image  # RGB, 8-bit, orientation applied, longest side <= max_side
     sha256: str  # of the original bytes, so identical uploads share one stored copy
     file_name: str  # sanitised basename, for display only

@@ -29,6 +29,7 @@ _GREY_TOLERANCE = 6
 
 @dataclass(frozen=True)
 class AttributePrediction:
+    """One predicted morphology attribute, its phrase and whether it is stated or marked uncertain."""
     attribute: str  # WBCAtt column name
     value: str  # predicted value (WBCAtt vocabulary)
     phrase: str  # display phrase of the value

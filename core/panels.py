@@ -15,6 +15,7 @@ ATTRIBUTES_FILE = ASSETS_DIR / "attributes.json"
 
 @dataclass(frozen=True)
 class CellClass:
+    """One class of a panel: key, display name, canonical sentence and training paraphrases."""
     key: str  # class key, exactly the data folder name
     name: str  # short display name
     sentence: str  # canonical sentence shown to the user
@@ -27,6 +28,7 @@ class CellClass:
 
 @dataclass(frozen=True)
 class Panel:
+    """A named set of classes the model describes against (e.g. the 8 PBC cell types)."""
     name: str  # panel key, e.g. "blood_cells"
     title: str  # human title
     validated: bool  # False: no images of these classes were available to train or test

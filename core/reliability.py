@@ -40,6 +40,7 @@ from core.neighbours import DEFAULT_NEIGHBOURS, NeighbourVote, reaches
 
 @dataclass(frozen=True)
 class Decision:
+    """Whether to give a sentence or abstain, and which check decided it."""
     abstained: bool  # True when the model should not give a sentence
     reason: str | None  # the reason, in words a hematologist reads
     out_of_scope_score: float  # distance to the nearest training-class centroid of the panel

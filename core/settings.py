@@ -16,6 +16,7 @@ DEFAULT_MODEL_PATH = ASSETS_DIR / "model" / "hemascribe_default.safetensors"
 
 @dataclass(frozen=True)
 class Settings:
+    """Where the app finds its model, database and images (environment variables, defaults)."""
     model_path: Path  # safetensors weights; the JSON sidecar lies beside it
     db_url: str  # any SQLAlchemy URL; SQLite file by default
     upload_dir: Path  # stored copies of uploads, named by content hash

@@ -48,10 +48,11 @@ def _utcnow() -> datetime:
 
 
 class Base(DeclarativeBase):
-    pass
+    """Declarative base of the feedback store tables."""
 
 
 class ImageRecord(Base):
+    """An uploaded image, stored once by the sha256 of its bytes."""
     __tablename__ = "images"
     id: Mapped[int] = mapped_column(primary_key=True)
     sha256: Mapped[str] = mapped_column(String(64), unique=True, index=True)
@@ -64,6 +65,7 @@ class ImageRecord(Base):
 
 
 class PredictionRecord(Base):
+    """What one model said about one image under one panel."""
     __tablename__ = "predictions"
     id: Mapped[int] = mapped_column(primary_key=True)
     image_id: Mapped[int] = mapped_column(ForeignKey("images.id"), index=True)
@@ -90,6 +92,7 @@ class PredictionRecord(Base):
 
 
 class FeedbackRecord(Base):
+    """One expert verdict on a prediction; rows are only ever added, never changed."""
     __tablename__ = "feedback"
     __table_args__ = (
         CheckConstraint("verdict IN ('agree', 'disagree', 'unsure')", name="ck_feedback_verdict"),

@@ -21,6 +21,7 @@ from training.metrics import per_class_report, print_first
 
 @dataclass(frozen=True)
 class AttributeRows:
+    """The WBCAtt CSV rows that can be scored, and those left out with the reason."""
     rows: list[dict[str, str]]  # rows whose image exists, `path` made absolute, `_line` = CSV line
     skipped: list[dict]  # {"line", "path", "reason"} for every row left out
 

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 @dataclass(frozen=True)
 class AugmentConfig:
+    """Ranges of one augmentation preset (zoom, stain, optics, noise), as data."""
     zoom: tuple[float, float] = (0.65, 1.5)  # field-of-view factor range (log-uniform)
     hue: float = 0.35  # largest hue rotation, radians
     gain: float = 0.2  # per-channel stain gain in 1 +- gain

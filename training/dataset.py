@@ -23,6 +23,7 @@ from core.preprocess import to_uint8_array
 
 @dataclass
 class TensorDataset:
+    """Decoded training images as uint8 tensors with their labels and attributes."""
     images: torch.Tensor  # (N, 3, S, S) uint8
     labels: torch.Tensor  # (N,) class index into `classes`
     attributes: torch.Tensor  # (N, A) attribute value index, -1 when not annotated

@@ -28,6 +28,7 @@ from training.reliability_plots import reliability_diagram, risk_coverage_plot
 
 
 def load_folder(folder: str, limit: int = 0):
+    """Images and class keys of a folder of class folders (at most `limit` a class when > 0)."""
     from PIL import Image
 
     if not Path(folder).is_dir():
@@ -94,6 +95,7 @@ def risk_coverage(descriptions, labels) -> dict:
 
 
 def write_markdown(path: Path, report: dict, args) -> None:
+    """The report as Markdown (docs/reliability.md), with the command that made it."""
     lines = ["# Reliability report", "", f"Model `{report['model_id']}`. Command:", "",
              f"    python -m training.reliability_report --checkpoint {args.checkpoint} --pbc-val {args.pbc_val} "
              f"--ball-val {args.ball_val}", "",

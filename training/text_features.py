@@ -26,6 +26,7 @@ from training.cli import run_main
 
 
 class SentenceFeatureCache:
+    """Frozen text-tower features of every training sentence and phrase, computed once."""
     def __init__(self, model: DualEncoder, panels: dict[str, Panel], classes: list[str],
                  phrases: dict[str, dict[str, list[str]]]):
         by_key = {c.key: c for panel in panels.values() for c in panel.classes}

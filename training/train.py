@@ -101,6 +101,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def seed_everything(seed: int) -> torch.Generator:
+    """Seed Python, NumPy and torch; returns the generator the run's sampling and augmentation draw from."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)

@@ -37,6 +37,7 @@ HEATMAP_CACHE_MAX = 64  # (128 px float maps: small; bounded so a long session c
 
 @dataclass(frozen=True)
 class Input:
+    """A file as it reached the page, before any check."""
     name: str  # file name as given by the browser or the sample folder (display only)
     data: bytes  # raw bytes, exactly as uploaded
 
@@ -48,6 +49,7 @@ class Input:
 
 @dataclass
 class Case:
+    """One image on the Describe page: the loaded image or why it was refused, and its description."""
     sha256: str  # of the raw bytes
     file_name: str  # sanitised name (display only)
     loaded: LoadedImage | None = None  # None when refused

@@ -48,6 +48,7 @@ PLACEHOLDER = "e.g. a large cell with a kidney-shaped nucleus"  # passes the voc
 
 @dataclass(frozen=True)
 class QuizCell:
+    """The cell shown in one quiz round and the label it is scored against."""
     source: Source  # the gallery file
     image: Image.Image  # decoded RGB image
     expert_class: str | None  # panel class the label names; None: not scored

@@ -78,6 +78,7 @@ def require_bundle() -> ModelBundle:
 
 @dataclass(frozen=True)
 class Store:
+    """The database engine and sessions, or why the database is unavailable."""
     engine: Engine | None  # None when the database is unavailable
     sessionmaker: sessionmaker[Session] | None  # frame one transaction per clinician action
     error: str | None  # clinician-readable reason when unavailable
