@@ -46,7 +46,10 @@ if len(counted) < len(rows):
                "agreement or the expert-versus-model matrix.")
 
 st.subheader("Feedback")
-st.dataframe(review.rows_frame(rows, names), hide_index=True, key="review_table", column_config={
+show_ids = st.toggle(review.SHOW_IDENTIFIERS, key="review_ids",
+                     help="The model, calibration, prediction and image of each row; the CSV always has them.")
+st.dataframe(review.rows_frame(rows, names), hide_index=True, key="review_table",
+             column_order=review.table_columns(show_ids), column_config={
     "confidence": st.column_config.NumberColumn("confidence", format="%.3f"),  # 0.9997 read "1"
     "atypical": st.column_config.CheckboxColumn("atypical", help="Ticked: the answer was marked atypical; unticked: "
                                                 "typical; empty: not marked (an abstention, a model without the "

@@ -210,6 +210,12 @@ def test_feedback_review_page(app_env):
     # the other filters name what they filter as the page's buttons and panel picker do, not by key
     assert at.selectbox(key="review_verdict").options == ["Agree", "Disagree", "Unsure"]
     assert at.selectbox(key="review_panel").options == [load_panels()["blood_cells"].title]
+    # record identifiers (hashes, database ids) are hidden until asked for; the data keeps them for the CSV
+    table_element = next(e for e in at.dataframe if "feedback_id" in e.value.columns)
+    assert "calibration_id" not in table_element.proto.column_order and "sentence" in table_element.proto.column_order
+    at.toggle(key="review_ids").set_value(True).run()
+    table_element = next(e for e in at.dataframe if "feedback_id" in e.value.columns)
+    assert "calibration_id" in table_element.proto.column_order
     assert any(m.label.startswith("Agreement") and m.value == "100%" for m in at.metric)
     assert not any("These figures pool" in c.value for c in at.caption)  # one model, one panel
     assert list(frame_with(at, "answers")["answers"]) == ["not marked"]  # the tiny model has no band

@@ -23,6 +23,16 @@ TABLE_COLUMNS = ["feedback_id", "created_at", "reviewer", "verdict", "model_clas
                  "confidence", "panel", "abstained", "atypical", "sentence", "corrected_sentence", "comment",
                  "original_name", "model_id", "calibration_id", "prediction_id", "image_id"]
 
+# Long hashes and database ids: what a reviewer rarely reads and what pushed the table past the screen
+# width; the table hides them unless asked, the CSV export always has them.
+IDENTIFIER_COLUMNS = ("model_id", "calibration_id", "prediction_id", "image_id")
+SHOW_IDENTIFIERS = "Show record identifiers"
+
+
+def table_columns(show_identifiers: bool) -> list[str]:
+    """The feedback table's columns in display order, the identifier columns only when asked for."""
+    return [c for c in TABLE_COLUMNS if show_identifiers or c not in IDENTIFIER_COLUMNS]
+
 
 def load_rows(store: Store, names: dict[str, str] | None = None,
               panel_titles: dict[str, str] | None = None) -> list[dict] | None:
@@ -98,7 +108,7 @@ def pooling_note(rows: list[dict]) -> str | None:
         if len(calibrations) <= 1:
             return None
         return (f"These figures pool the answers of {len(calibrations)} calibrations of one model (column "
-                "calibration_id): its sentences are the same, but which cases it answered and with what confidence "
+                f"calibration_id, shown with '{SHOW_IDENTIFIERS}'): its sentences are the same, but which cases it answered and with what confidence "
                 "may differ between them.")
     return (f"These figures pool {models} model(s) and {panels} panel(s); filter by model and panel to compare "
             "like with like.")
