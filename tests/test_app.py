@@ -201,7 +201,7 @@ def test_feedback_review_page(app_env):
     assert at.title[0].value == "Feedback review"
     assert at.sidebar.text_input(key="sidebar_reviewer").value == "Dr Review"  # survived the switch
     table = frame_with(at, "feedback_id")
-    assert list(table["reviewer"]) == ["Dr Review"]
+    assert list(table["reviewer"]) == ["Dr Review"] and list(table["verdict"]) == ["Agree"]
     from core.panels import load_panels
     from ui.widgets import class_names
     names = class_names(load_panels())

@@ -85,13 +85,15 @@ def shown_labels(keys: list[str], names: dict[str, str] | None) -> list[str]:
 
 
 def rows_frame(rows: list[dict], names: dict[str, str] | None = None) -> pd.DataFrame:
-    """feedback_table rows as a display table (times as text, classes by name, fixed column order)."""
+    """feedback_table rows as a display table (times as text, classes and verdicts by name, fixed
+    column order)."""
     frame = pd.DataFrame(rows, columns=TABLE_COLUMNS)
     frame["created_at"] = [when(v) for v in frame["created_at"]]
     # the model names no class when it abstained: said as the per-class table below says it, not "None"
     frame["model_class"] = [shown_class(v, names) if isinstance(v, str) and v else ABSTAINED_LABEL
                             for v in frame["model_class"]]
     frame["expert_class"] = [shown_class(v, names) for v in frame["expert_class"]]
+    frame["verdict"] = [VERDICT_LABELS.get(v, v) for v in frame["verdict"]]  # as the buttons and the filter say it
     # An abstention's top score may belong to an image that is no cell at all, or to a panel
     # that was never validated: not a confidence, so not shown as one (the CSV keeps it).
     frame["confidence"] = frame["confidence"].where(~frame["abstained"].astype(bool)).round(3)
