@@ -848,6 +848,7 @@ def test_image_history_names_classes_hides_abstention_confidence_and_folds_repea
     assert frame["event"].tolist() == ["model (the same answer 3 times; the time is the last one's)", "expert",
                                        "model", "model"]
     assert frame["when"][0] == "2026-12-01 04:03 UTC"
+    assert frame["verdict"].tolist() == ["", "Disagree", "", ""]  # as the buttons and the review table say it
     assert frame["class"].tolist() == ["(uncertain)", "Immature granulocyte", "Immature granulocyte", "(uncertain)"]
     assert frame["confidence"].isna().tolist() == [True, True, False, True]  # no confidence for abstentions
 

@@ -9,9 +9,8 @@ from core.panels import Panel
 from core.store import PredictionRecord, add_feedback, image_history, latest_verification, store_error_message
 from ui.cases import Case
 from ui.resources import Store
-from ui.widgets import class_name, history_frame, md_escape, verification_text
+from ui.widgets import VERDICT_BUTTONS, class_name, history_frame, md_escape, verification_text
 
-VERDICT_BUTTONS = (("agree", "Agree"), ("disagree", "Disagree"), ("unsure", "Unsure"))
 FORM_GENERATION = "describe_fb_generation_"  # + prediction id: how many feedbacks this session saved
 SAVED_MESSAGE = "describe_fb_saved_"  # + prediction id: the confirmation shown after the rerun
 DRAFT = "describe_fb_draft_"  # + image, panel, model: the fields as last typed, kept while another case is open

@@ -13,11 +13,10 @@ from core.panels import Panel, load_panels
 from core.store import VERDICTS, ImageRecord, feedback_table, store_error_message
 from core.store_queries import ABSTAINED_LABEL
 from core.typicality import typicality_band
-from ui.feedback import VERDICT_BUTTONS, render_history
+from ui.feedback import render_history
 from ui.resources import Store
-from ui.widgets import framed, md_escape, select_by_identity, when
+from ui.widgets import VERDICT_LABELS, framed, md_escape, select_by_identity, when
 
-VERDICT_LABELS = dict(VERDICT_BUTTONS)  # "agree" -> "Agree", as the buttons say it
 
 TABLE_COLUMNS = ["feedback_id", "created_at", "reviewer", "verdict", "model_class", "expert_class",
                  "confidence", "panel", "abstained", "atypical", "sentence", "corrected_sentence", "comment",

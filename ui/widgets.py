@@ -20,6 +20,9 @@ from core.panels import Panel
 from core.reliability import is_calibrated
 
 _MD_SPECIAL = frozenset(string.punctuation)
+VERDICT_BUTTONS = (("agree", "Agree"), ("disagree", "Disagree"), ("unsure", "Unsure"))
+VERDICT_LABELS = dict(VERDICT_BUTTONS)  # "agree" -> "Agree": tables say it as the buttons do
+
 DISCLAIMER = ("A teaching and review aid for blood-cell morphology, not a diagnostic device. "
               "Every sentence must be checked by a qualified person.")
 
@@ -203,7 +206,8 @@ def history_frame(events: list[dict], name=str) -> pd.DataFrame:
         else:
             last_answer = None
             rows.append({"when": when(e["created_at"]), "event": "expert", "who": e["reviewer"],
-                         "verdict": e["verdict"], "class": name(e["expert_class"]) if e["expert_class"] else "",
+                         "verdict": VERDICT_LABELS.get(e["verdict"], e["verdict"]),
+                         "class": name(e["expert_class"]) if e["expert_class"] else "",
                          "text": " / ".join(t for t in (e["corrected_sentence"], e["comment"]) if t),
                          "confidence": None, "panel": "", "repeats": 1})
     for row in rows:
