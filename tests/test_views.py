@@ -34,6 +34,22 @@ def test_the_mean_over_turns_does_not_change_when_the_image_is_turned():
     assert torch.equal(single, model.encode_image(images))
 
 
+def test_a_batch_larger_than_one_pass_is_split_and_embeds_each_image_as_alone(monkeypatch):
+    import core.model
+
+    model = make_tiny_bundle().model
+    images = torch.rand(5, 3, 32, 32)
+    passes = []
+    real = model.encode_image
+    monkeypatch.setattr(model, "encode_image", lambda batch: passes.append(batch.shape[0]) or real(batch))
+    monkeypatch.setattr(core.model, "FORWARD_ROWS", 8)  # 2 images of 4 views a pass
+    with torch.no_grad():
+        split = encode_views(model, images, 4)
+        alone = torch.cat([encode_views(model, image[None], 4) for image in images])
+    assert passes[:3] == [8, 8, 4]  # never more than FORWARD_ROWS rows in one forward
+    assert torch.allclose(split, alone, atol=1e-5)
+
+
 def test_the_sidecar_decides_the_views_and_old_calibrations_keep_their_id():
     bundle = make_tiny_bundle()
     bundle.sidecar["calibration"] = {"panels": {"blood_cells": {"temperature": 0.7}}}
