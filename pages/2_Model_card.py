@@ -80,7 +80,9 @@ if calibration:
                "'neighbours' and 'min_agreement': an answer stands only when at least that share of the K training "
                "cells most similar to the image (rounded up: 0.9 of 25 is 23) are of the class it names "
                "('neighbour_refusal_rate': the held-out share refused by this check); 'min_confidence' is fitted "
-               "on the answers that pass it.")
+               "on the answers that pass it. 'views': each image is embedded as the mean of that many turned "
+               "copies of it, and every threshold here was fitted on embeddings made so (the Grad-CAM overlay "
+               "explains the upright copy).")
 else:
     st.info("Not calibrated: confidences are the raw softmax and no abstention thresholds are set.")
 diagram = model_card.first_existing(model_card.RELIABILITY_DIAGRAMS)
