@@ -125,13 +125,15 @@ def encode_views(model: DualEncoder, images: torch.Tensor, views: int = 1) -> to
     passes of at most `FORWARD_ROWS` rows: every image is embedded on its own (group norm and
     per-image standardisation look at no other image), so the split changes no result, and a batch
     of 64 images at 4 views no longer holds 256 images' activations at once (c20 at 4 views,
-    `training.benchmark` on 2 cores: peak memory 1.47 -> 1.23 GB, the same as at 1 view, and 90 ->
-    115 images/s, the smaller passes fitting the CPU's caches better).
+    `training.benchmark` on 2 cores: peak memory 1.47 -> 1.23 GB, the same as at 1 view, and about
+    90 -> 92-117 images/s over 13 runs, median 106, the smaller passes fitting the CPU's caches).
 
     Why views: training turns and mirrors every cell, so each turn is an equally good look at it;
     their mean embedding varies less than any one of them. Measured on v18 (4 turns against 1):
     PBC val 0.962 -> 0.964, B-ALL 0.983 -> 0.986, the other lab (BCCD) 0.464 -> 0.510; each image
     costs 4 forward passes."""
+    if views not in VIEW_COUNTS:  # checked here too: an empty batch never reaches dihedral_views
+        raise ValueError(f"views must be one of {VIEW_COUNTS}, not {views!r}")
     if images.shape[0] == 0:  # nothing to embed (and no per-image statistics of nothing to take)
         return images.new_zeros((0, model.config.embed_dim))
     per_pass = max(1, FORWARD_ROWS // views)

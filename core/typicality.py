@@ -5,8 +5,9 @@ the images far from every cell type. Below that threshold it still carries infor
 default model of sessions 11-16 (v18, as recalibrated in session 13), the most atypical tenth of its
 answers on PBC val were right 94 % of the time against 99 % for the rest, and 63 of the 64 cells it
 answered from another lab (BCCD) lay in that band, right 76 % of the time (`training.site_shift_report`;
-c18 with the neighbour check, the default in session 17: 52 of 53, right 87 %; c20, the default since
-session 18: 52 of 52, right 85 %). A
+c18 with the neighbour check, the default in session 17: 52 of 53, right 87 %; c20 at one view, the
+default in sessions 18-19: 52 of 52, right 85 %; c20 at four views, the default since session 20:
+38 of 38, right 79 %). A
 confidence fitted at home cannot say all of this; a note on the answer can. `training.calibrate` fits the
 band on one half of val (the score above which the most atypical `ATYPICAL_SHARE` of the answered
 cells lie) and measures the accuracy above and below it on the other half; the app and the describe

@@ -388,7 +388,7 @@ def test_feedback_fields_belong_to_their_case_and_survive_a_refused_click(app_en
     assert feedback_widget("text_area", at, "comment").value == "typed for the first"
     feedback_widget("button", at, "disagree").click().run()
     assert not at.exception, at.exception
-    assert any("Saved: disagree" in s.value for s in at.success)
+    assert any("Saved: Disagree" in s.value for s in at.success)
     assert feedback_widget("selectbox", at, "class").value is None  # a saved form comes back empty
     box = picker(at)
     box.select_index(1 - box.index).run()
@@ -825,7 +825,7 @@ def test_bare_disagreement_is_confirmed_as_such():
     assert "no correction given" in saved_message("disagree", "Dr A", {"corrected_class": None,
                                                                        "corrected_sentence": " "})
     assert "no correction" not in saved_message("disagree", "Dr A", {"corrected_class": "monocyte"})
-    assert saved_message("agree", "Dr *A*", {}) == "Saved: agree by Dr \\*A\\*."
+    assert saved_message("agree", "Dr *A*", {}) == "Saved: Agree by Dr \\*A\\*."
     assert "the model should have answered" in saved_message("disagree", "Dr A", {}, abstained=True)
 
 

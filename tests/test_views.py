@@ -23,6 +23,14 @@ def test_dihedral_views_are_the_quarter_turns_and_their_mirrors():
         dihedral_views(image, 3)
 
 
+@pytest.mark.parametrize("views", [0, 3])
+def test_encode_views_refuses_a_view_count_it_cannot_make_even_for_no_images(views):
+    model = make_tiny_bundle().model
+    for images in (torch.rand(2, 3, 32, 32), torch.rand(0, 3, 32, 32)):
+        with pytest.raises(ValueError, match="views must be one of"):
+            encode_views(model, images, views)
+
+
 def test_the_mean_over_turns_does_not_change_when_the_image_is_turned():
     model = make_tiny_bundle().model
     images = torch.rand(3, 3, 32, 32)
@@ -45,8 +53,8 @@ def test_a_batch_larger_than_one_pass_is_split_and_embeds_each_image_as_alone(mo
     monkeypatch.setattr(core.model, "FORWARD_ROWS", 8)  # 2 images of 4 views a pass
     with torch.no_grad():
         split = encode_views(model, images, 4)
+        assert passes == [8, 8, 4]  # never more than FORWARD_ROWS rows in one forward
         alone = torch.cat([encode_views(model, image[None], 4) for image in images])
-    assert passes[:3] == [8, 8, 4]  # never more than FORWARD_ROWS rows in one forward
     assert torch.allclose(split, alone, atol=1e-5)
 
 

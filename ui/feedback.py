@@ -9,7 +9,7 @@ from core.panels import Panel
 from core.store import PredictionRecord, add_feedback, image_history, latest_verification, store_error_message
 from ui.cases import Case
 from ui.resources import Store
-from ui.widgets import VERDICT_BUTTONS, class_name, history_frame, md_escape, verification_text
+from ui.widgets import VERDICT_BUTTONS, VERDICT_LABELS, class_name, history_frame, md_escape, verification_text
 
 FORM_GENERATION = "describe_fb_generation_"  # + prediction id: how many feedbacks this session saved
 SAVED_MESSAGE = "describe_fb_saved_"  # + prediction id: the confirmation shown after the rerun
@@ -36,7 +36,7 @@ def saved_message(verdict: str, reviewer: str, fields: dict, abstained: bool = F
     corrected = fields.get("corrected_class") or (fields.get("corrected_sentence") or "").strip()
     meaning = "the model should have answered" if abstained else "the answer is wrong"
     note = f" (no correction given: recorded as '{meaning}')" if verdict == "disagree" and not corrected else ""
-    return f"Saved: {verdict} by {md_escape(reviewer)}{note}."
+    return f"Saved: {VERDICT_LABELS.get(verdict, verdict)} by {md_escape(reviewer)}{note}."
 
 
 def _form_suffix(prediction_id: int) -> str:
