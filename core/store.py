@@ -271,6 +271,8 @@ def add_feedback(s: Session, prediction: PredictionRecord, *, verdict: str, revi
     corrected_class = _clean_text(corrected_class, "corrected class", 100)
     if verdict == "agree" and corrected_class not in (None, prediction.class_key):
         raise ValueError("a corrected class contradicts 'agree'; choose 'disagree' instead")
+    if verdict == "agree":
+        corrected_class = None  # the model's own class, left in the form: stored, it would read as a correction
     corrected_sentence = _clean_text(corrected_sentence, "corrected sentence")
     if verdict == "agree" and corrected_sentence:  # stored, it would read as the expert's wording of an agreement
         raise ValueError("a corrected sentence goes with 'disagree'; to agree, clear it (remarks go in the comment)")

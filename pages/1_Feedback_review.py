@@ -46,8 +46,9 @@ if len(counted) < len(rows):
                "agreement or the expert-versus-model matrix.")
 
 st.subheader("Feedback")
-show_ids = st.toggle(review.SHOW_IDENTIFIERS, key="review_ids",
+show_ids = st.toggle(review.SHOW_IDENTIFIERS, key=widgets.restore_widget("review_ids"),
                      help="The model, calibration, prediction and image of each row; the CSV always has them.")
+widgets.remember_choice("review_ids", show_ids)
 st.dataframe(review.rows_frame(rows, names), hide_index=True, key="review_table",
              column_order=review.table_columns(show_ids), column_config={
     "confidence": st.column_config.NumberColumn("confidence", format="%.3f"),  # 0.9997 read "1"

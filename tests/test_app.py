@@ -232,9 +232,21 @@ def test_feedback_review_page(app_env):
     assert not at.exception
     assert len(frame_with(at, "feedback_id")) == 0
     at.selectbox(key="review_verdict").set_value(None).run()
+    # filters and the identifier toggle survive a visit to another page (a silent reset widens the CSV)
+    at.selectbox(key="review_panel").select_index(0).run()
+    at.toggle(key="review_ids").set_value(True).run()
+    panel = at.selectbox(key="review_panel").value
+    at.switch_page(CARD_PAGE).run()
+    at.switch_page(REVIEW_PAGE).run()
+    assert at.selectbox(key="review_panel").value == panel and at.toggle(key="review_ids").value is True
+    assert len(frame_with(at, "feedback_id")) == 1
+    at.selectbox(key="review_panel").set_value(None).run()
+    assert all(" - Agree by Dr " in option for option in picker(at, "Re-open a case").options)  # as the buttons say it
     picker(at, "Re-open a case").select_index(0).run()
     assert not at.exception, at.exception
     assert not any("missing" in w.value for w in at.warning)
+    assert any(", panel Normal peripheral blood cells" in c.value or ", panel B-cell acute" in c.value
+               for c in at.caption)  # the panel by its title
 
 
 def test_a_verdict_shows_on_the_panel_it_was_given_on_only(app_env):
@@ -307,6 +319,9 @@ def test_model_card_targets_say_which_are_met():
     other = targets_frame(SimpleNamespace(sidecar=sidecar)).set_index("target")
     assert other.loc[bccd, "this model (val)"].endswith("; answers 8%, 65% right")
     assert set(targets_frame(SimpleNamespace(sidecar={}))["met"]) == {"not measured"}
+    # the page shows every column, "met" right after the target's name (a NO must not sit off-screen)
+    from ui.model_card import TARGET_COLUMN_ORDER
+    assert set(TARGET_COLUMN_ORDER) == set(frame.reset_index().columns) and TARGET_COLUMN_ORDER[1] == "met"
 
 
 def test_attribute_comparison_puts_wbcatt_baseline_beside_ours():
@@ -494,7 +509,7 @@ def review_two_samples() -> AppTest:
 def test_reopened_case_is_not_swapped_by_a_filter(app_env):
     at = review_two_samples()
     opener = picker(at, "Re-open a case")
-    opener.select_index(next(i for i, o in enumerate(opener.options) if " - agree by " in o)).run()
+    opener.select_index(next(i for i, o in enumerate(opener.options) if " - Agree by " in o)).run()
     assert "cell_0.png" in [t.value for t in at.text]
     at.selectbox(key="review_verdict").select("unsure").run()
     assert not at.exception, at.exception

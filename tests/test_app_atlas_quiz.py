@@ -98,6 +98,21 @@ def test_atlas_text_query_and_more_like_this(env):
     assert len([c for c in captions(at) if "similarity -" in c]) == 7 + 6  # the query image is left out
 
 
+def test_atlas_query_survives_a_visit_to_another_page(env):
+    at = open_page(ATLAS_PAGE)
+    at.text_input(key="atlas_query").input(QUERY).run()
+    at.slider(key="atlas_k").set_value(4).run()
+    at.radio(key="atlas_image_source").set_value("gallery").run()
+    at.selectbox(key="atlas_pick").select_index(1).run()
+    picked = at.selectbox(key="atlas_pick").value
+    at.switch_page("pages/2_Model_card.py").run()
+    at.switch_page(ATLAS_PAGE).run()
+    assert not at.exception, at.exception
+    assert at.text_input(key="atlas_query").value == QUERY and at.slider(key="atlas_k").value == 4
+    assert at.radio(key="atlas_image_source").value == "gallery" and at.selectbox(key="atlas_pick").value == picked
+    assert len([c for c in captions(at) if "similarity -" in c]) == 4 + 4  # both result sets are back, k each
+
+
 def test_atlas_upload_and_reindex(env):
     at = open_page(ATLAS_PAGE)
     exact = (env.gallery / "lymphocyte" / "lymphocyte_1.png").read_bytes()

@@ -152,8 +152,12 @@ def test_feedback_validation(sm):
     assert _feedback(sm, pred_id, verdict="disagree", reviewer="Dr A", corrected_class="neutrophil",
                      corrected_sentence="A band neutrophil.")
     assert _feedback(sm, pred_id, verdict=" Agree ", reviewer="x" * 100)
+    # the model's own class left in the form on Agree is a confirmation, not a correction: not stored
+    assert _feedback(sm, pred_id, verdict="agree", reviewer="Dr B", corrected_class="neutrophil")
     with sm() as s:
-        assert sorted(r["verdict"] for r in feedback_table(s)) == ["agree", "disagree"]
+        rows = feedback_table(s)
+        assert sorted(r["verdict"] for r in rows) == ["agree", "agree", "disagree"]
+        assert [r["corrected_class"] for r in rows if r["verdict"] == "agree"] == [None, None]
     with pytest.raises(ValueError, match="class_key"):
         _seed(sm, sha="a" * 64, class_key=None, abstained=False)
 

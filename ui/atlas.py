@@ -19,7 +19,7 @@ from core.imageio import ImageRejected, load_image_bytes, load_image_path
 from core.reliability import framing_problem
 from ui import resources
 from ui.cases import UPLOAD_TYPES
-from ui.widgets import class_name, framed, label_name, md_escape
+from ui.widgets import class_name, framed, label_name, md_escape, remember_choice, restore_widget
 
 COLUMNS = 4  # result grid width
 PICK_MAX = 2000  # gallery images offered in the picker; "More like this" reaches the others
@@ -156,9 +156,12 @@ def result_grid(hits: list[Hit], prefix: str, panels: dict[str, Panel]) -> None:
 def text_search(bundle: ModelBundle, index: GalleryIndex) -> None:
     """Free-text query box and its results."""
     st.subheader("Search by description")
-    query = st.text_input("Describe the cell you are looking for", key="atlas_query", max_chars=300,
-                          placeholder=EXAMPLE)
-    k = st.slider("Number of results", 4, 48, 12, 4, key="atlas_k")
+    # restored after a visit to another page (see restore_widget), so the results come back too
+    query = st.text_input("Describe the cell you are looking for", key=restore_widget("atlas_query"),
+                          max_chars=300, placeholder=EXAMPLE)
+    k = st.slider("Number of results", 4, 48, step=4, key=restore_widget("atlas_k", range(4, 49, 4), 12))
+    remember_choice("atlas_query", query)
+    remember_choice("atlas_k", k)
     if not query.strip():
         st.caption(f'Try e.g. "{EXAMPLE}".')
         return
@@ -171,8 +174,10 @@ def text_search(bundle: ModelBundle, index: GalleryIndex) -> None:
 
 def _query_image(index: GalleryIndex) -> tuple[Image.Image | None, int | None]:
     """The query image from an upload or the gallery, and its gallery row (None: upload)."""
-    source = st.radio("Query image", ["upload", "gallery"], horizontal=True, key="atlas_image_source",
+    source = st.radio("Query image", ["upload", "gallery"], horizontal=True,
+                      key=restore_widget("atlas_image_source", ["upload", "gallery"]),
                       format_func={"upload": "Upload an image", "gallery": "Pick a gallery image"}.get)
+    remember_choice("atlas_image_source", source)
     if source == "upload":
         upload = st.file_uploader("Cell image", type=UPLOAD_TYPES, key="atlas_upload")
         if upload is None:
@@ -185,8 +190,10 @@ def _query_image(index: GalleryIndex) -> tuple[Image.Image | None, int | None]:
         options.append(chosen)
     if len(index) > PICK_MAX:
         st.caption(f"The first {PICK_MAX} gallery images are listed; 'More like this' reaches any image.")
-    path = st.selectbox("Gallery image", options, index=None, key="atlas_pick", placeholder="Choose an image",
+    path = st.selectbox("Gallery image", options, index=None, key=restore_widget("atlas_pick", options),
+                        placeholder="Choose an image",
                         format_func=lambda p: index.items[rows[p]].name if p in rows else p)
+    remember_choice("atlas_pick", path)
     if path is None or path not in rows:
         return None, None
     st.session_state[QUERY_ROW] = path

@@ -137,6 +137,7 @@ def targets_frame(bundle: ModelBundle) -> pd.DataFrame:
 
 
 INTERVAL_COLUMN = "95 % interval (bootstrap)"
+TARGET_COLUMN_ORDER = ("target", "met", "this model (val)", "goal", INTERVAL_COLUMN)
 
 
 def _interval(metrics: dict, name: str) -> list | None:

@@ -15,7 +15,8 @@ from core.store_queries import ABSTAINED_LABEL
 from core.typicality import typicality_band
 from ui.feedback import render_history
 from ui.resources import Store
-from ui.widgets import VERDICT_LABELS, framed, md_escape, select_by_identity, when
+from ui.widgets import (VERDICT_LABELS, framed, md_escape, remember_choice, restore_widget,
+                        select_by_identity, when)
 
 
 TABLE_COLUMNS = ["feedback_id", "created_at", "reviewer", "verdict", "model_class", "expert_class",
@@ -63,8 +64,11 @@ def _filter(column, label: str, values: set[str], key: str, labels: dict[str, st
     # without one (a panel or class of another model) is shown as it is
     def shown(value: str) -> str:
         return (labels or {}).get(value, value)
-    return column.selectbox(label, sorted(values, key=shown), index=None, placeholder="All", key=key,
-                            format_func=shown)
+    options = sorted(values, key=shown)
+    chosen = column.selectbox(label, options, index=None, placeholder="All", key=restore_widget(key, options),
+                              format_func=shown)
+    remember_choice(key, chosen)  # a filter that reset silently on the way back would widen the table and CSV
+    return chosen
 
 
 def shown_class(key, names: dict[str, str] | None):
@@ -183,7 +187,8 @@ def reopen_case(store: Store, upload_dir: Path, rows: list[dict], panels: dict[s
 
     def label(feedback_id: int) -> str:
         r = by_id[feedback_id]
-        return f"#{r['feedback_id']} {r['original_name']} - {r['verdict']} by {r['reviewer']} ({when(r['created_at'])})"
+        verdict = VERDICT_LABELS.get(r["verdict"], r["verdict"])  # as the buttons and the table name it
+        return f"#{r['feedback_id']} {r['original_name']} - {verdict} by {r['reviewer']} ({when(r['created_at'])})"
 
     # The value is the feedback row's id: a filter that reorders or drops rows cannot swap the case.
     chosen = select_by_identity("Re-open a case", list(by_id), "review_open", label,
@@ -203,7 +208,8 @@ def reopen_case(store: Store, upload_dir: Path, rows: list[dict], panels: dict[s
         # An abstention's top score may belong to an image that is no cell at all: not shown as a confidence.
         detail = "" if row["abstained"] else f", confidence {row['confidence']:.0%}"
         detail += ", marked atypical" if row.get("atypical") else ""
-        st.caption(f"Model {md_escape(row['model_id'])}, panel {md_escape(row['panel'])}{detail}")
+        panel = panels[row["panel"]].title if row["panel"] in panels else row["panel"]
+        st.caption(f"Model {md_escape(row['model_id'])}, panel {md_escape(panel)}{detail}")
     # the verification of this row's description (its panel and model weights), as the Describe
     # page shows it: a verdict on an older model's answer would read as agreeing with this one
     render_history(store, row["sha256"], row["image_id"], row["panel"], row["weights_sha256"],

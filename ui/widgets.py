@@ -65,6 +65,18 @@ def remember_choice(key: str, value) -> None:
     st.session_state[f"{key}_kept"] = value
 
 
+def restore_widget(key: str, options=None, default=None) -> str:
+    """Before drawing the widget `key`: put back the value it had when this session last drew it
+    (kept by `remember_choice` after each draw), or `default` the first time. Streamlit drops a
+    widget's state in a run of another page, so filters and queries would silently reset on the
+    way back. A kept value that is no longer one of `options` is dropped. Pass the widget no
+    value or index of its own: Streamlit warns when both set it. Returns `key`."""
+    kept = st.session_state.get(f"{key}_kept", default)
+    if key not in st.session_state and kept is not None and (options is None or kept in options):
+        st.session_state[key] = kept
+    return key
+
+
 def panel_select(bundle: ModelBundle, key: str, validated_only: bool = False) -> Panel:
     """Select box of the model's panels (default: first validated; the panel chosen earlier in
     the session, when coming back from another page); warns when the chosen panel is not
