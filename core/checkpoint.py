@@ -15,13 +15,14 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save
+from safetensors.torch import load, save
 
 from core.atomic import atomic_write_bytes, atomic_write_text
 from core.config import ModelConfig
 from core.model import VIEW_COUNTS, DualEncoder
 from core.neighbours import ReferenceIndex, reference_tensors, references_from_tensors
 from core.panels import Panel, panels_from_dict
+from core.sidecar_checks import check_sidecar
 
 FORMAT_VERSION = 1
 
@@ -156,6 +157,8 @@ def save_bundle(bundle: ModelBundle, path: Path | str) -> Path:
 
 def _read_sidecar(path: Path) -> dict:
     side = sidecar_path(path)
+    if path.is_dir():
+        raise ModelLoadError(f"Model weights expected, but {path} is a folder (name the .safetensors file)")
     if not path.is_file():
         raise ModelLoadError(f"Model weights not found: {path}")
     if not side.is_file():
@@ -174,7 +177,11 @@ def read_verified_tensors(path: Path | str) -> tuple[dict, dict[str, torch.Tenso
     the files are missing or malformed or the hash differs (nothing is unpickled)."""
     path = Path(path)
     sidecar = _read_sidecar(path)
-    actual = file_sha256(path)
+    try:  # read once, hash and parse these very bytes: a model published in between cannot slip in
+        data = path.read_bytes()
+    except OSError as error:
+        raise ModelLoadError(f"{path.name} cannot be read: {error.strerror or error}") from error
+    actual = hashlib.sha256(data).hexdigest()
     if not sidecar.get("weights_sha256"):
         raise ModelLoadError(f"Refusing to load {path.name}: its sidecar records no weights_sha256, so the "
                              "weights cannot be verified (export the model again: python -m training.export_model).")
@@ -183,7 +190,7 @@ def read_verified_tensors(path: Path | str) -> tuple[dict, dict[str, torch.Tenso
                              f"the sidecar's {str(sidecar.get('weights_sha256'))[:12]}... "
                              "(the file was changed or corrupted).")
     try:
-        return sidecar, load_file(str(path))
+        return sidecar, load(data)
     except (SafetensorError, OSError) as error:
         raise ModelLoadError(f"{path.name} is not a readable safetensors file: {error}") from error
 
@@ -221,6 +228,10 @@ def load_bundle(path: Path | str, text_model_override: str | None = None) -> Mod
     model.eval()
     prototypes = {k[len("bank."):]: v for k, v in tensors.items() if k.startswith("bank.")}
     attributes = {k[len("attr."):]: v for k, v in tensors.items() if k.startswith("attr.")}
+    try:
+        check_sidecar(sidecar, panels, prototypes, attributes)
+    except ValueError as error:
+        raise ModelLoadError(f"{sidecar_path(path).name} does not fit its weights: {error}") from error
     centroids = {k[len("centroid."):]: v for k, v in tensors.items() if k.startswith("centroid.")}
     return ModelBundle(model, sidecar, panels, prototypes, attributes,
                        centroids, ood_precision=tensors.get("ood.precision"), path=path,

@@ -36,6 +36,8 @@ def scan_class_folders(root: Path | str) -> list[LabelledImage]:
     A class folder that is a link to another class folder (an alias such as ``Neutrophils ->
     neutrophil``) is skipped: its images are the linked class's, and would be labelled twice."""
     root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise NotADirectoryError(f"Data folder expected, but {root} is a file (give the folder of class folders)")
     if not root.is_dir():
         raise FileNotFoundError(f"Data folder not found: {root}")
     items = []

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -176,7 +177,7 @@ def main(argv=None) -> int:
     except (ModelLoadError, SettingsError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    if args.panel and args.panel not in bundle.panels:
+    if args.panel is not None and args.panel not in bundle.panels:  # "" too: not silently the default
         print(f"error: unknown panel {args.panel!r}; choose from {sorted(bundle.panels)}", file=sys.stderr)
         return 2
     failures, kinds = 0, {}  # by path: a file named twice counts once in the batch check
@@ -221,5 +222,23 @@ def _readable(record: dict) -> str:
     return text
 
 
+def cli() -> int:
+    """`main()` on the command line: a reader that leaves early (`| head -1`) ends the run quietly,
+    and an unexpected failure is one line on stderr (status 1), not a traceback."""
+    try:
+        return main()
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python flushes stdout at exit
+        return 141  # what a shell reports for a command ended by a closed pipe
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # noqa: BLE001 - the point: no traceback reaches the user
+        if os.environ.get("HEMASCRIBE_TRACEBACK") == "1":
+            raise
+        print(f"error: {type(error).__name__}: {error}", file=sys.stderr)
+        return 1
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

@@ -69,8 +69,14 @@ def gradcam_heatmap(bundle: ModelBundle, image: Image.Image, prototype: torch.Te
 
     size = bundle.model.config.image_size
     batch = to_model_input([image], size)
+    heatmap = None  # pytorch-grad-cam's __exit__ swallows an IndexError raised inside the block
     with bundle.lock, torch.enable_grad(), GradCAM(model=ImageToEmbedding(bundle), target_layers=target_layers(bundle, stage)) as cam:
-        heatmap = cam(input_tensor=batch, targets=[SentenceSimilarityTarget(prototype)])
+        try:
+            heatmap = cam(input_tensor=batch, targets=[SentenceSimilarityTarget(prototype)])
+        finally:  # its backward pass leaves gradients on the model every session shares: drop them
+            bundle.model.zero_grad(set_to_none=True)
+    if heatmap is None:
+        raise RuntimeError("Grad-CAM produced no heatmap (its computation failed inside the hook block)")
     return np.nan_to_num(heatmap[0]).clip(0, 1)
 
 

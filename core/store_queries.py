@@ -83,10 +83,12 @@ def image_history(s: Session, sha256: str) -> list[dict]:
 
 
 def latest_verification(s: Session, image_id: int, panel: str | None = None,
-                        weights_sha256: str | None = None) -> dict | None:
+                        weights_sha256: str | None = None, answer: tuple[str | None, bool] | None = None) -> dict | None:
     """The most recent agree/disagree on this image (who, when, verdict, classes, corrected
     sentence) or None; with `panel` (and `weights_sha256`), only on the predictions of that panel
-    (and model): "agrees with the model" means the answer shown, not another panel's or model's."""
+    (and model), and with `answer` ((class key, abstained) of the answer shown), only on
+    predictions that gave that answer: "agrees with the model" means the answer shown, not
+    another panel's or model's, nor what the same weights said under an earlier calibration."""
     F, P = st.FeedbackRecord, st.PredictionRecord
     query = (select(F, P.class_key).join(P, F.prediction_id == P.id)
              .where(F.image_id == image_id, F.verdict.in_(DECIDED)))
@@ -94,6 +96,10 @@ def latest_verification(s: Session, image_id: int, panel: str | None = None,
         query = query.where(P.panel == panel)
     if weights_sha256 is not None:
         query = query.where(P.weights_sha256 == weights_sha256)
+    if answer is not None:
+        class_key, abstained = answer
+        query = query.where(P.class_key.is_(None) if class_key is None else P.class_key == class_key,
+                            P.abstained == bool(abstained))
     row = s.execute(query.order_by(F.created_at.desc(), F.id.desc()).limit(1)).first()
     if row is None:
         return None

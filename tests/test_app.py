@@ -361,7 +361,8 @@ def test_a_recalibration_is_picked_up_and_named_in_the_sidebar(app_env, tmp_path
     path = save_calibrated_tiny(tmp_path / "model" / "calibrated.safetensors")
     monkeypatch.setenv("HEMASCRIBE_MODEL", str(path))
     st.cache_resource.clear()
-    at = run_app()
+    at = choose_sample(run_app())
+    first_id = load_bundle(path).calibration_id
     before = [c.value for c in at.sidebar.caption if c.value.startswith("Calibration:")]
     calibration = load_bundle(path).sidecar["calibration"]
     calibration["panels"]["blood_cells"]["temperature"] = 2.0
@@ -370,6 +371,10 @@ def test_a_recalibration_is_picked_up_and_named_in_the_sidebar(app_env, tmp_path
     after = [c.value for c in at.sidebar.caption if c.value.startswith("Calibration:")]
     assert len(before) == 1 and "none" not in before[0]
     assert after == [f"Calibration: {load_bundle(path).calibration_id}"] and after != before
+    # the open case is described again under the new calibration: feedback attaches to what is shown
+    with app_env.sessionmaker() as s:
+        recorded = [p.calibration_id for p in s.query(PredictionRecord).order_by(PredictionRecord.id)]
+    assert recorded == [first_id, load_bundle(path).calibration_id]
     calibration["views"] = 4  # a calibration fitted on 4-view embeddings (training.calibrate --views 4)
     update_sidecar(path, {"calibration": calibration})
     at.run()

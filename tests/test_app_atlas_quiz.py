@@ -78,6 +78,13 @@ def test_atlas_without_gallery_or_reviews_says_what_to_do(env, monkeypatch):
     assert not list(env.cache.glob("*/manifest.json"))  # nothing indexed, no empty cache written
 
 
+def test_atlas_with_a_cache_folder_it_cannot_write_says_so(env, monkeypatch, tmp_path):
+    (tmp_path / "a_file").write_text("not a folder")
+    monkeypatch.setenv("HEMASCRIBE_GALLERY_CACHE_DIR", str(tmp_path / "a_file" / "cache"))
+    at = open_page(ATLAS_PAGE)  # the first visit indexes automatically
+    assert any("could not be written" in w.value and "GALLERY_CACHE_DIR" in w.value for w in at.warning)
+
+
 def test_atlas_text_query_and_more_like_this(env):
     add_reviewed_case(env)
     at = open_page(ATLAS_PAGE)  # first visit indexes automatically

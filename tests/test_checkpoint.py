@@ -82,3 +82,41 @@ def test_exported_files_get_the_mode_of_the_process_umask(tmp_path, umask):
     for written in (path, sidecar_path(path), gan, sidecar_path(gan)):
         assert stat.S_IMODE(written.stat().st_mode) == 0o666 & ~umask, written.name
     assert load_bundle(path).sidecar["note"] == "after training"  # still a valid, verified bundle
+
+
+def _edited(path, edit):
+    """The sidecar of `path` changed by `edit(sidecar)` (the weights untouched, so the hash holds)."""
+    from core.checkpoint import load_sidecar, update_sidecar
+
+    sidecar = load_sidecar(path)
+    edit(sidecar)
+    update_sidecar(path, sidecar)
+    return path
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda s: s["panels"]["blood_cells"]["classes"].pop("platelet"), "names 7 classes but its prototypes have shape"),
+    (lambda s: s["panels"].update(extra=s["panels"]["b_all"]), "panel 'extra' has no sentence prototypes"),
+    (lambda s: s["calibration"]["panels"]["blood_cells"].update(temperature=0), "temperature is 0"),
+    (lambda s: s["calibration"]["panels"]["blood_cells"].update(min_agreement="x"), "min_agreement is 'x'"),
+    (lambda s: s["calibration"]["panels"]["blood_cells"].update(min_confidence=float("nan")), "min_confidence"),
+    (lambda s: s["calibration"]["panels"]["blood_cells"].update(neighbours=2.5), "neighbours is 2.5"),
+    (lambda s: s["calibration"]["panels"]["blood_cells"].update(typicality="high"), "typicality is 'high'"),
+    (lambda s: s.update(calibration=[1, 2]), "'calibration' is not an object"),
+    (lambda s: s["calibration"].update(attributes={"cell_size": 2}), "phrase threshold of 'cell_size' is 2"),
+])
+def test_a_sidecar_that_does_not_fit_its_weights_is_refused(tmp_path, edit, message):
+    from tests.conftest import save_calibrated_tiny
+
+    path = _edited(save_calibrated_tiny(tmp_path / "m.safetensors"), edit)
+    with pytest.raises(ModelLoadError, match="m.json does not fit its weights: .*" + message.replace("(", r"\(")):
+        load_bundle(path)
+
+
+def test_a_degenerate_fit_is_not_read_so_its_numbers_are_not_checked(tmp_path):
+    from tests.conftest import save_calibrated_tiny
+
+    def flag(sidecar):
+        sidecar["calibration"]["panels"]["blood_cells"].update(degenerate=True, distance_reference=float("inf"))
+
+    assert load_bundle(_edited(save_calibrated_tiny(tmp_path / "m.safetensors"), flag)).panels

@@ -92,6 +92,21 @@ def test_describe_cli_good_and_broken_file(tiny_model_path, tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+def test_describe_cli_into_a_closed_pipe_and_with_an_empty_panel_name(tiny_model_path, tmp_path):
+    good = tmp_path / "cell.png"
+    draw_cell().save(good)
+    # 400 JSON records (about 240 KB) overflow the pipe's buffer, so the writer meets the closed end
+    command = [sys.executable, "-m", "core.describe", *[str(good)] * 400, "--json", "--model", str(tiny_model_path)]
+    reader = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=PROJECT_ROOT)
+    first = reader.stdout.readline()  # like `| head -1`: read one record, then leave
+    reader.stdout.close()
+    _, stderr = reader.communicate(timeout=300)
+    assert json.loads(first)["file"] == str(good) and reader.returncode == 141 and b"Traceback" not in stderr
+    proc = subprocess.run(command[:4] + ["--panel", "", "--model", str(tiny_model_path)], capture_output=True,
+                          text=True, cwd=PROJECT_ROOT, timeout=120)
+    assert proc.returncode == 2 and "unknown panel ''" in proc.stderr  # not silently the default panel
+
+
 @pytest.mark.parametrize("variable, value", [("MAX_UPLOAD_MB", "abc"), ("MAX_PIXELS", "-5"), ("TORCH_THREADS", "0")])
 def test_unusable_setting_is_one_clear_line_not_a_traceback(tmp_path, monkeypatch, variable, value):
     from core.imageio import ImageRejected, load_image_bytes

@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import torch
 
 from core.explain import class_heatmap, overlay, target_layers
@@ -16,6 +17,23 @@ def test_gradcam_heatmap_shape_and_hooks_released(tiny_bundle, cell_image):
     assert heatmap.shape == (size, size)
     assert np.isfinite(heatmap).all() and heatmap.min() >= 0 and heatmap.max() <= 1
     assert _hook_count(tiny_bundle.model) == before  # the shared model keeps no hooks
+    assert all(p.grad is None for p in tiny_bundle.model.parameters())  # nor gradients
+
+
+def test_a_failure_inside_gradcam_is_raised_not_swallowed(tiny_bundle, cell_image, monkeypatch):
+    import core.explain
+
+    def broken_target(prototype):
+        def target(output):
+            raise IndexError("a target that fails")
+        return target
+
+    # pytorch-grad-cam's __exit__ returns True for an IndexError: unchecked, the caller met an unbound name
+    monkeypatch.setattr(core.explain, "SentenceSimilarityTarget", broken_target)
+    before = _hook_count(tiny_bundle.model)
+    with pytest.raises(RuntimeError, match="Grad-CAM produced no heatmap"):
+        class_heatmap(tiny_bundle, cell_image, "blood_cells", "neutrophil")
+    assert _hook_count(tiny_bundle.model) == before
 
 
 def test_gradcam_works_inside_no_grad(tiny_bundle, cell_image):

@@ -177,6 +177,21 @@ def test_verification_is_per_panel_and_unsure_takes_no_class(sm):
         assert latest_verification(s, image_id)["verdict"] == "disagree"  # without a panel: the latest
         assert latest_verification(s, image_id, "wbc", "0" * 64)["verdict"] == "agree"
         assert latest_verification(s, image_id, "wbc", "1" * 64) is None  # another model's answer: not verified
+        assert latest_verification(s, image_id, "wbc", "0" * 64, ("neutrophil", False))["verdict"] == "agree"
+    # the same weights recalibrated: an abstention agreed with ("right not to answer") on the leukemia
+    # panel does not verify the answer the new calibration gives, and vice versa
+    with sm.begin() as s:
+        answered = add_prediction(s, s.get(ImageRecord, image_id), model_id="m", weights_sha256="0" * 64,
+                                  panel="leukemia", class_key="cll", sentence="CLL.", confidence=0.9,
+                                  abstained=False, abstain_reason=None, scores={}, calibration_id="c2").id
+    _feedback(sm, on_other, verdict="agree", reviewer="Dr A")
+    with sm() as s:
+        assert latest_verification(s, image_id, "leukemia", "0" * 64, ("cll", False)) is None
+        assert latest_verification(s, image_id, "leukemia", "0" * 64, (None, True))["reviewer"] == "Dr A"
+    _feedback(sm, answered, verdict="disagree", reviewer="Dr D", corrected_class="all")
+    with sm() as s:
+        assert latest_verification(s, image_id, "leukemia", "0" * 64, ("cll", False))["reviewer"] == "Dr D"
+        assert latest_verification(s, image_id, "leukemia", "0" * 64, (None, True))["reviewer"] == "Dr A"
     with pytest.raises(ValueError, match="a correction goes with 'disagree'"):
         _feedback(sm, on_cells, verdict="unsure", reviewer="Dr C", corrected_class="monocyte")
     with pytest.raises(ValueError, match="a correction goes with 'disagree'"):

@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from core.atomic import atomic_write_text
 from core.checkpoint import ModelLoadError, load_bundle
 from core.data import LabelledImage, as_class_keys, scan_class_folders
 from core.describe import describe_batch
@@ -221,7 +222,7 @@ def main(argv=None) -> int:
     if args.json:  # first: a closed stdout below must not lose the results
         try:
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.json).write_text(json.dumps(metrics, indent=2))
+            atomic_write_text(Path(args.json), json.dumps(metrics, indent=2))  # a full disk leaves no half file
         except OSError as error:  # checked before the run, but a disk can fill: the table still prints
             print(f"error: --json {args.json} could not be written: {error}", file=sys.stderr)
             status, args.json = 2, None

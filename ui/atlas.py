@@ -66,16 +66,25 @@ def _no_gallery_message(gallery_dir: Path | None) -> str:
             "Add images (sub-folders named after a class give labels), then press Re-index.")
 
 
-def reindex(bundle: ModelBundle, sources: list) -> GalleryIndex:
-    """Update the index on disk from the listed `sources`, with a progress bar."""
-    bar = st.progress(0.0, text=f"Indexing {len(sources)} gallery images...")
+def reindex(bundle: ModelBundle, sources: list, embed: bool = True) -> GalleryIndex | None:
+    """Update the index on disk from the listed `sources` (with a progress bar when embedding);
+    None, after a warning, when the cache folder cannot be written (the index on disk is kept)."""
+    bar = st.progress(0.0, text=f"Indexing {len(sources)} gallery images...") if embed else None
 
     def progress(done: int, total: int) -> None:
         bar.progress(done / max(total, 1), text=f"Embedding new or changed images: {done} / {total}")
 
-    index = update_index(bundle, resources.gallery_folder(bundle), sources, progress)
-    bar.empty()
-    return index
+    folder = resources.gallery_folder(bundle)
+    try:
+        return update_index(bundle, folder, sources, progress if embed else None, embed=embed)
+    except OSError as error:  # e.g. a read-only disk or a cache path under a file
+        st.warning(f"The gallery index could not be written to {md_escape(folder)} "
+                   f"({md_escape(error.strerror or error)}): it is not updated. Set `HEMASCRIBE_GALLERY_CACHE_DIR` "
+                   "to a folder this server can write.")
+        return None
+    finally:
+        if bar is not None:
+            bar.empty()
 
 
 def gallery_section(bundle: ModelBundle) -> GalleryIndex | None:
@@ -97,13 +106,13 @@ def gallery_section(bundle: ModelBundle) -> GalleryIndex | None:
         if index.updated_at is None and not sources:
             st.info(_no_gallery_message(current.gallery_dir))
             return None
-        index = reindex(bundle, sources)
+        index = reindex(bundle, sources) or index
     else:
         if to_refresh:
             # New labels (an expert's verdicts; an index written before labels were kept per panel)
             # and removed files need no embedding: applied whatever their number, so a label is never
             # shown stale while many files wait for Re-index. Each panel's label comes from that panel.
-            index = update_index(bundle, resources.gallery_folder(bundle), sources, embed=False)
+            index = reindex(bundle, sources, embed=False) or index
         if to_embed:
             st.info(f"{to_embed} gallery images were added or changed since the last index, or were read by an "
                     "earlier version: press Re-index to embed them.")

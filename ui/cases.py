@@ -166,34 +166,44 @@ def describe_inputs(bundle: ModelBundle, inputs: list[Input], panel: str, store:
                     progress: Callable[[float], None] | None = None, keep: frozenset[str] = frozenset()) -> list[Case]:
     """One Case per distinct input (input order); new ones are loaded, described in
     batches and recorded (image copy + prediction, one transaction each). `cache` is the
-    session's dict of cases, one per (image, panel, model); entries of images no longer among
-    `inputs` (or `keep`, hashes of images shown again on switching back), or of another model, are
-    dropped. Other panels' cases of these images are kept:
+    session's dict of cases, one per (image, panel, model and calibration: `answer_id`); entries
+    of images no longer among `inputs` (or `keep`, hashes of images shown again on switching
+    back), or of another model or calibration, are dropped. Other panels' cases of these images are kept:
     switching back to a panel shows its case again instead of describing and recording the
     image once more (a new prediction row on every switch buried the expert's verdict)."""
+    model = answer_id(bundle)
     keyed: dict[tuple, Input] = {}
     for item in inputs:
-        keyed.setdefault((item.sha256, panel, bundle.weights_sha256), item)
-    new = [key for key in keyed if key not in cache]
-    fresh = [_load(key[0], keyed[key]) for key in new]
-    cache.update(zip(new, fresh))
-    todo = [case for case in fresh if case.loaded is not None]
+        keyed.setdefault((item.sha256, panel, model), item)
+    fresh = {key: _load(key[0], keyed[key]) for key in keyed if key not in cache}
+    # a case enters the cache once it is refused or described: one whose describing raised is
+    # described again on the next run instead of staying undescribed (and unseen) in the cache
+    cache.update({key: case for key, case in fresh.items() if case.loaded is None})
+    todo = [(key, case) for key, case in fresh.items() if case.loaded is not None]
     for start in range(0, len(todo), BATCH):
         chunk = todo[start:start + BATCH]
         t0 = time.perf_counter()
-        results = describe_batch(bundle, [case.loaded.image for case in chunk], panel)
+        results = describe_batch(bundle, [case.loaded.image for _, case in chunk], panel)
         per_image = (time.perf_counter() - t0) * 1000 / len(chunk)
-        for case, result in zip(chunk, results):
+        for (key, case), result in zip(chunk, results):
             case.description = result
             case.timings_ms["describe"] = per_image
             if store.available:
-                _record(store, upload_dir, keyed[(case.sha256, panel, bundle.weights_sha256)].data, case)
+                _record(store, upload_dir, keyed[key].data, case)
+            cache[key] = case
         if progress is not None:
             progress(min(1.0, (start + len(chunk)) / len(todo)))
-    current = {(sha256, weights) for sha256, _, weights in keyed} | {(sha256, bundle.weights_sha256) for sha256 in keep}
+    current = {(sha256, m) for sha256, _, m in keyed} | {(sha256, model) for sha256 in keep}
     for stale in [key for key in cache if (key[0], key[2]) not in current]:
         del cache[stale]
     return [cache[key] for key in keyed]
+
+
+def answer_id(bundle: ModelBundle) -> str:
+    """What decides a described case's answer: the weights and the calibration (which also names
+    the views). A recalibrated model reloaded under an open session describes its images anew
+    rather than showing, and attaching feedback to, the old calibration's answers."""
+    return f"{bundle.weights_sha256}|{bundle.calibration_id}"
 
 
 def _load(sha256: str, item: Input) -> Case:
@@ -212,6 +222,8 @@ def _record(store: Store, upload_dir: Path, data: bytes, case: Case) -> None:
                                                                case.description)
     except SQLAlchemyError as error:
         case.store_error = store_error_message(error, "the configured database")
+    except ValueError as error:  # a value the store refuses (e.g. a non-finite confidence): not recorded
+        case.store_error = f"This case could not be recorded ({error}); feedback cannot be attached to it."
     except OSError as error:
         case.store_error = (f"The image copy could not be saved in the upload folder ({error.strerror or error}); "
                             "this case is described but not recorded, so feedback cannot be attached.")

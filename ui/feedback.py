@@ -125,17 +125,19 @@ def render_feedback(store: Store, panel: Panel, case: Case, reviewer: str) -> No
             st.session_state[f"{SAVED_MESSAGE}{case.prediction_id}"] = saved_message(
                 verdict, reviewer, fields, case.description is not None and case.description.abstained)
             st.rerun()
-    render_history(store, case.sha256, case.image_id, panel.name, case.description.weights_sha256, panel)
+    answer = (case.description.class_key, case.description.abstained)
+    render_history(store, case.sha256, case.image_id, panel.name, case.description.weights_sha256, answer, panel)
 
 
 def render_history(store: Store, sha256: str, image_id: int | None, panel_name: str, weights_sha256: str,
-                   panel: Panel | None = None) -> None:
+                   answer: tuple[str | None, bool], panel: Panel | None = None) -> None:
     """'Verified by X at T' (the latest agree/disagree on the image's predictions by this panel
-    and these model weights: the description being shown, not another model's or panel's) and
-    the image's whole history in an expander. `panel` names the classes (raw keys without it)."""
+    and these model weights that gave this `answer`, (class key, abstained): the description
+    being shown, not another model's, panel's or calibration's) and the image's whole history
+    in an expander. `panel` names the classes (raw keys without it)."""
     try:
         with store.sessionmaker() as s:
-            verification = (latest_verification(s, image_id, panel_name, weights_sha256)
+            verification = (latest_verification(s, image_id, panel_name, weights_sha256, answer)
                             if image_id is not None else None)
             events = image_history(s, sha256)
     except SQLAlchemyError as error:

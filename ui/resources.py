@@ -15,6 +15,7 @@ from pathlib import Path
 import streamlit as st
 import torch
 from sqlalchemy import Engine
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.checkpoint import ModelBundle, ModelLoadError, load_bundle, sidecar_path
@@ -22,7 +23,7 @@ from core.gallery import GalleryIndex, cache_folder, load_index
 from core.gallery_index import manifest_stamp
 from core.gallery_sources import Source, list_sources, synthetic_hashes
 from core.settings import Settings, SettingsError, load_settings
-from core.store import REVIEWER_MAX, StoreUnavailable, make_engine, make_sessionmaker
+from core.store import REVIEWER_MAX, StoreUnavailable, make_engine, make_sessionmaker, store_error_message
 
 # A store that failed to open is retried after this many seconds, not on every rerun: an
 # unreachable server costs a 10 s connect timeout each time.
@@ -170,7 +171,11 @@ def gallery_sources() -> list[Source]:
     it is available). Not cached: listing is stat-only and the sources change."""
     current = settings()
     store = get_store()
-    if not store.available:
-        return list_sources(current.gallery_dir, current.upload_dir)
-    with store.sessionmaker() as s:
-        return list_sources(current.gallery_dir, current.upload_dir, s, synthetic_hashes(current.samples_dir))
+    if store.available:
+        try:
+            with store.sessionmaker() as s:
+                return list_sources(current.gallery_dir, current.upload_dir, s, synthetic_hashes(current.samples_dir))
+        except SQLAlchemyError as error:  # the folder's images still make a gallery
+            st.warning(store_error_message(error, "the configured database") + " Reviewed cases are left out "
+                       "of the gallery for now.")
+    return list_sources(current.gallery_dir, current.upload_dir)

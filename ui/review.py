@@ -213,7 +213,7 @@ def reopen_case(store: Store, upload_dir: Path, rows: list[dict], panels: dict[s
     # the verification of this row's description (its panel and model weights), as the Describe
     # page shows it: a verdict on an older model's answer would read as agreeing with this one
     render_history(store, row["sha256"], row["image_id"], row["panel"], row["weights_sha256"],
-                   panels.get(row["panel"]))
+                   (row["model_class"], row["abstained"]), panels.get(row["panel"]))
 
 
 def naming_panels(bundle) -> dict[str, Panel]:

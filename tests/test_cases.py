@@ -1,0 +1,49 @@
+"""Describe page's case cache (ui/cases.py): what a failure leaves behind."""
+import io
+import time
+
+import pytest
+from PIL import Image
+
+from core.store import make_engine, make_sessionmaker
+from tests.conftest import make_tiny_bundle
+from ui import cases
+from ui.resources import Store
+
+
+def _png(seed: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (40, 40), (seed * 40 % 256, 90, 160)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def store(tmp_path):
+    engine = make_engine(f"sqlite:///{tmp_path / 'f.sqlite'}")
+    yield Store(engine, make_sessionmaker(engine), None, time.monotonic())
+    engine.dispose()
+
+
+def test_a_describing_failure_leaves_nothing_cached_and_the_next_run_describes(store, tmp_path, monkeypatch):
+    bundle, cache = make_tiny_bundle(), {}
+    inputs = [cases.Input("a.png", _png(1)), cases.Input("broken.png", b"not an image")]
+    real = cases.describe_batch
+    monkeypatch.setattr(cases, "describe_batch", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
+    with pytest.raises(RuntimeError):
+        cases.describe_inputs(bundle, inputs, "blood_cells", store, tmp_path / "up", cache)
+    assert [key[0] for key in cache] == [inputs[1].sha256]  # only the refused file, with its message
+    monkeypatch.setattr(cases, "describe_batch", real)
+    shown = cases.describe_inputs(bundle, inputs, "blood_cells", store, tmp_path / "up", cache)
+    assert shown[0].description is not None and shown[0].prediction_id is not None
+    assert shown[1].error and shown[1].description is None
+
+
+def test_a_value_the_store_refuses_is_a_message_not_a_crash(store, tmp_path, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise ValueError("confidence must be a finite number")
+
+    monkeypatch.setattr(cases, "record_prediction", refuse)
+    [case] = cases.describe_inputs(make_tiny_bundle(), [cases.Input("a.png", _png(2))], "blood_cells", store,
+                                   tmp_path / "up", {})
+    assert case.description is not None and case.prediction_id is None
+    assert "could not be recorded (confidence must be a finite number)" in case.store_error
