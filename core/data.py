@@ -6,7 +6,6 @@ the labels came from.
 """
 from __future__ import annotations
 
-import csv
 import hashlib
 import os
 from dataclasses import dataclass
@@ -95,32 +94,6 @@ def as_class_keys(items: list[LabelledImage], keys: set[str]) -> tuple[list[Labe
     matched = {folder: class_key_for_folder(folder, keys) for folder in {item.label for item in items}}
     renamed = {folder: key for folder, key in sorted(matched.items()) if folder != key}
     return [LabelledImage(item.path, matched[item.label]) for item in items], renamed
-
-
-def read_label_csv(csv_path: Path | str, root: Path | str | None = None,
-                   path_column: str = "path", label_column: str = "label") -> list[LabelledImage]:
-    """Images listed in a CSV file with a path column (relative to ``root``, default the
-    CSV's folder) and a label column."""
-    csv_path = Path(csv_path)
-    base = Path(root) if root else csv_path.parent
-    with open(csv_path, newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    missing = {path_column, label_column} - set(rows[0].keys() if rows else [])
-    if missing:
-        raise ValueError(f"{csv_path}: missing column(s) {sorted(missing)}")
-    return [LabelledImage((base / r[path_column]).resolve(), r[label_column].strip()) for r in rows]
-
-
-def read_munich_annotations(root: Path | str) -> list[LabelledImage]:
-    """The Munich AML-Cytomorphology layout: ``annotations.dat`` lines
-    ``<relative path> <label> [<second label>]`` (whitespace-separated), images under root."""
-    root = Path(root)
-    items = []
-    for line in (root / "annotations.dat").read_text().splitlines():
-        parts = line.split()
-        if len(parts) >= 2:
-            items.append(LabelledImage((root / parts[0]).resolve(), parts[1]))
-    return items
 
 
 def class_counts(items: list[LabelledImage]) -> dict[str, int]:

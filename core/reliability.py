@@ -219,6 +219,14 @@ def _other_panel_hint(bundle: ModelBundle, embedding: torch.Tensor, panel: str) 
             "belongs there, choose that panel.")
 
 
+def _out_of_scope_detail(bundle: ModelBundle, score: float, threshold: float) -> str:
+    # in words first (a reader cannot weigh a bare distance), the numbers after for whoever checks
+    kept = ((bundle.sidecar.get("calibration") or {}).get("out_of_scope") or {}).get("coverage_on_val")
+    words = (f": it lies further from every cell type it knows than {kept:.0%} of the training lab's own "
+             "cells do" if isinstance(kept, (int, float)) and 0 < kept <= 1 else "")
+    return f"{words} (out-of-scope score {score:.1f}, limit {threshold:.1f})"
+
+
 def abstention_decision(bundle: ModelBundle, embedding: torch.Tensor, panel: str,
                         probabilities: list[float], content_problem: str | None = None,
                         score: float | None = None, vote: NeighbourVote | None = None) -> Decision:
@@ -235,8 +243,8 @@ def abstention_decision(bundle: ModelBundle, embedding: torch.Tensor, panel: str
         return Decision(True, f"The panel '{spec.title}' is not validated: no images of its classes were "
                               "available, so the model cannot vouch for any of its sentences.", score, "not_validated")
     if score > calibration.get("out_of_scope_threshold", math.inf):
-        reason = ("This image does not look like the blood-cell images the model was trained on "
-                  f"(out-of-scope score {score:.2f} above {calibration['out_of_scope_threshold']:.2f}).")
+        reason = ("This image does not look like the blood-cell images the model was trained on"
+                  f"{_out_of_scope_detail(bundle, score, calibration['out_of_scope_threshold'])}.")
         return Decision(True, reason + _other_panel_hint(bundle, embedding, panel), score, "out_of_scope")
     min_confidence = calibration.get("min_confidence", 0.0)
     neighbours = _neighbour_decision(bundle, embedding, panel, probabilities, score, vote)

@@ -147,10 +147,15 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:
     cur.close()
 
 
+READ_ONLY_OPTION = "hemascribe_read_only"  # execution option of the sessions of make_read_sessionmaker
+
+
 def _sqlite_begin(conn) -> None:
-    # Take the write lock at BEGIN: a deferred transaction that reads then writes gets
-    # SQLITE_BUSY immediately (busy_timeout does not apply) when another writer got in first.
-    conn.exec_driver_sql("BEGIN IMMEDIATE")
+    # A writing transaction takes the write lock at BEGIN: a deferred one that reads then writes
+    # gets SQLITE_BUSY immediately (busy_timeout does not apply) when another writer got in first.
+    # A reading one begins deferred: in WAL mode it then blocks neither the writer nor other readers.
+    read_only = conn.get_execution_options().get(READ_ONLY_OPTION, False)
+    conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
 
 def make_engine(url: str) -> Engine:
@@ -191,6 +196,12 @@ def make_engine(url: str) -> Engine:
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
     """Session factory; objects stay readable after commit (the UI shows ids afterwards)."""
     return sessionmaker(bind=engine, expire_on_commit=False)
+
+
+def make_read_sessionmaker(engine: Engine) -> sessionmaker[Session]:
+    """Session factory for reading only (history, review table, gallery listing): on SQLite its
+    transactions do not take the write lock, so a long read never holds up an expert's save."""
+    return sessionmaker(bind=engine.execution_options(**{READ_ONLY_OPTION: True}), expire_on_commit=False)
 
 
 # ---------------------------------------------------------------- writes
@@ -293,7 +304,7 @@ def add_feedback(s: Session, prediction: PredictionRecord, *, verdict: str, revi
 
 # Read-side helpers re-exported lazily (PEP 562): a plain import would be circular.
 _QUERY_NAMES = frozenset({"agreement_summary", "expert_confusion", "feedback_table",
-                          "image_history", "latest_verification", "rows_to_csv"})
+                          "image_history", "latest_opinions", "latest_verification", "rows_to_csv"})
 
 
 def __getattr__(name: str):

@@ -153,6 +153,18 @@ def _rate(agree: int, disagree: int) -> float | None:
     return agree / (agree + disagree) if agree + disagree else None
 
 
+def latest_opinions(rows: list[dict]) -> list[dict]:
+    """The rows (oldest first, as `feedback_table` gives them) less those a later row of the same
+    reviewer on the same description replaces (same image, panel, weights and calibration): a
+    verdict clicked twice, or changed, counts once, as it stands now. The store keeps them all."""
+    latest = {}
+    for row in rows:
+        key = (row["reviewer"], row["image_id"], row["panel"], row["weights_sha256"], row["calibration_id"])
+        latest[key] = row["feedback_id"]
+    kept = set(latest.values())
+    return [row for row in rows if row["feedback_id"] in kept]
+
+
 def agreement_summary(rows: list[dict]) -> dict:
     """Agreement rate among agree+disagree (unsure excluded), overall and per model class.
 

@@ -2,7 +2,7 @@
 import streamlit as st
 
 from core.gallery_sources import synthetic_hashes
-from core.store import agreement_summary, expert_confusion, rows_to_csv
+from core.store import agreement_summary, expert_confusion, latest_opinions, rows_to_csv
 from ui import resources, review, widgets
 
 st.set_page_config(page_title="HemaScribe - Feedback review", page_icon="🔬", layout="wide")
@@ -26,11 +26,12 @@ if rows is None:
 
 # Verdicts on the GAN's sample drawings are listed, but they are no evidence about the model
 drawn = synthetic_hashes(resources.settings().samples_dir)
-counted = [row for row in rows if row["sha256"] not in drawn]
+real = [row for row in rows if row["sha256"] not in drawn]
+counted = latest_opinions(real)  # a verdict clicked twice, or changed, counts once: the latest
 summary = agreement_summary(counted)
 rate = summary["agreement_rate"]
 c1, c2, c3, c4 = st.columns(4)
-c1.metric("Feedback rows", summary["n_feedback"])
+c1.metric("Verdicts counted", summary["n_feedback"])
 c2.metric("Agreement with its sentences (agree / decided)", "n/a" if rate is None else f"{rate:.0%}")
 c3.metric("Disagree", summary["n_disagree"])
 c4.metric("Unsure (not counted)", summary["n_unsure"])
@@ -39,8 +40,13 @@ if summary["n_on_abstentions"]:
                "cases it left Uncertain are in the '(abstained)' row of the per-class table.")
 if pooled := review.pooling_note(counted):
     st.caption(pooled)
-if len(counted) < len(rows):
-    n_drawn = len(rows) - len(counted)
+if len(counted) < len(real):
+    n_replaced = len(real) - len(counted)
+    st.caption(f"{n_replaced} earlier verdict{'s' if n_replaced != 1 else ''} of a reviewer on a description the same "
+               "reviewer judged again later (a repeated click or a changed mind) "
+               f"{'are' if n_replaced != 1 else 'is'} listed below; only the latest counts in these figures.")
+if len(real) < len(rows):
+    n_drawn = len(rows) - len(real)
     st.caption(f"{n_drawn} feedback row{'s' if n_drawn != 1 else ''} on the GAN's synthetic sample images "
                f"{'are' if n_drawn != 1 else 'is'} listed below but not counted in these figures, the per-class "
                "agreement or the expert-versus-model matrix.")

@@ -47,3 +47,9 @@ def test_a_value_the_store_refuses_is_a_message_not_a_crash(store, tmp_path, mon
                                    tmp_path / "up", {})
     assert case.description is not None and case.prediction_id is None
     assert "could not be recorded (confidence must be a finite number)" in case.store_error
+
+
+def test_a_confidence_is_never_shown_as_certainty():
+    from ui.widgets import percent
+
+    assert [percent(p) for p in (1.0, 0.997, 0.994, 0.5, 0.004, 0.0)] == [">99%", ">99%", "99%", "50%", "<1%", "0%"]

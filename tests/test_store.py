@@ -6,6 +6,7 @@ HEMASCRIBE_TEST_PG_URL is set (see .ci/start_postgres.sh); each PG test gets its
 from __future__ import annotations
 
 import hashlib
+import time
 import os
 import signal
 import sqlite3
@@ -228,6 +229,22 @@ def test_feedback_table_filters_and_stats(sm):
     assert "'=HYPERLINK" in csv_text and len(csv_text.splitlines()) == 5
 
 
+def test_a_repeated_or_changed_verdict_counts_once_as_it_stands(sm):
+    from core.store import latest_opinions
+
+    _, pred_id = _seed(sm)
+    for verdict, reviewer in (("agree", "Dr A"), ("agree", "Dr A"), ("agree", "Dr B"), ("agree", "Dr C")):
+        _feedback(sm, pred_id, verdict=verdict, reviewer=reviewer)
+    _feedback(sm, pred_id, verdict="disagree", reviewer="Dr C", corrected_class="monocyte")  # changed mind
+    with sm() as s:
+        rows = feedback_table(s)
+    kept = latest_opinions(rows)
+    assert len(rows) == 5 and [(r["reviewer"], r["verdict"]) for r in kept] == [
+        ("Dr A", "agree"), ("Dr B", "agree"), ("Dr C", "disagree")]
+    assert agreement_summary(kept)["agreement_rate"] == pytest.approx(2 / 3)  # not 4 / 5
+    assert latest_opinions([]) == []
+
+
 def test_pure_helpers_on_empty_rows():
     assert agreement_summary([])["agreement_rate"] is None
     assert expert_confusion([]) == ([], [])
@@ -235,6 +252,19 @@ def test_pure_helpers_on_empty_rows():
 
 
 # ---------------------------------------------------------------- concurrency & crashes
+
+
+def test_an_open_read_never_holds_up_a_save(engine, sm):
+    from core.store import make_read_sessionmaker
+
+    _, pred_id = _seed(sm)
+    with make_read_sessionmaker(engine)() as reader:  # e.g. a long gallery listing in another session
+        assert len(feedback_table(reader)) == 0  # its transaction is open from here on
+        started = time.monotonic()
+        _feedback(sm, pred_id, verdict="agree", reviewer="Dr Quick")  # SQLite: waited 30 s, then "locked"
+        assert time.monotonic() - started < 5
+    with make_read_sessionmaker(engine)() as reader:
+        assert [r["reviewer"] for r in feedback_table(reader)] == ["Dr Quick"]
 
 
 def test_concurrent_writers_keep_every_row(sm):

@@ -18,7 +18,7 @@ from core.typicality import atypical_note, typicality_band
 from ui.cases import ATTRIBUTE_TARGET, Case, cached_heatmap, case_morphology
 from ui.widgets import (
     class_name, confidence_label, confidence_shown, framed, md_escape, neighbour_caption, panel_calibrated,
-    score_chart, scores_meaningless, select_by_identity,
+    percent, score_chart, scores_meaningless, select_by_identity,
 )
 
 
@@ -39,7 +39,7 @@ def _answer_confidence(d: Description) -> float | None:
 
 def _best_match(panel: Panel, d: Description) -> str:
     """'Monocyte (78%)' for an abstention whose scores mean something; '' otherwise."""
-    return f"{class_name(panel, d.best_class)} ({d.confidence:.0%})" if d.abstained and confidence_shown(d) else ""
+    return f"{class_name(panel, d.best_class)} ({percent(d.confidence)})" if d.abstained and confidence_shown(d) else ""
 
 
 SIMILAR_COLUMN = "similar training cells of its type"
@@ -92,7 +92,7 @@ def pick_case(panel: Panel, cases: list[Case]) -> Case:
         i, c = by_sha[sha]
         d = c.description
         # an abstention's percentage is its best match's, not how uncertain it is: say so
-        score = (f" (best match {d.confidence:.0%})" if d.abstained else f" ({d.confidence:.0%})") \
+        score = (f" (best match {percent(d.confidence)})" if d.abstained else f" ({percent(d.confidence)})") \
             if confidence_shown(d) else ""
         flag = ", atypical" if d.atypical else ""
         return f"{i + 1}. {c.file_name} - {class_name(panel, d.class_key)}{score}{flag}"
@@ -140,7 +140,7 @@ def render_summary(bundle: ModelBundle, panel: Panel, case: Case) -> None:
             if not scores_meaningless(d):
                 # small print, not a headline number: a refused answer's probability is not a claim
                 st.caption(f"Closest sentence, not asserted: {md_escape(panel.cell_class(d.best_class).name)} "
-                           f"({confidence_label(bundle, panel).lower()} {d.confidence:.0%}).")
+                           f"({confidence_label(bundle, panel).lower()} {percent(d.confidence)}).")
         else:
             st.success(md_escape(d.sentence))
             _render_morphology(bundle, panel, case)
@@ -156,7 +156,7 @@ def render_summary(bundle: ModelBundle, panel: Panel, case: Case) -> None:
                            "above), so they would mean nothing.")
         else:
             if not d.abstained:  # an abstention's probability is in the small print above
-                st.metric(confidence_label(bundle, panel), f"{d.confidence:.0%}")
+                st.metric(confidence_label(bundle, panel), percent(d.confidence))
             if caption := neighbour_caption(panel, d):
                 st.caption(caption)
             if d.atypical:
@@ -192,7 +192,7 @@ def render_explanation(bundle: ModelBundle, panel: Panel, case: Case, heatmaps: 
         for p in case_morphology(bundle, case)[1]:
             target = f"{ATTRIBUTE_TARGET}{p.attribute}={p.value}"
             keys.append(target)
-            labels[target] = f"Morphology, {p.attribute.replace('_', ' ')}: {p.label} ({p.confidence:.0%})"
+            labels[target] = f"Morphology, {p.attribute.replace('_', ' ')}: {p.label} ({percent(p.confidence)})"
     # One radio per (panel, image): its choice must not carry over to another case.
     class_key = st.radio("Sentence or phrase to explain", keys, index=default,
                          key=f"describe_explain_{panel.name}_{case.sha256[:16]}", format_func=labels.get)

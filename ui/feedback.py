@@ -136,7 +136,7 @@ def render_history(store: Store, sha256: str, image_id: int | None, panel_name: 
     being shown, not another model's, panel's or calibration's) and the image's whole history
     in an expander. `panel` names the classes (raw keys without it)."""
     try:
-        with store.sessionmaker() as s:
+        with store.reading() as s:
             verification = (latest_verification(s, image_id, panel_name, weights_sha256, answer)
                             if image_id is not None else None)
             events = image_history(s, sha256)

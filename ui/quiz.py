@@ -31,7 +31,7 @@ from core.vocabulary import (EXAMPLES, expand_abbreviations, morphology_vocabula
                              ungrounded_terms)
 from ui import resources
 from ui.widgets import (confidence_shown, framed, label_name, md_escape, neighbour_caption, panel_calibrated,
-                        score_chart, scores_meaningless)
+                        percent, score_chart, scores_meaningless)
 
 SEED, ROUND, SCORE = "quiz_seed", "quiz_round", "quiz_score"
 CELL, ANSWER, REVEAL = "quiz_cell", "quiz_answer", "quiz_reveal"
@@ -223,7 +223,7 @@ def render_reveal(bundle: ModelBundle, panel: Panel, cell: QuizCell, answer: dic
     if d.abstained:
         st.warning("**Model: Uncertain.** Reason: " + md_escape(d.abstain_reason or "not stated"))
     else:
-        st.markdown(f"**Model:** {md_escape(d.sentence)} ({d.confidence:.0%} confidence)")
+        st.markdown(f"**Model:** {md_escape(d.sentence)} ({percent(d.confidence)} confidence)")
         if d.atypical:  # a teaching point too: when to doubt it
             st.caption("**Atypical image.** " + atypical_note(typicality_band(bundle.sidecar, panel.name)))
     if confidence_shown(d):

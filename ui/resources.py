@@ -23,7 +23,8 @@ from core.gallery import GalleryIndex, cache_folder, load_index
 from core.gallery_index import manifest_stamp
 from core.gallery_sources import Source, list_sources, synthetic_hashes
 from core.settings import Settings, SettingsError, load_settings
-from core.store import REVIEWER_MAX, StoreUnavailable, make_engine, make_sessionmaker, store_error_message
+from core.store import (REVIEWER_MAX, StoreUnavailable, make_engine, make_read_sessionmaker, make_sessionmaker,
+                        store_error_message)
 
 # A store that failed to open is retried after this many seconds, not on every rerun: an
 # unreachable server costs a 10 s connect timeout each time.
@@ -84,11 +85,16 @@ class Store:
     sessionmaker: sessionmaker[Session] | None  # frame one transaction per clinician action
     error: str | None  # clinician-readable reason when unavailable
     opened_at: float  # time.monotonic() of the attempt
+    reader: sessionmaker[Session] | None = None  # sessions that only read (core.store.make_read_sessionmaker)
 
     @property
     def available(self) -> bool:
         """True when feedback can be saved."""
         return self.sessionmaker is not None
+
+    def reading(self) -> Session:
+        """A session for reads only: on SQLite it takes no write lock, so it never delays a save."""
+        return (self.reader or self.sessionmaker)()
 
 
 def _dispose(store: Store) -> None:
@@ -102,7 +108,7 @@ def _cached_store(db_url: str) -> Store:
         engine = make_engine(db_url)
     except StoreUnavailable as error:
         return Store(None, None, str(error), time.monotonic())
-    return Store(engine, make_sessionmaker(engine), None, time.monotonic())
+    return Store(engine, make_sessionmaker(engine), None, time.monotonic(), make_read_sessionmaker(engine))
 
 
 def get_store() -> Store:
@@ -140,11 +146,6 @@ def reviewer_sidebar() -> str:
     return st.session_state[REVIEWER_KEY].strip()
 
 
-def reviewer_name() -> str:
-    """The reviewer name entered in the sidebar ('' when none)."""
-    return str(st.session_state.get(REVIEWER_KEY, "")).strip()
-
-
 def gallery_folder(bundle: ModelBundle) -> Path:
     """Cache folder of the gallery index for this model and the configured sources."""
     current = settings()
@@ -173,7 +174,7 @@ def gallery_sources() -> list[Source]:
     store = get_store()
     if store.available:
         try:
-            with store.sessionmaker() as s:
+            with store.reading() as s:
                 return list_sources(current.gallery_dir, current.upload_dir, s, synthetic_hashes(current.samples_dir))
         except SQLAlchemyError as error:  # the folder's images still make a gallery
             st.warning(store_error_message(error, "the configured database") + " Reviewed cases are left out "

@@ -16,7 +16,7 @@ from core.typicality import typicality_band
 from ui.feedback import render_history
 from ui.resources import Store
 from ui.widgets import (VERDICT_LABELS, framed, md_escape, remember_choice, restore_widget,
-                        select_by_identity, when)
+                        percent, select_by_identity, when)
 
 
 TABLE_COLUMNS = ["feedback_id", "created_at", "reviewer", "verdict", "model_class", "expert_class",
@@ -41,7 +41,7 @@ def load_rows(store: Store, names: dict[str, str] | None = None,
     hematologist reads them (see `ui.widgets.class_names`), `panel_titles` panel keys by title;
     verdicts are named as the feedback buttons name them."""
     try:
-        with store.sessionmaker() as s:
+        with store.reading() as s:
             everything = feedback_table(s)
             classes = sorted({r["model_class"] for r in everything if r["model_class"]})
             columns = st.columns(5)
@@ -164,7 +164,7 @@ def home_band_note(bundle, rows: list[dict]) -> str | None:
 
 def stored_image(store: Store, upload_dir: Path, sha256: str) -> LoadedImage | str:
     """The stored copy of an image, decoded safely; or a sentence saying why not."""
-    with store.sessionmaker() as s:
+    with store.reading() as s:
         record = s.scalar(select(ImageRecord).where(ImageRecord.sha256 == sha256))
     if record is None:
         return "This image is not in the database."
@@ -206,7 +206,7 @@ def reopen_case(store: Store, upload_dir: Path, rows: list[dict], panels: dict[s
         st.text(row["original_name"])
         st.markdown("Model said: " + md_escape(row["sentence"]))
         # An abstention's top score may belong to an image that is no cell at all: not shown as a confidence.
-        detail = "" if row["abstained"] else f", confidence {row['confidence']:.0%}"
+        detail = "" if row["abstained"] else f", confidence {percent(row['confidence'])}"
         detail += ", marked atypical" if row.get("atypical") else ""
         panel = panels[row["panel"]].title if row["panel"] in panels else row["panel"]
         st.caption(f"Model {md_escape(row['model_id'])}, panel {md_escape(panel)}{detail}")

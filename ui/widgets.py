@@ -37,6 +37,16 @@ def md_escape(text: object) -> str:
     return "".join(out)
 
 
+def percent(probability: float) -> str:
+    """A confidence as a whole percentage, never "100%" nor "0%": a calibrated 0.997 is not
+    certainty, and rounding it up would read as if the model could not be wrong."""
+    if probability >= 0.995:
+        return ">99%"
+    if 0 < probability < 0.005:
+        return "<1%"
+    return f"{probability:.0%}"
+
+
 def when(value: datetime | None) -> str:
     """A UTC timestamp as 'YYYY-MM-DD HH:MM UTC' ('' for None)."""
     return value.strftime("%Y-%m-%d %H:%M UTC") if value else ""
