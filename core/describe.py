@@ -182,7 +182,12 @@ def main(argv=None) -> int:
         return 2
     failures, kinds = 0, {}  # by path: a file named twice counts once in the batch check
     for path in args.images:
-        record = _describe_file(bundle, path, args.panel)
+        try:
+            record = _describe_file(bundle, path, args.panel)
+        except Exception as error:  # noqa: BLE001 - one file's failure must not cost the rest of the batch
+            if os.environ.get("HEMASCRIBE_TRACEBACK") == "1":
+                raise
+            record = {"file": path, "ok": False, "error": f"could not be described ({type(error).__name__}: {error})"}
         # A file name that is not valid UTF-8 reaches Python as lone surrogates, which strict
         # JSON readers reject: show the undecodable bytes as U+FFFD instead.
         record["file"] = path.encode("utf-8", "surrogateescape").decode("utf-8", "replace")

@@ -107,6 +107,27 @@ def test_describe_cli_into_a_closed_pipe_and_with_an_empty_panel_name(tiny_model
     assert proc.returncode == 2 and "unknown panel ''" in proc.stderr  # not silently the default panel
 
 
+def test_one_file_failing_inside_the_model_costs_not_the_rest_of_the_batch(tiny_model_path, tmp_path, capsys,
+                                                                          monkeypatch):
+    import core.describe
+
+    good = tmp_path / "cell.png"
+    draw_cell().save(good)
+    real, calls = core.describe.describe, []
+
+    def fails_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("a bug met on one image")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(core.describe, "describe", fails_once)
+    status = core.describe.main([str(good), str(good), "--json", "--model", str(tiny_model_path)])
+    first, second = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert status == 1 and not first["ok"] and second["ok"]
+    assert first["error"] == "could not be described (RuntimeError: a bug met on one image)"
+
+
 @pytest.mark.parametrize("variable, value", [("MAX_UPLOAD_MB", "abc"), ("MAX_PIXELS", "-5"), ("TORCH_THREADS", "0")])
 def test_unusable_setting_is_one_clear_line_not_a_traceback(tmp_path, monkeypatch, variable, value):
     from core.imageio import ImageRejected, load_image_bytes
