@@ -19,9 +19,15 @@ import json
 import threading
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
+
+try:
+    import fcntl
+except ImportError:  # not POSIX
+    fcntl = None
 
 import torch
 from PIL import Image
@@ -36,6 +42,7 @@ from core.upload_checks import check_dimensions, upload_limits
 
 BATCH = 32  # images per forward pass: bounded memory, and the progress bar moves
 COMMIT_EVERY = 1024  # new images embedded between two writes of the index
+LOCK_FILE = ".lock"
 _locks: dict[str, threading.Lock] = {}
 _locks_guard = threading.Lock()
 
@@ -234,11 +241,20 @@ def _embed_sources(bundle: ModelBundle, todo: list[Source], progress, batch_size
     return items, (torch.cat(chunks) if chunks else torch.zeros(0, _dim(bundle))), refused
 
 
-def _folder_lock(folder: Path) -> threading.Lock:
+@contextmanager
+def _folder_lock(folder: Path) -> Iterator[None]:
     # Two sessions re-indexing the same gallery at once would embed everything twice; the
-    # second waits, then finds the first one's work on disk and only reuses it.
+    # second waits, then finds the first one's work on disk and only reuses it. Two server
+    # processes sharing the cache could also delete each other's new matrix between its write
+    # and its manifest's: an advisory lock on a file in the folder keeps them apart too.
     with _locks_guard:
-        return _locks.setdefault(str(folder.resolve()), threading.Lock())
+        lock = _locks.setdefault(str(folder.resolve()), threading.Lock())
+    with lock:
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / LOCK_FILE, "a") as handle:
+            if fcntl is not None:  # POSIX; elsewhere one process per cache folder
+                fcntl.flock(handle, fcntl.LOCK_EX)
+            yield  # closing the file releases its lock
 
 
 @torch.no_grad()

@@ -53,6 +53,25 @@ def test_index_reload_and_incremental_update(tiny_bundle, tree, tmp_path, counte
     assert sum(counted) == 7
 
 
+@pytest.mark.skipif(os.name != "posix", reason="the advisory lock is POSIX flock")
+def test_another_process_holding_the_folder_lock_makes_an_update_wait(tiny_bundle, tree, tmp_path):
+    import fcntl
+    import threading
+
+    folder = tmp_path / "cache"
+    folder.mkdir()
+    # flock conflicts between two opens of the file, as between two server processes
+    with open(folder / ".lock", "a") as other_process:
+        fcntl.flock(other_process, fcntl.LOCK_EX)
+        done = []
+        worker = threading.Thread(target=lambda: done.append(update_index(tiny_bundle, folder, scan_folder(tree))))
+        worker.start()
+        worker.join(timeout=1.0)
+        assert worker.is_alive() and not (folder / "manifest.json").exists()  # waiting, nothing written
+    worker.join(timeout=60)
+    assert len(done[0]) == 5 and (folder / "manifest.json").is_file()
+
+
 def test_interrupted_indexing_resumes(tiny_bundle, tree, tmp_path, counted):
     folder = tmp_path / "cache"
 
