@@ -62,8 +62,9 @@ def predict_attributes(bundle: ModelBundle, embedding: torch.Tensor,
         probs = attribute_probabilities(bundle, name, embedding)
         best = int(probs.argmax())
         threshold = min_confidence if min_confidence is not None else thresholds.get(name, DEFAULT_PHRASE_THRESHOLD)
+        # a None threshold: no confidence reached the target accuracy on val, so never stated
         out.append(AttributePrediction(name, values[best], phrases[name][values[best]][0], float(probs[best]),
-                                       float(probs[best]) >= threshold))
+                                       threshold is not None and float(probs[best]) >= threshold))
     return out
 
 

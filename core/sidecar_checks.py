@@ -92,7 +92,8 @@ def check_calibration(sidecar: dict) -> None:
     if not isinstance(thresholds, dict):
         raise ValueError("'calibration.attributes' is not an object")
     for name, threshold in thresholds.items():
-        _check_number(threshold, f"phrase threshold of {name!r}", 0.0, 1.0)
+        if threshold is not None:  # None: no confidence reached the target on val, never stated
+            _check_number(threshold, f"phrase threshold of {name!r}", 0.0, 1.0)
 
 
 def check_sidecar(sidecar: dict, panels: dict[str, Panel], prototypes: dict[str, torch.Tensor],

@@ -92,7 +92,10 @@ def test_calibrate_cli_writes_every_threshold_into_the_sidecar(tmp_path):
     trusted = {**calibration, "panels": {"blood_cells": {**panel, "degenerate": False}}}
     assert home_out_of_scope_rate({"calibration": trusted}, "blood_cells") == max(0.01, held_out_rate)
     assert set(calibration["attributes"]) == set(load_attribute_phrases())
-    assert all(0 < t <= 1 for t in calibration["attributes"].values())
+    # None where no confidence reached the target on the fitting half: that phrase is never stated
+    assert all(t is None or 0 < t <= 1 for t in calibration["attributes"].values())
+    never = [name for name, t in calibration["attributes"].items() if t is None]
+    assert all(calibration["attributes_report"]["per_attribute"][name]["certain_share"] == 0 for name in never)
     json.dumps(calibration)  # the sidecar stays plain JSON
     # recalibrating the panels alone keeps the phrase thresholds
     assert calibrate.main(["--checkpoint", str(model), "--train", str(train), "--val", str(val),

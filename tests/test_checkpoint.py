@@ -103,7 +103,7 @@ def _edited(path, edit):
     (lambda s: s["calibration"]["panels"]["blood_cells"].update(neighbours=2.5), "neighbours is 2.5"),
     (lambda s: s["calibration"]["panels"]["blood_cells"].update(typicality="high"), "typicality is 'high'"),
     (lambda s: s.update(calibration=[1, 2]), "'calibration' is not an object"),
-    (lambda s: s["calibration"].update(attributes={"cell_size": 2}), "phrase threshold of 'cell_size' is 2"),
+    (lambda s: s["calibration"].update(attributes={"cell_size": -1}), "phrase threshold of .cell_size. is -1"),
 ])
 def test_a_sidecar_that_does_not_fit_its_weights_is_refused(tmp_path, edit, message):
     from tests.conftest import save_calibrated_tiny

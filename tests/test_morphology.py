@@ -76,10 +76,10 @@ def test_attribute_parsing_and_evaluation_on_a_tiny_csv(tmp_path):
 
 def test_calibrated_thresholds_decide_which_phrases_are_stated():
     bundle = make_tiny_bundle()
-    bundle.sidecar["calibration"] = {"attributes": {"cell_size": 0.0, "cell_shape": 1.01}}
+    bundle.sidecar["calibration"] = {"attributes": {"cell_size": 0.0, "cell_shape": None}}
     embedding = torch.nn.functional.normalize(torch.randn(bundle.model.config.embed_dim), dim=-1)
     predictions = {p.attribute: p for p in predict_attributes(bundle, embedding)}
-    assert predictions["cell_size"].certain and not predictions["cell_shape"].certain
+    assert predictions["cell_size"].certain and not predictions["cell_shape"].certain  # None: never stated
     # an attribute without a calibrated threshold keeps the default 0.6
     assert predictions["granularity"].certain == (predictions["granularity"].confidence >= 0.6)
 

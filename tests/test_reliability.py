@@ -37,6 +37,9 @@ def test_confidence_threshold_reaches_target_or_keeps_coverage():
     # an impossible target: coverage wins
     threshold = confidence_threshold_for_accuracy(conf, torch.zeros(100), 0.99, 0.8)
     assert (conf >= threshold).float().mean() >= 0.8
+    # no coverage asked (a morphology phrase) and even the most confident answer is wrong: state nothing
+    threshold = confidence_threshold_for_accuracy(conf, torch.tensor([0] + [1] * 99), 0.995, 0.0)
+    assert threshold == float("inf") and not (conf >= threshold).any()
 
 
 def _centroid_bundle(precision=None):

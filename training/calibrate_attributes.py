@@ -7,6 +7,8 @@ a phrase the model cannot see (e.g. nucleus shape at 96 px) should be marked unc
 rather than guessed. Everything is measured on the other, held-out half."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 from core.checkpoint import ModelBundle
@@ -28,9 +30,10 @@ def attribute_confidences(bundle: ModelBundle, embeddings: torch.Tensor, rows: l
 
 
 def calibrate_attributes(bundle: ModelBundle, embeddings: torch.Tensor, rows: list[dict],
-                         target_accuracy: float, seed: int = 0) -> tuple[dict[str, float], dict]:
-    """({attribute: min confidence}, report measured on the held-out half of `rows`). Attributes
-    without annotated rows in both halves get no threshold and are listed under "skipped"."""
+                         target_accuracy: float, seed: int = 0) -> tuple[dict[str, float | None], dict]:
+    """({attribute: min confidence, or None: never stated}, report measured on the held-out half of
+    `rows`). Attributes without annotated rows in both halves get no threshold and are listed
+    under "skipped"."""
     is_fit = torch.zeros(len(rows), dtype=torch.bool)
     is_fit[seeded_halves(len(rows), seed)[0]] = True
     thresholds, report, skipped = {}, {}, []
@@ -43,7 +46,8 @@ def calibrate_attributes(bundle: ModelBundle, embeddings: torch.Tensor, rows: li
         # round first: the report must describe the threshold that is stored
         threshold = round(confidence_threshold_for_accuracy(confidence[fit], correct[fit], target_accuracy, 0.0), 4)
         certain = confidence[held_out] >= threshold
-        thresholds[name] = threshold
+        # infinite (no confidence reached the target on the fitting half): stored as null, "never stated"
+        thresholds[name] = None if math.isinf(threshold) else threshold
         report[name] = {"n": int(held_out.sum()), "accuracy": round(float(correct[held_out].float().mean()), 4),
                         "certain_share": round(float(certain.float().mean()), 4),
                         "accuracy_certain": round(float(correct[held_out][certain].float().mean()), 4)

@@ -60,10 +60,14 @@ def fit_distance_temperature(logits: torch.Tensor, labels: torch.Tensor, scores:
 def confidence_threshold_for_accuracy(confidences: torch.Tensor, correct: torch.Tensor,
                                       target_accuracy: float, min_coverage: float) -> float:
     """Lowest confidence threshold whose answered cases reach `target_accuracy`; if none
-    keeps `min_coverage`, the threshold at exactly `min_coverage` (coverage wins: say so)."""
+    keeps `min_coverage`, the threshold at exactly `min_coverage` (coverage wins: say so).
+    With `min_coverage` 0 and no answers that reach the target, infinity: answer nothing
+    (a morphology phrase the model cannot see is marked uncertain, not stated)."""
     order = torch.argsort(confidences, descending=True)
     running = torch.cumsum(correct[order].float(), 0) / torch.arange(1, len(order) + 1)
     ok = torch.nonzero(running >= target_accuracy).squeeze(1)
     n_accurate = int(ok.max()) + 1 if len(ok) else 0  # most answers that keep the accuracy
+    if n_accurate == 0 and min_coverage <= 0:
+        return math.inf
     n_answered = max(n_accurate, max(1, int(math.ceil(min_coverage * len(order)))))
     return float(confidences[order][n_answered - 1])
