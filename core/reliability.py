@@ -36,6 +36,7 @@ import torch
 
 from core.checkpoint import ModelBundle
 from core.neighbours import DEFAULT_NEIGHBOURS, NeighbourVote, reaches
+from core.stain import stain_problem, stain_share
 
 
 @dataclass(frozen=True)
@@ -168,20 +169,20 @@ def _neighbour_correlation(luminance: torch.Tensor) -> torch.Tensor:
 
 
 def content_problems(images: torch.Tensor) -> list[str | None]:
-    """For each model input of (B, 3, S, S) in [0, 1]: why it cannot be a microscope image
-    (blank, or pixel noise), or None."""
+    """For each model input of (B, 3, S, S) in [0, 1]: why it cannot be a stained smear image
+    (blank, pixel noise, or no stain colour), or None."""
     luminance = 0.299 * images[:, 0] + 0.587 * images[:, 1] + 0.114 * images[:, 2]
     contrast = luminance.flatten(1).std(dim=1)
     neighbours = _neighbour_correlation(luminance)
     problems = []
-    for c, n in zip(contrast.tolist(), neighbours.tolist()):
+    for c, n, stain in zip(contrast.tolist(), neighbours.tolist(), stain_share(images).tolist()):
         if c < MIN_CONTRAST:
             problems.append("The image is blank (no contrast): there is no cell to describe.")
         elif n < MIN_NEIGHBOUR_CORRELATION:
             problems.append("The image looks like random pixel noise, not a microscope image "
                             f"(neighbouring pixels correlate {n:.2f}; microscope images > {MIN_NEIGHBOUR_CORRELATION}).")
         else:
-            problems.append(None)
+            problems.append(stain_problem(stain))  # core.stain: a document or photo has no stain
     return problems
 
 

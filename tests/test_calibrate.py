@@ -208,3 +208,19 @@ def test_calibrate_input_mistakes_are_one_line_before_any_image_is_decoded(tmp_p
                            "--val", str(blood), *cache]) == 2
     assert len(capsys.readouterr().err.splitlines()) == 1
     assert not (tmp_path / "cache").exists() and load_bundle(model).sidecar == before
+
+
+def test_val_images_identical_to_training_images_are_named(tmp_path, capsys):
+    from core.data import LabelledImage
+    from training.calibrate_inputs import warn_shared_images
+
+    files = {}
+    for name, data in {"t1.png": b"same bytes", "t2.png": b"other bytes", "v1.png": b"same bytes",
+                       "v2.png": b"diff bytes"}.items():  # v2 has t2's size but not its bytes
+        files[name] = tmp_path / name
+        files[name].write_bytes(data)
+    training = [LabelledImage(files["t1.png"], "a"), LabelledImage(files["t2.png"], "a")]
+    val_sets = [([LabelledImage(files["v1.png"], "a"), LabelledImage(files["v2.png"], "a")], "blood_cells")]
+    assert warn_shared_images(training, val_sets) == [str(files["v1.png"])]
+    assert "1 --val image(s) are byte-identical to --train images" in capsys.readouterr().err
+    assert warn_shared_images(training[1:], val_sets) == []

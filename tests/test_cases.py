@@ -53,3 +53,21 @@ def test_a_confidence_is_never_shown_as_certainty():
     from ui.widgets import percent
 
     assert [percent(p) for p in (1.0, 0.997, 0.994, 0.5, 0.004, 0.0)] == [">99%", ">99%", "99%", "50%", "<1%", "0%"]
+
+
+def test_the_score_chart_and_batch_table_never_read_as_certainty():
+    import dataclasses
+
+    from core.describe import describe
+    from tests.conftest import draw_cell
+    from ui.case_view import _answer_confidence
+    from ui.widgets import score_chart
+
+    bundle = make_tiny_bundle()
+    panel = bundle.panels["blood_cells"]
+    shown = describe(bundle, draw_cell(), "blood_cells")
+    scores = {key: 0.0 for key in panel.keys} | {panel.keys[0]: 0.9996, panel.keys[1]: 0.0004}
+    certain = dataclasses.replace(shown, scores=scores, confidence=0.9996, abstained=False, class_key=panel.keys[0])
+    labels = dict(zip(score_chart(certain, panel).data[0].y, score_chart(certain, panel).data[0].text))
+    assert labels[panel.classes[0].name] == ">99%" and labels[panel.classes[1].name] == "<1%"
+    assert _answer_confidence(certain) == 0.999  # the table's bar: "0.999", not "1.000"

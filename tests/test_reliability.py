@@ -141,3 +141,24 @@ def test_another_panel_is_suggested_only_when_the_image_fits_it():
         reason = describe(bundle, image, "blood_cells").abstain_reason
         assert reason.startswith(plain) and "looks most like" not in reason
         assert ("It does fit the panel" in reason and "(nearest type: Benign (hematogones))" in reason) == hinted
+
+
+def test_a_picture_without_stain_colour_is_refused_before_any_sentence(tiny_bundle):
+    from PIL import Image, ImageDraw
+
+    from core.describe import describe
+    from core.preprocess import to_model_input
+    from core.reliability import content_problems
+    from core.stain import MIN_STAIN_SHARE, stain_share
+    from tests.conftest import draw_cell
+
+    document = Image.new("RGB", (200, 200), "white")
+    for line in range(6):
+        ImageDraw.Draw(document).text((10, 10 + 30 * line), "Patient report: CBC normal", fill="black")
+    cell, grey = draw_cell(), draw_cell().convert("L").convert("RGB")
+    shares = stain_share(to_model_input([cell, grey, document], 96)).tolist()
+    assert shares[0] > 20 * MIN_STAIN_SHARE and shares[1] == 0 and shares[2] == 0
+    problems = content_problems(to_model_input([cell, grey, document], 96))
+    assert problems[0] is None and all(p.startswith("No stained cell is visible") for p in problems[1:])
+    refused = describe(tiny_bundle, document, "b_all")
+    assert refused.abstained and refused.abstain_kind == "content" and refused.class_key is None

@@ -3,6 +3,7 @@
 model's stored ones with --keep-centroids). Every refusal is a ValueError with one line for the user."""
 from __future__ import annotations
 
+import hashlib
 import sys
 
 from core.data import LabelledImage, scan_class_folders
@@ -50,7 +51,30 @@ def centroid_source(bundle, args, val_sets) -> list[LabelledImage] | None:
                                "the model's stored centroids hold no class of panel {panel}; calibrate it with --train "
                                "(its training folders)")
         return None
-    return train_items(bundle, args.train, val_sets)
+    items = train_items(bundle, args.train, val_sets)
+    warn_shared_images(items, val_sets)
+    return items
+
+
+def warn_shared_images(training: list[LabelledImage], val_sets) -> list[str]:
+    """Warn (stderr) about --val images whose bytes are also a --train image, and return their
+    paths. Such a cell is its own nearest reference cell, so the neighbour check and the held-out
+    figures are a little optimistic on it (the Taleqani B-ALL splits share 7 pro-B images)."""
+    by_size: dict[int, list] = {}
+    for item in training:  # sizes first: only files of a size both sides have are hashed
+        by_size.setdefault(item.path.stat().st_size, []).append(item.path)
+    candidates = [v.path for items, _ in val_sets for v in items if v.path.stat().st_size in by_size]
+    train_hashes = {_sha256(path) for size in {c.stat().st_size for c in candidates} for path in by_size[size]}
+    shared = [str(path) for path in candidates if _sha256(path) in train_hashes]
+    if shared:
+        print(f"warning: {len(shared)} --val image(s) are byte-identical to --train images (e.g. {shared[0]}); "
+              "each is its own nearest reference cell, so its neighbour check and the held-out figures are "
+              "slightly optimistic", file=sys.stderr)
+    return shared
+
+
+def _sha256(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def val_panels(bundle, args) -> list[tuple[list[LabelledImage], str]]:

@@ -2,6 +2,8 @@
 (sentence or Uncertain state, scores chart, Grad-CAM overlay with an opacity slider)."""
 from __future__ import annotations
 
+import math
+
 import pandas as pd
 import streamlit as st
 
@@ -34,7 +36,10 @@ def doubtful_first(cases: list[Case]) -> list[Case]:
 def _answer_confidence(d: Description) -> float | None:
     """The confidence column: for answers only. An abstention's top probability is how close its
     best match came, not a confidence in anything the page says: it gets its own column."""
-    return round(d.confidence, 4) if confidence_shown(d) and not d.abstained else None
+    if not confidence_shown(d) or d.abstained:
+        return None
+    # truncated, never rounded up: 0.9996 shown as "1.000" would read as certainty (see `percent`)
+    return min(math.floor(d.confidence * 1000) / 1000, 0.999)
 
 
 def _best_match(panel: Panel, d: Description) -> str:
@@ -68,7 +73,7 @@ def results_table(panel: Panel, cases: list[Case]) -> None:
         SIMILAR_COLUMN: st.column_config.TextColumn(SIMILAR_COLUMN, help=(
             "Of the training cells most similar to the image, how many are of the type named (for an uncertain "
             "image, of its best match); an answer needs about nine in ten.")),
-        "confidence": st.column_config.ProgressColumn("confidence", format="%.2f", min_value=0.0, max_value=1.0),
+        "confidence": st.column_config.ProgressColumn("confidence", format="%.3f", min_value=0.0, max_value=1.0),
         "sentence": st.column_config.TextColumn("sentence", width="large")})
 
 

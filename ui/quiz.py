@@ -228,7 +228,7 @@ def render_reveal(bundle: ModelBundle, panel: Panel, cell: QuizCell, answer: dic
             st.caption("**Atypical image.** " + atypical_note(typicality_band(bundle.sidecar, panel.name)))
     if confidence_shown(d):
         st.caption("Model's top sentences: " + "; ".join(
-            f"{md_escape(panel.cell_class(k).name)} {p:.0%}" for k, p in ranked))
+            f"{md_escape(panel.cell_class(k).name)} {percent(p)}" for k, p in ranked))
         if caption := neighbour_caption(panel, d):  # a second opinion to weigh: the cells the model has seen like it
             st.caption(caption)
     elif not scores_meaningless(d):  # an unvalidated panel: an order, not probabilities

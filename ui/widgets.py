@@ -182,11 +182,13 @@ def score_chart(description: Description, panel: Panel, calibrated: bool = True)
     chosen = description.class_key or description.best_class
     names = [panel.cell_class(k).name for k in keys]
     colours = ["#c0392b" if k == chosen else "#7f8c8d" for k in keys]
+    scores = [description.scores.get(k, 0.0) for k in keys]
+    # labels by `percent`: a bar never reads "100%" (certainty) nor "0%"
     figure = go.Figure(go.Bar(
-        x=[description.scores.get(k, 0.0) for k in keys], y=names, orientation="h",
+        x=scores, y=names, orientation="h", text=[percent(s) for s in scores],
         marker_color=colours, customdata=[panel.cell_class(k).sentence for k in keys],
-        hovertemplate="%{customdata}<br>probability %{x:.1%}<extra></extra>",
-        texttemplate="%{x:.0%}", textposition="outside"))
+        hovertemplate="%{customdata}<br>probability %{text}<extra></extra>",
+        texttemplate="%{text}", textposition="outside"))
     axis_title = "calibrated probability" if calibrated else "probability (not calibrated)"
     if not panel.validated:
         axis_title = "score (panel not validated: not a probability of being right)"
