@@ -69,6 +69,16 @@ def test_attribute_csv_blank_cells_are_not_scored_and_bad_csvs_are_refused(tiny_
     assert code == 0
     assert metrics["attributes"]["per_attribute"]["cell_shape"]["n"] == 2
     assert metrics["attributes"]["per_attribute"]["cell_size"]["n"] == 4
+    # a CSV beside a larger set (WBCAtt's paths are relative to its own folder): only the --data images count
+    subset = tmp_path / "subset" / "neutrophil"  # two of the four, linked as evaluation subsets often are
+    subset.mkdir(parents=True)
+    for i in range(2):
+        (subset / f"neutrophil_{i}.png").symlink_to(tree / "neutrophil" / f"neutrophil_{i}.png")
+    beside = [dict(row, path=f"site/{row['path']}") for row in rows]
+    code, metrics = run_evaluate(tiny_model_path, subset.parent, tmp_path, "--attributes",
+                                 _attribute_csv(tmp_path, beside))
+    assert code == 0 and metrics["n"] == 2 and metrics["attributes"]["per_attribute"]["cell_size"]["n"] == 2
+    assert [r["reason"] for r in metrics["attributes"]["skipped_rows"]] == ["not among the --data images"] * 2
     for row in rows:
         row["path"] = "elsewhere/" + row["path"]
     code, _ = run_evaluate(tiny_model_path, tree, tmp_path, "--attributes", _attribute_csv(tmp_path, rows))

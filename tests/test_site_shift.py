@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import math
 
+import pytest
+
 from core.site_shift import ShiftNotice, batch_shift, binomial_tail, home_out_of_scope_rate, shift_message
 
 HOME = 0.01
@@ -61,3 +63,17 @@ def test_the_message_quotes_the_measured_other_lab_accuracy_where_there_is_one()
                             "pbc_val": {"panel": "blood_cells", "accuracy_answered": 0.9846}}}
     assert "68% of the answers were right, against 98% at home" in shift_message(notice, measured, "blood_cells")
     assert "BCCD" not in shift_message(notice, measured, "b_all")  # white-cell numbers say nothing of B-ALL
+
+
+def test_site_shift_report_refuses_bad_options_before_the_run(tiny_model_path, tmp_path, capsys):
+    from training import site_shift_report
+    from tests.conftest import write_class_tree
+
+    home = write_class_tree(tmp_path / "home", {"neutrophil": 2})
+    base = ["--checkpoint", str(tiny_model_path), "--home", str(home)]
+    assert site_shift_report.main(base + ["--panel", "nope"]) == 2
+    assert "Unknown panel 'nope'" in capsys.readouterr().err
+    assert site_shift_report.main(base + ["--json", str(tmp_path)]) == 2
+    assert "is a folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        site_shift_report.parse_args(base + ["--draws", "0"])

@@ -26,9 +26,11 @@ class AttributeRows:
     skipped: list[dict]  # {"line", "path", "reason"} for every row left out
 
 
-def read_attribute_csv(csv_path: str, data_root: str, attributes=None) -> AttributeRows:
+def read_attribute_csv(csv_path: str, data_root: str, attributes=None, images: set[Path] | None = None) -> AttributeRows:
     """The CSV's rows whose image exists, with `path` made absolute: relative to `data_root` or,
-    as in the WBCAtt files shipped with PBC, to the CSV's own folder; the others as skipped.
+    as in the WBCAtt files shipped with PBC, to the CSV's own folder; the others as skipped. With
+    `images` (the resolved paths of the images evaluated), a row of any other image is skipped
+    too: the attribute block then describes the images the class block does, not the whole CSV.
     Raises ValueError when nothing could be scored: no 'path' column, no data row, none of
     `attributes` (names of the model's attributes) among the columns, or no listed image found."""
     columns, rows = read_path_csv(csv_path)
@@ -45,9 +47,15 @@ def read_attribute_csv(csv_path: str, data_root: str, attributes=None) -> Attrib
         if path is None:
             skipped.append({"line": row["_line"], "path": given,
                             "reason": "no path given" if not given else "image file not found"})
+        elif images is not None and path.resolve() not in images:
+            skipped.append({"line": row["_line"], "path": given, "reason": "not among the --data images"})
         else:
             found.append(dict(row, path=str(path)))
     if not found:  # reporting 0.0 for "no image found" would read as a terrible model
+        elsewhere = sum(row["reason"] == "not among the --data images" for row in skipped)
+        if elsewhere:
+            raise ValueError(f"{csv_path}: none of its {len(rows)} image paths is an image of {data_root} "
+                             f"({elsewhere} name images elsewhere)")
         raise ValueError(f"{csv_path}: none of its {len(rows)} image paths exists under {data_root} "
                          "or beside the CSV")
     return AttributeRows(found, skipped)

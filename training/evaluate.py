@@ -210,8 +210,8 @@ def main(argv=None) -> int:
         bundle = load_bundle(args.checkpoint)
         require_panel(bundle.panels, args.panel)
         # the CSV is checked before the run: a header-only or attribute-less CSV is refused at once
-        table = read_attribute_csv(args.attributes, args.data, list(bundle.attribute_prototypes)) \
-            if args.attributes else None
+        table = read_attribute_csv(args.attributes, args.data, list(bundle.attribute_prototypes),
+                                   {item.path for item in scan_class_folders(args.data)}) if args.attributes else None
         metrics = evaluate(bundle, args.data, args.panel, args.batch_size)
         if table is not None:
             metrics["attributes"] = evaluate_attributes(bundle, args.attributes, args.data, args.batch_size, table)

@@ -20,11 +20,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from core.atomic import atomic_write_text
 from core.checkpoint import ModelLoadError, load_bundle
 from core.data import scan_class_folders
+from core.panels import require_panel
 from core.site_shift import batch_shift, home_out_of_scope_rate
-from training.cli import run_main
-from training.evaluate import describe_folder, match_folders
+from training.cli import positive_int, run_main
+from training.evaluate import check_json_target, describe_folder, match_folders
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -33,8 +35,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--home", required=True, help="class folders from the training lab (e.g. its val split)")
     p.add_argument("--other", default=None, help="class folders from another lab (none: false alarms only)")
     p.add_argument("--panel", default="blood_cells")
-    p.add_argument("--sizes", nargs="+", type=int, default=[5, 10, 20, 50])
-    p.add_argument("--draws", type=int, default=2000)
+    p.add_argument("--sizes", nargs="+", type=positive_int, default=[5, 10, 20, 50])
+    p.add_argument("--draws", type=positive_int, default=2000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None)
     return p.parse_args(argv)
@@ -80,8 +82,11 @@ def main(argv=None) -> int:
     model, panel or folder that cannot give a result."""
     args = parse_args(argv)
     try:
+        if args.json:  # refused before the run, not after it
+            check_json_target(args.json)
         bundle = load_bundle(args.checkpoint)
-    except ModelLoadError as error:
+        require_panel(bundle.panels, args.panel)
+    except (ModelLoadError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     home_rate = home_out_of_scope_rate(bundle.sidecar, args.panel)
@@ -111,7 +116,7 @@ def main(argv=None) -> int:
             print(f"       answers marked atypical: {row['atypical_share_of_answers']:.3f} (right "
                   f"{row['accuracy_atypical']}; the others {row['accuracy_typical']})")
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2))
+        atomic_write_text(Path(args.json), json.dumps(report, indent=2))
     return 0
 
 
