@@ -162,3 +162,17 @@ def test_a_picture_without_stain_colour_is_refused_before_any_sentence(tiny_bund
     assert problems[0] is None and all(p.startswith("No stained cell is visible") for p in problems[1:])
     refused = describe(tiny_bundle, document, "b_all")
     assert refused.abstained and refused.abstain_kind == "content" and refused.class_key is None
+
+
+def test_the_reliability_report_reads_class_folders_as_the_evaluation_does(tiny_bundle, tmp_path):
+    import pytest
+
+    from tests.conftest import write_class_tree
+    from training.reliability_report import load_folder
+
+    tree = write_class_tree(tmp_path / "val", {"Neutrophil": 2, "monocyte": 1})
+    images, labels = load_folder(tiny_bundle, str(tree), "blood_cells")
+    assert len(images) == 3 and sorted(labels) == ["monocyte", "neutrophil", "neutrophil"]
+    write_class_tree(tree, {"pro_b": 1})  # a B-ALL class in the PBC val folder would count as wrong
+    with pytest.raises(ValueError, match="pro_b are not classes of panel blood_cells"):
+        load_folder(tiny_bundle, str(tree), "blood_cells")

@@ -23,22 +23,29 @@ from core.checkpoint import load_bundle, update_sidecar
 from core.data import scan_class_folders
 from core.describe import describe_batch
 from training.cli import run_main
+from training.evaluate import match_folders
 from training.ood_sets import blank_images, natural_photos, noise_images, text_images
 from training.reliability_plots import reliability_diagram, risk_coverage_plot
 
 
-def load_folder(folder: str, limit: int = 0):
-    """Images and class keys of a folder of class folders (at most `limit` a class when > 0)."""
-    from PIL import Image
+def load_folder(bundle, folder: str, panel: str, limit: int = 0):
+    """Images and class keys of a folder of the panel's class folders (at most `limit` a class
+    when > 0), named and decoded as the evaluation CLI does ("Neutrophil" is neutrophil; the
+    upload loader); a ValueError for a folder that is no class of the panel (it would count as
+    a wrong answer in every figure)."""
+    from core.imageio import load_image_path
 
     if not Path(folder).is_dir():
         raise ValueError(f"{folder}: not a folder (expected a val folder with a sub-folder per class)")
-    items = scan_class_folders(folder)
+    items, _ = match_folders(bundle, scan_class_folders(folder))
     if not items:
         raise ValueError(f"{folder}: no images in its class folders")
+    strays = sorted({i.label for i in items} - set(bundle.panels[panel].keys))
+    if strays:
+        raise ValueError(f"{folder}: {', '.join(strays)} are not classes of panel {panel}")
     if limit:
         items = items[:: max(1, len(items) // limit)]
-    return [Image.open(i.path).convert("RGB") for i in items], [i.label for i in items]
+    return [load_image_path(str(i.path)).image for i in items], [i.label for i in items]
 
 
 def describe_all(bundle, images, panel, batch=128) -> list:
@@ -133,7 +140,7 @@ def main(argv=None) -> int:
     p.add_argument("--plots", default="assets/model")
     args = p.parse_args(argv)
     bundle = load_bundle(args.checkpoint)
-    pbc, ball = load_folder(args.pbc_val), load_folder(args.ball_val)
+    pbc, ball = load_folder(bundle, args.pbc_val, "blood_cells"), load_folder(bundle, args.ball_val, "b_all")
     synthetic = {"natural": natural_photos(), "blank": blank_images(), "noise": noise_images(), "text": text_images()}
     report = {"model_id": bundle.model_id, "calibration": bundle.sidecar.get("calibration", {}), "panels": {
         "blood_cells": panel_section(bundle, "blood_cells", pbc, ("B-ALL smear fields (other data set)", ball[0]), synthetic),
