@@ -72,15 +72,24 @@ class GalleryIndex:
         return next((row for row, item in enumerate(self.items) if sha256 and item.sha256 == sha256), None)
 
     def nearest(self, query: torch.Tensor, k: int, exclude: int | None = None) -> list[Hit]:
-        """The k rows most similar to the (D,) unit `query`, best first; `exclude` drops a row
-        (the query image itself when it comes from the gallery)."""
+        """The k images most similar to the (D,) unit `query`, best first; `exclude` drops a row
+        (the query image itself when it comes from the gallery) and every copy of its bytes. One
+        hit per distinct image: a reviewed case that is also a gallery file is shown once, as
+        the copy with an expert-verified label where there is one."""
         if not self.items or k <= 0:
             return []
         scores = self.embeddings @ query.detach().float().reshape(-1)
         if exclude is not None:
-            scores[exclude] = -float("inf")
-        top = torch.topk(scores, min(k, len(self.items) - (exclude is not None)))
-        return [Hit(self.items[r], float(v), r) for v, r in zip(top.values.tolist(), top.indices.tolist())]
+            excluded = self.items[exclude].sha256
+            scores[[r for r, item in enumerate(self.items) if item.sha256 == excluded]] = -float("inf")
+        hits: dict[str, Hit] = {}
+        for value, row in zip(*[t.tolist() for t in torch.sort(scores, descending=True)]):
+            if value == -float("inf") or (len(hits) == k and self.items[row].sha256 not in hits):
+                break
+            item, kept = self.items[row], hits.get(self.items[row].sha256)
+            if kept is None or (item.verified and not kept.item.verified):
+                hits[item.sha256] = Hit(item, float(value), row)
+        return list(hits.values())
 
 
 def empty_index(weights_sha256: str = "") -> GalleryIndex:

@@ -229,3 +229,19 @@ def test_gallery_indexes_exactly_what_describe_describes(tiny_bundle, tmp_path):
             reasons[src.path] = f"{Path(src.path).name}: {framing_problem(size)}"
     assert {Path(i.path).name for i in index.items} == {"300x300.png", "300x100.png"}  # 3:1 is described
     assert {p: e["reason"] for p, e in index.skipped.items()} == reasons and len(reasons) == 5
+
+
+def test_an_image_that_is_both_a_gallery_file_and_a_reviewed_case_is_one_hit():
+    from core.gallery_index import GalleryIndex, GalleryItem
+
+    def item(name, sha, source="folder", verified=False):
+        return GalleryItem(path=f"/g/{name}", key="1:1", size=1, mtime_ns=1, label=None, source=source,
+                           verified=verified, name=name, sha256=sha)
+
+    items = (item("mono/a.png", "A"), item("case.png", "A", REVIEWED, verified=True), item("b.png", "B"),
+             item("c.png", "C"))
+    embeddings = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.8, 0.6], [0.0, 1.0]]), dim=1)
+    index = GalleryIndex(items, embeddings, "w")
+    hits = index.nearest(torch.tensor([1.0, 0.0]), 2)
+    assert [h.item.name for h in hits] == ["case.png", "b.png"]  # once, as the expert-verified copy
+    assert [h.item.name for h in index.nearest(torch.tensor([1.0, 0.0]), 5, exclude=0)] == ["b.png", "c.png"]
