@@ -20,7 +20,8 @@ if not store.available:
 
 panels = review.naming_panels(bundle)
 names = widgets.class_names(panels)
-rows = review.load_rows(store, names, {key: panel.title for key, panel in panels.items()})
+titles = {key: panel.title for key, panel in panels.items()}
+rows = review.load_rows(store, names, titles)
 if rows is None:
     st.stop()
 
@@ -55,7 +56,7 @@ st.subheader("Feedback")
 show_ids = st.toggle(review.SHOW_IDENTIFIERS, key=widgets.restore_widget("review_ids"),
                      help="The model, calibration, prediction and image of each row; the CSV always has them.")
 widgets.remember_choice("review_ids", show_ids)
-st.dataframe(review.rows_frame(rows, names), hide_index=True, key="review_table",
+st.dataframe(review.rows_frame(rows, names, titles), hide_index=True, key="review_table",
              column_order=review.table_columns(show_ids), column_config={
     "confidence": st.column_config.NumberColumn("confidence", format="%.3f"),  # 0.9997 read "1"
     "atypical": st.column_config.CheckboxColumn("atypical", help="Ticked: the answer was marked atypical; unticked: "

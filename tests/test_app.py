@@ -587,10 +587,11 @@ def test_review_table_shows_no_confidence_for_abstentions():
 
     rows = [{"feedback_id": 1, "created_at": None, "confidence": 0.795, "abstained": True},
             {"feedback_id": 2, "created_at": None, "confidence": 0.91, "abstained": False},
-            {"feedback_id": 3, "created_at": None, "confidence": 0.99876, "abstained": False}]
-    frame = rows_frame(rows)
+            {"feedback_id": 3, "created_at": None, "confidence": 0.99976, "abstained": False, "panel": "b_all"}]
+    frame = rows_frame(rows, panel_titles={"b_all": "B-ALL subtypes"})
     assert frame["confidence"].isna().tolist() == [True, False, False] and frame["confidence"][1] == 0.91
-    assert frame["confidence"][2] == 0.999  # one rounding for every row (0.995 next to 0.9988 before)
+    assert frame["confidence"][2] == 0.999  # truncated and capped: never "1.000", which reads as certainty
+    assert frame["panel"].tolist()[2] == "B-ALL subtypes"  # by title, as the Panel filter names it
 
 
 def test_review_names_classes_as_a_hematologist_reads_them():

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import streamlit as st
 from sqlalchemy import select
@@ -87,11 +88,13 @@ def shown_labels(keys: list[str], names: dict[str, str] | None) -> list[str]:
     return [f"{label} ({key})" if label in repeated else label for label, key in zip(shown, keys)]
 
 
-def rows_frame(rows: list[dict], names: dict[str, str] | None = None) -> pd.DataFrame:
-    """feedback_table rows as a display table (times as text, classes and verdicts by name, fixed
-    column order)."""
+def rows_frame(rows: list[dict], names: dict[str, str] | None = None,
+               panel_titles: dict[str, str] | None = None) -> pd.DataFrame:
+    """feedback_table rows as a display table (times as text, classes, verdicts and panels by
+    name as the filters show them, fixed column order)."""
     frame = pd.DataFrame(rows, columns=TABLE_COLUMNS)
     frame["created_at"] = [when(v) for v in frame["created_at"]]
+    frame["panel"] = [(panel_titles or {}).get(v, v) for v in frame["panel"]]
     # the model names no class when it abstained: said as the per-class table below says it, not "None"
     frame["model_class"] = [shown_class(v, names) if isinstance(v, str) and v else ABSTAINED_LABEL
                             for v in frame["model_class"]]
@@ -99,7 +102,9 @@ def rows_frame(rows: list[dict], names: dict[str, str] | None = None) -> pd.Data
     frame["verdict"] = [VERDICT_LABELS.get(v, v) for v in frame["verdict"]]  # as the buttons and the filter say it
     # An abstention's top score may belong to an image that is no cell at all, or to a panel
     # that was never validated: not a confidence, so not shown as one (the CSV keeps it).
-    frame["confidence"] = frame["confidence"].where(~frame["abstained"].astype(bool)).round(3)
+    # Truncated to 3 decimals and at most 0.999: 0.9996 rounded to "1.000" would read as certainty.
+    confidence = frame["confidence"].where(~frame["abstained"].astype(bool)).astype(float)
+    frame["confidence"] = (np.floor(confidence * 1000) / 1000).clip(upper=0.999)
     return frame
 
 
