@@ -560,6 +560,10 @@ def test_resume_without_checkpoint_says_so_and_another_config_is_refused(tiny_tr
     (tmp_path / "wider.json").write_text(json.dumps({**wider, "name": "wider", "embed_dim": 48}))
     err = _refused(capsys, [*argv, "--config", str(tmp_path / "wider.json")])  # a page of size mismatches before
     assert "was made with config 'tiny-test'" in err and "embed_dim" in err and "--config tiny-test" in err
+    # a resume with another schedule trains other weights than the run it continues: said, naming the options
+    assert train.main([*argv, "--epochs", "2", "--lr", "0.0005"]) == 0
+    err = capsys.readouterr().err
+    assert "resuming" in err and "--epochs 1 -> 2" in err and "--lr" in err and "--batch-size" not in err
 
 
 def test_init_from_starts_at_an_exported_models_weights_and_refuses_a_bad_one(tiny_tree, tmp_path, capsys, one_thread):

@@ -67,7 +67,8 @@ def save_checkpoint(out: Path, model, optimizer, average, state: dict, classes: 
     """Write OUT/last.pt atomically (temp file, then rename)."""
     checkpoint = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": state["epoch"],
                   "step": state["step"], "config": model.config.to_dict(), "classes": classes, "rng": rng_states,
-                  "precision": state.get("precision"), "init_from": state.get("init_from")}
+                  "precision": state.get("precision"), "init_from": state.get("init_from"),
+                  "run_args": state.get("run_args")}
     if average is not None:
         checkpoint["average"] = average.state_dict()
     atomic_write(out / "last.pt", lambda handle: torch.save(checkpoint, handle))
@@ -121,11 +122,33 @@ def resume_from(checkpoint: dict, out: Path, model, optimizer, average, state: d
         if state["rank"] == 0:
             print(f"warning: {out / 'last.pt'} holds no random number state for {world} process(es); "
                   "re-seeded, so the resumed run will not repeat an uninterrupted one exactly", file=sys.stderr)
+    warn_changed_run_args(checkpoint.get("run_args"), state.get("run_args"), out, state["rank"])
     began = checkpoint.get("precision")  # None: a checkpoint from before it was recorded
     if began and began != args.precision and state["rank"] == 0:  # e.g. --precision auto on another machine
         print(f"warning: the run began in {began} and resumes in {args.precision}, so it will not repeat an "
               f"uninterrupted run; pass --precision {began} to keep it", file=sys.stderr)
     print(f"resumed from epoch {state['epoch']}", flush=True)
+
+
+# What decides the schedule, the data and the augmentation of a run: a resume with other values
+# trains other weights than the uninterrupted run (e.g. --epochs reshapes the cosine schedule).
+RUN_ARGS = ("data", "epochs", "batch_size", "lr", "weight_decay", "attribute_weight", "balance", "augment",
+            "mixstyle", "synthetic", "max_per_class", "cut", "low_res", "low_res_epochs", "final_augment",
+            "final_augment_epochs", "ema", "seed", "data_seed")
+
+
+def run_args(args) -> dict[str, str]:
+    """The RUN_ARGS of a run as text, kept in its checkpoint."""
+    return {name: str(getattr(args, name, None)) for name in RUN_ARGS}
+
+
+def warn_changed_run_args(began: dict | None, now: dict | None, out: Path, rank: int) -> None:
+    """A line on stderr naming the options a resume changes (None: a checkpoint from before they were kept)."""
+    changed = [name for name in RUN_ARGS if began and now and began.get(name) != now.get(name)]
+    if changed and rank == 0:
+        listed = "; ".join(f"--{name.replace('_', '-')} {began.get(name)} -> {now.get(name)}" for name in changed)
+        print(f"warning: resuming {out / 'last.pt'} with other options ({listed}): the run will not repeat an "
+              "uninterrupted one", file=sys.stderr)
 
 
 def read_metrics(run: Path) -> list[dict]:

@@ -30,7 +30,7 @@ from core.model import DualEncoder
 from core.panels import all_class_keys, load_attribute_phrases, load_panels
 from training.augment import AUGMENT_PRESETS, augment_batch
 from training.checkpointing import (gather_rng_states, keep_metrics_up_to, load_for_resume, read_initial_weights,
-                                    resume_from, save_checkpoint, write_run_config)
+                                    resume_from, run_args, save_checkpoint, write_run_config)
 from training.cli import decay, non_negative_float, non_negative_int, positive_int, run_main
 from training.dataset import build_dataset, read_attribute_table, training_cache_size
 from training.ema import WeightAverage
@@ -295,7 +295,8 @@ def run(args: argparse.Namespace) -> int:
     model, average, features, objective, optimizer = build_model(config, panels, phrases, classes, generator,
                                                                  args, world, initial_state)
     state = {"epoch": 0, "step": 0, "rank": rank, "total_steps": steps_per_epoch * args.epochs,
-             "warmup": min(300, steps_per_epoch), "precision": args.precision, "init_from": init_from}
+             "warmup": min(300, steps_per_epoch), "precision": args.precision, "init_from": init_from,
+             "run_args": run_args(args)}
     if checkpoint is not None:
         resume_from(checkpoint, out, model, optimizer, average, state, generator, args, world)
     weights = class_weights(train.labels, len(classes)).to(args.device) if args.balance == "reweight" else None
