@@ -120,6 +120,22 @@ def test_atlas_query_survives_a_visit_to_another_page(env):
     assert len([c for c in captions(at) if "similarity -" in c]) == 4 + 4  # both result sets are back, k each
 
 
+def test_atlas_does_not_search_with_a_picture_that_is_no_stained_cell(env):
+    import io
+
+    from PIL import Image, ImageDraw
+
+    document = Image.new("RGB", (160, 160), "white")
+    ImageDraw.Draw(document).text((10, 60), "Patient report: CBC normal", fill="black")
+    buffer = io.BytesIO()
+    document.save(buffer, "PNG")
+    at = open_page(ATLAS_PAGE)
+    at.file_uploader(key="atlas_upload").set_value(("report.png", buffer.getvalue(), "image/png")).run()
+    assert not at.exception, at.exception
+    assert any(w.value.startswith("Not searched. No stained cell is visible") for w in at.warning)
+    assert not [c for c in captions(at) if "similarity -" in c]
+
+
 def test_atlas_upload_and_reindex(env):
     at = open_page(ATLAS_PAGE)
     exact = (env.gallery / "lymphocyte" / "lymphocyte_1.png").read_bytes()

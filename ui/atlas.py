@@ -16,7 +16,8 @@ from core.panels import Panel
 from core.gallery import GalleryIndex, GalleryItem, Hit, pending_work, search_image, search_text, update_index
 from core.gallery_sources import REVIEWED
 from core.imageio import ImageRejected, load_image_bytes, load_image_path
-from core.reliability import framing_problem
+from core.preprocess import to_model_input
+from core.reliability import content_problems, framing_problem
 from ui import resources
 from ui.cases import UPLOAD_TYPES
 from ui.widgets import class_name, framed, label_name, md_escape, remember_choice, restore_widget
@@ -239,6 +240,11 @@ def image_search(bundle: ModelBundle, index: GalleryIndex) -> None:
     strip = framing_problem(image.size)
     if strip:  # the Describe page's rule: its centre square, all the model reads, is a sliver of it
         right.warning(f"Not searched. {strip}")
+        return
+    # Describe's content check too: the "neighbours" of a document or a blank are no answer
+    problem = content_problems(to_model_input([image], bundle.model.config.image_size))[0]
+    if problem:
+        right.warning(f"Not searched. {problem}")
         return
     with right:
         with st.spinner("Searching..."):
