@@ -890,7 +890,7 @@ def test_an_abstention_gives_its_best_match_probability_in_small_print_only(app_
     at = choose_sample(run_app())
     assert not [m.label for m in at.metric if "onfidence" in m.label]
     small_print = [c.value for c in at.caption if c.value.startswith("Closest sentence, not asserted: ")]
-    assert len(small_print) == 1 and small_print[0].endswith("%).") and "confidence" in small_print[0]
+    assert len(small_print) == 1 and small_print[0].endswith("%.") and "; confidence (not calibrated): " in small_print[0]
 
 
 def test_the_model_card_names_the_classes_it_counts():

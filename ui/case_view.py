@@ -144,8 +144,8 @@ def render_summary(bundle: ModelBundle, panel: Panel, case: Case) -> None:
                        + md_escape(d.abstain_reason or "not stated"))
             if not scores_meaningless(d):
                 # small print, not a headline number: a refused answer's probability is not a claim
-                st.caption(f"Closest sentence, not asserted: {md_escape(panel.cell_class(d.best_class).name)} "
-                           f"({confidence_label(bundle, panel).lower()} {percent(d.confidence)}).")
+                st.caption(f"Closest sentence, not asserted: {md_escape(panel.cell_class(d.best_class).name)}; "
+                           f"{confidence_label(bundle, panel).lower()}: {percent(d.confidence)}.")
         else:
             st.success(md_escape(d.sentence))
             _render_morphology(bundle, panel, case)

@@ -111,7 +111,7 @@ def panel_calibrated(bundle: ModelBundle, panel: Panel) -> bool:
 def confidence_label(bundle: ModelBundle, panel: Panel) -> str:
     """What the top probability may be called for this panel."""
     if not panel.validated:
-        return "Score (panel not validated: not a confidence)"
+        return "Score, not a confidence (panel not validated)"
     return "Calibrated confidence" if panel_calibrated(bundle, panel) else "Confidence (not calibrated)"
 
 
