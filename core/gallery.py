@@ -37,7 +37,8 @@ from core.describe import embed_images
 from core.gallery_index import GalleryIndex, GalleryItem, Hit, load_index, write_index
 from core.gallery_sources import Source
 from core.imageio import MAX_SIDE, MIN_SIDE, ImageRejected, load_image_path
-from core.reliability import MAX_DESCRIBED_ASPECT, framing_problem
+from core.preprocess import to_model_input
+from core.reliability import MAX_DESCRIBED_ASPECT, content_problems, framing_problem
 from core.upload_checks import check_dimensions, upload_limits
 
 BATCH = 32  # images per forward pass: bounded memory, and the progress bar moves
@@ -226,9 +227,12 @@ def _embed_sources(bundle: ModelBundle, todo: list[Source], progress, batch_size
             except ImageRejected as error:
                 refused[src.path] = {"key": src.key, "reason": str(error), "limits": limits}
                 continue
-            strip = framing_problem(loaded.image.size)
-            if strip:  # Describe would not describe it: no search hit, quiz cell or query of it either
-                refused[src.path] = {"key": src.key, "reason": f"{Path(src.path).name}: {strip}", "limits": limits}
+            # Describe would not describe it (a strip, or no stained cell: a document, a blank):
+            # no search hit, quiz cell or query of it either
+            problem = framing_problem(loaded.image.size) or \
+                content_problems(to_model_input([loaded.image], bundle.model.config.image_size))[0]
+            if problem:
+                refused[src.path] = {"key": src.key, "reason": f"{Path(src.path).name}: {problem}", "limits": limits}
                 continue
             images.append(loaded.image)
             batch_items.append(GalleryItem(**asdict(src), sha256=loaded.sha256, max_side=MAX_SIDE))

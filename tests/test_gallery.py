@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -205,17 +206,13 @@ def test_gallery_indexes_exactly_what_describe_describes(tiny_bundle, tmp_path):
     """The Describe page's rules, with its reasons: what its loader refuses (a side over 64 times
     the other; the gallery once decoded at 512 px and refused anything over 32 times) and the
     strips over 3:1 it does not describe (a text search ranked one among the cells)."""
-    from pathlib import Path
-
-    from PIL import Image
-
     from core.imageio import ImageRejected
     from core.reliability import framing_problem
 
     folder = tmp_path / "gallery" / "neutrophil"
     folder.mkdir(parents=True)
     for width, height in [(16, 1024), (1024, 16), (17, 1089), (15, 300), (300, 300), (300, 100), (320, 100)]:
-        Image.new("RGB", (width, height), (200, 120, 150)).save(folder / f"{width}x{height}.png")
+        draw_cell(64).resize((width, height)).save(folder / f"{width}x{height}.png")  # a stained cell, stretched
     sources = scan_folder(tmp_path / "gallery")
     index = update_index(tiny_bundle, tmp_path / "cache", sources)
     reasons = {}
@@ -248,3 +245,15 @@ def test_an_image_that_is_both_a_gallery_file_and_a_reviewed_case_is_one_hit():
     from ui.atlas import _distinct_paths  # the Atlas picker offers it once too
 
     assert _distinct_paths(items) == ["/g/case.png", "/g/b.png", "/g/c.png"]
+
+
+def test_a_picture_describe_would_refuse_is_not_indexed(tiny_bundle, tree, tmp_path):
+    from PIL import Image, ImageDraw
+
+    document = Image.new("RGB", (120, 120), "white")
+    ImageDraw.Draw(document).text((8, 50), "lab report", fill="black")
+    document.save(tree / "neutrophil" / "report.png")
+    index = update_index(tiny_bundle, tmp_path / "cache", scan_folder(tree))
+    assert len(index) == 5 and "report.png" not in {Path(i.path).name for i in index.items}
+    [reason] = [entry["reason"] for path, entry in index.skipped.items() if path.endswith("report.png")]
+    assert reason.startswith("report.png: No stained cell is visible")
