@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -16,6 +15,7 @@ import torch
 from PIL import Image
 
 from core.checkpoint import ModelBundle
+from core.cli_guard import debugging, run_main
 from core.imageio import prepare_image
 from core.model import encode_views
 from core.neighbours import NeighbourVote
@@ -185,7 +185,7 @@ def main(argv=None) -> int:
         try:
             record = _describe_file(bundle, path, args.panel)
         except Exception as error:  # noqa: BLE001 - one file's failure must not cost the rest of the batch
-            if os.environ.get("HEMASCRIBE_TRACEBACK") == "1":
+            if debugging():
                 raise
             record = {"file": path, "ok": False, "error": f"could not be described ({type(error).__name__}: {error})"}
         # A file name that is not valid UTF-8 reaches Python as lone surrogates, which strict
@@ -227,23 +227,5 @@ def _readable(record: dict) -> str:
     return text
 
 
-def cli() -> int:
-    """`main()` on the command line: a reader that leaves early (`| head -1`) ends the run quietly,
-    and an unexpected failure is one line on stderr (status 1), not a traceback."""
-    try:
-        return main()
-    except BrokenPipeError:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python flushes stdout at exit
-        return 141  # what a shell reports for a command ended by a closed pipe
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except Exception as error:  # noqa: BLE001 - the point: no traceback reaches the user
-        if os.environ.get("HEMASCRIBE_TRACEBACK") == "1":
-            raise
-        print(f"error: {type(error).__name__}: {error}", file=sys.stderr)
-        return 1
-
-
 if __name__ == "__main__":
-    sys.exit(cli())
+    sys.exit(run_main(main))
