@@ -71,6 +71,13 @@ def embed_images(bundle: ModelBundle, images: list[Image.Image]) -> tuple[torch.
     return embeddings, prep_ms
 
 
+def embed_checked(bundle: ModelBundle, images: list[Image.Image]) -> tuple[torch.Tensor, list[str | None]]:
+    """`embed_images`'s embeddings and, from the same model inputs, Describe's content check of
+    each image (`core.reliability.content_problems`: blank, noise, no stain colour) or None."""
+    embeddings, _, inputs = _embed_with_inputs(bundle, [prepare_image(image)[0] for image in images])
+    return embeddings, content_problems(inputs)
+
+
 @torch.no_grad()
 def _embed_with_inputs(bundle: ModelBundle, images: list[Image.Image]) -> tuple[torch.Tensor, float, torch.Tensor]:
     started = time.perf_counter()

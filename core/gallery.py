@@ -33,12 +33,11 @@ import torch
 from PIL import Image
 
 from core.checkpoint import ModelBundle
-from core.describe import embed_images
+from core.describe import embed_checked, embed_images
 from core.gallery_index import GalleryIndex, GalleryItem, Hit, load_index, write_index
 from core.gallery_sources import Source
 from core.imageio import MAX_SIDE, MIN_SIDE, ImageRejected, load_image_path
-from core.preprocess import to_model_input
-from core.reliability import MAX_DESCRIBED_ASPECT, content_problems, framing_problem
+from core.reliability import MAX_DESCRIBED_ASPECT, framing_problem
 from core.upload_checks import check_dimensions, upload_limits
 
 BATCH = 32  # images per forward pass: bounded memory, and the progress bar moves
@@ -227,19 +226,22 @@ def _embed_sources(bundle: ModelBundle, todo: list[Source], progress, batch_size
             except ImageRejected as error:
                 refused[src.path] = {"key": src.key, "reason": str(error), "limits": limits}
                 continue
-            # Describe would not describe it (a strip, or no stained cell: a document, a blank):
-            # no search hit, quiz cell or query of it either
-            problem = framing_problem(loaded.image.size) or \
-                content_problems(to_model_input([loaded.image], bundle.model.config.image_size))[0]
-            if problem:
-                refused[src.path] = {"key": src.key, "reason": f"{Path(src.path).name}: {problem}", "limits": limits}
+            strip = framing_problem(loaded.image.size)
+            if strip:  # Describe would not describe it: no search hit, quiz cell or query of it either
+                refused[src.path] = {"key": src.key, "reason": f"{Path(src.path).name}: {strip}", "limits": limits}
                 continue
             images.append(loaded.image)
             batch_items.append(GalleryItem(**asdict(src), sha256=loaded.sha256, max_side=MAX_SIDE))
         if images:
-            embeddings, _ = embed_images(bundle, images)
-            chunks.append(embeddings.float())
-            items += batch_items
+            # nor one its content check refuses (a blank, a document: no stain colour)
+            embeddings, problems = embed_checked(bundle, images)
+            for item, problem in zip(batch_items, problems):
+                if problem:
+                    refused[item.path] = {"key": item.key, "reason": f"{Path(item.path).name}: {problem}",
+                                          "limits": limits}
+            kept = [row for row, problem in enumerate(problems) if problem is None]
+            chunks.append(embeddings[kept].float())
+            items += [batch_items[row] for row in kept]
         if progress is not None:
             progress(min(start + batch_size, len(todo)), len(todo))
     return items, (torch.cat(chunks) if chunks else torch.zeros(0, _dim(bundle))), refused

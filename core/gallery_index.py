@@ -87,9 +87,24 @@ class GalleryIndex:
             if value == -float("inf") or (len(hits) == k and self.items[row].sha256 not in hits):
                 break
             item, kept = self.items[row], hits.get(self.items[row].sha256)
-            if kept is None or (item.verified and not kept.item.verified):
+            if shown_instead(item, kept.item if kept else None):
                 hits[item.sha256] = Hit(item, float(value), row)
         return list(hits.values())
+
+
+def shown_instead(item: GalleryItem, kept: GalleryItem | None) -> bool:
+    """Whether `item` is shown rather than `kept`, an earlier copy of the same bytes (None: none
+    yet): the first copy, unless a later one carries an expert-verified label."""
+    return kept is None or (item.verified and not kept.verified)
+
+
+def distinct_items(items) -> list[GalleryItem]:
+    """One item per distinct image (by content), in order, as `GalleryIndex.nearest` shows them."""
+    chosen: dict[str, GalleryItem] = {}
+    for item in items:
+        if shown_instead(item, chosen.get(item.sha256)):
+            chosen[item.sha256] = item
+    return list(chosen.values())
 
 
 def empty_index(weights_sha256: str = "") -> GalleryIndex:

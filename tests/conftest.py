@@ -178,17 +178,17 @@ def write_format1_index(folder: Path, refuse: dict[str, str] | None = None) -> N
 
 @pytest.fixture
 def counted(monkeypatch):
-    """Counts the images the gallery passes to embed_images (what an index update embeds)."""
+    """Counts the images the gallery passes to embed_checked (what an index update embeds)."""
     from core import gallery
 
     calls = []
-    real = gallery.embed_images
+    real = gallery.embed_checked
 
     def counting(bundle, images):
         calls.append(len(images))
         return real(bundle, images)
 
-    monkeypatch.setattr(gallery, "embed_images", counting)
+    monkeypatch.setattr(gallery, "embed_checked", counting)
     return calls
 
 

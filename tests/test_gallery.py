@@ -242,9 +242,9 @@ def test_an_image_that_is_both_a_gallery_file_and_a_reviewed_case_is_one_hit():
     hits = index.nearest(torch.tensor([1.0, 0.0]), 2)
     assert [h.item.name for h in hits] == ["case.png", "b.png"]  # once, as the expert-verified copy
     assert [h.item.name for h in index.nearest(torch.tensor([1.0, 0.0]), 5, exclude=0)] == ["b.png", "c.png"]
-    from ui.atlas import _distinct_paths  # the Atlas picker offers it once too
+    from core.gallery_index import distinct_items  # the Atlas picker offers it once too
 
-    assert _distinct_paths(items) == ["/g/case.png", "/g/b.png", "/g/c.png"]
+    assert [i.path for i in distinct_items(items)] == ["/g/case.png", "/g/b.png", "/g/c.png"]
 
 
 def test_a_picture_describe_would_refuse_is_not_indexed(tiny_bundle, tree, tmp_path):

@@ -14,6 +14,7 @@ from PIL import Image, ImageOps
 from core.checkpoint import ModelBundle
 from core.panels import Panel
 from core.gallery import GalleryIndex, GalleryItem, Hit, pending_work, search_image, search_text, update_index
+from core.gallery_index import distinct_items
 from core.gallery_sources import REVIEWED
 from core.imageio import ImageRejected, load_image_bytes, load_image_path
 from core.preprocess import to_model_input
@@ -194,7 +195,8 @@ def _query_image(index: GalleryIndex) -> tuple[Image.Image | None, int | None]:
             return None, None
         return _uploaded_query(index, upload.getvalue(), upload.name)
     rows = {item.path: row for row, item in enumerate(index.items)}
-    options = _distinct_paths(index.items[:PICK_MAX])
+    # one entry per distinct image, as the results show it (a reviewed case may also be a gallery file)
+    options = [item.path for item in distinct_items(index.items[:PICK_MAX])]
     chosen = st.session_state.get(QUERY_ROW)
     if chosen in rows and chosen not in options:
         options.append(chosen)
@@ -212,17 +214,6 @@ def _query_image(index: GalleryIndex) -> tuple[Image.Image | None, int | None]:
     except ImageRejected as error:
         st.error(md_escape(error))
         return None, None
-
-
-def _distinct_paths(items) -> list[str]:
-    """One path per distinct image (as the results show it): a reviewed case that is also a
-    gallery file is offered once, as the copy with an expert-verified label where there is one."""
-    chosen: dict[str, GalleryItem] = {}
-    for item in items:
-        kept = chosen.get(item.sha256)
-        if kept is None or (item.verified and not kept.verified):
-            chosen[item.sha256] = item
-    return [item.path for item in chosen.values()]
 
 
 def _uploaded_query(index: GalleryIndex, data: bytes, name: str) -> tuple[Image.Image | None, int | None]:
