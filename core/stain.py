@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import torch
 
-STAIN_HUES = (200.0, 320.0)  # degrees of hue: blue through violet (in closed form in stain_share)
 MIN_SATURATION = 0.15  # of HSV; paler pixels are background or red cells seen through
 MIN_CHROMA = 0.08  # max - min channel, images in [0, 1]: JPEG noise on grey stays below
 MIN_STAIN_SHARE = 0.005  # of the pixels; the least stained real image measured has 0.011
@@ -25,9 +24,10 @@ MIN_STAIN_SHARE = 0.005  # of the pixels; the least stained real image measured 
 def stain_share(images: torch.Tensor) -> torch.Tensor:
     """(B,) share of stain-coloured pixels of (B, 3, S, S) RGB images in [0, 1].
 
-    The hue range in closed form rather than through HSV (4x faster, it runs on every image
-    described): hue >= 200 degrees where blue is the largest channel and red is not far below
-    green, hue <= 320 where red is the largest and blue well above green."""
+    Stain-coloured: an HSV hue of 200-320 degrees (blue through violet), in closed form rather than
+    through HSV (4x faster, it runs on every image described): hue >= 200 where blue is the largest
+    channel and red is not far below green, hue <= 320 where red is the largest and blue well above
+    green; and saturation and chroma above MIN_SATURATION and MIN_CHROMA."""
     r, g, b = images.unbind(1)
     high = torch.maximum(torch.maximum(r, g), b)
     chroma = high - torch.minimum(torch.minimum(r, g), b)

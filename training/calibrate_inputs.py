@@ -3,9 +3,9 @@
 model's stored ones with --keep-centroids). Every refusal is a ValueError with one line for the user."""
 from __future__ import annotations
 
-import hashlib
 import sys
 
+from core.checkpoint import file_sha256
 from core.data import LabelledImage, scan_class_folders
 from core.panels import infer_panel, require_panel
 from training.evaluate import match_folders
@@ -64,17 +64,13 @@ def warn_shared_images(training: list[LabelledImage], val_sets) -> list[str]:
     for item in training:  # sizes first: only files of a size both sides have are hashed
         by_size.setdefault(item.path.stat().st_size, []).append(item.path)
     candidates = [v.path for items, _ in val_sets for v in items if v.path.stat().st_size in by_size]
-    train_hashes = {_sha256(path) for size in {c.stat().st_size for c in candidates} for path in by_size[size]}
-    shared = [str(path) for path in candidates if _sha256(path) in train_hashes]
+    train_hashes = {file_sha256(path) for size in {c.stat().st_size for c in candidates} for path in by_size[size]}
+    shared = [str(path) for path in candidates if file_sha256(path) in train_hashes]
     if shared:
         print(f"warning: {len(shared)} --val image(s) are byte-identical to --train images (e.g. {shared[0]}); "
               "each is its own nearest reference cell, so its neighbour check and the held-out figures are "
               "slightly optimistic", file=sys.stderr)
     return shared
-
-
-def _sha256(path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def val_panels(bundle, args) -> list[tuple[list[LabelledImage], str]]:

@@ -2,8 +2,6 @@
 (sentence or Uncertain state, scores chart, Grad-CAM overlay with an opacity slider)."""
 from __future__ import annotations
 
-import math
-
 import pandas as pd
 import streamlit as st
 
@@ -20,7 +18,7 @@ from core.typicality import atypical_note, typicality_band
 from ui.cases import ATTRIBUTE_TARGET, Case, cached_heatmap, case_morphology
 from ui.widgets import (
     class_name, confidence_label, confidence_shown, framed, md_escape, neighbour_caption, panel_calibrated,
-    percent, score_chart, scores_meaningless, select_by_identity,
+    percent, score_chart, scores_meaningless, select_by_identity, table_confidence,
 )
 
 
@@ -36,10 +34,7 @@ def doubtful_first(cases: list[Case]) -> list[Case]:
 def _answer_confidence(d: Description) -> float | None:
     """The confidence column: for answers only. An abstention's top probability is how close its
     best match came, not a confidence in anything the page says: it gets its own column."""
-    if not confidence_shown(d) or d.abstained:
-        return None
-    # truncated, never rounded up: 0.9996 shown as "1.000" would read as certainty (see `percent`)
-    return min(math.floor(d.confidence * 1000) / 1000, 0.999)
+    return table_confidence(d.confidence) if confidence_shown(d) and not d.abstained else None
 
 
 def _best_match(panel: Panel, d: Description) -> str:

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import streamlit as st
 from sqlalchemy import select
@@ -17,7 +16,7 @@ from core.typicality import typicality_band
 from ui.feedback import render_history
 from ui.resources import Store
 from ui.widgets import (VERDICT_LABELS, framed, md_escape, remember_choice, restore_widget,
-                        percent, select_by_identity, when)
+                        percent, select_by_identity, table_confidence, when)
 
 
 TABLE_COLUMNS = ["feedback_id", "created_at", "reviewer", "verdict", "model_class", "expert_class",
@@ -102,9 +101,8 @@ def rows_frame(rows: list[dict], names: dict[str, str] | None = None,
     frame["verdict"] = [VERDICT_LABELS.get(v, v) for v in frame["verdict"]]  # as the buttons and the filter say it
     # An abstention's top score may belong to an image that is no cell at all, or to a panel
     # that was never validated: not a confidence, so not shown as one (the CSV keeps it).
-    # Truncated to 3 decimals and at most 0.999: 0.9996 rounded to "1.000" would read as certainty.
-    confidence = frame["confidence"].where(~frame["abstained"].astype(bool)).astype(float)
-    frame["confidence"] = (np.floor(confidence * 1000) / 1000).clip(upper=0.999)
+    frame["confidence"] = [table_confidence(c) if not abstained and c == c else None  # c == c: not NaN
+                           for c, abstained in zip(frame["confidence"].astype(float), frame["abstained"].astype(bool))]
     return frame
 
 

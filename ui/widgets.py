@@ -6,6 +6,7 @@ never as live Markdown: they go through `md_escape` or into `st.text` / `st.data
 from __future__ import annotations
 
 import hashlib
+import math
 import string
 from datetime import datetime
 
@@ -45,6 +46,12 @@ def percent(probability: float) -> str:
     if 0 < probability < 0.005:
         return "<1%"
     return f"{probability:.0%}"
+
+
+def table_confidence(probability: float) -> float:
+    """A confidence for a table column shown to 3 decimals: truncated and at most 0.999, since
+    0.9996 rounded to "1.000" would read as certainty (see `percent`)."""
+    return min(math.floor(probability * 1000) / 1000, 0.999)
 
 
 def when(value: datetime | None) -> str:
